@@ -1,0 +1,1 @@
+"""An example lensbench plugin package (see docs/plugins.md)."""

@@ -1,0 +1,184 @@
+"""activation_norms: per-layer statistics of every non-padding token's hidden state.
+
+For each model state, dataset and layer (0 = the embedding output, as in transformers'
+``output_hidden_states``; the last layer has passed through the final norm), every registered
+per-token statistic (``norm`` = L2 norm by default) is reduced over all tokens of the dataset:
+count, mean, sum of squared deviations (M2), min and max are computed per work item in float64
+and combined exactly (Chan et al.'s pairwise update), so the result does not depend on batching
+across ranks and memory does not grow with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis import Analysis
+from ..errors import LensbenchError
+from ..hookspecs import hookimpl
+from ..models.loading import ModelSpec, resolve_source
+from ..state import State, SubjectManager
+from ..work import WorkItem
+
+TABLE = "activation_norms.csv"
+KEYS = ["model", "dataset", "layer"]
+
+
+class ActivationNorms(Analysis):
+    """Per-layer hidden-state norms (and other token statistics) per model and dataset."""
+
+    name = "activation_norms"
+
+    def __init__(
+        self,
+        models: list[str | ModelSpec] | None = None,
+        statistics: list[str] | None = None,
+        max_length: int = 512,
+        experiment: str | None = None,
+        output_dir: str = "outputs",
+    ) -> None:
+        """
+        Args:
+            models: Models to compare: embedded aliases (``smollm2``, ``minilm``), hub ids,
+                folders, .safetensors or .gguf files, or full ``ModelSpec`` entries. Default: smollm2.
+            statistics: Registered per-token statistics (see ``lensbench plugins``). Default: norm.
+            max_length: Texts are truncated to this many tokens.
+            experiment: Name of the run (output sub-folder). Default: the config file's stem.
+            output_dir: Folder holding one sub-folder per experiment.
+        """
+        super().__init__(experiment=experiment, output_dir=output_dir)
+        from ..plugins import active_registries
+
+        if max_length < 1:
+            raise LensbenchError(f"must be at least 1, got {max_length}", "model.init_args.max_length")
+        registries = active_registries()
+        self.specs: dict[str, ModelSpec] = {}
+        for i, entry in enumerate(models or ["smollm2"]):
+            spec = ModelSpec(entry) if isinstance(entry, str) else entry
+            field = f"model.init_args.models[{i}]"
+            resolve_source(spec, field=field)
+            if spec.label() in self.specs:
+                raise LensbenchError(f"model label {spec.label()!r} is used twice; give one a `name`", field)
+            self.specs[spec.label()] = spec
+        names = statistics or ["norm"]
+        self.statistics = [registries.metrics.get(n, f"model.init_args.statistics[{i}]") for i, n in enumerate(names)]
+        self.max_length = max_length
+        self.perturbations = registries.perturbations
+        self.subjects: SubjectManager | None = None
+
+    def states(self) -> list[State]:
+        return [State(label) for label in self.specs]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.subjects = SubjectManager(self.specs, self.device, self.perturbations)
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        if self.subjects is not None:
+            self.subjects.release()
+
+    def process(self, item: WorkItem) -> dict[str, Any]:
+        loaded = self.subjects.activate(item.state)
+        batch = loaded.tokenizer(
+            list(item.payload.texts), return_tensors="pt", padding=True,
+            truncation=True, max_length=self.max_length,
+        ).to(self.device)
+        backbone = getattr(loaded.model, "base_model", loaded.model)  # skip the LM head
+        with torch.inference_mode():
+            out = backbone(**batch, output_hidden_states=True)
+        mask = batch["attention_mask"].bool()  # [B, T]
+        stats = {s.name: {"mean": [], "m2": [], "min": [], "max": []} for s in self.statistics}
+        for hidden in out.hidden_states:  # L+1 tensors [B, T, D]
+            tokens = hidden[mask].float()  # [N, D]
+            for stat in self.statistics:
+                values = stat(tokens).double()  # [N]
+                mean = values.mean()
+                acc = stats[stat.name]
+                acc["mean"].append(mean.item())
+                acc["m2"].append(((values - mean) ** 2).sum().item())
+                acc["min"].append(values.min().item())
+                acc["max"].append(values.max().item())
+        return {
+            "model": item.state.checkpoint,
+            "dataset": item.payload.dataset,
+            "n_tokens": int(mask.sum().item()),
+            "stats": stats,
+        }
+
+    @classmethod
+    def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+        import pandas as pd
+
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        for rec in records:  # ordered by key: the same order whatever the number of ranks
+            acc = groups.setdefault((rec["model"], rec["dataset"]), {"n": 0, "stats": {}})
+            n_b = rec["n_tokens"]
+            for name, s in rec["stats"].items():
+                cur = acc["stats"].setdefault(name, {k: [] for k in ("mean", "m2", "min", "max")})
+                if not cur["mean"]:
+                    cur.update({k: list(v) for k, v in s.items()})
+                    continue
+                n_a, n = acc["n"], acc["n"] + n_b
+                for layer in range(len(s["mean"])):
+                    delta = s["mean"][layer] - cur["mean"][layer]
+                    cur["mean"][layer] += delta * n_b / n
+                    cur["m2"][layer] += s["m2"][layer] + delta * delta * n_a * n_b / n
+                    cur["min"][layer] = min(cur["min"][layer], s["min"][layer])
+                    cur["max"][layer] = max(cur["max"][layer], s["max"][layer])
+            acc["n"] += n_b
+        rows = []
+        for (model, dataset), acc in groups.items():
+            n_layers = len(next(iter(acc["stats"].values()))["mean"])
+            for layer in range(n_layers):
+                row = {"model": model, "dataset": dataset, "layer": layer, "n_tokens": acc["n"]}
+                for name, s in acc["stats"].items():
+                    row[f"mean_{name}"] = s["mean"][layer]
+                    row[f"std_{name}"] = math.sqrt(max(s["m2"][layer], 0.0) / acc["n"])
+                    row[f"min_{name}"] = s["min"][layer]
+                    row[f"max_{name}"] = s["max"][layer]
+                rows.append(row)
+        table = pd.DataFrame(rows).sort_values(KEYS, kind="stable")
+        path = Path(run_dir) / TABLE
+        tmp = path.with_name(f".{path.name}.tmp")
+        table.to_csv(tmp, index=False, float_format="%.10g")
+        tmp.replace(path)
+        return [path]
+
+    @classmethod
+    def plot(cls, run_dir: Path) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+
+        path = Path(run_dir) / TABLE
+        if not path.exists():
+            raise LensbenchError(f"{path} does not exist; run the analysis first")
+        table = pd.read_csv(path)
+        outputs = []
+        for column in [c for c in table.columns if c.startswith("mean_")]:
+            stat = column.removeprefix("mean_")
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for (model, dataset), group in table.groupby(["model", "dataset"], sort=True):
+                ax.plot(group["layer"], group[column], marker="o", markersize=3, label=f"{model} / {dataset}")
+            ax.set_xlabel("layer (0 = embedding output)")
+            ax.set_ylabel(f"mean {stat} per token")
+            ax.set_title(f"Activation {stat} per layer")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            out = Path(run_dir) / ("activation_norms.png" if stat == "norm" else f"activation_norms_{stat}.png")
+            fig.savefig(out, dpi=120)
+            plt.close(fig)
+            outputs.append(out)
+        return outputs
+
+
+@hookimpl
+def lensbench_register_analyses() -> list[type]:
+    return [ActivationNorms]

@@ -1,0 +1,146 @@
+"""The base class of every analysis: a LightningModule whose ``predict_step`` does one work item.
+
+An analysis says which model states it needs (``states``), what one work item computes
+(``process``, returning one JSON record) and how stored records become tables and figures
+(``merge`` and ``plot``). The base class does the rest: the run folder, the config guard,
+the result shard of each rank, and the merge on rank 0 once every rank is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import yaml
+
+from .errors import LensbenchError
+from .results import ResultStore
+from .state import State
+from .work import WorkItem
+
+CONFIG_FILE = "config.yaml"
+IDENTITY_FILE = "run.json"
+
+
+class Analysis(pl.LightningModule):
+    """Subclasses set ``name`` (the registry key) and implement ``states``, ``process``, ``merge``."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, experiment: str | None = None, output_dir: str = "outputs") -> None:
+        """
+        Args:
+            experiment: Name of the run; results go to ``<output_dir>/<experiment>/``. Default:
+                the config file's stem, else the analysis name.
+            output_dir: Folder holding one sub-folder per experiment.
+        """
+        super().__init__()
+        self.experiment = experiment
+        self.output_dir = output_dir
+        self.run_config: str | None = None  # resolved config (YAML), set by the CLI
+        self.run_identity: dict[str, Any] | None = None  # what must match to resume a run
+        self.store: ResultStore | None = None
+        self.merged_outputs: list[Path] = []
+
+    # -- what an analysis defines ---------------------------------------------------------------
+    def states(self) -> list[State]:
+        raise NotImplementedError
+
+    def process(self, item: WorkItem) -> dict[str, Any]:
+        """Compute one work item; return a JSON-serialisable record."""
+        raise NotImplementedError
+
+    @classmethod
+    def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+        """Turn every stored record into the analysis's tables; return the files written."""
+        raise NotImplementedError
+
+    @classmethod
+    def plot(cls, run_dir: Path) -> list[Path]:
+        """Draw the figures from the tables in ``run_dir``; return the files written."""
+        return []
+
+    # -- the run folder ------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        if not self.experiment:
+            raise LensbenchError("no experiment name; set model.init_args.experiment", "experiment")
+        return Path(self.output_dir) / self.experiment
+
+    def check_run_dir(self) -> None:
+        """Refuse to mix results of a different configuration into an existing run folder."""
+        path = self.run_dir / IDENTITY_FILE
+        if self.run_identity is None or not path.exists():
+            return
+        stored = json.loads(path.read_text())
+        if stored != json.loads(json.dumps(self.run_identity)):
+            changed = sorted(k for k in set(stored) | set(self.run_identity) if stored.get(k) != self.run_identity.get(k))
+            raise LensbenchError(
+                f"{self.run_dir} holds results of a different configuration (changed: {', '.join(changed)}); "
+                "set another experiment name or delete that folder",
+                "model.init_args.experiment",
+            )
+
+    def write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_config is not None:
+            _atomic_write(self.run_dir / CONFIG_FILE, self.run_config)
+        if self.run_identity is not None and not (self.run_dir / IDENTITY_FILE).exists():
+            _atomic_write(self.run_dir / IDENTITY_FILE, json.dumps(self.run_identity, indent=1, sort_keys=True))
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.check_run_dir()  # every rank checks, so every rank fails alike
+        if self.global_rank == 0:
+            self.write_run_files()
+        self.store = ResultStore(self.run_dir)
+
+    def on_predict_start(self) -> None:
+        self.store.open_shard(self.global_rank)
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch  # a WorkItem; ``process`` moves what it needs
+
+    def predict_step(self, item: WorkItem, batch_idx: int) -> None:
+        record = self.process(item)
+        self.store.write(item.key_str, {"state": item.state.id, **record})
+
+    def teardown(self, stage: str) -> None:
+        if self.store is None:
+            return
+        self.store.close()
+        trainer = self.trainer
+        if trainer.state.status != pl.trainer.states.TrainerStatus.RUNNING:
+            return  # interrupted or failed: keep the shards, merge nothing
+        trainer.strategy.barrier("lensbench-merge")
+        if trainer.is_global_zero:
+            self.merged_outputs = self.finalize()
+        trainer.strategy.barrier("lensbench-merged")
+
+    def finalize(self) -> list[Path]:
+        """Merge every stored record into tables and figures (rank 0, after all ranks finished)."""
+        records = list(self.store.records())
+        if not records:
+            raise LensbenchError(f"no results stored under {self.store.dir}; nothing to merge")
+        outputs = type(self).merge(records, self.run_dir)
+        outputs += type(self).plot(self.run_dir)
+        return outputs
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise LensbenchError(f"{run_dir} has no {CONFIG_FILE}; give the output folder of a lensbench run")
+    return yaml.safe_load(path.read_text())

@@ -1,0 +1,219 @@
+"""The ``lensbench`` command: ``predict`` (a LightningCLI), ``plugins`` and ``plot``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LensbenchError
+
+PARSER_MODE = "lensbench_yaml"
+SECTIONS = {"model": ("analyses", "lensbench.analysis.Analysis"), "data": (None, None)}
+
+
+def _resolve_short_names(config: dict[str, Any], registries) -> None:
+    """Replace a registered analysis name in ``model``/``model.class_path`` by its import path."""
+    model = config.get("model")
+    if isinstance(model, str):
+        model = config["model"] = {"class_path": model}
+    if isinstance(model, dict) and isinstance(model.get("class_path"), str):
+        name = model["class_path"]
+        if name in registries.analyses:
+            cls = registries.analyses.get(name)
+            model["class_path"] = f"{cls.__module__}.{cls.__qualname__}"
+        elif "." not in name and name not in {cls.obj.__name__ for cls in registries.analyses}:
+            registries.analyses.get(name, "model.class_path")  # raises with close matches
+
+
+def _make_loader(registries):
+    def load(text: str) -> Any:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise LensbenchError(f"malformed YAML{where}: {problem}; fix the file's syntax", "config") from None
+        if isinstance(value, dict) and ("model" in value or "trainer" in value):
+            _resolve_short_names(value, registries)
+        return value
+
+    return load
+
+
+def _build_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class LensbenchCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {"predict": {"model", "dataloaders", "datamodule"}}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.set_defaults({
+                "trainer.use_distributed_sampler": False,
+                "trainer.logger": False,
+                "trainer.enable_model_summary": False,
+            })
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand]
+            init = cfg.model.init_args
+            if getattr(init, "experiment", None) is None:
+                configs = cfg.get("config") or []
+                stem = Path(str(configs[-1])).stem if configs else None
+                init.experiment = stem or cfg.model.class_path.rsplit(".", 1)[-1].lower()
+
+        def before_predict(self) -> None:
+            parser = self._subcommand_parsers[self.subcommand]
+            cfg = self.config[self.subcommand]
+            text = parser.dump(cfg, skip_none=False)
+            resolved = yaml.safe_load(text)
+            identity = _flatten({"model": resolved.get("model"), "data": resolved.get("data")})
+            for key in ("model.init_args.experiment", "model.init_args.output_dir"):
+                identity.pop(key, None)
+            identity.update(_flatten({"data_fingerprint": self.datamodule.fingerprint()}))
+            self.model.run_config = text
+            self.model.run_identity = identity
+
+    return LensbenchCLI
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+QUIET = (
+    r".*predict returned None.*",
+    r".*overridden `transfer_batch_to_device`.*",
+    r".*isinstance\(treespec, LeafSpec\)",
+    r".*does not have many workers which may be a bottleneck.*",
+)
+
+
+def run_predict(argv: list[str] | None) -> Any:
+    import warnings
+
+    from jsonargparse import set_loader
+
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+
+    from .analysis import Analysis
+    from .data.modules import WorkDataModule
+    from .plugins import active_registries
+
+    registries = active_registries()
+    set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))
+    cli_class = _build_cli_class()
+    return cli_class(
+        Analysis,
+        WorkDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
+                       "description": "Run a lensbench analysis: lensbench predict --config X.yaml"},
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+        args=argv,
+    )
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import active_registries
+
+    registries = active_registries()
+    for kind, registry in registries.kinds().items():
+        print(f"{kind}:")
+        entries = list(registry)
+        if not entries:
+            print("  (none)")
+        for entry in entries:
+            doc = getattr(entry.obj, "description", "") or (entry.obj.__doc__ or "").strip().splitlines()[0:1]
+            doc = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            print(f"  {entry.name:<22} {entry.plugin:<32} {doc}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .analysis import load_run_config
+    from .plugins import active_registries
+
+    run_dir = Path(args.run_dir)
+    config = load_run_config(run_dir)
+    class_path = (config.get("model") or {}).get("class_path", "")
+    registries = active_registries()
+    for entry in registries.analyses:
+        cls = entry.obj
+        if f"{cls.__module__}.{cls.__qualname__}" == class_path or entry.name == class_path:
+            for path in cls.plot(run_dir):
+                print(path)
+            return 0
+    raise LensbenchError(f"{run_dir}/config.yaml names analysis {class_path!r}, which is not installed", "model.class_path")
+
+
+def _short_error(exc: BaseException) -> str:
+    """One line out of a jsonargparse error: its most specific sentence."""
+    text = str(exc).strip()
+    lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
+    for line in lines:
+        if "LensbenchError" in line or line.startswith(("model", "data", "trainer", "config")) and ":" in line:
+            pass
+    return lines[0] if lines else repr(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="lensbench",
+        description="Analyses of language-model internals. Commands: predict (run an analysis from a "
+        "config), plugins (list what is registered), plot (redraw figures of a finished run).",
+    )
+    sub = top.add_subparsers(dest="command")
+    sub.add_parser("predict", help="run an analysis: lensbench predict --config X.yaml", add_help=False)
+    sub.add_parser("plugins", help="list registered analyses, perturbations, metrics and datasets")
+    plot = sub.add_parser("plot", help="redraw an analysis's figures from its stored results")
+    plot.add_argument("run_dir", help="output folder of a run (holds config.yaml)")
+    try:
+        if argv and argv[0] == "predict":
+            run_predict(None if from_sys else argv)
+            return 0
+        args = top.parse_args(argv)
+        if args.command == "plugins":
+            return cmd_plugins(args)
+        if args.command == "plot":
+            return cmd_plot(args)
+        top.print_help()
+        return 2
+    except LensbenchError as exc:
+        print(f"lensbench: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # jsonargparse's ArgumentError and friends
+        from jsonargparse import ArgumentError
+
+        cause = exc
+        while cause is not None:
+            if isinstance(cause, LensbenchError):
+                print(f"lensbench: error: {cause}", file=sys.stderr)
+                return 1
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(exc, ArgumentError):
+            print(f"lensbench: error: {_short_error(exc)}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""DataModules: they yield the work items of a run, already filtered for resume and sharded.
+
+``WorkDataModule`` is the shared mechanism: a subclass lists its *units* (a batch of texts, a
+prompt, a matrix), the analysis lists its *states*, and ``predict_dataloader`` crosses them,
+drops the keys already stored and hands each rank its state-grouped share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from ..errors import LensbenchError
+from ..work import Unit, WorkItem, plan_items, shard_by_state
+from .sources import TextDataset, read_texts, resolve_dataset
+
+
+def _identity(item: WorkItem) -> WorkItem:
+    return item
+
+
+class WorkDataModule(pl.LightningDataModule):
+    """Base class: subclasses implement ``units`` (and may extend ``fingerprint``)."""
+
+    # A rank may have nothing left to do (resume, or fewer items than ranks).
+    allow_zero_length_dataloader_with_multiple_devices = True
+
+    def units(self) -> list[Unit]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What besides the config must match to resume a run (e.g. hashes of data files)."""
+        return {}
+
+    def predict_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer._accelerator_connector.use_distributed_sampler and trainer.world_size > 1:
+            raise LensbenchError(
+                "lensbench shards work items itself; set trainer.use_distributed_sampler: false",
+                "trainer.use_distributed_sampler",
+            )
+        analysis = trainer.lightning_module
+        items = plan_items(analysis.states(), self.units())
+        done = analysis.store.keys()
+        todo = [item for item in items if item.key_str not in done]
+        mine = shard_by_state(todo, trainer.global_rank, trainer.world_size)
+        rank_zero_info(
+            f"lensbench: {len(items)} work items, {len(items) - len(todo)} already stored in "
+            f"{analysis.run_dir}, {len(todo)} to do on {trainer.world_size} rank(s)"
+        )
+        return DataLoader(mine, batch_size=None, shuffle=False, collate_fn=_identity)
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    dataset: str
+    texts: tuple[str, ...]
+
+
+class TextDataModule(WorkDataModule):
+    """Text datasets cut into fixed batches of examples: one work item per (state, dataset, batch)."""
+
+    def __init__(
+        self,
+        datasets: list[str | TextDataset] | None = None,
+        batch_size: int = 8,
+        max_examples: int | None = None,
+    ) -> None:
+        """
+        Args:
+            datasets: Registered dataset names or .txt/.jsonl files (a string or
+                ``{source, name, text_field}``). Default: the shipped ``forget`` and ``retain``.
+            batch_size: Examples per work item (and per forward pass).
+            max_examples: Use only the first N examples of each dataset.
+        """
+        super().__init__()
+        from ..plugins import active_registries
+
+        if batch_size < 1:
+            raise LensbenchError(f"must be at least 1, got {batch_size}", "data.init_args.batch_size")
+        if max_examples is not None and max_examples < 1:
+            raise LensbenchError(f"must be at least 1 or null, got {max_examples}", "data.init_args.max_examples")
+        specs = [TextDataset(d) if isinstance(d, str) else d for d in (datasets or ["forget", "retain"])]
+        if not specs:
+            raise LensbenchError("is empty; name at least one dataset", "data.init_args.datasets")
+        self.batch_size = batch_size
+        self.texts: dict[str, list[str]] = {}
+        self.hashes: dict[str, str] = {}
+        registry = active_registries().datasets
+        for i, spec in enumerate(specs):
+            field = f"data.init_args.datasets[{i}]"
+            name, path, text_field = resolve_dataset(spec, registry, field)
+            if name in self.texts:
+                raise LensbenchError(f"dataset name {name!r} is used twice; give one a `name`", field)
+            texts = read_texts(path, text_field, field)[:max_examples]
+            self.texts[name] = texts
+            self.hashes[name] = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+
+    def units(self) -> list[Unit]:
+        units = []
+        for name, texts in self.texts.items():
+            for index, start in enumerate(range(0, len(texts), self.batch_size)):
+                batch = TextBatch(name, tuple(texts[start : start + self.batch_size]))
+                units.append(Unit((name, index), batch))
+        return units
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"datasets_sha256": self.hashes}

@@ -1,0 +1,105 @@
+"""Text datasets: plain text (one example per line) or JSONL with a text field.
+
+Shipped datasets are registered by name through ``lensbench_register_datasets``; a config may
+name one of them or give a file path (the dataset is then named after the file's stem).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..errors import LensbenchError
+from ..hookspecs import hookimpl
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A named dataset that plugins register: ``path`` is a .txt or .jsonl file."""
+
+    name: str
+    path: Path
+    description: str = ""
+    text_field: str = "text"
+
+
+@dataclass
+class TextDataset:
+    """One dataset in a config: a registered name or a file path, optionally renamed."""
+
+    source: str
+    """A registered dataset name (see `lensbench plugins`) or a .txt / .jsonl file."""
+    name: str | None = None
+    """Label in outputs; default: the registered name or the file's stem."""
+    text_field: str = "text"
+    """Field holding the text in JSONL files."""
+
+
+def resolve_dataset(spec: TextDataset, registry, field: str) -> tuple[str, Path, str]:
+    """(name, path, text_field) of ``spec``; registered names win over relative paths."""
+    if spec.source in registry:
+        entry = registry.get(spec.source)
+        return spec.name or entry.name, Path(entry.path), entry.text_field
+    path = Path(spec.source).expanduser()
+    if not path.exists():
+        from ..errors import did_you_mean
+
+        raise LensbenchError(
+            f"{spec.source!r} is neither a registered dataset nor an existing file; "
+            f"give a .txt/.jsonl path or a registered name ({did_you_mean(spec.source, registry.names())})",
+            field,
+        )
+    if path.is_dir():
+        raise LensbenchError(f"{spec.source!r} is a folder; give a .txt or .jsonl file", field)
+    return spec.name or path.stem, path, spec.text_field
+
+
+def read_texts(path: Path, text_field: str = "text", field: str = "dataset") -> list[str]:
+    """The non-empty examples of a .txt (one per line) or .jsonl file, in file order."""
+    try:
+        raw = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LensbenchError(
+            f"{path} is not UTF-8 text (byte {exc.start} is invalid); re-encode it as UTF-8", field
+        ) from None
+    except OSError as exc:
+        raise LensbenchError(f"cannot read {path}: {exc.strerror}", field) from None
+    texts: list[str] = []
+    if Path(path).suffix in {".jsonl", ".ndjson"}:
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                text = obj[text_field]
+            except json.JSONDecodeError:
+                raise LensbenchError(f"{path}:{lineno} is not valid JSON; fix that line", field) from None
+            except (KeyError, TypeError):
+                raise LensbenchError(
+                    f"{path}:{lineno} has no {text_field!r} field; set text_field to the field holding the text",
+                    field,
+                ) from None
+            if not isinstance(text, str):
+                raise LensbenchError(f"{path}:{lineno}: {text_field!r} is not a string", field)
+            if text.strip():
+                texts.append(text)
+    else:
+        texts = [line for line in raw.splitlines() if line.strip()]
+    if not texts:
+        raise LensbenchError(f"{path} holds no text; add at least one non-empty example", field)
+    return texts
+
+
+def _shipped(name: str, description: str) -> DatasetEntry:
+    path = Path(str(resources.files("lensbench.data") / "texts" / f"{name}.txt"))
+    return DatasetEntry(name=name, path=path, description=description)
+
+
+@hookimpl
+def lensbench_register_datasets() -> list[DatasetEntry]:
+    return [
+        _shipped("forget", "Short passages on a narrow technical topic (to be unlearned)"),
+        _shipped("retain", "Short everyday and general-knowledge passages (to be retained)"),
+    ]

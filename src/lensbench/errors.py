@@ -1,0 +1,28 @@
+"""The one exception type that reaches the user as a single line."""
+
+from __future__ import annotations
+
+
+class LensbenchError(Exception):
+    """Bad input or an unmet precondition, reported as one line naming the field and the fix.
+
+    ``field`` is the config path of the offending value (``model.init_args.models``), or ``None``
+    when the problem is not tied to one field.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    """A short hint listing close matches of ``name`` among ``choices`` (empty when none)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    if choices:
+        return "known: " + ", ".join(sorted(choices))
+    return "none are registered"

@@ -1,0 +1,50 @@
+"""Hook specifications: the whole plugin surface of lensbench.
+
+Every hook returns a list of things to register; pluggy collects one list per plugin and the
+registry (``lensbench.registry``) flattens them, refusing duplicate names. Built-in analyses,
+statistics and datasets are registered through these very hooks (``lensbench.plugins.BUILTIN``).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("lensbench")
+hookimpl = pluggy.HookimplMarker("lensbench")
+
+
+@hookspec
+def lensbench_register_analyses() -> list[type]:
+    """Return analysis classes (subclasses of ``lensbench.analysis.Analysis``).
+
+    Each class is registered under its ``name`` attribute, which a config may use as
+    ``model: {class_path: <name>}``. All results are collected; duplicate names are an error.
+    """
+
+
+@hookspec
+def lensbench_register_perturbations() -> list[type]:
+    """Return model-state transforms (subclasses of ``lensbench.state.Transform``).
+
+    Each is registered under its ``name`` attribute and selected by that name in a state's
+    ``transforms`` list. All results are collected; duplicate names are an error.
+    """
+
+
+@hookspec
+def lensbench_register_metrics() -> list[object]:
+    """Return per-token statistics (instances of ``lensbench.metrics.TokenStatistic``).
+
+    Each maps a ``[tokens, hidden]`` tensor to one value per token and is registered under its
+    ``name``; analyses such as ``activation_norms`` select them by name. All results are
+    collected; duplicate names are an error.
+    """
+
+
+@hookspec
+def lensbench_register_datasets() -> list[object]:
+    """Return named text datasets (instances of ``lensbench.data.sources.DatasetEntry``).
+
+    A config names a registered dataset instead of a file path. All results are collected;
+    duplicate names are an error.
+    """

