@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,15 @@ def _build_cli_class():
                 "trainer.logger": False,
                 "trainer.enable_model_summary": False,
             })
+
+        def instantiate_trainer(self, **kwargs: Any):
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (TypeError, ValueError, MisconfigurationException) as exc:  # Lightning's argument checks
+                reason = str(exc).strip().rstrip(".").splitlines()[0]
+                raise LensbenchError(f"{reason}; fix the trainer section of the config", "trainer") from None
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand]
@@ -125,7 +134,7 @@ def run_predict(argv: list[str] | None) -> Any:
         parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
                        "description": "Run a lensbench analysis: lensbench predict --config X.yaml"},
         auto_configure_optimizers=False,
-        seed_everything_default=0,
+        seed_everything_default=False,
         args=argv,
     )
 
@@ -163,14 +172,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
     raise LensbenchError(f"{run_dir}/config.yaml names analysis {class_path!r}, which is not installed", "model.class_path")
 
 
+_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+
+
 def _short_error(exc: BaseException) -> str:
-    """One line out of a jsonargparse error: its most specific sentence."""
-    text = str(exc).strip()
-    lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
-    for line in lines:
-        if "LensbenchError" in line or line.startswith(("model", "data", "trainer", "config")) and ":" in line:
-            pass
-    return lines[0] if lines else repr(exc)
+    """One line out of a nested jsonargparse error: the innermost field and its problem."""
+    path: list[str] = []
+    problem = ""
+    for raw in str(exc).splitlines():
+        line = raw.strip().lstrip("- ").strip()
+        match = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if match:
+            path.append(match.group(1))
+            problem = match.group(2)
+        elif line.startswith("Problem with given class_path"):
+            path.append("init_args")
+        elif line and not line.startswith(_NOISE) and not problem:
+            problem = line
+    problem = re.sub(r"<class '([\w.]+)'>", r"\1", problem or str(exc).splitlines()[0])
+    if "is not accepted" in problem:
+        problem += "; check its spelling against `lensbench predict --print_config`"
+    return f"{'.'.join(path)}: {problem}" if path else problem
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lensbench.errors import LensbenchError, did_you_mean
+from lensbench.models.anatomy import AnatomyOverrides
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEADS = ("auto", "causal_lm", "base")
@@ -57,14 +58,26 @@ SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 
 @dataclass
 class ModelSpec:
+    """One model under study."""
+
     source: str
+    """Embedded alias (smollm2, minilm), hub id, local folder, .safetensors file or .gguf file."""
     name: str | None = None
+    """Label in outputs; default: the alias, the folder or file stem, or the hub id with / as __."""
     dtype: str = "auto"
+    """auto (the checkpoint's own; float32 for GGUF), float32, float16 or bfloat16."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub id."""
     trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint; off unless asked for."""
     gguf_file: str | None = None
+    """GGUF file name inside a folder or hub repository."""
     head: str = "auto"
+    """auto, causal_lm or base (auto: causal_lm for *ForCausalLM checkpoints, else base)."""
     attn_implementation: str | None = None
+    """transformers attention implementation (eager, sdpa, ...); default: transformers' choice."""
+    anatomy: AnatomyOverrides | None = None
+    """Globs naming blocks/attention/mlp/embedding for architectures lensbench cannot map itself."""
 
     def label(self) -> str:
         if self.name:
