@@ -30,6 +30,19 @@ def _resolve_short_names(config: dict[str, Any], registries) -> None:
             registries.analyses.get(name, "model.class_path")  # raises with close matches
 
 
+def _resolve_model_flag(argv: list[str], registries) -> list[str]:
+    """``--model <registered name>`` on the command line, as in YAML."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--model" and i + 1 < len(out) and out[i + 1] in registries.analyses:
+            cls = registries.analyses.get(out[i + 1])
+            out[i + 1] = f"{cls.__module__}.{cls.__qualname__}"
+        elif arg.startswith("--model=") and arg[8:] in registries.analyses:
+            cls = registries.analyses.get(arg[8:])
+            out[i] = f"--model={cls.__module__}.{cls.__qualname__}"
+    return out
+
+
 def _make_loader(registries):
     def load(text: str) -> Any:
         try:
@@ -123,6 +136,11 @@ def run_predict(argv: list[str] | None) -> Any:
     from .plugins import active_registries
 
     registries = active_registries()
+    if argv is None:
+        argv = sys.argv[1:]
+        sys.argv[1:] = argv = _resolve_model_flag(argv, registries)  # the DDP launcher re-runs sys.argv
+    else:
+        argv = _resolve_model_flag(argv, registries)
     set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))
     cli_class = _build_cli_class()
     return cli_class(

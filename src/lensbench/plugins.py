@@ -49,6 +49,15 @@ def get_plugin_manager(load_installed: bool | None = None) -> pluggy.PluginManag
         for name in filter(None, os.environ.get("LENSBENCH_BLOCK_PLUGINS", "").split(",")):
             pm.set_blocked(name.strip())
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    try:
+        pm.check_pending()  # a misspelled hook in a plugin is an error, not silently ignored
+    except pluggy.PluginValidationError as exc:
+        from .errors import LensbenchError
+
+        raise LensbenchError(
+            f"plugin {pm.get_name(exc.plugin)!r} implements an unknown hook ({str(exc).splitlines()[0]}); "
+            "fix the hook name or block the plugin with LENSBENCH_BLOCK_PLUGINS"
+        ) from None
     return pm
 
 
@@ -76,7 +85,7 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
     trace = _truthy(os.environ.get("LENSBENCH_TRACE_HOOKS"))
     for kind, registry in reg.kinds().items():
         caller = getattr(pm.hook, f"lensbench_register_{kind}")
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        for impl in caller.get_hookimpls():  # registration order
             result = impl.function() or []
             label = plugin_label(pm, impl.plugin)
             if trace:

@@ -20,9 +20,10 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Name -> object for one kind of plugin (``kind`` is used in messages)."""
 
-    def __init__(self, kind: str, base: type | None = None) -> None:
+    def __init__(self, kind: str, base: type | None = None, instances: bool = False) -> None:
         self.kind = kind
         self.base = base
+        self.instances = instances  # True: entries are instances of ``base``; False: subclasses
         self._entries: dict[str, Entry[T]] = {}
 
     def add(self, obj: T, plugin: str) -> None:
@@ -30,11 +31,12 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or not name:
             raise LensbenchError(f"{self.kind} {obj!r} from plugin {plugin!r} has no `name` attribute")
         if self.base is not None:
-            ok = issubclass(obj, self.base) if isinstance(obj, type) else isinstance(obj, self.base)
+            if self.instances:
+                ok, what = isinstance(obj, self.base), f"an instance of {self.base.__name__}"
+            else:
+                ok, what = isinstance(obj, type) and issubclass(obj, self.base), f"a subclass of {self.base.__name__}"
             if not ok:
-                raise LensbenchError(
-                    f"{self.kind} {name!r} from plugin {plugin!r} is not a {self.base.__name__}"
-                )
+                raise LensbenchError(f"{self.kind} {name!r} from plugin {plugin!r} must be {what}")
         if name in self._entries:
             other = self._entries[name].plugin
             raise LensbenchError(
@@ -66,8 +68,8 @@ class Registries:
 
     analyses: Registry[type] = field(default_factory=lambda: Registry("analysis"))
     perturbations: Registry[type] = field(default_factory=lambda: Registry("perturbation"))
-    metrics: Registry[Any] = field(default_factory=lambda: Registry("metric"))
-    datasets: Registry[Any] = field(default_factory=lambda: Registry("dataset"))
+    metrics: Registry[Any] = field(default_factory=lambda: Registry("metric", instances=True))
+    datasets: Registry[Any] = field(default_factory=lambda: Registry("dataset", instances=True))
 
     def kinds(self) -> dict[str, Registry]:
         return {

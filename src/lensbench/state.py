@@ -86,7 +86,12 @@ class SubjectManager:
             self._load(state.checkpoint)
         else:
             self._restore()
-        self._apply(state)
+        self.state = State(state.checkpoint)  # plain until every transform has been applied
+        try:
+            self._apply(state)
+        except BaseException:
+            self._restore()  # never leave a half-transformed model behind
+            raise
         self.state = state
         return self.loaded
 

@@ -1,0 +1,299 @@
+"""Registries and the plugin manager: duplicates, types, close matches, installed plugins, env switches."""
+
+from __future__ import annotations
+
+import inspect
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lensbench import hookspecs
+from lensbench.analyses.activation_norms import ActivationNorms
+from lensbench.analysis import Analysis
+from lensbench.data.sources import DatasetEntry
+from lensbench.errors import LensbenchError
+from lensbench.hookspecs import hookimpl
+from lensbench.metrics import L2Norm, TokenStatistic
+from lensbench.plugins import active_registries, build_registries, get_plugin_manager, use_registries
+from lensbench.registry import Registries, Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = "lensbench-example==0.1.0"
+BUILTIN = "lensbench (built-in)"
+ENV_VARS = ("LENSBENCH_DISABLE_PLUGINS", "LENSBENCH_BLOCK_PLUGINS", "LENSBENCH_TRACE_HOOKS")
+
+
+@pytest.fixture(autouse=True)
+def _plain_env(monkeypatch):
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+class Stat(TokenStatistic):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, hidden):
+        return hidden.sum(-1)
+
+
+def labels(registry: Registry) -> dict[str, str]:
+    return {entry.name: entry.plugin for entry in registry}
+
+
+# -- Registry ---------------------------------------------------------------------------------------
+
+def test_duplicate_name_is_refused_and_names_both_plugins():
+    reg = Registry("metric", base=TokenStatistic, instances=True)
+    first = Stat("spread")
+    reg.add(first, "pkg-alpha==1.0")
+    with pytest.raises(LensbenchError) as err:
+        reg.add(Stat("spread"), "pkg-beta==2.0")
+    message = str(err.value)
+    assert "'spread'" in message and "pkg-alpha==1.0" in message and "pkg-beta==2.0" in message
+    assert "LENSBENCH_BLOCK_PLUGINS" in message
+    assert reg.get("spread") is first  # the first registration is kept
+    assert reg.names() == ["spread"]
+
+
+def test_objects_not_of_the_base_class_are_refused():
+    metrics = Registry("metric", base=TokenStatistic, instances=True)
+    with pytest.raises(LensbenchError, match=r"metric 'fake' from plugin 'pkg-x' must be an instance of TokenStatistic"):
+        metrics.add(SimpleNamespace(name="fake"), "pkg-x")
+
+    class NotAnAnalysis:
+        name = "imposter"
+
+    analyses = Registry("analysis", base=Analysis)
+    with pytest.raises(LensbenchError, match="must be a subclass of Analysis"):
+        analyses.add(NotAnAnalysis, "pkg-y")
+    datasets = Registry("dataset", base=DatasetEntry, instances=True)
+    with pytest.raises(LensbenchError, match="must be an instance of DatasetEntry"):
+        datasets.add(SimpleNamespace(name="texts", path=Path("x.txt")), "pkg-z")
+    assert metrics.names() == analyses.names() == datasets.names() == []
+
+
+@pytest.mark.parametrize("name", [None, "", 3])
+def test_objects_without_a_string_name_are_refused(name):
+    reg = Registry("metric")
+    with pytest.raises(LensbenchError, match="has no `name` attribute"):
+        reg.add(SimpleNamespace(name=name), "pkg")
+
+
+def test_a_class_is_refused_where_an_instance_is_required():
+    reg = Registry("metric", base=TokenStatistic, instances=True)
+    with pytest.raises(LensbenchError, match="must be an instance of TokenStatistic"):
+        reg.add(L2Norm, "pkg")
+    classes = Registry("analysis", base=Analysis)
+    with pytest.raises(LensbenchError, match="must be a subclass of Analysis"):
+        classes.add(ActivationNorms(models=["minilm"]), "pkg")
+
+
+def test_unknown_name_suggests_a_close_match_and_names_the_field():
+    reg = Registry("metric")
+    reg.add(Stat("norm"), "a")
+    reg.add(Stat("max_abs"), "b")
+    with pytest.raises(LensbenchError) as err:
+        reg.get("nrom", "model.init_args.statistics[0]")
+    assert err.value.field == "model.init_args.statistics[0]"
+    assert str(err.value).startswith("model.init_args.statistics[0]: unknown metric 'nrom'")
+    assert "did you mean 'norm'" in str(err.value)
+    with pytest.raises(LensbenchError) as far:
+        reg.get("zzzzzz")
+    assert "did you mean" not in str(far.value) and "known: max_abs, norm" in str(far.value)
+    with pytest.raises(LensbenchError, match="none are registered"):
+        Registry("perturbation").get("noise")
+
+
+def test_iteration_and_names_are_sorted():
+    reg = Registry("metric")
+    for name in ("zeta", "alpha", "mid"):
+        reg.add(Stat(name), "p")
+    assert reg.names() == ["alpha", "mid", "zeta"]
+    assert [e.name for e in reg] == ["alpha", "mid", "zeta"]
+    assert "mid" in reg and "other" not in reg
+
+
+# -- plugin manager and registries --------------------------------------------------------------------
+
+def test_builtins_only_without_installed_plugins():
+    reg = build_registries(get_plugin_manager(load_installed=False))
+    assert reg.analyses.names() == ["activation_norms"]
+    assert reg.analyses.get("activation_norms") is ActivationNorms
+    assert reg.metrics.names() == ["norm"]
+    assert isinstance(reg.metrics.get("norm"), L2Norm)
+    assert reg.datasets.names() == ["forget", "retain"]
+    assert reg.perturbations.names() == []
+    assert "max_abs" not in reg.metrics and "capitals" not in reg.datasets
+    for registry in reg.kinds().values():
+        assert set(labels(registry).values()) <= {BUILTIN}
+    for entry in reg.datasets:
+        assert Path(entry.obj.path).is_file() and Path(entry.obj.path).read_text().strip()
+
+
+def test_installed_example_plugin_is_found_with_its_distribution_label():
+    reg = build_registries(get_plugin_manager(load_installed=True))
+    assert labels(reg.metrics) == {"norm": BUILTIN, "max_abs": EXAMPLE}
+    assert labels(reg.datasets) == {"forget": BUILTIN, "retain": BUILTIN, "capitals": EXAMPLE}
+    assert labels(reg.analyses) == {"activation_norms": BUILTIN}
+    capitals = reg.datasets.get("capitals")
+    assert capitals.text_field == "sentence" and Path(capitals.path).is_file()
+    import torch
+
+    hidden = torch.tensor([[3.0, -4.0, 1.0], [0.5, 0.25, -0.75]])
+    assert torch.equal(reg.metrics.get("max_abs")(hidden), torch.tensor([4.0, 0.75]))
+
+
+def test_default_loads_installed_plugins():
+    assert "max_abs" in build_registries(get_plugin_manager()).metrics
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
+def test_disable_plugins_env_hides_installed_plugins(monkeypatch, value):
+    monkeypatch.setenv("LENSBENCH_DISABLE_PLUGINS", value)
+    reg = build_registries(get_plugin_manager())
+    assert "max_abs" not in reg.metrics and "capitals" not in reg.datasets
+    assert "norm" in reg.metrics and "forget" in reg.datasets
+
+
+def test_disable_plugins_env_zero_keeps_them(monkeypatch):
+    monkeypatch.setenv("LENSBENCH_DISABLE_PLUGINS", "0")
+    assert "max_abs" in build_registries(get_plugin_manager()).metrics
+
+
+@pytest.mark.parametrize("blocked, hidden", [("example", True), ("other, example", True), ("other", False)])
+def test_block_plugins_env(monkeypatch, blocked, hidden):
+    monkeypatch.setenv("LENSBENCH_BLOCK_PLUGINS", blocked)
+    reg = build_registries(get_plugin_manager())
+    assert ("max_abs" not in reg.metrics) is hidden
+    assert ("capitals" not in reg.datasets) is hidden
+    assert "norm" in reg.metrics
+
+
+def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
+    build_registries(get_plugin_manager())
+    assert "[lensbench hook]" not in capsys.readouterr().err
+    monkeypatch.setenv("LENSBENCH_TRACE_HOOKS", "1")
+    build_registries(get_plugin_manager())
+    err = capsys.readouterr().err
+    assert f"[lensbench hook] lensbench_register_metrics <- {BUILTIN}: ['norm']" in err
+    assert f"[lensbench hook] lensbench_register_metrics <- {EXAMPLE}: ['max_abs']" in err
+    assert f"[lensbench hook] lensbench_register_datasets <- {EXAMPLE}: ['capitals']" in err
+    assert f"[lensbench hook] lensbench_register_analyses <- {BUILTIN}: ['activation_norms']" in err
+    # One line per implementation: analyses 1 (built-in), perturbations 0, metrics 2, datasets 2.
+    assert err.count("[lensbench hook]") == 5
+
+
+def test_hook_results_are_filed_in_registration_order(monkeypatch, capsys):
+    monkeypatch.setenv("LENSBENCH_TRACE_HOOKS", "1")
+    build_registries(get_plugin_manager())
+    err = capsys.readouterr().err
+    assert err.index(f"metrics <- {BUILTIN}") < err.index(f"metrics <- {EXAMPLE}")
+
+
+def _third_party(name: str, *metrics: TokenStatistic) -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    @hookimpl
+    def lensbench_register_metrics():
+        return list(metrics)
+
+    @hookimpl
+    def lensbench_register_datasets():
+        return None  # a hook may return nothing
+
+    module.lensbench_register_metrics = lensbench_register_metrics
+    module.lensbench_register_datasets = lensbench_register_datasets
+    return module
+
+
+def test_each_call_gives_a_fresh_plugin_manager():
+    pm1, pm2 = get_plugin_manager(load_installed=False), get_plugin_manager(load_installed=False)
+    assert pm1 is not pm2
+    pm1.register(_third_party("thirdparty", Stat("spread")), name="thirdparty")
+    assert "spread" in build_registries(pm1).metrics
+    assert "spread" not in build_registries(pm2).metrics
+    assert "spread" not in build_registries(get_plugin_manager(load_installed=False)).metrics
+
+
+def test_in_process_third_party_plugin_is_registered_under_its_name():
+    pm = get_plugin_manager(load_installed=False)
+    pm.register(_third_party("thirdparty", Stat("spread")), name="thirdparty")
+    reg = build_registries(pm)
+    assert labels(reg.metrics) == {"norm": BUILTIN, "spread": "thirdparty"}
+    assert reg.datasets.names() == ["forget", "retain"]
+
+
+def test_third_party_plugin_duplicating_a_builtin_is_an_error():
+    pm = get_plugin_manager(load_installed=False)
+    pm.register(_third_party("rogue_plugin", Stat("norm")), name="rogue_plugin")
+    with pytest.raises(LensbenchError) as err:
+        build_registries(pm)
+    message = str(err.value)
+    assert "'norm'" in message and BUILTIN in message and "rogue_plugin" in message
+
+
+def test_third_party_plugin_duplicating_the_installed_plugin_is_an_error():
+    pm = get_plugin_manager(load_installed=True)
+    pm.register(_third_party("rogue_plugin", Stat("max_abs")), name="rogue_plugin")
+    with pytest.raises(LensbenchError) as err:
+        build_registries(pm)
+    assert "'max_abs'" in str(err.value) and EXAMPLE in str(err.value) and "rogue_plugin" in str(err.value)
+
+
+def test_use_registries_nests_and_restores():
+    outer = Registries()
+    inner = Registries()
+    with use_registries(outer):
+        assert active_registries() is outer
+        with use_registries(inner):
+            assert active_registries() is inner
+        assert active_registries() is outer
+
+
+# -- the hook surface is documented -------------------------------------------------------------------
+
+HOOKS = sorted(name for name, obj in vars(hookspecs).items()
+               if inspect.isfunction(obj) and hasattr(obj, "lensbench_spec"))
+
+
+def test_hookspecs_match_the_registry_kinds():
+    assert HOOKS, "no hookspecs found"
+    assert set(HOOKS) == {f"lensbench_register_{kind}" for kind in Registries().kinds()}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hookspec_has_a_docstring_and_is_documented(hook):
+    doc = inspect.getdoc(getattr(hookspecs, hook))
+    assert doc and len(doc) > 20, f"{hook} has no docstring"
+    page = ROOT / "docs" / "plugins.md"
+    assert page.is_file(), f"{page} is missing"
+    assert hook in page.read_text(encoding="utf-8"), f"{hook} is not documented in docs/plugins.md"
+
+
+def test_a_plugin_with_a_misspelled_hook_is_refused(monkeypatch):
+    import lensbench.plugins as plugins_mod
+
+    class FakeManager:  # load_setuptools_entrypoints would register this module
+        pass
+
+    typo = types.ModuleType("typo_plugin")
+
+    @hookimpl
+    def lensbench_register_metric():  # missing the final "s"
+        return []
+
+    typo.lensbench_register_metric = lensbench_register_metric
+    real = plugins_mod.pluggy.PluginManager.load_setuptools_entrypoints
+
+    def fake_load(self, group, name=None):
+        self.register(typo, name="typo_plugin")
+        return real(self, group, name)
+
+    monkeypatch.setattr(plugins_mod.pluggy.PluginManager, "load_setuptools_entrypoints", fake_load)
+    with pytest.raises(LensbenchError) as err:
+        get_plugin_manager(load_installed=True)
+    message = str(err.value)
+    assert "typo_plugin" in message and "lensbench_register_metric" in message and "\n" not in message

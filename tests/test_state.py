@@ -1,0 +1,177 @@
+"""SubjectManager: moving one loaded tiny model between states, restoring touched tensors exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import save_tiny_llama
+
+from lensbench.errors import LensbenchError
+from lensbench.models.loading import ModelSpec
+from lensbench.registry import Registry
+from lensbench.state import State, SubjectManager, Transform, TransformSpec
+
+DOWN = "model.layers.0.mlp.down_proj.weight"
+Q = "model.layers.1.self_attn.q_proj.weight"
+
+
+class ScaleNoise(Transform):
+    """Scales one weight by ``scale`` and adds ``sigma`` times seeded Gaussian noise."""
+
+    name = "scale_noise"
+
+    def touched(self, model):
+        return [self.params.get("target", DOWN)]
+
+    def apply(self, model, generator):
+        weight = model.get_parameter(self.params.get("target", DOWN))
+        noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+        weight.mul_(self.params.get("scale", 1.0)).add_(noise * self.params.get("sigma", 0.0))
+
+
+class Broken(Transform):
+    """Names a parameter the model does not have."""
+
+    name = "broken"
+
+    def touched(self, model):
+        return ["model.layers.99.nothing"]
+
+    def apply(self, model, generator):
+        raise AssertionError("must not be applied")
+
+
+def expected(original: torch.Tensor, scale: float, sigma: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(original.shape, generator=gen, dtype=original.dtype)
+    return original.clone().mul_(scale).add_(noise * sigma)
+
+
+def noisy(checkpoint: str, seed: int, scale: float = 2.0, sigma: float = 0.1, target: str = DOWN) -> State:
+    params = (("scale", scale), ("sigma", sigma), ("target", target))
+    return State(checkpoint, (TransformSpec("scale_noise", params, seed),))
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-other", seed=1)
+
+
+@pytest.fixture
+def registry():
+    reg = Registry("perturbation", base=Transform)
+    reg.add(ScaleNoise, "tests")
+    reg.add(Broken, "tests")
+    return reg
+
+
+@pytest.fixture
+def manager(tiny_model, other_model, registry):
+    specs = {"a": ModelSpec(str(tiny_model)), "b": ModelSpec(str(other_model))}
+    return SubjectManager(specs, torch.device("cpu"), registry)
+
+
+def weights(loaded) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+
+
+def assert_same(current: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert current.keys() == reference.keys()
+    different = [name for name in reference if not torch.equal(current[name], reference[name])]
+    assert not different, f"changed: {different[:5]}"
+
+
+def test_moving_between_states_of_one_checkpoint_restores_exactly_and_loads_once(manager):
+    plain = weights(manager.activate(State("a")))
+    original = plain[DOWN]
+
+    loaded = manager.activate(noisy("a", seed=1))
+    after_a = weights(loaded)
+    assert torch.equal(after_a[DOWN], expected(original, 2.0, 0.1, 1))
+    assert_same({k: v for k, v in after_a.items() if k != DOWN}, {k: v for k, v in plain.items() if k != DOWN})
+
+    # State B starts from the original weights, not from state A's.
+    after_b = weights(manager.activate(noisy("a", seed=2, scale=0.5, sigma=0.3)))
+    assert torch.equal(after_b[DOWN], expected(original, 0.5, 0.3, 2))
+
+    # A state touching another tensor: the previous state's tensor is put back bit-exactly.
+    after_c = weights(manager.activate(noisy("a", seed=3, target=Q)))
+    assert torch.equal(after_c[DOWN], original)
+    assert torch.equal(after_c[Q], expected(plain[Q], 2.0, 0.1, 3))
+
+    assert_same(weights(manager.activate(State("a"))), plain)
+    assert manager.loads == 1
+    assert manager.restores == 4
+
+
+def test_same_seed_same_weights_other_seed_other_weights(manager):
+    first = weights(manager.activate(noisy("a", seed=7)))[DOWN]
+    manager.activate(noisy("a", seed=8))
+    other = weights(manager.loaded)[DOWN]
+    again = weights(manager.activate(noisy("a", seed=7)))[DOWN]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert manager.loads == 1
+
+
+def test_activating_the_current_state_again_does_nothing(manager):
+    state = noisy("a", seed=1)
+    loaded = manager.activate(state)
+    before = weights(loaded)
+    assert manager.activate(noisy("a", seed=1)) is loaded  # an equal state, not the same object
+    assert_same(weights(loaded), before)
+    assert manager.restores == 0 and manager.loads == 1
+
+
+def test_two_transforms_on_one_tensor_compose_and_undo(manager):
+    original = weights(manager.activate(State("a")))[DOWN]
+    params1 = (("scale", 3.0), ("sigma", 0.0))
+    params2 = (("scale", 1.0), ("sigma", 0.2))
+    both = State("a", (TransformSpec("scale_noise", params1, 0), TransformSpec("scale_noise", params2, 5)))
+    got = weights(manager.activate(both))[DOWN]
+    assert torch.equal(got, expected(expected(original, 3.0, 0.0, 0), 1.0, 0.2, 5))
+    assert torch.equal(weights(manager.activate(State("a")))[DOWN], original)
+
+
+def test_switching_checkpoint_reloads(manager, tiny_model, other_model):
+    a_plain = weights(manager.activate(State("a")))
+    manager.activate(noisy("a", seed=1))
+    b_plain = weights(manager.activate(State("b")))
+    assert manager.loads == 2
+    assert not torch.equal(a_plain[DOWN], b_plain[DOWN])  # really the other model
+    b_noisy = weights(manager.activate(noisy("b", seed=1)))
+    assert torch.equal(b_noisy[DOWN], expected(b_plain[DOWN], 2.0, 0.1, 1))
+    assert manager.loads == 2
+    # Back to the first checkpoint: a fresh load, no stale saved tensors of the other model.
+    assert_same(weights(manager.activate(State("a"))), a_plain)
+    assert manager.loads == 3
+    assert torch.equal(weights(manager.activate(noisy("a", seed=1)))[DOWN], expected(a_plain[DOWN], 2.0, 0.1, 1))
+    assert_same(weights(manager.activate(State("a"))), a_plain)
+    assert manager.loads == 3
+
+
+def test_release_forgets_the_model(manager):
+    manager.activate(State("a"))
+    manager.release()
+    assert manager.loaded is None and manager.state is None
+    manager.activate(State("a"))
+    assert manager.loads == 2
+
+
+def test_unknown_transform_is_an_error_naming_the_field(manager):
+    with pytest.raises(LensbenchError) as err:
+        manager.activate(State("a", (TransformSpec("scale_nosie"),)))
+    assert err.value.field == "transforms" and "did you mean 'scale_noise'" in str(err.value)
+
+
+def test_transform_naming_unknown_parameters_is_an_error(manager):
+    with pytest.raises(LensbenchError, match=r"transform 'broken' names unknown parameters \['model.layers.99.nothing'\]"):
+        manager.activate(State("a", (TransformSpec("broken"),)))
+
+
+def test_a_failed_activation_does_not_leave_a_half_transformed_model(manager):
+    plain = weights(manager.activate(State("a")))
+    half = State("a", (TransformSpec("scale_noise", (("scale", 3.0),), 0), TransformSpec("nope")))
+    with pytest.raises(LensbenchError):
+        manager.activate(half)
+    assert_same(weights(manager.activate(State("a"))), plain)
