@@ -136,9 +136,8 @@ def run_predict(argv: list[str] | None) -> Any:
     from .plugins import active_registries
 
     registries = active_registries()
-    if argv is None:
-        argv = sys.argv[1:]
-        sys.argv[1:] = argv = _resolve_model_flag(argv, registries)  # the DDP launcher re-runs sys.argv
+    if argv is None:  # rewrite sys.argv itself: the DDP launcher re-runs it
+        sys.argv[1:] = _resolve_model_flag(sys.argv[1:], registries)
     else:
         argv = _resolve_model_flag(argv, registries)
     set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))

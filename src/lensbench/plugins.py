@@ -30,6 +30,7 @@ BUILTIN = (
     "lensbench.metrics",
     "lensbench.data.sources",
     "lensbench.analyses.activation_norms",
+    "lensbench.analyses.param_diff",
 )
 
 

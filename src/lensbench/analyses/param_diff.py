@@ -1,0 +1,197 @@
+"""param_diff: how much, and in how many directions, each weight matrix changed between checkpoints.
+
+For every compared matrix, with ``dW = W_other - W_base`` in float32 or better:
+``dW_fro = ||dW||_F``, ``rel_change = dW_fro / W_fro``, the spectral norm ``dW_spec = ||dW||_2`` by
+power iteration (iterations recorded) and the stable rank ``dW_stable_rank = dW_fro² / dW_spec²``;
+the same statistics for the base matrix ``W``. Tensors are read one at a time from disk, so memory
+stays near a few times the largest matrix, whatever the checkpoints' size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis import Analysis
+from ..errors import LensbenchError
+from ..hookspecs import hookimpl
+from ..linalg import frobenius, matrix_stats
+from ..state import State
+from ..work import WorkItem
+
+PER_MATRIX = "per_matrix.csv"
+PER_LAYER = "per_layer.csv"
+MISMATCHES = "mismatches.csv"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PLOTTED = ("dW_fro", "rel_change", "dW_spec", "dW_stable_rank")
+
+
+class ParamDiff(Analysis):
+    """Parameter-change statistics (Frobenius, spectral norm, stable rank) per matrix and per layer."""
+
+    name = "param_diff"
+
+    def __init__(
+        self,
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+        compute_dtype: str = "float32",
+        experiment: str | None = None,
+        output_dir: str = "outputs",
+    ) -> None:
+        """
+        Args:
+            tol: Power iteration stops when the spectral-norm estimate changes by at most this
+                (relative) between iterations.
+            max_iter: Most power iterations per matrix (``*_spec_converged`` says if tol was met).
+            compute_dtype: float32 or float64: the dtype of every computation, whatever the stored dtype.
+            experiment: Name of the run (output sub-folder). Default: the config file's stem.
+            output_dir: Folder holding one sub-folder per experiment.
+        """
+        super().__init__(experiment=experiment, output_dir=output_dir)
+        if not (tol > 0 and math.isfinite(tol)):
+            raise LensbenchError(f"must be a positive number, got {tol}", "model.init_args.tol")
+        if max_iter < 1:
+            raise LensbenchError(f"must be at least 1, got {max_iter}", "model.init_args.max_iter")
+        if compute_dtype not in DTYPES:
+            raise LensbenchError(f"must be one of {', '.join(DTYPES)}, got {compute_dtype!r}",
+                                 "model.init_args.compute_dtype")
+        self.tol, self.max_iter, self.compute_dtype = tol, max_iter, DTYPES[compute_dtype]
+
+    def states(self) -> list[State]:
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "base_label"):
+            raise LensbenchError("param_diff needs data: {class_path: lensbench.data.checkpoints.CheckpointPairs}",
+                                 "data.class_path")
+        return [State(datamodule.base_label)]
+
+    def _load(self, label: str, name: str) -> torch.Tensor:
+        return self.trainer.datamodule.reader(label).get(name).to(self.device, self.compute_dtype)
+
+    def process(self, item: WorkItem) -> dict[str, Any]:
+        unit = item.payload
+        record: dict[str, Any] = {"kind": unit.kind, "other": unit.other, "name": unit.info.name,
+                                  "layer": unit.info.layer, "module": unit.info.module,
+                                  "shape": list(unit.shape), "other_shape": list(unit.other_shape)}
+        if unit.kind == "mismatch":
+            record["reason"] = unit.reason
+            return record
+        base = self._load(item.state.checkpoint, unit.info.name)
+        if unit.kind == "base":
+            record.update(matrix_stats(base, "W", self.tol, self.max_iter))
+            return record
+        delta = self._load(unit.other, unit.info.name)
+        record["W_other_fro"] = frobenius(delta)
+        delta -= base  # dW in place: one matrix fewer in memory
+        record["W_fro"] = frobenius(base)
+        del base
+        record.update(matrix_stats(delta, "dW", self.tol, self.max_iter))
+        return record
+
+    @classmethod
+    def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+        import pandas as pd
+
+        base = {r["name"]: r for r in records if r["kind"] == "base"}
+        rows, mismatches = [], []
+        for r in records:
+            if r["kind"] == "mismatch":
+                mismatches.append({"other": r["other"], "name": r["name"], "reason": r["reason"],
+                                   "base_shape": "x".join(map(str, r["shape"])),
+                                   "other_shape": "x".join(map(str, r["other_shape"]))})
+            elif r["kind"] == "diff":
+                w = base[r["name"]]
+                rows.append({
+                    "other": r["other"], "name": r["name"], "layer": r["layer"], "module": r["module"],
+                    "shape": "x".join(map(str, r["shape"])), "numel": math.prod(r["shape"]),
+                    "dW_fro": r["dW_fro"], "W_fro": r["W_fro"],
+                    "rel_change": r["dW_fro"] / r["W_fro"] if r["W_fro"] > 0 else math.nan,
+                    "dW_spec": r["dW_spec"], "dW_spec_iters": r["dW_spec_iters"],
+                    "dW_spec_converged": r["dW_spec_converged"], "dW_stable_rank": r["dW_stable_rank"],
+                    "W_spec": w["W_spec"], "W_spec_iters": w["W_spec_iters"],
+                    "W_spec_converged": w["W_spec_converged"], "W_stable_rank": w["W_stable_rank"],
+                    "W_other_fro": r["W_other_fro"],
+                })
+        run_dir = Path(run_dir)
+        per_matrix = pd.DataFrame(rows, columns=PER_MATRIX_COLUMNS).sort_values(["other", "layer", "module"], kind="stable")
+        outputs = [_write_csv(per_matrix, run_dir / PER_MATRIX)]
+        outputs.append(_write_csv(per_layer_table(per_matrix), run_dir / PER_LAYER))
+        outputs.append(_write_csv(pd.DataFrame(mismatches, columns=MISMATCH_COLUMNS), run_dir / MISMATCHES))
+        return outputs
+
+    @classmethod
+    def plot(cls, run_dir: Path) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+
+        path = Path(run_dir) / PER_MATRIX
+        if not path.exists():
+            raise LensbenchError(f"{path} does not exist; run the analysis first")
+        table = pd.read_csv(path)
+        table = table[table["layer"] >= 0]
+        others = sorted(table["other"].unique())
+        outputs = []
+        for stat in PLOTTED:
+            fig, axes = plt.subplots(1, max(len(others), 1), figsize=(6.5 * max(len(others), 1), 4.5), squeeze=False)
+            for ax, other in zip(axes[0], others):
+                rows = table[table["other"] == other]
+                for module, group in rows.groupby("module", sort=True):
+                    ax.plot(group["layer"], group[stat], marker="o", markersize=3, label=module)
+                ax.set_title(f"{stat}: {other} vs base")
+                ax.set_xlabel("layer")
+                ax.set_ylabel(stat)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+            fig.tight_layout()
+            out = Path(run_dir) / f"param_diff_{stat}.png"
+            fig.savefig(out, dpi=110)
+            plt.close(fig)
+            outputs.append(out)
+        return outputs
+
+
+PER_MATRIX_COLUMNS = ["other", "name", "layer", "module", "shape", "numel", "dW_fro", "W_fro", "rel_change",
+                      "dW_spec", "dW_spec_iters", "dW_spec_converged", "dW_stable_rank", "W_spec",
+                      "W_spec_iters", "W_spec_converged", "W_stable_rank", "W_other_fro"]
+MISMATCH_COLUMNS = ["other", "name", "reason", "base_shape", "other_shape"]
+
+
+def per_layer_table(per_matrix):
+    """Per (other, layer): root-sum-squares of the Frobenius norms and means of the other statistics."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for (other, layer), g in per_matrix.groupby(["other", "layer"], sort=True):
+        dw = float(np.sqrt((g["dW_fro"] ** 2).sum()))
+        w = float(np.sqrt((g["W_fro"] ** 2).sum()))
+        rows.append({
+            "other": other, "layer": layer, "n_matrices": len(g),
+            "dW_fro_layer": dw, "W_fro_layer": w, "rel_change_layer": dw / w if w > 0 else math.nan,
+            "mean_rel_change": g["rel_change"].mean(), "mean_dW_spec": g["dW_spec"].mean(),
+            "max_dW_spec": g["dW_spec"].max(), "mean_dW_stable_rank": g["dW_stable_rank"].mean(),
+            "mean_W_stable_rank": g["W_stable_rank"].mean(),
+        })
+    return pd.DataFrame(rows, columns=PER_LAYER_COLUMNS)
+
+
+PER_LAYER_COLUMNS = ["other", "layer", "n_matrices", "dW_fro_layer", "W_fro_layer", "rel_change_layer",
+                     "mean_rel_change", "mean_dW_spec", "max_dW_spec", "mean_dW_stable_rank", "mean_W_stable_rank"]
+
+
+def _write_csv(table, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_csv(tmp, index=False, float_format="%.10g")
+    tmp.replace(path)
+    return path
+
+
+@hookimpl
+def lensbench_register_analyses() -> list[type]:
+    return [ParamDiff]

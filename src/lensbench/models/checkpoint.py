@@ -1,0 +1,196 @@
+"""Read a checkpoint one tensor at a time, whatever its format.
+
+``open_checkpoint(spec)`` returns a ``CheckpointReader`` over: a folder of safetensors files (one
+or many shards, with or without their index), a single ``.safetensors`` file, a folder of
+``pytorch_model*.bin`` shards, a ``.gguf`` file (de-quantized tensor by tensor and renamed to the
+transformers names), an embedded alias, or a hub id already in the Hugging Face cache.
+
+Memory stays near one tensor: safetensors files are opened with ``safe_open`` for each tensor
+read and closed right after, and ``.bin`` shards are memory-mapped (``torch.load(mmap=True,
+weights_only=True)``) for each read, because a mapping kept open accumulates every page ever
+touched in the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LensbenchError
+from .loading import EMBEDDED, ModelSpec, embedded_smollm2_folder, resolve_source
+
+BIN_PATTERNS = ("pytorch_model*.bin", "model*.bin")
+
+
+@dataclass
+class CheckpointReader:
+    """Lazy access to the tensors of one checkpoint: ``names()``, ``shape()``, ``get()``."""
+
+    label: str
+    location: str  # what it reads, for messages
+    config: dict[str, Any] | None  # config.json (or the GGUF metadata turned into one)
+    _index: dict[str, tuple[str, Any]] = field(default_factory=dict, repr=False)  # name -> (kind, where)
+    _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _gguf: Any = field(default=None, repr=False)
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, materialised in memory on the CPU, in its stored dtype."""
+        kind, where = self._index[name]
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(where, framework="pt") as fh:
+                return fh.get_tensor(name)
+        if kind == "bin":
+            state = torch.load(where, map_location="cpu", weights_only=True, mmap=True)
+            tensor = state[name].clone()
+            del state
+            return tensor
+        return self._gguf.get(name)
+
+
+def _safetensors_entries(files: list[Path]) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    index, shapes = {}, {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                index[name] = ("safetensors", str(path))
+                shapes[name] = tuple(fh.get_slice(name).get_shape())
+    return index, shapes
+
+
+def _bin_entries(files: list[Path]) -> tuple[dict, dict]:
+    index, shapes = {}, {}
+    for path in files:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        for name, tensor in state.items():
+            if isinstance(tensor, torch.Tensor):
+                index[name] = ("bin", str(path))
+                shapes[name] = tuple(tensor.shape)
+        del state
+    return index, shapes
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _folder_reader(label: str, folder: Path, field: str) -> CheckpointReader:
+    shards = sorted(folder.glob("*.safetensors"))
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():  # only the shards the index names
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        shards = sorted({folder / f for f in weight_map.values()})
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise LensbenchError(f"{folder} lacks shards named by its index: {', '.join(missing[:3])}; "
+                                 "copy the complete checkpoint", field)
+    if shards:
+        index, shapes = _safetensors_entries(shards)
+    else:
+        bins = sorted({p for pattern in BIN_PATTERNS for p in folder.glob(pattern)})
+        if not bins:
+            raise LensbenchError(f"{folder} holds no *.safetensors or pytorch_model*.bin files; "
+                                 "give a folder written by save_pretrained", field)
+        index, shapes = _bin_entries(bins)
+    return CheckpointReader(label, str(folder), _read_config(folder), index, shapes)
+
+
+class _Flat:
+    """A model seen without its children: transformers' GGUF name map then runs once, not per module."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.config = model.config
+        self._names = model.state_dict()
+
+    def state_dict(self) -> dict:
+        return self._names
+
+    def named_children(self):
+        return iter(())
+
+
+class _GGUFTensors:
+    """De-quantizes one GGUF tensor at a time and gives it its transformers name and layout."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+
+        self.reader = GGUFReader(str(path))
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        self.config_dict = dict(parsed.get("config", {}))
+        config = AutoConfig.for_model(**self.config_dict)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+        arch = read_field(self.reader, "general.architecture")[0]
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.config_dict)
+        self.mapping = get_gguf_hf_weights_map(_Flat(meta), self.processor)
+        self.config = config.to_dict()
+        self.tensors = {self.mapping[t.name]: t for t in self.reader.tensors if t.name in self.mapping}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+
+    def get(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        tensor = self.tensors[name]
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = self.processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self.mapping,
+                                        parsed_parameters={"config": self.config_dict, "tensors": {}})
+        return torch.from_numpy(np.array(result.weights, copy=True)).reshape(self.shape(name))
+
+
+def _gguf_reader(label: str, path: Path) -> CheckpointReader:
+    tensors = _GGUFTensors(path)
+    index = {name: ("gguf", None) for name in tensors.tensors}
+    shapes = {name: tensors.shape(name) for name in tensors.tensors}
+    return CheckpointReader(label, str(path), tensors.config, index, shapes, tensors)
+
+
+def open_checkpoint(spec: ModelSpec, field: str = "model") -> CheckpointReader:
+    """A lazy reader of ``spec``'s tensors; one-line errors for sources that cannot be read."""
+    res = resolve_source(spec, field)
+    label = spec.label()
+    if res.kind == "embedded":
+        folder = embedded_smollm2_folder() if res.location == "smollm2" else EMBEDDED[res.location].locate(
+            res.location, f"{field}.source")
+        return _folder_reader(label, Path(folder), f"{field}.source")
+    if res.kind == "gguf":
+        return _gguf_reader(label, Path(res.location) / res.gguf_file)
+    if res.kind == "safetensors":
+        index, shapes = _safetensors_entries([Path(res.weights_file)])
+        return CheckpointReader(label, str(res.weights_file), _read_config(Path(res.location)), index, shapes)
+    if res.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(res.location, revision=spec.revision, cache_dir=res.cache_dir,
+                                       local_files_only=res.local_only)
+        except Exception as exc:  # network or missing-file errors of the hub client
+            raise LensbenchError(f"cannot fetch {res.location!r} from the Hugging Face hub ({type(exc).__name__}); "
+                                 "download it on a connected machine or give a local folder", f"{field}.source") from None
+        if spec.gguf_file:
+            return _gguf_reader(label, Path(folder) / spec.gguf_file)
+        return _folder_reader(label, Path(folder), f"{field}.source")
+    return _folder_reader(label, Path(res.location), f"{field}.source")

@@ -1,0 +1,118 @@
+"""param_diff end to end through the console script: exact statistics, mismatches, DDP, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import lensbench
+from safetensors.torch import load_file, save_file
+from tiny import save_tiny_llama
+
+CHANGED = "model.layers.1.mlp.down_proj.weight"
+NOISY = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diff")
+    base = save_tiny_llama(root / "base", layers=3)
+    state = load_file(base / "model.safetensors")
+    # "edited": a rank-1 change of one matrix and a random change of another
+    edited = root / "edited"
+    shutil.copytree(base, edited)
+    g = torch.Generator().manual_seed(7)
+    u, v = torch.randn(32, 1, generator=g), torch.randn(1, 64, generator=g)
+    noise = 0.01 * torch.randn(state[NOISY].shape, generator=g)
+    new = dict(state)
+    new[CHANGED] = state[CHANGED] + u @ v
+    new[NOISY] = state[NOISY] + noise
+    save_file(new, edited / "model.safetensors", metadata={"format": "pt"})
+    # "broken": one matrix missing, one with another shape
+    broken = root / "broken"
+    shutil.copytree(base, broken)
+    partial = {k: t for k, t in state.items() if k != "model.layers.2.mlp.up_proj.weight"}
+    partial["model.layers.2.self_attn.o_proj.weight"] = torch.zeros(16, 32)
+    save_file(partial, broken / "model.safetensors", metadata={"format": "pt"})
+    (root / "diff.yaml").write_text(
+        "model:\n  class_path: param_diff\n"
+        "data:\n  class_path: lensbench.data.checkpoints.CheckpointPairs\n  init_args:\n"
+        "    base: base\n    others: [edited, broken]\n"
+        "trainer: {accelerator: cpu, devices: 1}\n")
+    return root, state, {"uv": u @ v, "noise": noise}
+
+
+def test_statistics_mismatches_and_resume(checkpoints):
+    root, state, deltas = checkpoints
+    result = lensbench("predict", "--config", "diff.yaml", cwd=root)
+    assert result.returncode == 0, result.stderr
+    run = root / "outputs" / "diff"
+    per_matrix = pd.read_csv(run / "per_matrix.csv").set_index(["other", "name"])
+    edited = per_matrix.loc["edited"]
+    assert len(edited) == 3 * 7 + 1  # 7 linear layers per block + the untied lm_head
+    unchanged = edited.drop([CHANGED, NOISY])
+    assert (unchanged["dW_fro"] == 0).all() and (unchanged["rel_change"] == 0).all()
+    rank1 = edited.loc[CHANGED]
+    exact = torch.linalg.matrix_norm(deltas["uv"].double(), ord=2).item()
+    assert rank1["dW_fro"] == pytest.approx(torch.linalg.matrix_norm(deltas["uv"]).item(), rel=1e-5)
+    assert rank1["dW_spec"] == pytest.approx(exact, rel=1e-4)
+    assert rank1["dW_stable_rank"] == pytest.approx(1.0, rel=1e-4)
+    assert rank1["W_fro"] == pytest.approx(torch.linalg.matrix_norm(state[CHANGED]).item(), rel=1e-6)
+    assert rank1["rel_change"] == pytest.approx(rank1["dW_fro"] / rank1["W_fro"])
+    assert (rank1["layer"], rank1["module"], rank1["shape"]) == (1, "mlp.down_proj", "32x64")
+    noisy = edited.loc[NOISY]
+    exact_noise = torch.linalg.matrix_norm(deltas["noise"].double(), ord=2).item()
+    assert noisy["dW_spec"] == pytest.approx(exact_noise, rel=1e-3) and noisy["dW_spec_converged"]
+    assert noisy["dW_stable_rank"] > 3  # a random change spreads over many directions
+    assert edited.loc[NOISY, "W_spec"] == pytest.approx(torch.linalg.matrix_norm(state[NOISY].double(), ord=2).item(), rel=1e-3)
+
+    per_layer = pd.read_csv(run / "per_layer.csv").set_index(["other", "layer"])
+    layer1 = per_layer.loc[("edited", 1)]
+    assert layer1["n_matrices"] == 7
+    assert layer1["dW_fro_layer"] == pytest.approx(rank1["dW_fro"], rel=1e-9)  # the only change in layer 1
+    layer0 = per_layer.loc[("edited", 0)]
+    assert layer0["dW_fro_layer"] == pytest.approx(noisy["dW_fro"], rel=1e-9)
+    assert per_layer.loc[("edited", 2), "dW_fro_layer"] == 0
+
+    mismatches = pd.read_csv(run / "mismatches.csv")
+    assert sorted(zip(mismatches["other"], mismatches["name"], mismatches["reason"])) == [
+        ("broken", "model.layers.2.mlp.up_proj.weight", "missing in other"),
+        ("broken", "model.layers.2.self_attn.o_proj.weight", "shape differs"),
+    ]
+    assert mismatches.set_index("name").loc["model.layers.2.self_attn.o_proj.weight", "other_shape"] == "16x32"
+    assert len(per_matrix.loc["broken"]) == 3 * 7 + 1 - 2  # the run went on for the rest
+    for stat in ("dW_fro", "rel_change", "dW_spec", "dW_stable_rank"):
+        assert (run / f"param_diff_{stat}.png").stat().st_size > 1000
+
+    before = (run / "per_matrix.csv").read_bytes()
+    again = lensbench("predict", "--config", "diff.yaml", cwd=root)
+    assert again.returncode == 0 and "0 to do" in again.stderr + again.stdout
+    assert (run / "per_matrix.csv").read_bytes() == before
+
+
+def test_two_processes_match_one(checkpoints):
+    root, _, _ = checkpoints
+    one = lensbench("predict", "--config", "diff.yaml", "--model.init_args.experiment", "one", cwd=root)
+    two = lensbench("predict", "--config", "diff.yaml", "--model.init_args.experiment", "two",
+                    "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=root)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert len(list((root / "outputs" / "two" / "shards").glob("*.jsonl"))) == 2
+    a = pd.read_csv(root / "outputs" / "one" / "per_matrix.csv")
+    b = pd.read_csv(root / "outputs" / "two" / "per_matrix.csv")
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5)
+
+
+def test_checkpoints_of_different_architectures_are_refused(checkpoints, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root, _, _ = checkpoints
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    result = lensbench("predict", "--config", "diff.yaml", "--data.init_args.others", f"[{tmp_path / 'gpt2'}]",
+                       "--model.init_args.experiment", "arch", cwd=root)
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("lensbench: error: data.init_args.others[0]:")
+    assert "'gpt2'" in line and "'llama'" in line and "Traceback" not in result.stderr
