@@ -47,9 +47,13 @@ def spectral_norm(matrix: torch.Tensor, tol: float = 1e-6, max_iter: int = 1000,
     return Spectral(previous, max_iter, False)
 
 
-def frobenius(matrix: torch.Tensor) -> float:
-    """``||A||_F``, accumulated in float64."""
-    return float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
+def frobenius(matrix: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``||A||_F``, accumulated in float64 over chunks of ``chunk`` entries (no full float64 copy)."""
+    flat = matrix.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=matrix.device)
+    for start in range(0, flat.numel(), chunk):
+        total += flat[start : start + chunk].double().square().sum()
+    return float(total.sqrt())
 
 
 def matrix_stats(matrix: torch.Tensor, prefix: str, tol: float, max_iter: int) -> dict[str, float | int | bool]:
