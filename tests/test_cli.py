@@ -176,7 +176,9 @@ def test_plugins_lists_builtins_and_the_example_plugin(batch):
     assert rows["forget"] == ("datasets", BUILTIN)
     assert rows["retain"] == ("datasets", BUILTIN)
     assert rows["capitals"] == ("datasets", EXAMPLE)
-    assert "perturbations:" in result.stdout
+    assert rows["mult_gauss"] == ("perturbations", BUILTIN)
+    assert rows["low_rank"] == ("perturbations", EXAMPLE)
+    assert rows["perturbation"] == ("analyses", BUILTIN) and rows["param_diff"] == ("analyses", BUILTIN)
 
 
 # -- the example plugin end to end, then plot -----------------------------------------------------------

@@ -120,13 +120,13 @@ def test_iteration_and_names_are_sorted():
 
 def test_builtins_only_without_installed_plugins():
     reg = build_registries(get_plugin_manager(load_installed=False))
-    assert reg.analyses.names() == ["activation_norms"]
+    assert reg.analyses.names() == ["activation_norms", "param_diff", "perturbation"]
     assert reg.analyses.get("activation_norms") is ActivationNorms
     assert reg.metrics.names() == ["norm"]
     assert isinstance(reg.metrics.get("norm"), L2Norm)
-    assert reg.datasets.names() == ["forget", "retain"]
-    assert reg.perturbations.names() == []
-    assert "max_abs" not in reg.metrics and "capitals" not in reg.datasets
+    assert reg.datasets.names() == ["cookie_theft", "dreams", "forget", "iq", "retain"]
+    assert reg.perturbations.names() == ["ablation", "add_gauss", "mult_gauss", "uni_quant"]
+    assert "max_abs" not in reg.metrics and "capitals" not in reg.datasets and "low_rank" not in reg.perturbations
     for registry in reg.kinds().values():
         assert set(labels(registry).values()) <= {BUILTIN}
     for entry in reg.datasets:
@@ -136,8 +136,11 @@ def test_builtins_only_without_installed_plugins():
 def test_installed_example_plugin_is_found_with_its_distribution_label():
     reg = build_registries(get_plugin_manager(load_installed=True))
     assert labels(reg.metrics) == {"norm": BUILTIN, "max_abs": EXAMPLE}
-    assert labels(reg.datasets) == {"forget": BUILTIN, "retain": BUILTIN, "capitals": EXAMPLE}
-    assert labels(reg.analyses) == {"activation_norms": BUILTIN}
+    assert labels(reg.datasets) == {"forget": BUILTIN, "retain": BUILTIN, "dreams": BUILTIN, "iq": BUILTIN,
+                                    "cookie_theft": BUILTIN, "capitals": EXAMPLE}
+    assert labels(reg.analyses) == {"activation_norms": BUILTIN, "param_diff": BUILTIN, "perturbation": BUILTIN}
+    assert labels(reg.perturbations) == {"mult_gauss": BUILTIN, "add_gauss": BUILTIN, "ablation": BUILTIN,
+                                         "uni_quant": BUILTIN, "low_rank": EXAMPLE}
     capitals = reg.datasets.get("capitals")
     assert capitals.text_field == "sentence" and Path(capitals.path).is_file()
     import torch
@@ -182,8 +185,9 @@ def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
     assert f"[lensbench hook] lensbench_register_metrics <- {EXAMPLE}: ['max_abs']" in err
     assert f"[lensbench hook] lensbench_register_datasets <- {EXAMPLE}: ['capitals']" in err
     assert f"[lensbench hook] lensbench_register_analyses <- {BUILTIN}: ['activation_norms']" in err
-    # One line per implementation: analyses 1 (built-in), perturbations 0, metrics 2, datasets 2.
-    assert err.count("[lensbench hook]") == 5
+    assert f"[lensbench hook] lensbench_register_perturbations <- {EXAMPLE}: ['low_rank']" in err
+    # One line per implementation: analyses 3 (built-in modules), perturbations 2, metrics 2, datasets 2.
+    assert err.count("[lensbench hook]") == 9
 
 
 def test_hook_results_are_filed_in_registration_order(monkeypatch, capsys):
@@ -223,7 +227,7 @@ def test_in_process_third_party_plugin_is_registered_under_its_name():
     pm.register(_third_party("thirdparty", Stat("spread")), name="thirdparty")
     reg = build_registries(pm)
     assert labels(reg.metrics) == {"norm": BUILTIN, "spread": "thirdparty"}
-    assert reg.datasets.names() == ["forget", "retain"]
+    assert reg.datasets.names() == ["cookie_theft", "dreams", "forget", "iq", "retain"]
 
 
 def test_third_party_plugin_duplicating_a_builtin_is_an_error():

@@ -20,10 +20,12 @@ class ScaleNoise(Transform):
 
     name = "scale_noise"
 
-    def touched(self, model):
+    def touched(self, subject):
+        model = subject.model
         return [self.params.get("target", DOWN)]
 
-    def apply(self, model, generator):
+    def apply(self, subject, generator):
+        model = subject.model
         weight = model.get_parameter(self.params.get("target", DOWN))
         noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
         weight.mul_(self.params.get("scale", 1.0)).add_(noise * self.params.get("sigma", 0.0))
@@ -34,10 +36,12 @@ class Broken(Transform):
 
     name = "broken"
 
-    def touched(self, model):
+    def touched(self, subject):
+        model = subject.model
         return ["model.layers.99.nothing"]
 
-    def apply(self, model, generator):
+    def apply(self, subject, generator):
+        model = subject.model
         raise AssertionError("must not be applied")
 
 

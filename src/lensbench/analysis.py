@@ -29,6 +29,8 @@ class Analysis(pl.LightningModule):
     """Subclasses set ``name`` (the registry key) and implement ``states``, ``process``, ``merge``."""
 
     name: ClassVar[str] = ""
+    #: Work items handed to one ``predict_step`` (consecutive items of one state); see process_batch.
+    items_per_step: int = 1
 
     def __init__(self, experiment: str | None = None, output_dir: str = "outputs") -> None:
         """
@@ -104,9 +106,15 @@ class Analysis(pl.LightningModule):
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         return batch  # a WorkItem; ``process`` moves what it needs
 
-    def predict_step(self, item: WorkItem, batch_idx: int) -> None:
-        record = self.process(item)
-        self.store.write(item.key_str, {"state": item.state.id, **record})
+    def process_batch(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        """Records of several items of one state (analyses with ``items_per_step > 1``)."""
+        return [self.process(item) for item in items]
+
+    def predict_step(self, step: WorkItem | list[WorkItem], batch_idx: int) -> None:
+        items = step if isinstance(step, list) else [step]
+        records = self.process_batch(items) if isinstance(step, list) else [self.process(step)]
+        for item, record in zip(items, records, strict=True):
+            self.store.write(item.key_str, {"state": item.state.id, **record})
 
     def teardown(self, stage: str) -> None:
         if self.store is None:

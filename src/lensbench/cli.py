@@ -52,7 +52,8 @@ def _make_loader(registries):
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise LensbenchError(f"malformed YAML{where}: {problem}; fix the file's syntax", "config") from None
-        if isinstance(value, dict) and ("model" in value or "trainer" in value):
+        # A whole run config (not, say, an analysis's own ``model:`` argument).
+        if isinstance(value, dict) and "model" in value and ({"data", "trainer"} & value.keys()):
             _resolve_short_names(value, registries)
         return value
 
@@ -97,7 +98,7 @@ def _build_cli_class():
             text = parser.dump(cfg, skip_none=False)
             resolved = yaml.safe_load(text)
             identity = _flatten({"model": resolved.get("model"), "data": resolved.get("data")})
-            for key in ("model.init_args.experiment", "model.init_args.output_dir"):
+            for key in ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run"):
                 identity.pop(key, None)
             identity.update(_flatten({"data_fingerprint": self.datamodule.fingerprint()}))
             self.model.run_config = text

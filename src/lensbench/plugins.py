@@ -28,9 +28,11 @@ ENTRY_POINT_GROUP = "lensbench"
 #: Modules holding the built-in hook implementations, registered exactly like third-party ones.
 BUILTIN = (
     "lensbench.metrics",
+    "lensbench.perturbations",
     "lensbench.data.sources",
     "lensbench.analyses.activation_norms",
     "lensbench.analyses.param_diff",
+    "lensbench.analyses.perturbation",
 )
 
 

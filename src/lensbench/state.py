@@ -49,20 +49,33 @@ class Transform:
     """A change to a loaded model's weights (a perturbation, an ablation, ...).
 
     Subclasses set ``name`` and implement ``touched`` (the parameter names it will modify) and
-    ``apply`` (modify them in place). The manager saves and restores the touched tensors, so a
-    transform never has to undo itself.
+    ``apply`` (modify them in place, drawing randomness only from ``generator``). Both receive the
+    ``LoadedModel`` (``.model``, ``.anatomy``, ``.tokenizer``). The manager saves and restores the
+    touched tensors, so a transform never has to undo itself.
     """
 
     name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
 
     def __init__(self, **params: Any) -> None:
         self.params = params
 
-    def touched(self, model: torch.nn.Module) -> list[str]:
+    def touched(self, subject) -> list[str]:
         raise NotImplementedError
 
-    def apply(self, model: torch.nn.Module, generator: torch.Generator) -> None:
+    def apply(self, subject, generator: torch.Generator) -> None:
         raise NotImplementedError
+
+
+def _keep_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy to restore from: on the tensor's GPU while it fits with room to spare, else in
+    pinned host memory (copied back asynchronously); on a CPU model, a plain copy."""
+    if tensor.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(tensor.device)
+        if free > 2 * tensor.numel() * tensor.element_size() + (512 << 20):
+            return tensor.clone()
+        return tensor.to("cpu").pin_memory()
+    return tensor.clone()
 
 
 class SubjectManager:
@@ -76,6 +89,7 @@ class SubjectManager:
         self.loaded = None  # lensbench.models.loading.LoadedModel
         self.state: State | None = None
         self._originals: dict[str, torch.Tensor] = {}
+        self._touched: list[str] = []
         self.loads = 0
         self.restores = 0
 
@@ -112,23 +126,36 @@ class SubjectManager:
         params = self._params()
         with torch.no_grad():
             for name, original in self._originals.items():
-                params[name].copy_(original)
+                params[name].copy_(original, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.restores += 1
 
+    def touched_names(self) -> list[str]:
+        """Parameters changed by the current state's transforms (restored on the next change)."""
+        return list(self._touched)
+
+    def weights_finite(self) -> bool:
+        """Whether every tensor the current transforms touched is finite."""
+        params = self._params()
+        return all(bool(torch.isfinite(params[n]).all()) for n in self.touched_names())
+
     def _apply(self, state: State) -> None:
+        self._touched = []
         params = self._params()
         model = self.loaded.model
         for spec in state.transforms:
             transform = self.registry.get(spec.name, "transforms")(**dict(spec.params))
-            names = transform.touched(model)
+            names = transform.touched(self.loaded)
             unknown = [n for n in names if n not in params]
             if unknown:
                 raise LensbenchError(f"transform {spec.name!r} names unknown parameters {unknown[:3]}")
+            self._touched += [n for n in names if n not in self._touched]
             with torch.no_grad():
                 for name in names:
                     if name not in self._originals:
-                        self._originals[name] = params[name].detach().clone()
+                        self._originals[name] = _keep_copy(params[name].detach())
             generator = torch.Generator(device=params[names[0]].device if names else "cpu")
             generator.manual_seed(spec.seed)
             with torch.no_grad():
-                transform.apply(model, generator)
+                transform.apply(self.loaded, generator)

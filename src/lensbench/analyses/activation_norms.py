@@ -20,11 +20,12 @@ from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
+from ..perturbations import PerturbationGrid
 from ..state import State, SubjectManager
 from ..work import WorkItem
 
 TABLE = "activation_norms.csv"
-KEYS = ["model", "dataset", "layer"]
+STATE_COLUMNS = ("degradation_method", "param_group_name", "level_value", "repeat_index")
 
 
 class ActivationNorms(Analysis):
@@ -36,6 +37,7 @@ class ActivationNorms(Analysis):
         self,
         models: list[str | ModelSpec] | None = None,
         statistics: list[str] | None = None,
+        perturbation: PerturbationGrid | None = None,
         max_length: int = 512,
         experiment: str | None = None,
         output_dir: str = "outputs",
@@ -45,6 +47,8 @@ class ActivationNorms(Analysis):
             models: Models to compare: embedded aliases (``smollm2``, ``minilm``), hub ids,
                 folders, .safetensors or .gguf files, or full ``ModelSpec`` entries. Default: smollm2.
             statistics: Registered per-token statistics (see ``lensbench plugins``). Default: norm.
+            perturbation: Measure every model at a grid of perturbed states (method, group,
+                levels, repetitions) instead of as it is; adds the state's columns to the table.
             max_length: Texts are truncated to this many tokens.
             experiment: Name of the run (output sub-folder). Default: the config file's stem.
             output_dir: Folder holding one sub-folder per experiment.
@@ -67,10 +71,17 @@ class ActivationNorms(Analysis):
         self.statistics = [registries.metrics.get(n, f"model.init_args.statistics[{i}]") for i, n in enumerate(names)]
         self.max_length = max_length
         self.perturbations = registries.perturbations
+        self.grid = perturbation
+        self._states = [
+            state
+            for label in self.specs
+            for state in (perturbation.states(label, self.perturbations, "model.init_args.perturbation")
+                          if perturbation else [State(label)])
+        ]
         self.subjects: SubjectManager | None = None
 
     def states(self) -> list[State]:
-        return [State(label) for label in self.specs]
+        return self._states
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -105,6 +116,7 @@ class ActivationNorms(Analysis):
         return {
             "model": item.state.checkpoint,
             "dataset": item.payload.dataset,
+            "labels": dict(item.state.labels),
             "n_tokens": int(mask.sum().item()),
             "stats": stats,
         }
@@ -113,9 +125,10 @@ class ActivationNorms(Analysis):
     def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
         import pandas as pd
 
-        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        groups: dict[tuple, dict[str, Any]] = {}
         for rec in records:  # ordered by key: the same order whatever the number of ranks
-            acc = groups.setdefault((rec["model"], rec["dataset"]), {"n": 0, "stats": {}})
+            labels = tuple((rec.get("labels") or {}).items())
+            acc = groups.setdefault((rec["model"], rec["dataset"], labels), {"n": 0, "stats": {}})
             n_b = rec["n_tokens"]
             for name, s in rec["stats"].items():
                 cur = acc["stats"].setdefault(name, {k: [] for k in ("mean", "m2", "min", "max")})
@@ -131,17 +144,19 @@ class ActivationNorms(Analysis):
                     cur["max"][layer] = max(cur["max"][layer], s["max"][layer])
             acc["n"] += n_b
         rows = []
-        for (model, dataset), acc in groups.items():
+        label_names: list[str] = []
+        for (model, dataset, labels), acc in groups.items():
+            label_names += [k for k, _ in labels if k not in label_names]
             n_layers = len(next(iter(acc["stats"].values()))["mean"])
             for layer in range(n_layers):
-                row = {"model": model, "dataset": dataset, "layer": layer, "n_tokens": acc["n"]}
+                row = {"model": model, "dataset": dataset, **dict(labels), "layer": layer, "n_tokens": acc["n"]}
                 for name, s in acc["stats"].items():
                     row[f"mean_{name}"] = s["mean"][layer]
                     row[f"std_{name}"] = math.sqrt(max(s["m2"][layer], 0.0) / acc["n"])
                     row[f"min_{name}"] = s["min"][layer]
                     row[f"max_{name}"] = s["max"][layer]
                 rows.append(row)
-        table = pd.DataFrame(rows).sort_values(KEYS, kind="stable")
+        table = pd.DataFrame(rows).sort_values(["model", "dataset", *label_names, "layer"], kind="stable")
         path = Path(run_dir) / TABLE
         tmp = path.with_name(f".{path.name}.tmp")
         table.to_csv(tmp, index=False, float_format="%.10g")
@@ -164,8 +179,10 @@ class ActivationNorms(Analysis):
         for column in [c for c in table.columns if c.startswith("mean_")]:
             stat = column.removeprefix("mean_")
             fig, ax = plt.subplots(figsize=(7, 4.5))
-            for (model, dataset), group in table.groupby(["model", "dataset"], sort=True):
-                ax.plot(group["layer"], group[column], marker="o", markersize=3, label=f"{model} / {dataset}")
+            keys = ["model", "dataset"] + [c for c in STATE_COLUMNS if c in table.columns and table[c].nunique() > 1]
+            for values, group in table.groupby(keys, sort=True):
+                name = " / ".join(f"{v}" if k in ("model", "dataset") else f"{k}={v}" for k, v in zip(keys, values))
+                ax.plot(group["layer"], group[column], marker="o", markersize=3, label=name)
             ax.set_xlabel("layer (0 = embedding output)")
             ax.set_ylabel(f"mean {stat} per token")
             ax.set_title(f"Activation {stat} per layer")

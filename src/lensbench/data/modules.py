@@ -17,11 +17,24 @@ from torch.utils.data import DataLoader
 
 from ..errors import LensbenchError
 from ..work import Unit, WorkItem, plan_items, shard_by_state
-from .sources import TextDataset, read_texts, resolve_dataset
+from .sources import TextDataset, read_records, read_texts, resolve_dataset
 
 
-def _identity(item: WorkItem) -> WorkItem:
-    return item
+def _identity(step):
+    return step
+
+
+def group_steps(items: list[WorkItem], size: int) -> list:
+    """Single items (size 1), or lists of up to ``size`` consecutive items of one state."""
+    if size == 1:
+        return list(items)
+    steps: list[list[WorkItem]] = []
+    for item in items:
+        if steps and len(steps[-1]) < size and steps[-1][-1].state.id == item.state.id:
+            steps[-1].append(item)
+        else:
+            steps.append([item])
+    return steps
 
 
 class WorkDataModule(pl.LightningDataModule):
@@ -49,11 +62,12 @@ class WorkDataModule(pl.LightningDataModule):
         done = analysis.store.keys()
         todo = [item for item in items if item.key_str not in done]
         mine = shard_by_state(todo, trainer.global_rank, trainer.world_size)
+        steps = group_steps(mine, max(1, int(getattr(analysis, "items_per_step", 1))))
         rank_zero_info(
             f"lensbench: {len(items)} work items, {len(items) - len(todo)} already stored in "
             f"{analysis.run_dir}, {len(todo)} to do on {trainer.world_size} rank(s)"
         )
-        return DataLoader(mine, batch_size=None, shuffle=False, collate_fn=_identity)
+        return DataLoader(steps, batch_size=None, shuffle=False, collate_fn=_identity)
 
 
 @dataclass(frozen=True)
@@ -111,3 +125,52 @@ class TextDataModule(WorkDataModule):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"datasets_sha256": self.hashes}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    group: str
+    prompt_id: int
+    text: str
+    category: str
+    answer: str | None = None
+
+
+class PromptDataModule(WorkDataModule):
+    """Prompt sets: one work item per (state, prompt_group, prompt_id)."""
+
+    def __init__(self, prompts: list[str | TextDataset] | None = None, max_prompts: int | None = None) -> None:
+        """
+        Args:
+            prompts: Registered prompt sets (dreams, iq, cookie_theft) or .txt/.jsonl files (one
+                prompt per line; JSONL may carry prompt_id, category, answer). A set's name is its
+                prompt_group. Default: dreams.
+            max_prompts: Use only the first N prompts of each set.
+        """
+        super().__init__()
+        from ..plugins import active_registries
+
+        if max_prompts is not None and max_prompts < 1:
+            raise LensbenchError(f"must be at least 1 or null, got {max_prompts}", "data.init_args.max_prompts")
+        specs = [TextDataset(d) if isinstance(d, str) else d for d in (prompts or ["dreams"])]
+        registry = active_registries().datasets
+        self.prompts: list[Prompt] = []
+        self.hashes: dict[str, str] = {}
+        for i, spec in enumerate(specs):
+            field = f"data.init_args.prompts[{i}]"
+            name, path, text_field = resolve_dataset(spec, registry, field)
+            if name in self.hashes:
+                raise LensbenchError(f"prompt set {name!r} is named twice; give one a `name`", field)
+            rows = read_records(path, text_field, field)[:max_prompts]
+            ids = [int(r.get("prompt_id", r["index"])) for r in rows]
+            if len(set(ids)) != len(ids):
+                raise LensbenchError(f"{path} repeats a prompt_id; make them unique", field)
+            self.prompts += [Prompt(name, pid, r["text"], str(r.get("category", name)), r.get("answer"))
+                             for pid, r in zip(ids, rows)]
+            self.hashes[name] = hashlib.sha256("\n".join(r["text"] for r in rows).encode()).hexdigest()[:16]
+
+    def units(self) -> list[Unit]:
+        return [Unit((p.group, p.prompt_id), p) for p in self.prompts]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"prompts_sha256": self.hashes}

@@ -92,9 +92,21 @@ def read_texts(path: Path, text_field: str = "text", field: str = "dataset") -> 
     return texts
 
 
-def _shipped(name: str, description: str) -> DatasetEntry:
-    path = Path(str(resources.files("lensbench.data") / "texts" / f"{name}.txt"))
-    return DatasetEntry(name=name, path=path, description=description)
+def read_records(path: Path, text_field: str = "text", field: str = "dataset") -> list[dict]:
+    """The examples of a .txt or .jsonl file as dicts: ``text``, ``index`` and, for JSONL, every
+    other field of the line (``prompt_id``, ``category``, ...)."""
+    texts = read_texts(path, text_field, field)
+    if Path(path).suffix not in {".jsonl", ".ndjson"}:
+        return [{"text": t, "index": i} for i, t in enumerate(texts)]
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r[text_field].strip()]
+    return [{**r, "text": r[text_field], "index": i} for i, r in enumerate(rows)]
+
+
+def _shipped(name: str, description: str, folder: str = "texts", suffix: str = ".txt",
+             text_field: str = "text") -> DatasetEntry:
+    path = Path(str(resources.files("lensbench.data") / folder / f"{name}{suffix}"))
+    return DatasetEntry(name=name, path=path, description=description, text_field=text_field)
 
 
 @hookimpl
@@ -102,4 +114,8 @@ def lensbench_register_datasets() -> list[DatasetEntry]:
     return [
         _shipped("forget", "Short passages on a narrow technical topic (to be unlearned)"),
         _shipped("retain", "Short everyday and general-knowledge passages (to be retained)"),
+        _shipped("dreams", "38 dream-narration prompts", "prompts", ".jsonl", "prompt"),
+        _shipped("iq", "65 prompts: math, language, logic, factual, creativity (13 each), with answers",
+                 "prompts", ".jsonl", "prompt"),
+        _shipped("cookie_theft", "20 picture-description prompts (for kitchen_scene.png)", "prompts", ".jsonl", "prompt"),
     ]

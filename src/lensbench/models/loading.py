@@ -13,7 +13,7 @@ import re
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,16 @@ class LoadedModel:
     tokenizer: Any
     spec: ModelSpec
     label: str
+    _anatomy: Any = field(default=None, repr=False)
+
+    @property
+    def anatomy(self):
+        """The model's anatomy (``find_anatomy`` with the spec's overrides), found once."""
+        if self._anatomy is None:
+            from .anatomy import find_anatomy
+
+            self._anatomy = find_anatomy(self.model, self.spec.anatomy, field="anatomy")
+        return self._anatomy
 
 
 @dataclass

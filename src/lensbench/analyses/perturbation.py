@@ -1,0 +1,275 @@
+"""perturbation: damage a model's weights at a grid of levels, then generate and score it.
+
+States are (level, repetition) pairs of one perturbation method on one parameter group; each
+prompt of each state is one work item keyed ``(state, prompt_group, prompt_id)``, so resume works
+at prompt level. Consecutive prompts of one state are generated together in batches of
+``max_batch_size``. Before each state only the touched tensors are restored, then perturbed with
+a generator seeded ``seed + repeat_index``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis import Analysis
+from ..errors import LensbenchError
+from ..generation import GenerationSettings, PerplexitySettings, generate, perplexity
+from ..hookspecs import hookimpl
+from ..models.loading import EMBEDDED, ModelSpec, resolve_source
+from ..perturbations import PerturbationGrid
+from ..state import State, SubjectManager
+from ..work import WorkItem
+
+SUMMARY = "summary.csv"
+GAUSS = ("mult_gauss", "add_gauss")
+
+
+class PerturbationAnalysis(Analysis):
+    """Weight perturbation followed by generation (and optional perplexity), per level and repetition."""
+
+    name = "perturbation"
+
+    def __init__(
+        self,
+        model: str | ModelSpec = "smollm2",
+        perturbation: PerturbationGrid | None = None,
+        generation: GenerationSettings | None = None,
+        perplexity: PerplexitySettings | None = None,
+        name_suffix: str = "",
+        force_run: bool = False,
+        experiment: str | None = None,
+        output_dir: str = "outputs",
+    ) -> None:
+        """
+        Args:
+            model: The model to damage: alias, hub id, folder, .safetensors or .gguf file, or a ModelSpec.
+            perturbation: Method, parameter group, levels, repetitions and seed.
+            generation: Sampling settings and batch size.
+            perplexity: Score a sentence or a text file on every perturbed state (null: off).
+            name_suffix: Appended to the merged output file's name.
+            force_run: Recompute everything: earlier results of this run are moved to
+                ``superseded/`` (kept, not deleted) before the run.
+            experiment: Name of the run (output sub-folder). Default: the config file's stem.
+            output_dir: Folder holding one sub-folder per experiment.
+        """
+        super().__init__(experiment=experiment, output_dir=output_dir)
+        from ..plugins import active_registries
+
+        self.spec = ModelSpec(model) if isinstance(model, str) else model
+        resolve_source(self.spec, "model.init_args.model")
+        self.grid = perturbation or PerturbationGrid()
+        self.generation = generation or GenerationSettings()
+        self.ppl = perplexity
+        self.name_suffix = name_suffix
+        self.force_run = force_run
+        self.perturbations = active_registries().perturbations
+        _check_generation(self.generation)
+        if self.ppl is not None:
+            if self.ppl.file is not None and not Path(self.ppl.file).is_file():
+                raise LensbenchError(f"{self.ppl.file!r} does not exist; give a UTF-8 text file or null",
+                                     "model.init_args.perplexity.file")
+            if self.ppl.file is None and not (self.ppl.text or "").strip():
+                raise LensbenchError("needs a non-empty text or a file", "model.init_args.perplexity.text")
+            if self.ppl.max_length < 2:
+                raise LensbenchError("must be at least 2", "model.init_args.perplexity.max_length")
+        self._states = self.grid.states(self.spec.label(), self.perturbations, "model.init_args.perturbation")
+        self.items_per_step = self.generation.max_batch_size
+        self.subjects: SubjectManager | None = None
+        self._state_info: dict[str, dict[str, Any]] = {}
+
+    def states(self) -> list[State]:
+        return self._states
+
+    def setup(self, stage: str) -> None:
+        if self.force_run and self.global_rank == 0:
+            _supersede(self.run_dir)
+        super().setup(stage)
+        self.subjects = SubjectManager({self.spec.label(): self.spec}, self.device, self.perturbations,
+                                       padding_side="left")
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        if self.subjects is not None:
+            self.subjects.release()
+
+    def _enter(self, state: State) -> dict[str, Any]:
+        """Move the model to ``state``; its touched tensors, finiteness and perplexity (once per state)."""
+        loaded = self.subjects.activate(state)
+        if state.id not in self._state_info:
+            finite = self.subjects.weights_finite()
+            info = {"touched_tensors": self.subjects.touched_names(), "weights_finite": finite, "perplexity": None}
+            if self.ppl is not None:
+                text = Path(self.ppl.file).read_text(encoding="utf-8") if self.ppl.file else self.ppl.text
+                info["perplexity"] = perplexity(loaded.model, loaded.tokenizer, text, self.ppl.max_length,
+                                                self.device) if finite else math.nan
+            self._state_info = {state.id: info}  # one state at a time
+        return self._state_info[state.id]
+
+    def process_batch(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        state = items[0].state
+        info = self._enter(state)
+        labels = dict(state.labels)
+        loaded = self.subjects.loaded
+        if info["weights_finite"]:
+            results = generate(loaded.model, loaded.tokenizer, [it.payload.text for it in items],
+                               self.generation, labels["seed"], self.device)
+        else:
+            results = [None] * len(items)
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        records = []
+        for item, result in zip(items, results):
+            prompt = item.payload
+            records.append({
+                "timestamp": stamp,
+                "model_name": self.spec.source,
+                "model_label": self.spec.label(),
+                "degradation_method": labels["degradation_method"],
+                "level_value": labels["level_value"],
+                "std_dev": labels["level_value"] if labels["degradation_method"] in GAUSS else None,
+                "is_baseline": labels["is_baseline"],
+                "param_group_name": labels["param_group_name"],
+                "touched_tensors": info["touched_tensors"],
+                "n_touched_tensors": len(info["touched_tensors"]),
+                "weights_finite": info["weights_finite"],
+                "repeat_index": labels["repeat_index"],
+                "seed": labels["seed"],
+                "prompt_group": prompt.group,
+                "prompt_id": prompt.prompt_id,
+                "category": prompt.category,
+                "expected_answer": prompt.answer,
+                "prompt_text": prompt.text,
+                "output": result.output if result else None,
+                "duration": result.duration if result else 0.0,
+                "tokens": result.tokens if result else 0,
+                "batch_size_effective": result.batch_size if result else 0,
+                "temperature": self.generation.temperature,
+                "do_sample": self.generation.do_sample,
+                "top_p": self.generation.top_p,
+                "max_new_tokens": self.generation.max_new_tokens,
+                "perplexity": info["perplexity"],
+                "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                "device": str(self.device),
+                "load_4bit": False,
+                "name_suffix": self.name_suffix,
+            })
+        return records
+
+    def process(self, item: WorkItem) -> dict[str, Any]:
+        return self.process_batch([item])[0]
+
+    @classmethod
+    def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+        import pandas as pd
+
+        run_dir = Path(run_dir)
+        records = sorted(records, key=lambda r: (r["level_value"], r["repeat_index"], r["prompt_group"], r["prompt_id"]))
+        first = records[0]
+        clean = model_name_clean(first["model_name"], first["model_label"])
+        suffix = f"_{first['name_suffix']}" if first["name_suffix"] else ""
+        merged = run_dir / f"outputs_{first['degradation_method']}_{clean}{suffix}.json"
+        fields = [k for k in first if k not in ("key", "state")]
+        _atomic_text(merged, json.dumps([{k: r.get(k) for k in fields} for r in records], indent=1,
+                                        ensure_ascii=False, allow_nan=True))
+        table = pd.DataFrame(records)
+        table["output_chars"] = table["output"].fillna("").str.len()
+        rows = []
+        keys = ["degradation_method", "param_group_name", "level_value"]
+        for (method, group, level), g in table.groupby(keys, sort=True):
+            ppl = g.groupby("repeat_index")["perplexity"].first().astype(float)
+            rows.append({
+                "degradation_method": method, "param_group_name": group, "level_value": level,
+                "is_baseline": bool(g["is_baseline"].iloc[0]), "n_outputs": len(g),
+                "n_repeats": g["repeat_index"].nunique(),
+                "mean_tokens": g["tokens"].mean(), "std_tokens": g["tokens"].std(ddof=0),
+                "mean_output_chars": g["output_chars"].mean(),
+                "perplexity_mean": ppl.mean() if ppl.notna().any() else math.nan,
+                "perplexity_std": ppl.std(ddof=0) if ppl.notna().any() else math.nan,
+                "n_nonfinite_states": int((~g.groupby("repeat_index")["weights_finite"].first()).sum()),
+                "mean_duration": g["duration"].mean(),
+            })
+        summary = pd.DataFrame(rows)
+        tmp = run_dir / f".{SUMMARY}.tmp"
+        summary.to_csv(tmp, index=False, float_format="%.10g")
+        tmp.replace(run_dir / SUMMARY)
+        return [merged, run_dir / SUMMARY]
+
+    @classmethod
+    def plot(cls, run_dir: Path) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+
+        path = Path(run_dir) / SUMMARY
+        if not path.exists():
+            raise LensbenchError(f"{path} does not exist; run the analysis first")
+        summary = pd.read_csv(path)
+        outputs = []
+        for column, err, ylabel, name in (("perplexity_mean", "perplexity_std", "perplexity", "perplexity_vs_level.png"),
+                                          ("mean_tokens", "std_tokens", "output length (tokens)", "output_length_vs_level.png")):
+            if summary[column].isna().all():
+                continue
+            fig, ax = plt.subplots(figsize=(6.5, 4.2))
+            for (method, group), g in summary.groupby(["degradation_method", "param_group_name"], sort=True):
+                ax.errorbar(g["level_value"], g[column], yerr=g[err], marker="o", capsize=3, label=f"{method} / {group}")
+            if column.startswith("perplexity"):
+                ax.set_yscale("log")
+            ax.set_xlabel("level")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            out = Path(run_dir) / name
+            fig.savefig(out, dpi=120)
+            plt.close(fig)
+            outputs.append(out)
+        return outputs
+
+
+def model_name_clean(model_name: str, label: str) -> str:
+    """``google/gemma-3-4b-it`` -> ``gemma-3-4b-it``; aliases stay; paths give their stem."""
+    if model_name in EMBEDDED:
+        return model_name
+    name = Path(model_name.rstrip("/")).name
+    return Path(name).stem if name.endswith((".gguf", ".safetensors")) else (name or label)
+
+
+def _check_generation(g: GenerationSettings) -> None:
+    f = "model.init_args.generation"
+    if g.max_new_tokens < 1:
+        raise LensbenchError(f"must be at least 1, got {g.max_new_tokens}", f"{f}.max_new_tokens")
+    if g.max_batch_size < 1:
+        raise LensbenchError(f"must be at least 1, got {g.max_batch_size}", f"{f}.max_batch_size")
+    if not (g.temperature > 0 and math.isfinite(g.temperature)):
+        raise LensbenchError(f"must be a positive number, got {g.temperature}", f"{f}.temperature")
+    if not 0 < g.top_p <= 1:
+        raise LensbenchError(f"must be in (0, 1], got {g.top_p}", f"{f}.top_p")
+
+
+def _supersede(run_dir: Path) -> None:
+    shards = Path(run_dir) / "shards"
+    if shards.exists() and any(shards.iterdir()):
+        dest = Path(run_dir) / "superseded" / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(shards), str(dest))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@hookimpl
+def lensbench_register_analyses() -> list[type]:
+    return [PerturbationAnalysis]

@@ -1,0 +1,145 @@
+"""Batched generation with left padding and out-of-memory back-off, and perplexity."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationSettings:
+    """How outputs are generated."""
+
+    max_new_tokens: int = 64
+    """Most tokens generated per prompt."""
+    do_sample: bool = True
+    """Sample (True) or decode greedily (False; bit-identical reruns)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this probability mass (0 < top_p <= 1)."""
+    max_batch_size: int = 8
+    """Most prompts per generate call; halved and retried on a CUDA out-of-memory error."""
+    chat_template: bool | None = None
+    """Wrap prompts in the tokenizer's chat template; default: when the tokenizer has one."""
+    max_input_length: int = 512
+    """Prompts are truncated to this many tokens."""
+
+
+@dataclass
+class PerplexitySettings:
+    """Perplexity of the perturbed model, once per (level, repetition)."""
+
+    text: str | None = "The quick brown fox jumps over the lazy dog."
+    """A sentence to score (ignored when file is given)."""
+    file: str | None = None
+    """A UTF-8 text file scored whole: token-weighted over windows of max_length tokens."""
+    max_length: int = 512
+    """Window length in tokens."""
+
+
+def set_all_seeds(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and every GPU) generators."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def build_inputs(tokenizer, prompts: list[str], use_chat: bool | None) -> tuple[list[str], bool]:
+    """The texts to tokenize and whether the chat template (which holds the special tokens) was used."""
+    chat = getattr(tokenizer, "chat_template", None) is not None if use_chat is None else use_chat
+    if not chat:
+        return list(prompts), False
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts], True
+
+
+@dataclass
+class Generated:
+    output: str
+    tokens: int  # generated tokens up to and including the first end-of-sequence token
+    duration: float  # seconds of the generate call that produced it
+    batch_size: int  # prompts in that call
+
+
+def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int,
+             device: torch.device) -> list[Generated]:
+    """Generate for every prompt in chunks of ``max_batch_size``, halving on CUDA OOM."""
+    texts, chat = build_inputs(tokenizer, prompts, settings.chat_template)
+    size = max(1, settings.max_batch_size)
+    out: list[Generated] = []
+    start = 0
+    while start < len(texts):
+        chunk = texts[start : start + size]
+        try:
+            out += _generate_chunk(model, tokenizer, chunk, settings, seed, device, chat)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            continue
+        start += len(chunk)
+    return out
+
+
+def _generate_chunk(model, tokenizer, texts, settings, seed, device, chat: bool) -> list[Generated]:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                      max_length=settings.max_input_length, add_special_tokens=not chat).to(device)
+    set_all_seeds(seed)
+    kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+              "pad_token_id": tokenizer.pad_token_id}
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        sequences = model.generate(**batch, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    duration = time.perf_counter() - begin
+    new = sequences[:, batch["input_ids"].shape[1] :].cpu()
+    eos = _eos_ids(model, tokenizer)
+    results = []
+    for row in new.tolist():
+        n = len(row)
+        for i, token in enumerate(row):
+            if token in eos:
+                n = i + 1
+                break
+        results.append(Generated(tokenizer.decode(row[:n], skip_special_tokens=True), n, duration, len(texts)))
+    return results
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, list) else [ids]
+    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+def perplexity(model, tokenizer, text: str, max_length: int, device: torch.device) -> float:
+    """exp(mean next-token negative log-likelihood), token-weighted over windows of max_length."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), max_length):
+            window = ids[start : start + max_length].to(device)
+            if len(window) < 2:
+                continue
+            loss = model(input_ids=window[None], labels=window[None]).loss
+            total += float(loss) * (len(window) - 1)
+            count += len(window) - 1
+    if count == 0:
+        return math.nan
+    mean = total / count
+    return math.exp(mean) if math.isfinite(mean) and mean < 700 else math.inf if mean == mean else math.nan
