@@ -37,7 +37,8 @@ class PerplexitySettings:
     text: str | None = "The quick brown fox jumps over the lazy dog."
     """A sentence to score (ignored when file is given)."""
     file: str | None = None
-    """A UTF-8 text file scored whole: token-weighted over windows of max_length tokens."""
+    """A UTF-8 text file, or a registered dataset (retain, forget), scored whole: token-weighted
+    over windows of max_length tokens."""
     max_length: int = 512
     """Window length in tokens."""
 

@@ -74,8 +74,11 @@ class PerturbationAnalysis(Analysis):
         self.perturbations = active_registries().perturbations
         _check_generation(self.generation)
         if self.ppl is not None:
+            datasets = active_registries().datasets
+            if self.ppl.file in datasets:  # a registered text dataset by name
+                self.ppl.file = str(datasets.get(self.ppl.file).path)
             if self.ppl.file is not None and not Path(self.ppl.file).is_file():
-                raise LensbenchError(f"{self.ppl.file!r} does not exist; give a UTF-8 text file or null",
+                raise LensbenchError(f"{self.ppl.file!r} does not exist; give a UTF-8 text file, a registered dataset or null",
                                      "model.init_args.perplexity.file")
             if self.ppl.file is None and not (self.ppl.text or "").strip():
                 raise LensbenchError("needs a non-empty text or a file", "model.init_args.perplexity.text")
