@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,8 @@ def _short_error(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from_sys = argv is None
+    if from_sys and hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `lensbench plugins | head` ends quietly
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(
         prog="lensbench",
