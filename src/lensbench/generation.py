@@ -71,9 +71,15 @@ class Generated:
     batch_size: int  # prompts in that call
 
 
-def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int,
+def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int | list[int],
              device: torch.device) -> list[Generated]:
-    """Generate for every prompt in chunks of ``max_batch_size``, halving on CUDA OOM."""
+    """Generate for every prompt in chunks of ``max_batch_size``, halving on CUDA OOM.
+
+    ``seed`` seeds every generator before each generate call: one int for all calls, or one per
+    prompt (a call is seeded with its first prompt's), so that with ``max_batch_size: 1`` every
+    prompt's sample depends only on its own seed, however the run was batched, sharded or resumed.
+    """
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
     texts, chat = build_inputs(tokenizer, prompts, settings.chat_template)
     size = max(1, settings.max_batch_size)
     out: list[Generated] = []
@@ -81,7 +87,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     while start < len(texts):
         chunk = texts[start : start + size]
         try:
-            out += _generate_chunk(model, tokenizer, chunk, settings, seed, device, chat)
+            out += _generate_chunk(model, tokenizer, chunk, settings, seeds[start], device, chat)
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise

@@ -39,7 +39,10 @@ class Perturbation(Transform):
         check_level(self.name, self.level, "level")
 
     def selections(self, subject) -> list:
-        return subject.anatomy.parameter_group(subject.model, self.group, field="param_group")
+        return subject.anatomy.parameter_group(subject.model, self.group, field="model.init_args.perturbation.param_group")
+
+    def validate(self, subject) -> None:
+        self.selections(subject)  # at level 0 too: a group that matches nothing fails before any work
 
     def touched(self, subject) -> list[str]:
         if self.level == 0:
@@ -101,8 +104,10 @@ class UniQuant(Perturbation):
         lo, hi = w.min(), w.max()
         if hi == lo:
             return w.clone()
-        step = (hi - lo) / (int(self.level) - 1)
-        return torch.round((w - lo) / step) * step + lo
+        top = int(self.level) - 1
+        step = (hi - lo) / top
+        k = torch.round((w - lo) / step)
+        return torch.where(k >= top, hi, k * step + lo)  # the top point is max(w) exactly
 
 
 METHODS = (MultGauss, AddGauss, Ablation, UniQuant)
@@ -163,19 +168,28 @@ class PerturbationGrid:
                 raise LensbenchError(f"must be linear or geometric, got {self.spacing!r}", f"{field}.spacing")
             if self.method == "uni_quant":
                 values = [float(round(v)) for v in values]
-        for i, value in enumerate(values):
-            check_level(self.method, value, f"{field}.levels[{i}]" if self.levels is not None else f"{field}.min_deg")
+        if self.levels is not None:
+            for i, value in enumerate(values):
+                check_level(self.method, value, f"{field}.levels[{i}]")
+        else:  # generated levels lie between the two ends
+            check_level(self.method, float(self.min_deg), f"{field}.min_deg")
+            check_level(self.method, float(self.max_deg), f"{field}.max_deg")
         if self.include_baseline and 0.0 not in values:
             values = [0.0, *values]
         return list(dict.fromkeys(values))
 
     def states(self, checkpoint: str, registry, field: str) -> list[State]:
         """One state per (level, repeat), grouped by level; the baseline repeats too (sampling seeds differ)."""
-        registry.get(self.method, f"{field}.method")
+        cls = registry.get(self.method, f"{field}.method")
+        check_group_spec(self.param_group, f"{field}.param_group")
         if self.n_rep < 1:
             raise LensbenchError(f"must be at least 1, got {self.n_rep}", f"{field}.n_rep")
         states = []
-        for level in self.level_values(field):
+        for i, level in enumerate(self.level_values(field)):
+            try:  # the method's own checks of its arguments, before any work
+                cls(group=self.param_group, level=level)
+            except LensbenchError as exc:
+                raise LensbenchError(exc.message, f"{field}.levels[{i}]" if self.levels else f"{field}.max_deg") from None
             for rep in range(self.n_rep):
                 spec = TransformSpec(self.method, (("group", self.param_group), ("level", level)), self.seed + rep)
                 labels = (("degradation_method", self.method), ("param_group_name", self.param_group),
@@ -183,6 +197,19 @@ class PerturbationGrid:
                           ("is_baseline", level == 0))
                 states.append(State(checkpoint, (spec,), labels))
         return states
+
+
+def check_group_spec(spec: str, field: str) -> None:
+    """Refuse an unknown named group before any model is loaded (globs are checked on the model)."""
+    import re
+
+    from .errors import did_you_mean
+    from .models.anatomy import GROUPS
+
+    match = re.fullmatch(r"(\w+)\s*(?:\[[^\]]*\])?", spec.strip())
+    if match and not any(c in spec for c in "*?{.") and match.group(1) not in GROUPS:
+        raise LensbenchError(f"unknown parameter group {match.group(1)!r}; {did_you_mean(match.group(1), GROUPS)} "
+                             "(or use a glob over parameter names)", field)
 
 
 @hookimpl

@@ -66,6 +66,10 @@ class Transform:
     def apply(self, subject, generator: torch.Generator) -> None:
         raise NotImplementedError
 
+    def validate(self, subject) -> None:
+        """Raise ``LensbenchError`` if this transform cannot apply to ``subject`` (checked for every
+        state, the unperturbed ones included, before any result of the state is computed)."""
+
 
 def _keep_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A copy to restore from: on the tensor's GPU while it fits with room to spare, else in
@@ -146,6 +150,7 @@ class SubjectManager:
         model = self.loaded.model
         for spec in state.transforms:
             transform = self.registry.get(spec.name, "transforms")(**dict(spec.params))
+            transform.validate(self.loaded)
             names = transform.touched(self.loaded)
             unknown = [n for n in names if n not in params]
             if unknown:

@@ -93,6 +93,7 @@ class PerturbationAnalysis(Analysis):
         return self._states
 
     def setup(self, stage: str) -> None:
+        self.check_run_dir()  # a changed config is refused before force_run moves anything
         if self.force_run and self.global_rank == 0:
             _supersede(self.run_dir)
         super().setup(stage)
@@ -123,8 +124,9 @@ class PerturbationAnalysis(Analysis):
         labels = dict(state.labels)
         loaded = self.subjects.loaded
         if info["weights_finite"]:
+            seeds = [prompt_seed(labels["seed"], it.payload.group, it.payload.prompt_id) for it in items]
             results = generate(loaded.model, loaded.tokenizer, [it.payload.text for it in items],
-                               self.generation, labels["seed"], self.device)
+                               self.generation, seeds, self.device)
         else:
             results = [None] * len(items)
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -237,6 +239,13 @@ class PerturbationAnalysis(Analysis):
             plt.close(fig)
             outputs.append(out)
         return outputs
+
+
+def prompt_seed(seed: int, group: str, prompt_id: int) -> int:
+    """The sampling seed of one prompt in one repetition: stable across runs, ranks and resumes."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(f"{group}/{prompt_id}".encode())) % (2**63)
 
 
 def model_name_clean(model_name: str, label: str) -> str:

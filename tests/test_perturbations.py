@@ -1,0 +1,380 @@
+"""Perturbation methods, the level/repetition grid, SubjectManager moves between perturbed states,
+and group_steps: unit level, on small tensors and the tiny Llama (no subprocess)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lensbench.data.modules import group_steps
+from lensbench.errors import LensbenchError
+from lensbench.models.loading import ModelSpec, load_model
+from lensbench.perturbations import METHODS, Ablation, AddGauss, MultGauss, PerturbationGrid, UniQuant
+from lensbench.plugins import active_registries
+from lensbench.registry import Registry
+from lensbench.state import State, SubjectManager, Transform, TransformSpec
+from lensbench.work import WorkItem
+
+CPU = torch.device("cpu")
+V_PROJ = ["model.layers.0.self_attn.v_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+MLP = [f"model.layers.{i}.mlp.{p}_proj.weight" for i in (0, 1) for p in ("gate", "up", "down")]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def big(seed: int = 0, n: int = 100_000) -> torch.Tensor:
+    w = torch.randn(n, generator=gen(1000 + seed)) * 0.02
+    assert bool((w != 0).all())
+    return w
+
+
+def state(method: str, level: float, group: str = "attn", seed: int = 0) -> State:
+    return State("tiny", (TransformSpec(method, (("group", group), ("level", level)), seed),))
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    assert a.keys() == b.keys()
+    return [n for n in a if not torch.equal(a[n], b[n])]
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return active_registries().perturbations
+
+
+@pytest.fixture(scope="module")
+def fresh(tiny_model):
+    """The tiny model's weights as loaded, untouched."""
+    return weights(load_model(ModelSpec(str(tiny_model))).model)
+
+
+@pytest.fixture
+def manager(tiny_model, registry):
+    return SubjectManager({"tiny": ModelSpec(str(tiny_model))}, CPU, registry)
+
+
+# -- each method's exact semantics -----------------------------------------------------------------
+
+def test_mult_gauss_is_w_times_one_plus_level_randn():
+    w = big()
+    got = MultGauss(level=0.3).perturb(w, gen(5))
+    expected = w * (1 + 0.3 * torch.randn(w.shape, generator=gen(5)))
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, MultGauss(level=0.3).perturb(w, gen(6)))  # the noise comes from the generator
+    rel = got / w - 1
+    assert abs(rel.std().item() - 0.3) < 0.01 and abs(rel.mean().item()) < 0.01
+
+
+def test_add_gauss_scales_the_noise_by_the_tensors_std():
+    w = big()
+    got = AddGauss(level=0.5).perturb(w, gen(5))
+    assert torch.equal(got, w + 0.5 * w.std() * torch.randn(w.shape, generator=gen(5)))
+    noise = got - w
+    assert abs(noise.std().item() / (0.5 * w.std().item()) - 1) < 0.02
+    # Ten times the spread, ten times the noise (same draws).
+    noise10 = AddGauss(level=0.5).perturb(10 * w, gen(5)) - 10 * w
+    torch.testing.assert_close(noise10, 10 * noise, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", [0.3, 0.05, 0.9])
+def test_ablation_zeroes_a_fraction_level_and_leaves_the_rest_exactly(level):
+    w = big()
+    got = Ablation(level=level).perturb(w, gen(3))
+    zero = got == 0
+    assert abs(zero.float().mean().item() - level) < 0.01
+    assert torch.equal(got[~zero], w[~zero])
+    keep = torch.rand(w.shape, generator=gen(3)) >= level  # the documented Bernoulli(1 - level) mask
+    assert torch.equal(zero, ~keep)
+
+
+def test_ablation_level_one_zeroes_everything():
+    assert bool((Ablation(level=1.0).perturb(big(), gen(0)) == 0).all())
+
+
+@pytest.mark.parametrize("level", [2, 3, 5, 16])
+def test_uni_quant_leaves_exactly_level_values_on_the_min_max_grid(level):
+    w = big(seed=level)
+    got = UniQuant(level=level).perturb(w, gen(0))
+    values = got.unique()
+    assert values.numel() == level
+    lo, hi = w.min(), w.max()
+    assert got.min() == lo  # the minimum is kept exactly
+    step = (hi - lo) / (level - 1)
+    assert (got - w).abs().max() <= step / 2 * (1 + 1e-4)  # rounded to the nearest grid point
+    torch.testing.assert_close(values, lo + step * torch.arange(level, dtype=torch.float32), rtol=0, atol=1e-6)
+
+
+def test_uni_quant_of_a_constant_tensor_is_unchanged():
+    w = torch.full((50,), 0.25)
+    assert torch.equal(UniQuant(level=4).perturb(w, gen(0)), w)
+
+
+def test_uni_quant_keeps_the_maximum_exactly():
+    missed = []
+    for seed in range(20):
+        w = big(seed=seed, n=1000)
+        for level in (2, 3, 7, 16):
+            got = UniQuant(level=level).perturb(w, gen(0))
+            if got.max() != w.max():
+                missed.append((seed, level, got.max().item(), w.max().item()))
+    assert not missed, missed[:3]
+
+
+@pytest.mark.parametrize("method", [MultGauss, AddGauss, Ablation])
+def test_level_zero_perturb_returns_the_input_values(method):
+    w = big()
+    assert torch.equal(method(level=0.0).perturb(w, gen(0)), w)
+
+
+def test_every_registered_method_at_level_zero_leaves_the_model_bit_identical(manager, registry, fresh):
+    names = set(registry.names())
+    assert {"mult_gauss", "add_gauss", "ablation", "uni_quant", "low_rank"} <= names  # low_rank: example plugin
+    for method in sorted(names):
+        loaded = manager.activate(state(method, 0.0, group="all", seed=11))
+        assert manager.touched_names() == [], method
+        assert changed(weights(loaded.model), fresh) == [], method
+    assert manager.loads == 1
+
+
+def test_low_rank_from_the_registry_truncates_the_rank(manager, registry, fresh):
+    assert registry.get("low_rank").__module__.startswith("lensbench_example")
+    loaded = manager.activate(state("low_rank", 0.75, group="attn_only"))
+    now = weights(loaded.model)
+    assert changed(now, fresh) == V_PROJ
+    for name in V_PROJ:  # [16, 32]: rank 16 -> ceil(0.25 * 16) = 4
+        assert torch.linalg.matrix_rank(fresh[name]).item() == 16
+        assert torch.linalg.matrix_rank(now[name]).item() == 4
+
+
+def test_the_model_is_perturbed_tensor_by_tensor_from_one_generator_seeded_seed(manager, fresh):
+    loaded = manager.activate(state("mult_gauss", 0.3, group="mlp_only", seed=7))
+    now = weights(loaded.model)
+    g = gen(7)  # one generator for the whole group, drawn in the group's (model) order
+    for name in MLP:
+        w = fresh[name]
+        assert torch.equal(now[name], w * (1 + 0.3 * torch.randn(w.shape, generator=g))), name
+    assert changed(now, fresh) == MLP
+
+
+def test_add_gauss_and_ablation_through_the_manager_match_their_formulas(manager, fresh):
+    now = weights(manager.activate(state("add_gauss", 0.2, group="attn_only", seed=3)).model)
+    g = gen(3)
+    for name in V_PROJ:
+        w = fresh[name]
+        assert torch.equal(now[name], w + 0.2 * w.std() * torch.randn(w.shape, generator=g))
+    now = weights(manager.activate(state("ablation", 0.5, group="attn_only", seed=4)).model)
+    g = gen(4)
+    for name in V_PROJ:
+        keep = torch.rand(fresh[name].shape, generator=g) >= 0.5
+        assert torch.equal(now[name], fresh[name] * keep)
+    now = weights(manager.activate(state("uni_quant", 3, group="attn_only")).model)
+    for name in V_PROJ:
+        assert now[name].unique().numel() == 3
+
+
+# -- PerturbationGrid ------------------------------------------------------------------------------
+
+def test_linear_grid_with_baseline_already_included():
+    assert PerturbationGrid(min_deg=0.0, max_deg=1.0, deg_steps=5).level_values("p") == \
+        pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=1e-12)
+
+
+def test_linear_grid_gets_the_baseline_inserted_first():
+    values = PerturbationGrid(min_deg=0.2, max_deg=0.6, deg_steps=3).level_values("p")
+    assert values == pytest.approx([0.0, 0.2, 0.4, 0.6], abs=1e-12)
+    assert PerturbationGrid(min_deg=0.2, max_deg=0.6, deg_steps=3, include_baseline=False).level_values("p") == \
+        pytest.approx([0.2, 0.4, 0.6], abs=1e-12)
+    assert PerturbationGrid(min_deg=0.3, max_deg=0.9, deg_steps=1).level_values("p") == [0.0, 0.3]
+
+
+def test_geometric_grid():
+    values = PerturbationGrid(min_deg=0.01, max_deg=1.0, deg_steps=3, spacing="geometric").level_values("p")
+    assert values == pytest.approx([0.0, 0.01, 0.1, 1.0], rel=1e-12)
+    values = PerturbationGrid(min_deg=0.001, max_deg=1.0, deg_steps=4, spacing="geometric",
+                              include_baseline=False).level_values("p")
+    assert values == pytest.approx([0.001, 0.01, 0.1, 1.0], rel=1e-12)
+    ratios = [b / a for a, b in zip(values, values[1:])]
+    assert ratios == pytest.approx([10.0] * 3, rel=1e-9)
+
+
+def test_uni_quant_grid_is_rounded_to_integers():
+    values = PerturbationGrid(method="uni_quant", min_deg=2, max_deg=16, deg_steps=4).level_values("p")
+    assert values == [0.0, 2.0, 7.0, 11.0, 16.0]
+    values = PerturbationGrid(method="uni_quant", min_deg=2, max_deg=32, deg_steps=5, spacing="geometric",
+                              include_baseline=False).level_values("p")
+    assert values == [2.0, 4.0, 8.0, 16.0, 32.0]
+    assert all(v == int(v) for v in values)
+
+
+def test_explicit_levels_override_the_generated_grid():
+    grid = PerturbationGrid(levels=[0.7, 0.1, 0.7], min_deg=5, max_deg=9, deg_steps=2, spacing="nonsense")
+    assert grid.level_values("p") == [0.0, 0.7, 0.1]  # baseline first, duplicates dropped, order kept
+
+
+def test_states_per_level_and_repeat_with_seeds_seed_plus_r(registry):
+    grid = PerturbationGrid(method="add_gauss", param_group="mlp_only[1]", levels=[0.5], n_rep=3, seed=10)
+    states = grid.states("tiny", registry, "p")
+    assert len(states) == 6 and len({s.id for s in states}) == 6
+    labels = [dict(s.labels) for s in states]
+    assert [(lab["level_value"], lab["repeat_index"], lab["seed"], lab["is_baseline"]) for lab in labels] == [
+        (0.0, 0, 10, True), (0.0, 1, 11, True), (0.0, 2, 12, True),
+        (0.5, 0, 10, False), (0.5, 1, 11, False), (0.5, 2, 12, False)]
+    assert all(lab["degradation_method"] == "add_gauss" and lab["param_group_name"] == "mlp_only[1]" for lab in labels)
+    for s, lab in zip(states, labels):
+        (spec,) = s.transforms
+        assert s.checkpoint == "tiny" and spec.name == "add_gauss" and spec.seed == lab["seed"]
+        assert dict(spec.params) == {"group": "mlp_only[1]", "level": lab["level_value"]}
+
+
+def _error(fn, *args):
+    with pytest.raises(LensbenchError) as err:
+        fn(*args)
+    return err.value
+
+
+@pytest.mark.parametrize("grid, field, words", [
+    (PerturbationGrid(levels=[0.1, -0.5]), "p.levels[1]", "got -0.5"),
+    (PerturbationGrid(levels=[float("nan")]), "p.levels[0]", "finite"),
+    (PerturbationGrid(levels=[float("inf")]), "p.levels[0]", "finite"),
+    (PerturbationGrid(method="ablation", levels=[1.5]), "p.levels[0]", "probability"),
+    (PerturbationGrid(method="uni_quant", levels=[2.5]), "p.levels[0]", "integer >= 2"),
+    (PerturbationGrid(method="uni_quant", levels=[4, 1]), "p.levels[1]", "integer >= 2"),
+    (PerturbationGrid(levels=[]), "p.levels", "is empty"),
+    (PerturbationGrid(spacing="geometric", min_deg=0.0, max_deg=1.0), "p.min_deg", "> 0"),
+    (PerturbationGrid(spacing="logarithmic"), "p.spacing", "linear or geometric"),
+    (PerturbationGrid(deg_steps=0), "p.deg_steps", "at least 1"),
+    (PerturbationGrid(min_deg=-1.0, max_deg=-1.0, deg_steps=1), "p.min_deg", "got -1.0"),
+])
+def test_bad_grids_are_errors_naming_the_field(grid, field, words, registry):
+    err = _error(grid.states, "tiny", registry, "p")
+    assert err.field == field and words in err.message, str(err)
+
+
+def test_a_bad_max_deg_is_blamed_on_max_deg():
+    err = _error(PerturbationGrid(method="ablation", min_deg=0.0, max_deg=2.0).level_values, "p")
+    assert err.field == "p.max_deg", str(err)
+
+
+def test_unknown_method_suggests_the_close_one(registry):
+    err = _error(PerturbationGrid(method="mult_gaus").states, "tiny", registry, "p")
+    assert err.field == "p.method" and "did you mean 'mult_gauss'" in err.message
+
+
+def test_n_rep_zero_is_an_error(registry):
+    err = _error(PerturbationGrid(n_rep=0).states, "tiny", registry, "p")
+    assert err.field == "p.n_rep" and "at least 1" in err.message
+
+
+def test_perturbation_constructors_check_their_level():
+    for cls, level in ((MultGauss, -0.1), (AddGauss, math.inf), (Ablation, 1.01), (UniQuant, 1), (UniQuant, 3.5)):
+        with pytest.raises(LensbenchError):
+            cls(level=level)
+    UniQuant(level=0)  # 0 always means: no perturbation
+
+
+@pytest.mark.parametrize("group, words", [
+    ("mlp_onyl", "did you mean 'mlp_only'"),
+    ("model.layers.*.nothing_here", "matches no parameter"),
+    ("attn[5]", "out of range"),
+])
+def test_bad_parameter_groups_fail_on_activation_and_leave_the_model_plain(manager, fresh, group, words):
+    with pytest.raises(LensbenchError) as err:
+        manager.activate(state("mult_gauss", 0.5, group=group))
+    assert err.value.field == "model.init_args.perturbation.param_group" and words in err.value.message, str(err.value)
+    assert changed(weights(manager.activate(State("tiny")).model), fresh) == []
+
+
+def test_a_glob_group_perturbs_exactly_the_matching_tensors(manager, fresh):
+    manager.activate(state("mult_gauss", 0.5, group="model.layers.{0-1}.self_attn.q_proj.weight"))
+    assert manager.touched_names() == [f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)]
+    assert changed(weights(manager.loaded.model), fresh) == manager.touched_names()
+
+
+# -- SubjectManager over perturbed states ----------------------------------------------------------
+
+def test_restore_is_bit_exact_and_loads_once(manager, fresh):
+    first = weights(manager.activate(state("mult_gauss", 0.5, group="attn", seed=3)).model)
+    assert sorted(changed(first, fresh)) == sorted(n for n in fresh if ".self_attn." in n)
+    other = weights(manager.activate(state("mult_gauss", 1.0, group="mlp_only", seed=3)).model)
+    assert changed(other, fresh) == MLP  # the attention tensors were put back exactly
+    weights(manager.activate(state("mult_gauss", 0.5, group="attn", seed=4)).model)
+    assert changed(weights(manager.activate(state("mult_gauss", 0.5, group="attn", seed=3)).model), first) == []
+    assert changed(weights(manager.activate(state("mult_gauss", 0.0, group="attn", seed=3)).model), fresh) == []
+    assert changed(weights(manager.activate(State("tiny")).model), fresh) == []
+    assert manager.loads == 1
+
+
+def test_touched_names_are_the_groups_parameters(manager):
+    manager.activate(state("mult_gauss", 0.1, group="attn_only"))
+    assert manager.touched_names() == V_PROJ  # the value projection of each layer of the tiny Llama
+    loaded = manager.activate(state("ablation", 0.1, group="mlp_only"))
+    assert manager.touched_names() == MLP
+    assert manager.touched_names() == [s.name for s in loaded.anatomy.parameter_group(loaded.model, "mlp_only")]
+    manager.activate(state("ablation", 0.1, group="attn_only[1]"))
+    assert manager.touched_names() == V_PROJ[1:]
+    manager.activate(State("tiny"))
+    assert manager.touched_names() == []
+
+
+class WriteInf(Transform):
+    """Writes +inf into the first element of the last layer's down projection."""
+
+    name = "write_inf"
+    target = "model.layers.1.mlp.down_proj.weight"
+
+    def touched(self, subject):
+        return [self.target]
+
+    def apply(self, subject, generator):
+        subject.model.get_parameter(self.target).view(-1)[0] = math.inf
+
+
+def test_non_finite_weights_are_reported(tiny_model, fresh):
+    reg = Registry("perturbation", base=Transform)
+    for cls in (*METHODS, WriteInf):
+        reg.add(cls, "tests")
+    manager = SubjectManager({"tiny": ModelSpec(str(tiny_model))}, CPU, reg)
+    manager.activate(State("tiny", (TransformSpec("write_inf"),)))
+    assert manager.weights_finite() is False
+    manager.activate(state("mult_gauss", 1.0, group="attn"))
+    assert manager.weights_finite() is True
+    manager.activate(state("mult_gauss", 1e39, group="attn"))  # finite as a float, overflows float32
+    assert manager.weights_finite() is False
+    assert not torch.isfinite(manager.loaded.model.get_parameter(V_PROJ[0])).all()
+    manager.activate(State("tiny"))
+    assert manager.weights_finite() is True
+    assert changed(weights(manager.loaded.model), fresh) == []
+
+
+# -- group_steps ------------------------------------------------------------------------------------
+
+def _items(state_names: str) -> list[WorkItem]:
+    states = {c: State("m", (TransformSpec("t", (), ord(c)),)) for c in set(state_names)}
+    return [WorkItem((states[c].id, i), states[c]) for i, c in enumerate(state_names)]
+
+
+@pytest.mark.parametrize("size", [2, 3, 8])
+def test_group_steps_are_short_runs_of_one_state(size):
+    items = _items("aaaaabbacccccccd")
+    steps = group_steps(items, size)
+    assert [it for step in steps for it in step] == items  # order kept, nothing lost or repeated
+    assert all(isinstance(step, list) and 1 <= len(step) <= size for step in steps)
+    assert all(len({it.state.id for it in step}) == 1 for step in steps)  # never mixing states
+    # As few steps as possible: each run of one state is cut into ceil(run / size) steps.
+    runs = [5, 2, 1, 7, 1]
+    assert len(steps) == sum(-(-r // size) for r in runs)
+
+
+def test_group_steps_of_size_one_are_the_items_themselves():
+    items = _items("aab")
+    assert group_steps(items, 1) == items
+    assert group_steps([], 4) == []
+    assert [len(s) for s in group_steps(_items("abab"), 4)] == [1, 1, 1, 1]
