@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import cpu_name, write_section  # noqa: E402
 SECTION = "## param_diff"
 
 
@@ -140,16 +139,6 @@ def main() -> None:
         write_docs(rows, args)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def write_docs(rows: dict[str, str], args) -> None:
     import torch
 
@@ -158,7 +147,7 @@ def write_docs(rows: dict[str, str], args) -> None:
              "weights; the other = base + 1% noise), each side in a fresh process, in one run of "
              f"`python bench/param_diff.py --hidden {args.hidden} --intermediate {args.intermediate} "
              f"--layers {args.layers} --write-docs`.", "",
-             f"- machine: {_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, no GPU",
+             f"- machine: {cpu_name()}, torch {torch.__version__}, no GPU",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| figure | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
@@ -166,12 +155,7 @@ def write_docs(rows: dict[str, str], args) -> None:
               "values, so each spectral norm takes hundreds of iterations to reach the relative tolerance 1e-6 "
               "(`dW_spec_iters` in per_matrix.csv); reading the bytes is a small part. A larger `tol` or a GPU "
               "(`trainer.accelerator: gpu`) shortens it.", ""]
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    block = "\n".join(lines)
-    pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: block.rstrip("\n"), text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.write_text(text.rstrip("\n") + "\n")
+    path = write_section(SECTION, lines[2:])
     print(f"wrote {path}")
 
 

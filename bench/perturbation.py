@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import cpu_name, write_section  # noqa: E402
 SECTION = "## perturbation"
 
 
@@ -123,18 +123,8 @@ def main() -> None:
         write_docs(rows, args, device)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def write_docs(rows, args, device) -> None:
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu()}, {os.cpu_count()} cores, no GPU"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, no GPU"
     lines = [SECTION, "",
              "The perturbation analysis's hot paths against their bare equivalents, in one process "
              f"(`python bench/perturbation.py --model {args.model} --group {args.group} --reps {args.reps} "
@@ -146,12 +136,7 @@ def write_docs(rows, args, device) -> None:
     lines += ["", "A state change restores the touched tensors (one copy) and draws a Gaussian for every "
               "touched weight (mult_gauss); drawing the noise, not the restore, is most of its cost, so the "
               "ratio to a bare copy is the price of the noise itself.", ""]
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    block = "\n".join(lines)
-    pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: block.rstrip("\n"), text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.write_text(text.rstrip("\n") + "\n")
+    path = write_section(SECTION, lines[2:])
     print(f"wrote {path}")
 
 

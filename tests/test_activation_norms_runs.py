@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 from conftest import clean_env, lensbench
 from transformers import AutoModelForCausalLM, AutoTokenizer

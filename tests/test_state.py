@@ -21,7 +21,6 @@ class ScaleNoise(Transform):
     name = "scale_noise"
 
     def touched(self, subject):
-        model = subject.model
         return [self.params.get("target", DOWN)]
 
     def apply(self, subject, generator):
@@ -37,11 +36,9 @@ class Broken(Transform):
     name = "broken"
 
     def touched(self, subject):
-        model = subject.model
         return ["model.layers.99.nothing"]
 
     def apply(self, subject, generator):
-        model = subject.model
         raise AssertionError("must not be applied")
 
 

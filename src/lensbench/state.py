@@ -147,7 +147,6 @@ class SubjectManager:
     def _apply(self, state: State) -> None:
         self._touched = []
         params = self._params()
-        model = self.loaded.model
         for spec in state.transforms:
             transform = self.registry.get(spec.name, "transforms")(**dict(spec.params))
             transform.validate(self.loaded)

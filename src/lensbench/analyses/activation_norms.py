@@ -22,6 +22,7 @@ from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import PerturbationGrid
 from ..state import State, SubjectManager
+from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem
 
 TABLE = "activation_norms.csv"
@@ -157,24 +158,12 @@ class ActivationNorms(Analysis):
                     row[f"max_{name}"] = s["max"][layer]
                 rows.append(row)
         table = pd.DataFrame(rows).sort_values(["model", "dataset", *label_names, "layer"], kind="stable")
-        path = Path(run_dir) / TABLE
-        tmp = path.with_name(f".{path.name}.tmp")
-        table.to_csv(tmp, index=False, float_format="%.10g")
-        tmp.replace(path)
-        return [path]
+        return [write_csv(table, Path(run_dir) / TABLE)]
 
     @classmethod
     def plot(cls, run_dir: Path) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import pandas as pd
-
-        path = Path(run_dir) / TABLE
-        if not path.exists():
-            raise LensbenchError(f"{path} does not exist; run the analysis first")
-        table = pd.read_csv(path)
+        plt = pyplot()
+        table = read_csv(run_dir, TABLE)
         outputs = []
         for column in [c for c in table.columns if c.startswith("mean_")]:
             stat = column.removeprefix("mean_")

@@ -20,6 +20,7 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..linalg import frobenius, matrix_stats
 from ..state import State
+from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem
 
 PER_MATRIX = "per_matrix.csv"
@@ -117,23 +118,15 @@ class ParamDiff(Analysis):
                 })
         run_dir = Path(run_dir)
         per_matrix = pd.DataFrame(rows, columns=PER_MATRIX_COLUMNS).sort_values(["other", "layer", "module"], kind="stable")
-        outputs = [_write_csv(per_matrix, run_dir / PER_MATRIX)]
-        outputs.append(_write_csv(per_layer_table(per_matrix), run_dir / PER_LAYER))
-        outputs.append(_write_csv(pd.DataFrame(mismatches, columns=MISMATCH_COLUMNS), run_dir / MISMATCHES))
+        outputs = [write_csv(per_matrix, run_dir / PER_MATRIX)]
+        outputs.append(write_csv(per_layer_table(per_matrix), run_dir / PER_LAYER))
+        outputs.append(write_csv(pd.DataFrame(mismatches, columns=MISMATCH_COLUMNS), run_dir / MISMATCHES))
         return outputs
 
     @classmethod
     def plot(cls, run_dir: Path) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import pandas as pd
-
-        path = Path(run_dir) / PER_MATRIX
-        if not path.exists():
-            raise LensbenchError(f"{path} does not exist; run the analysis first")
-        table = pd.read_csv(path)
+        plt = pyplot()
+        table = read_csv(run_dir, PER_MATRIX)
         table = table[table["layer"] >= 0]
         others = sorted(table["other"].unique())
         outputs = []
@@ -183,13 +176,6 @@ def per_layer_table(per_matrix):
 
 PER_LAYER_COLUMNS = ["other", "layer", "n_matrices", "dW_fro_layer", "W_fro_layer", "rel_change_layer",
                      "mean_rel_change", "mean_dW_spec", "max_dW_spec", "mean_dW_stable_rank", "mean_W_stable_rank"]
-
-
-def _write_csv(table, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    table.to_csv(tmp, index=False, float_format="%.10g")
-    tmp.replace(path)
-    return path
 
 
 @hookimpl

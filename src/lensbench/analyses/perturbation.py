@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..analysis import Analysis
 from ..errors import LensbenchError
@@ -27,6 +26,7 @@ from ..hookspecs import hookimpl
 from ..models.loading import EMBEDDED, ModelSpec, resolve_source
 from ..perturbations import PerturbationGrid
 from ..state import State, SubjectManager
+from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem
 
 SUMMARY = "summary.csv"
@@ -201,24 +201,12 @@ class PerturbationAnalysis(Analysis):
                 "n_nonfinite_states": int((~g.groupby("repeat_index")["weights_finite"].first()).sum()),
                 "mean_duration": g["duration"].mean(),
             })
-        summary = pd.DataFrame(rows)
-        tmp = run_dir / f".{SUMMARY}.tmp"
-        summary.to_csv(tmp, index=False, float_format="%.10g")
-        tmp.replace(run_dir / SUMMARY)
-        return [merged, run_dir / SUMMARY]
+        return [merged, write_csv(pd.DataFrame(rows), run_dir / SUMMARY)]
 
     @classmethod
     def plot(cls, run_dir: Path) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import pandas as pd
-
-        path = Path(run_dir) / SUMMARY
-        if not path.exists():
-            raise LensbenchError(f"{path} does not exist; run the analysis first")
-        summary = pd.read_csv(path)
+        plt = pyplot()
+        summary = read_csv(run_dir, SUMMARY)
         outputs = []
         for column, err, ylabel, name in (("perplexity_mean", "perplexity_std", "perplexity", "perplexity_vs_level.png"),
                                           ("mean_tokens", "std_tokens", "output length (tokens)", "output_length_vs_level.png")):
