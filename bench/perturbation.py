@@ -14,7 +14,6 @@ Times are medians over --reps alternating repetitions, measured in one process.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
