@@ -47,7 +47,7 @@ def spectral_norm(matrix: torch.Tensor, tol: float = 1e-6, max_iter: int = 1000,
     return Spectral(previous, max_iter, False)
 
 
-def frobenius(matrix: torch.Tensor, chunk: int = 1 << 20) -> float:
+def frobenius(matrix: torch.Tensor, chunk: int = 1 << 18) -> float:
     """``||A||_F``, accumulated in float64 over chunks of ``chunk`` entries (no full float64 copy)."""
     flat = matrix.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=matrix.device)

@@ -84,12 +84,17 @@ class ParamDiff(Analysis):
         if unit.kind == "base":
             record.update(matrix_stats(base, "W", self.tol, self.max_iter))
             return record
-        delta = self._load(unit.other, unit.info.name)
-        record["W_other_fro"] = frobenius(delta)
-        delta -= base  # dW in place: one matrix fewer in memory
         record["W_fro"] = frobenius(base)
-        del base
-        record.update(matrix_stats(delta, "dW", self.tol, self.max_iter))
+        # dW = W_other - W_base, formed in the base matrix's memory from blocks of the other's rows:
+        # one matrix in memory, plus a block.
+        other_sq, row = 0.0, 0
+        for block in self.trainer.datamodule.reader(unit.other).iter_rows(unit.info.name):
+            block = block.to(self.device, self.compute_dtype).reshape(-1, *base.shape[1:])
+            other_sq += frobenius(block) ** 2
+            base[row : row + block.shape[0]].sub_(block).neg_()
+            row += block.shape[0]
+        record["W_other_fro"] = math.sqrt(other_sq)
+        record.update(matrix_stats(base, "dW", self.tol, self.max_iter))
         return record
 
     @classmethod

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LensbenchError
-from ..models.checkpoint import CheckpointReader, open_checkpoint
+from ..models.checkpoint import CheckpointReader, open_checkpoint, pin_mmap_threshold
 from ..models.loading import ModelSpec, resolve_source
 from ..models.matrices import MatrixInfo, linear_matrices
 from ..work import Unit
@@ -63,6 +63,7 @@ class CheckpointPairs(WorkDataModule):
             labels.append(spec.label())
         self.include, self.exclude = include, exclude
         self._readers: dict[str, CheckpointReader] = {}
+        pin_mmap_threshold()  # freed matrices go back to the OS: memory stays near one matrix
 
     @property
     def base_label(self) -> str:

@@ -14,6 +14,7 @@ touched in the process's resident memory.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,26 @@ from ..errors import LensbenchError
 from .loading import EMBEDDED, ModelSpec, embedded_smollm2_folder, resolve_source
 
 BIN_PATTERNS = ("pytorch_model*.bin", "model*.bin")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Serve allocations above ``nbytes`` by mmap and return them to the OS when freed.
+
+    glibc raises its mmap threshold after large blocks are freed, so later tensors of the same
+    size come from the heap, which fragments and keeps several freed tensors resident. Pinning the
+    threshold (which also stops that adjustment) keeps streaming reads at about one tensor at a
+    time. Returns False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass
@@ -50,16 +71,74 @@ class CheckpointReader:
         """The tensor ``name``, materialised in memory on the CPU, in its stored dtype."""
         kind, where = self._index[name]
         if kind == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(where, framework="pt") as fh:
-                return fh.get_tensor(name)
+            return _read_safetensors(where, name)
         if kind == "bin":
             state = torch.load(where, map_location="cpu", weights_only=True, mmap=True)
             tensor = state[name].clone()
             del state
             return tensor
         return self._gguf.get(name)
+
+    def iter_rows(self, name: str, max_bytes: int = 1 << 22):
+        """The tensor ``name`` in consecutive blocks of rows of at most ``max_bytes`` each
+        (read piece by piece from safetensors files; other formats yield the whole tensor)."""
+        kind, where = self._index[name]
+        if kind == "safetensors":
+            yield from _iter_safetensors_rows(where, name, max_bytes)
+        else:
+            yield self.get(name)
+
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _safetensors_entry(fh, name: str) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, first byte, end byte) of ``name`` in an open safetensors file."""
+    import json as _json
+    import struct
+
+    fh.seek(0)
+    (size,) = struct.unpack("<Q", fh.read(8))
+    entry = _json.loads(fh.read(size))[name]
+    start, end = entry["data_offsets"]
+    return ST_DTYPES[entry["dtype"]], entry["shape"], 8 + size + start, 8 + size + end
+
+
+def _fill(fh, tensor: torch.Tensor, path: str, name: str) -> torch.Tensor:
+    view = tensor.reshape(-1).view(torch.uint8).numpy()
+    if view.size and fh.readinto(view) != view.size:
+        raise LensbenchError(f"{path} is truncated at tensor {name!r}; copy the checkpoint again")
+    return tensor
+
+
+def _read_safetensors(path: str, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read straight into its own memory.
+
+    The header gives the tensor's byte range; ``readinto`` fills a fresh tensor from the file,
+    so no mapping of the file and no second copy is ever resident (safetensors' own ``get_tensor``
+    copies out of a memory map whose touched pages count as this process's memory until closed).
+    """
+    with open(path, "rb") as fh:
+        dtype, shape, first, _ = _safetensors_entry(fh, name)
+        fh.seek(first)
+        return _fill(fh, torch.empty(shape, dtype=dtype), path, name)
+
+
+def _iter_safetensors_rows(path: str, name: str, max_bytes: int):
+    with open(path, "rb") as fh:
+        dtype, shape, first, _ = _safetensors_entry(fh, name)
+        if not shape:
+            fh.seek(first)
+            yield _fill(fh, torch.empty(shape, dtype=dtype), path, name)
+            return
+        row_bytes = max(1, math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size())
+        step = max(1, max_bytes // row_bytes)
+        for row in range(0, shape[0], step):
+            rows = min(step, shape[0] - row)
+            fh.seek(first + row * row_bytes)
+            yield _fill(fh, torch.empty([rows, *shape[1:]], dtype=dtype), path, name)
 
 
 def _safetensors_entries(files: list[Path]) -> tuple[dict, dict]:
