@@ -23,7 +23,7 @@ def cpu_name() -> str:
 def write_section(heading: str, lines: list[str]) -> Path:
     """Replace the section starting with ``heading`` (or append it) in docs/benchmarks.md."""
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    block = "\n".join([heading, "", *lines]).rstrip("\n")
+    block = "\n".join([heading, "", *lines]).rstrip("\n") + "\n"
     pattern = re.compile(rf"{re.escape(heading)}\n.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     DOC.write_text(text.rstrip("\n") + "\n")
