@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import LensbenchError
 from ..work import Unit, WorkItem, plan_items, shard_by_state
-from .sources import TextDataset, read_records, read_texts, resolve_dataset
+from .sources import TextDataset, read_records, resolve_dataset
 
 
 def _identity(step):
@@ -70,6 +70,27 @@ class WorkDataModule(pl.LightningDataModule):
         return DataLoader(steps, batch_size=None, shuffle=False, collate_fn=_identity)
 
 
+def load_datasets(entries: list, argument: str, limit: int | None) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Every dataset of a config list (names or files) as rows (``read_records``), and a hash of
+    each one's texts; names must be unique. ``argument`` is the config path used in errors."""
+    from ..plugins import active_registries
+
+    registry = active_registries().datasets
+    rows: dict[str, list[dict]] = {}
+    hashes: dict[str, str] = {}
+    if not entries:
+        raise LensbenchError("is empty; name at least one dataset", argument)
+    for i, entry in enumerate(entries):
+        field = f"{argument}[{i}]"
+        spec = TextDataset(entry) if isinstance(entry, str) else entry
+        name, path, text_field = resolve_dataset(spec, registry, field)
+        if name in rows:
+            raise LensbenchError(f"dataset name {name!r} is used twice; give one a `name`", field)
+        rows[name] = read_records(path, text_field, field)[:limit]
+        hashes[name] = hashlib.sha256("\n".join(r["text"] for r in rows[name]).encode()).hexdigest()[:16]
+    return rows, hashes
+
+
 @dataclass(frozen=True)
 class TextBatch:
     dataset: str
@@ -93,27 +114,13 @@ class TextDataModule(WorkDataModule):
             max_examples: Use only the first N examples of each dataset.
         """
         super().__init__()
-        from ..plugins import active_registries
-
         if batch_size < 1:
             raise LensbenchError(f"must be at least 1, got {batch_size}", "data.init_args.batch_size")
         if max_examples is not None and max_examples < 1:
             raise LensbenchError(f"must be at least 1 or null, got {max_examples}", "data.init_args.max_examples")
-        specs = [TextDataset(d) if isinstance(d, str) else d for d in (datasets or ["forget", "retain"])]
-        if not specs:
-            raise LensbenchError("is empty; name at least one dataset", "data.init_args.datasets")
         self.batch_size = batch_size
-        self.texts: dict[str, list[str]] = {}
-        self.hashes: dict[str, str] = {}
-        registry = active_registries().datasets
-        for i, spec in enumerate(specs):
-            field = f"data.init_args.datasets[{i}]"
-            name, path, text_field = resolve_dataset(spec, registry, field)
-            if name in self.texts:
-                raise LensbenchError(f"dataset name {name!r} is used twice; give one a `name`", field)
-            texts = read_texts(path, text_field, field)[:max_examples]
-            self.texts[name] = texts
-            self.hashes[name] = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+        rows, self.hashes = load_datasets(["forget", "retain"] if datasets is None else datasets, "data.init_args.datasets", max_examples)
+        self.texts: dict[str, list[str]] = {name: [r["text"] for r in group] for name, group in rows.items()}
 
     def units(self) -> list[Unit]:
         units = []
@@ -148,26 +155,16 @@ class PromptDataModule(WorkDataModule):
             max_prompts: Use only the first N prompts of each set.
         """
         super().__init__()
-        from ..plugins import active_registries
-
         if max_prompts is not None and max_prompts < 1:
             raise LensbenchError(f"must be at least 1 or null, got {max_prompts}", "data.init_args.max_prompts")
-        specs = [TextDataset(d) if isinstance(d, str) else d for d in (prompts or ["dreams"])]
-        registry = active_registries().datasets
+        rows, self.hashes = load_datasets(["dreams"] if prompts is None else prompts, "data.init_args.prompts", max_prompts)
         self.prompts: list[Prompt] = []
-        self.hashes: dict[str, str] = {}
-        for i, spec in enumerate(specs):
-            field = f"data.init_args.prompts[{i}]"
-            name, path, text_field = resolve_dataset(spec, registry, field)
-            if name in self.hashes:
-                raise LensbenchError(f"prompt set {name!r} is named twice; give one a `name`", field)
-            rows = read_records(path, text_field, field)[:max_prompts]
-            ids = [int(r.get("prompt_id", r["index"])) for r in rows]
+        for name, group in rows.items():
+            ids = [int(r.get("prompt_id", r["index"])) for r in group]
             if len(set(ids)) != len(ids):
-                raise LensbenchError(f"{path} repeats a prompt_id; make them unique", field)
+                raise LensbenchError(f"prompt set {name!r} repeats a prompt_id; make them unique", "data.init_args.prompts")
             self.prompts += [Prompt(name, pid, r["text"], str(r.get("category", name)), r.get("answer"))
-                             for pid, r in zip(ids, rows)]
-            self.hashes[name] = hashlib.sha256("\n".join(r["text"] for r in rows).encode()).hexdigest()[:16]
+                             for pid, r in zip(ids, group)]
 
     def units(self) -> list[Unit]:
         return [Unit((p.group, p.prompt_id), p) for p in self.prompts]
