@@ -28,3 +28,12 @@ def write_section(heading: str, lines: list[str]) -> Path:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     DOC.write_text(text.rstrip("\n") + "\n")
     return DOC
+
+
+def report(heading: str, intro: str, machine: str, rows: dict[str, str], footer: str) -> Path:
+    """Write a benchmark's section: intro, machine and date, the figures as a table, a footer."""
+    import time
+
+    lines = [intro, "", f"- machine: {machine}", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             "", "| figure | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows.items()], "", footer]
+    return write_section(heading, lines)

@@ -25,11 +25,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, write_section  # noqa: E402
+from _report import cpu_name, report  # noqa: E402
 SECTION = "## param_diff"
 
 
@@ -165,20 +164,16 @@ def main() -> None:
 def write_docs(rows: dict[str, str], args) -> None:
     import torch
 
-    lines = [SECTION, "",
-             "Peak memory and speed of `param_diff` on a synthetic Llama-shaped checkpoint pair (random "
-             "weights; the other = base + 1% noise), each side in a fresh process, in one run of "
-             f"`python bench/param_diff.py --hidden {args.hidden} --intermediate {args.intermediate} "
-             f"--layers {args.layers} --write-docs`.", "",
-             f"- machine: {cpu_name()}, torch {torch.__version__}, no GPU",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "| figure | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in rows.items()]
-    lines += ["", "The time is dominated by power iteration: random differences have close leading singular "
-              "values, so each spectral norm takes hundreds of iterations to reach the relative tolerance 1e-6 "
-              "(`dW_spec_iters` in per_matrix.csv); reading the bytes is a small part. A larger `tol` or a GPU "
-              "(`trainer.accelerator: gpu`) shortens it.", ""]
-    path = write_section(SECTION, lines[2:])
+    path = report(
+        SECTION,
+        "Peak memory and speed of `param_diff` on a synthetic Llama-shaped checkpoint pair (random weights; "
+        "the other = base + 1% noise), each run in a fresh process, in one run of `python bench/param_diff.py "
+        f"--hidden {args.hidden} --intermediate {args.intermediate} --layers {args.layers} --write-docs`.",
+        f"{cpu_name()}, torch {torch.__version__}, no GPU", rows,
+        "The time is dominated by power iteration: random differences have close leading singular values, so "
+        "each spectral norm takes hundreds of iterations to reach the relative tolerance 1e-6 (`dW_spec_iters` "
+        "in per_matrix.csv); reading the bytes is a small part. A larger `tol` or a GPU "
+        "(`trainer.accelerator: gpu`) shortens it.")
     print(f"wrote {path}")
 
 

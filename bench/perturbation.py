@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, write_section  # noqa: E402
+from _report import cpu_name, report  # noqa: E402
 SECTION = "## perturbation"
 
 
@@ -124,18 +124,15 @@ def main() -> None:
 
 def write_docs(rows, args, device) -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, no GPU"
-    lines = [SECTION, "",
-             "The perturbation analysis's hot paths against their bare equivalents, in one process "
-             f"(`python bench/perturbation.py --model {args.model} --group {args.group} --reps {args.reps} "
-             f"--batch {args.batch} --new-tokens {args.new_tokens} --write-docs`).", "",
-             f"- machine: {machine}, torch {torch.__version__}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "| figure | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in rows.items()]
-    lines += ["", "A state change restores the touched tensors (one copy) and draws a Gaussian for every "
-              "touched weight (mult_gauss); drawing the noise, not the restore, is most of its cost, so the "
-              "ratio to a bare copy is the price of the noise itself.", ""]
-    path = write_section(SECTION, lines[2:])
+    path = report(
+        SECTION,
+        "The perturbation analysis's hot paths against their bare equivalents, in one process "
+        f"(`python bench/perturbation.py --model {args.model} --group {args.group} --reps {args.reps} "
+        f"--batch {args.batch} --new-tokens {args.new_tokens} --write-docs`).",
+        f"{machine}, torch {torch.__version__}", rows,
+        "A state change restores the touched tensors (one copy) and draws a Gaussian for every touched weight "
+        "(mult_gauss); drawing the noise, not the restore, is most of its cost, so the ratio to a bare copy is "
+        "the price of the noise itself.")
     print(f"wrote {path}")
 
 

@@ -84,6 +84,9 @@ class PerturbationAnalysis(Analysis):
                 raise LensbenchError("needs a non-empty text or a file", "model.init_args.perplexity.text")
             if self.ppl.max_length < 2:
                 raise LensbenchError("must be at least 2", "model.init_args.perplexity.max_length")
+        self._ppl_text = None
+        if self.ppl is not None:  # read once, scored on every state
+            self._ppl_text = Path(self.ppl.file).read_text(encoding="utf-8") if self.ppl.file else self.ppl.text
         self._states = self.grid.states(self.spec.label(), self.perturbations, "model.init_args.perturbation")
         self.items_per_step = self.generation.max_batch_size
         self.subjects: SubjectManager | None = None
@@ -112,8 +115,7 @@ class PerturbationAnalysis(Analysis):
             finite = self.subjects.weights_finite()
             info = {"touched_tensors": self.subjects.touched_names(), "weights_finite": finite, "perplexity": None}
             if self.ppl is not None:
-                text = Path(self.ppl.file).read_text(encoding="utf-8") if self.ppl.file else self.ppl.text
-                info["perplexity"] = perplexity(loaded.model, loaded.tokenizer, text, self.ppl.max_length,
+                info["perplexity"] = perplexity(loaded.model, loaded.tokenizer, self._ppl_text, self.ppl.max_length,
                                                 self.device) if finite else math.nan
             self._state_info = {state.id: info}  # one state at a time
         return self._state_info[state.id]

@@ -5,10 +5,10 @@ or many shards, with or without their index), a single ``.safetensors`` file, a 
 ``pytorch_model*.bin`` shards, a ``.gguf`` file (de-quantized tensor by tensor and renamed to the
 transformers names), an embedded alias, or a hub id already in the Hugging Face cache.
 
-Memory stays near one tensor: safetensors files are opened with ``safe_open`` for each tensor
-read and closed right after, and ``.bin`` shards are memory-mapped (``torch.load(mmap=True,
-weights_only=True)``) for each read, because a mapping kept open accumulates every page ever
-touched in the process's resident memory.
+Memory stays near one tensor: a safetensors tensor is read from its byte range (found in the
+header, parsed once) straight into its own memory, and ``.bin`` shards are memory-mapped
+(``torch.load(mmap=True, weights_only=True)``) for each read only, because a mapping kept open
+accumulates every page ever touched in the process's resident memory.
 """
 
 from __future__ import annotations
@@ -94,16 +94,16 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _safetensors_entry(fh, name: str) -> tuple[torch.dtype, list[int], int, int]:
-    """(dtype, shape, first byte, end byte) of ``name`` in an open safetensors file."""
+def _safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """name -> (dtype, shape, first byte in the file) for every tensor, from the header alone."""
     import json as _json
     import struct
 
-    fh.seek(0)
-    (size,) = struct.unpack("<Q", fh.read(8))
-    entry = _json.loads(fh.read(size))[name]
-    start, end = entry["data_offsets"]
-    return ST_DTYPES[entry["dtype"]], entry["shape"], 8 + size + start, 8 + size + end
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = _json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return {name: (ST_DTYPES[e["dtype"]], e["shape"], 8 + size + e["data_offsets"][0]) for name, e in header.items()}
 
 
 def _fill(fh, tensor: torch.Tensor, path: str, name: str) -> torch.Tensor:
@@ -113,22 +113,22 @@ def _fill(fh, tensor: torch.Tensor, path: str, name: str) -> torch.Tensor:
     return tensor
 
 
-def _read_safetensors(path: str, name: str) -> torch.Tensor:
+def _read_safetensors(where: tuple, name: str) -> torch.Tensor:
     """One tensor of a safetensors file, read straight into its own memory.
 
-    The header gives the tensor's byte range; ``readinto`` fills a fresh tensor from the file,
-    so no mapping of the file and no second copy is ever resident (safetensors' own ``get_tensor``
-    copies out of a memory map whose touched pages count as this process's memory until closed).
+    The header (parsed once, when the checkpoint is opened) gives the tensor's byte range;
+    ``readinto`` fills a fresh tensor from the file, so no mapping of the file and no second copy
+    is ever resident (a memory map's touched pages count as this process's memory until closed).
     """
+    path, dtype, shape, first = where
     with open(path, "rb") as fh:
-        dtype, shape, first, _ = _safetensors_entry(fh, name)
         fh.seek(first)
         return _fill(fh, torch.empty(shape, dtype=dtype), path, name)
 
 
-def _iter_safetensors_rows(path: str, name: str, max_bytes: int):
+def _iter_safetensors_rows(where: tuple, name: str, max_bytes: int):
+    path, dtype, shape, first = where
     with open(path, "rb") as fh:
-        dtype, shape, first, _ = _safetensors_entry(fh, name)
         if not shape:
             fh.seek(first)
             yield _fill(fh, torch.empty(shape, dtype=dtype), path, name)
@@ -142,14 +142,11 @@ def _iter_safetensors_rows(path: str, name: str, max_bytes: int):
 
 
 def _safetensors_entries(files: list[Path]) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
     index, shapes = {}, {}
     for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
-                index[name] = ("safetensors", str(path))
-                shapes[name] = tuple(fh.get_slice(name).get_shape())
+        for name, (dtype, shape, first) in _safetensors_header(path).items():
+            index[name] = ("safetensors", (str(path), dtype, shape, first))
+            shapes[name] = tuple(shape)
     return index, shapes
 
 
