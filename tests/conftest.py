@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import save_tiny_llama, write_texts  # noqa: E402
+from tiny import save_tiny_llama, save_tiny_llava, write_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Variables that make Lightning believe an external launcher started it.
@@ -33,6 +33,11 @@ def lensbench(*args: str, cwd: Path, timeout: float = 300, env: dict | None = No
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    return save_tiny_llava(tmp_path_factory.mktemp("models") / "tiny_llava")
 
 
 @pytest.fixture

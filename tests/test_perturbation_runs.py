@@ -39,15 +39,16 @@ SCHEMA = {
     "param_group_name", "touched_tensors", "n_touched_tensors", "weights_finite", "repeat_index", "seed",
     "prompt_group", "prompt_id", "category", "expected_answer", "prompt_text", "output", "duration", "tokens",
     "batch_size_effective", "temperature", "do_sample", "top_p", "max_new_tokens", "perplexity", "dtype",
-    "device", "load_4bit", "name_suffix",
+    "device", "load_4bit", "name_suffix", "image", "image_used",
 }
 
 
 def perturbation_yaml(method: str = "mult_gauss", group: str = "mlp_only", levels: str = "[0.5, 3.0]",
                       n_rep: int = 2, generation: str = "{do_sample: false, max_new_tokens: 6, max_batch_size: 3}",
-                      extra: str = "", prompts: str = "[prompts.txt]") -> str:
+                      extra: str = "", prompts: str = "[prompts.txt]", model: str = "tiny") -> str:
     return (
-        "model:\n  class_path: perturbation\n  init_args:\n    model: tiny\n"
+        "model:\n  class_path: perturbation\n  init_args:\n"
+        f"    model: {model}\n"
         f"    perturbation: {{method: {method}, param_group: {group}, levels: {levels}, n_rep: {n_rep}, seed: 42}}\n"
         f"    generation: {generation}\n"
         f"    perplexity: {{text: \"{PPL_TEXT}\"}}\n{extra}"
@@ -78,14 +79,19 @@ BAD = {
                   "model.init_args.perturbation.levels[1]", "got -1.0"),
     "bad_prompts": (["--data.init_args.prompts", "[empty.txt]"], "data.init_args.prompts[0]", "holds no text"),
     "bad_top_p": (["--model.init_args.generation.top_p", "0"], "model.init_args.generation.top_p", "(0, 1]"),
+    "bad_images": (["--model.init_args.generation.images", "sometimes"], "model.init_args.generation.images",
+                   "use one of auto, always, never"),
+    "always_text": (["--model.init_args.generation.images", "always"], "model.init_args.generation.images",
+                    "'tiny' takes text only"),
 }
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model):
+def runs(tmp_path_factory, tiny_model, tiny_llava):
     """Every independent run of this module, started together."""
     folder = tmp_path_factory.mktemp("perturbation_runs")
     (folder / "tiny").symlink_to(tiny_model)
+    (folder / "llava").symlink_to(tiny_llava)
     write_texts(folder / "prompts.txt", 5, seed=11)
     write_texts(folder / "alpha.txt", 10, seed=1)
     (folder / "empty.txt").write_text("\n  \n", encoding="utf-8")
@@ -95,6 +101,10 @@ def runs(tmp_path_factory, tiny_model):
         extra="    name_suffix: samp\n"))
     (folder / "lowrank.yaml").write_text(perturbation_yaml(method="low_rank", group="attn", levels="[0.9]", n_rep=1))
     (folder / "act.yaml").write_text(ACT_YAML)
+    (folder / "vision.yaml").write_text(perturbation_yaml(
+        model="llava", levels="[0.5]", n_rep=1, generation="{do_sample: false, max_new_tokens: 6, max_batch_size: 4}",
+        prompts="[cookie_theft, prompts.txt]\n    max_prompts: 3"))
+    (folder / "textonly.yaml").write_text(perturbation_yaml(levels="[0.5]", n_rep=1, prompts="[cookie_theft]\n    max_prompts: 2"))
     calls = {
         "main": (("predict", "--config", "main.yaml"), folder, ENV),
         "again": (("predict", "--config", "main.yaml", "--model.init_args.experiment", "again"), folder, ENV),
@@ -104,6 +114,8 @@ def runs(tmp_path_factory, tiny_model):
         "s2": (("predict", "--config", "sampled.yaml", "--model.init_args.experiment", "s2"), folder, ENV),
         "lowrank": (("predict", "--config", "lowrank.yaml"), folder, ENV),
         "act": (("predict", "--config", "act.yaml"), folder, ENV),
+        "vision": (("predict", "--config", "vision.yaml"), folder, ENV),
+        "textonly": (("predict", "--config", "textonly.yaml"), folder, ENV),
     }
     for name, (args, _, _) in BAD.items():
         calls[name] = (("predict", "--config", "main.yaml", *args, "--model.init_args.experiment", name), folder, ENV)
@@ -356,6 +368,49 @@ def test_activation_norms_over_perturbed_states_from_a_config(runs, tiny_model, 
         norms.append(hidden.double().norm(dim=-1))
     assert layer[0.5].loc[2, "mean_norm"] == pytest.approx(torch.cat(norms).mean().item(), rel=1e-5)
     assert (run_dir / "activation_norms.png").stat().st_size > 1000
+
+
+# -- pictures for a vision-language model ---------------------------------------------------------
+
+LLAVA_MLP = [f"model.language_model.layers.{i}.mlp.{p}_proj.weight" for i in (0, 1) for p in ("gate", "up", "down")]
+
+
+def test_picture_prompts_show_the_picture_to_a_vision_language_model(runs, tiny_llava, one_thread):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lensbench.data.images import load_image
+    from lensbench.data.modules import PromptDataModule
+
+    records = merged(ok(runs, "vision"), "outputs_mult_gauss_llava.json")
+    assert len(records) == 2 * 6  # (baseline, 0.5) x (3 picture prompts + 3 text prompts)
+    for rec in records:
+        assert SCHEMA <= rec.keys()
+        picture = rec["prompt_group"] == "cookie_theft"
+        assert rec["image"] == ("kitchen_scene.png" if picture else None) and rec["image_used"] is picture
+        # The 3 picture prompts share one generate call; a step of 4 leaves 1 text prompt, then 2.
+        assert rec["batch_size_effective"] == (3 if picture else (1 if rec["prompt_id"] == 0 else 2))
+        assert rec["touched_tensors"] == ([] if rec["is_baseline"] else LLAVA_MLP)
+        assert math.isfinite(rec["perplexity"])
+    proc = AutoProcessor.from_pretrained(tiny_llava)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
+    kitchen = load_image(str(PromptDataModule(["cookie_theft"]).prompts[0].image))
+    for rec in records:  # the baseline's picture prompts, one at a time straight through transformers
+        if rec["is_baseline"] and rec["image_used"]:
+            chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rec["prompt_text"]}]}]
+            text = proc.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            batch = proc(text=[text], images=[[kitchen]], return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                seq = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            new = seq[0, batch["input_ids"].shape[1]:].tolist()
+            new = new[: new.index(2) + 1] if 2 in new else new
+            assert (rec["output"], rec["tokens"]) == (proc.tokenizer.decode(new, skip_special_tokens=True), len(new))
+
+
+def test_a_text_only_model_gets_picture_prompts_as_text_and_says_so(runs):
+    records = merged(ok(runs, "textonly"))
+    assert len(records) == 2 * 2 and all(r["image"] == "kitchen_scene.png" and r["image_used"] is False for r in records)
+    assert all(isinstance(r["output"], str) for r in records)
+    assert "takes text only" in runs[1]["textonly"].stderr
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -27,7 +27,11 @@ class GenerationSettings:
     chat_template: bool | None = None
     """Wrap prompts in the tokenizer's chat template; default: when the tokenizer has one."""
     max_input_length: int = 512
-    """Prompts are truncated to this many tokens."""
+    """Prompts without a picture are truncated to this many tokens (prompts with one never are)."""
+    images: str = "auto"
+    """Pictures of prompts that have one: auto (shown to a vision-language model; a text-only model
+    gets the text alone, recorded as image_used false), always (a text-only model is an error) or
+    never (text alone for every model)."""
 
 
 @dataclass
@@ -54,13 +58,28 @@ def set_all_seeds(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def build_inputs(tokenizer, prompts: list[str], use_chat: bool | None) -> tuple[list[str], bool]:
-    """The texts to tokenize and whether the chat template (which holds the special tokens) was used."""
-    chat = getattr(tokenizer, "chat_template", None) is not None if use_chat is None else use_chat
+def build_inputs(tokenizer, prompts: list[str], use_chat: bool | None, processor=None,
+                 image: bool = False) -> tuple[list[str], bool]:
+    """The texts to encode and whether the chat template (which holds the special tokens) was used.
+
+    With a processor the template is the processor's and each message's content is a list of parts
+    (a picture placeholder first when ``image``); without a template a picture is marked by the
+    processor's image placeholder before the prompt.
+    """
+    templater = processor if getattr(processor, "chat_template", None) is not None else tokenizer
+    chat = getattr(templater, "chat_template", None) is not None if use_chat is None else use_chat
     if not chat:
+        if image:
+            mark = getattr(processor, "boi_token", None) or getattr(processor, "image_token", None)
+            return [f"{mark}\n{p}" for p in prompts], False
         return list(prompts), False
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts], True
+
+    def message(text: str) -> list[dict]:
+        if templater is tokenizer:
+            return [{"role": "user", "content": text}]
+        return [{"role": "user", "content": [*([{"type": "image"}] if image else []), {"type": "text", "text": text}]}]
+
+    return [templater.apply_chat_template(message(p), tokenize=False, add_generation_prompt=True) for p in prompts], True
 
 
 @dataclass
@@ -72,36 +91,55 @@ class Generated:
 
 
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int | list[int],
-             device: torch.device) -> list[Generated]:
+             device: torch.device, images: list | None = None, processor=None) -> list[Generated]:
     """Generate for every prompt in chunks of ``max_batch_size``, halving on CUDA OOM.
 
     ``seed`` seeds every generator before each generate call: one int for all calls, or one per
     prompt (a call is seeded with its first prompt's), so that with ``max_batch_size: 1`` every
     prompt's sample depends only on its own seed, however the run was batched, sharded or resumed.
+
+    ``images`` gives each prompt a picture (a PIL image) or None; pictures go through ``processor``
+    (a vision-language model's), and a chunk holds consecutive prompts showing the same picture.
     """
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
-    texts, chat = build_inputs(tokenizer, prompts, settings.chat_template)
+    images = list(images) if images is not None else [None] * len(prompts)
+    if any(img is not None for img in images) and processor is None:
+        raise ValueError("prompts with pictures need the model's processor")
     size = max(1, settings.max_batch_size)
     out: list[Generated] = []
     start = 0
-    while start < len(texts):
-        chunk = texts[start : start + size]
+    while start < len(prompts):
+        end = start + 1
+        while end < len(prompts) and end - start < size and images[end] is images[start]:
+            end += 1
         try:
-            out += _generate_chunk(model, tokenizer, chunk, settings, seeds[start], device, chat)
+            out += _generate_chunk(model, tokenizer, prompts[start:end], settings, seeds[start], device,
+                                   processor, images[start])
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise
             torch.cuda.empty_cache()
             size = max(1, size // 2)
             continue
-        start += len(chunk)
+        start = end
     return out
 
 
-def _generate_chunk(model, tokenizer, texts, settings, seed, device, chat: bool) -> list[Generated]:
+def _encode(tokenizer, processor, prompts: list[str], image, settings: GenerationSettings, device, dtype):
     tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=settings.max_input_length, add_special_tokens=not chat).to(device)
+    texts, chat = build_inputs(tokenizer, prompts, settings.chat_template, processor, image is not None)
+    if image is None:
+        return tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                         max_length=settings.max_input_length, add_special_tokens=not chat).to(device)
+    # Never truncated: a cut would split the picture's tokens.
+    batch = processor(text=texts, images=[[image] for _ in texts], return_tensors="pt", padding=True,
+                      add_special_tokens=not chat)
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def _generate_chunk(model, tokenizer, prompts, settings, seed, device, processor=None, image=None) -> list[Generated]:
+    batch = _encode(tokenizer, processor, prompts, image, settings, device, next(model.parameters()).dtype)
     set_all_seeds(seed)
     kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
               "pad_token_id": tokenizer.pad_token_id}
@@ -124,7 +162,7 @@ def _generate_chunk(model, tokenizer, texts, settings, seed, device, chat: bool)
             if token in eos:
                 n = i + 1
                 break
-        results.append(Generated(tokenizer.decode(row[:n], skip_special_tokens=True), n, duration, len(texts)))
+        results.append(Generated(tokenizer.decode(row[:n], skip_special_tokens=True), n, duration, len(prompts)))
     return results
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import os
 import shutil
@@ -18,12 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..generation import GenerationSettings, PerplexitySettings, generate, perplexity
 from ..hookspecs import hookimpl
-from ..models.loading import EMBEDDED, ModelSpec, resolve_source
+from ..models.loading import EMBEDDED, ModelSpec, resolve_source, takes_images
 from ..perturbations import PerturbationGrid
 from ..state import State, SubjectManager
 from ..tables import pyplot, read_csv, write_csv
@@ -31,6 +31,9 @@ from ..work import WorkItem
 
 SUMMARY = "summary.csv"
 GAUSS = ("mult_gauss", "add_gauss")
+IMAGES = ("auto", "always", "never")
+# A child of Lightning's logger, so that its messages print like Lightning's own, on every rank.
+log = logging.getLogger("lightning.pytorch.lensbench")
 
 
 class PerturbationAnalysis(Analysis):
@@ -91,6 +94,7 @@ class PerturbationAnalysis(Analysis):
         self.items_per_step = self.generation.max_batch_size
         self.subjects: SubjectManager | None = None
         self._state_info: dict[str, dict[str, Any]] = {}
+        self._warned_text_only = False
 
     def states(self) -> list[State]:
         return self._states
@@ -99,6 +103,9 @@ class PerturbationAnalysis(Analysis):
         self.check_run_dir()  # a changed config is refused before force_run moves anything
         if self.force_run and self.global_rank == 0:
             _supersede(self.run_dir)
+        if self.generation.images == "always" and not takes_images(self.spec, "model.init_args.model"):
+            raise LensbenchError(f"always needs a vision-language model, but {self.spec.label()!r} takes text only; "
+                                 f"use such a model or set images to auto or never", "model.init_args.generation.images")
         super().setup(stage)
         self.subjects = SubjectManager({self.spec.label(): self.spec}, self.device, self.perturbations,
                                        padding_side="left")
@@ -125,15 +132,16 @@ class PerturbationAnalysis(Analysis):
         info = self._enter(state)
         labels = dict(state.labels)
         loaded = self.subjects.loaded
+        shown = [self._picture(it.payload) for it in items]
         if info["weights_finite"]:
             seeds = [prompt_seed(labels["seed"], it.payload.group, it.payload.prompt_id) for it in items]
             results = generate(loaded.model, loaded.tokenizer, [it.payload.text for it in items],
-                               self.generation, seeds, self.device)
+                               self.generation, seeds, self.device, images=shown, processor=loaded.processor)
         else:
             results = [None] * len(items)
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
         records = []
-        for item, result in zip(items, results):
+        for item, result, picture in zip(items, results, shown):
             prompt = item.payload
             records.append({
                 "timestamp": stamp,
@@ -154,6 +162,8 @@ class PerturbationAnalysis(Analysis):
                 "category": prompt.category,
                 "expected_answer": prompt.answer,
                 "prompt_text": prompt.text,
+                "image": Path(prompt.image).name if prompt.image else None,
+                "image_used": picture is not None,
                 "output": result.output if result else None,
                 "duration": result.duration if result else 0.0,
                 "tokens": result.tokens if result else 0,
@@ -169,6 +179,20 @@ class PerturbationAnalysis(Analysis):
                 "name_suffix": self.name_suffix,
             })
         return records
+
+    def _picture(self, prompt):
+        """The PIL picture shown with ``prompt``, or None (no picture, or not shown: see ``images``)."""
+        if prompt.image is None or self.generation.images == "never":
+            return None
+        if self.subjects.loaded.processor is None:  # images: auto (always was checked in setup)
+            if not self._warned_text_only:
+                log.warning(f"lensbench: model {self.spec.label()!r} takes text only: prompts with a picture are "
+                            f"given their text alone (image_used: false)")
+                self._warned_text_only = True
+            return None
+        from ..data.images import load_image
+
+        return load_image(prompt.image, "data.init_args.prompts")
 
     def process(self, item: WorkItem) -> dict[str, Any]:
         return self.process_batch([item])[0]
@@ -254,6 +278,8 @@ def _check_generation(g: GenerationSettings) -> None:
         raise LensbenchError(f"must be at least 1, got {g.max_batch_size}", f"{f}.max_batch_size")
     if not (g.temperature > 0 and math.isfinite(g.temperature)):
         raise LensbenchError(f"must be a positive number, got {g.temperature}", f"{f}.temperature")
+    if g.images not in IMAGES:
+        raise LensbenchError(f"unknown value {g.images!r}; use one of {', '.join(IMAGES)}", f"{f}.images")
     if not 0 < g.top_p <= 1:
         raise LensbenchError(f"must be in (0, 1], got {g.top_p}", f"{f}.top_p")
 

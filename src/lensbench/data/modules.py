@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -141,33 +142,44 @@ class Prompt:
     text: str
     category: str
     answer: str | None = None
+    image: str | None = None  # absolute path of the picture shown with the prompt
 
 
 class PromptDataModule(WorkDataModule):
     """Prompt sets: one work item per (state, prompt_group, prompt_id)."""
 
-    def __init__(self, prompts: list[str | TextDataset] | None = None, max_prompts: int | None = None) -> None:
+    def __init__(self, prompts: list[str | TextDataset] | None = None, max_prompts: int | None = None,
+                 image: str | None = None) -> None:
         """
         Args:
             prompts: Registered prompt sets (dreams, iq, cookie_theft) or .txt/.jsonl files (one
-                prompt per line; JSONL may carry prompt_id, category, answer). A set's name is its
-                prompt_group. Default: dreams.
+                prompt per line; JSONL may carry prompt_id, category, answer and image, a picture
+                file relative to the JSONL file). A set's name is its prompt_group. Default: dreams.
             max_prompts: Use only the first N prompts of each set.
+            image: A picture (PNG/JPEG) shown with every prompt that names none of its own.
         """
         super().__init__()
+        from .images import file_sha256, load_image, resolve_image
+
         if max_prompts is not None and max_prompts < 1:
             raise LensbenchError(f"must be at least 1 or null, got {max_prompts}", "data.init_args.max_prompts")
+        if image is not None:
+            image = resolve_image(image, Path.cwd(), "data.init_args.image", "image")
         rows, self.hashes = load_datasets(["dreams"] if prompts is None else prompts, "data.init_args.prompts", max_prompts)
         self.prompts: list[Prompt] = []
         for name, group in rows.items():
             ids = [int(r.get("prompt_id", r["index"])) for r in group]
             if len(set(ids)) != len(ids):
                 raise LensbenchError(f"prompt set {name!r} repeats a prompt_id; make them unique", "data.init_args.prompts")
-            self.prompts += [Prompt(name, pid, r["text"], str(r.get("category", name)), r.get("answer"))
-                             for pid, r in zip(ids, group)]
+            self.prompts += [Prompt(name, pid, r["text"], str(r.get("category", name)), r.get("answer"),
+                                    r.get("image") or image) for pid, r in zip(ids, group)]
+        pictures = sorted({p.image for p in self.prompts if p.image})
+        for path in pictures:  # every picture decodes, before any work
+            load_image(path, "data.init_args.image" if path == image else "data.init_args.prompts")
+        self.image_hashes = sorted({file_sha256(path) for path in pictures})  # content, not location
 
     def units(self) -> list[Unit]:
         return [Unit((p.group, p.prompt_id), p) for p in self.prompts]
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"prompts_sha256": self.hashes}
+        return {"prompts_sha256": self.hashes, **({"images_sha256": self.image_hashes} if self.image_hashes else {})}

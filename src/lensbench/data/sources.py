@@ -94,13 +94,23 @@ def read_texts(path: Path, text_field: str = "text", field: str = "dataset") -> 
 
 def read_records(path: Path, text_field: str = "text", field: str = "dataset") -> list[dict]:
     """The examples of a .txt or .jsonl file as dicts: ``text``, ``index`` and, for JSONL, every
-    other field of the line (``prompt_id``, ``category``, ...)."""
+    other field of the line (``prompt_id``, ``category``, ...). An ``image`` field (a picture for
+    vision-language models) becomes an absolute path, relative names being relative to the file."""
+    from .images import resolve_image
+
     texts = read_texts(path, text_field, field)
     if Path(path).suffix not in {".jsonl", ".ndjson"}:
         return [{"text": t, "index": i} for i, t in enumerate(texts)]
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if r[text_field].strip()]
-    return [{**r, "text": r[text_field], "index": i} for i, r in enumerate(rows)]
+    lines = [(n, json.loads(line)) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    rows = []
+    for lineno, row in lines:
+        if not row[text_field].strip():
+            continue
+        if row.get("image") is not None:
+            row["image"] = resolve_image(row["image"], Path(path).parent, field, f"{path}:{lineno}")
+        rows.append({**row, "text": row[text_field], "index": len(rows)})
+    return rows
 
 
 def _shipped(name: str, description: str, folder: str = "texts", suffix: str = ".txt",

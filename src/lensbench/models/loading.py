@@ -23,7 +23,7 @@ from lensbench.errors import LensbenchError, did_you_mean
 from lensbench.models.anatomy import AnatomyOverrides
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HEADS = ("auto", "causal_lm", "base")
+HEADS = ("auto", "causal_lm", "image_text_to_text", "base")
 _GENERIC_STEMS = ("model", "pytorch_model", "consolidated")
 
 
@@ -73,7 +73,9 @@ class ModelSpec:
     gguf_file: str | None = None
     """GGUF file name inside a folder or hub repository."""
     head: str = "auto"
-    """auto, causal_lm or base (auto: causal_lm for *ForCausalLM checkpoints, else base)."""
+    """auto, causal_lm, image_text_to_text or base (auto: image_text_to_text for vision-language
+    checkpoints such as Gemma 3 or Llava, which then load with their processor; causal_lm for
+    *ForCausalLM checkpoints; else base)."""
     attn_implementation: str | None = None
     """transformers attention implementation (eager, sdpa, ...); default: transformers' choice."""
     anatomy: AnatomyOverrides | None = None
@@ -99,6 +101,8 @@ class LoadedModel:
     tokenizer: Any
     spec: ModelSpec
     label: str
+    processor: Any = None
+    """The model's processor (images plus text) for vision-language models; None for text-only ones."""
     _anatomy: Any = field(default=None, repr=False)
 
     @property
@@ -207,45 +211,95 @@ def resolve_source(spec: ModelSpec, field: str = "model") -> ResolvedSource:
     return ResolvedSource("hub", src, gguf_file=spec.gguf_file, local_only=offline, cache_dir=hf_cache)
 
 
-def _wants_causal_lm(config: Any, head: str, gguf: bool) -> bool:
+def _head(config: Any, head: str, gguf: bool) -> str:
+    """The head to load: ``head`` itself unless it is auto."""
     if head != "auto":
-        return head == "causal_lm"
+        return head
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
     archs = getattr(config, "architectures", None) or []
-    decoder = bool(getattr(config, "is_decoder", False))
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or decoder or (gguf and not archs)
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal_lm"
+    if not gguf and getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return "image_text_to_text"
+    return "causal_lm" if bool(getattr(config, "is_decoder", False)) or (gguf and not archs) else "base"
 
 
-def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    gguf = res.gguf_file is not None
-    dtype = DTYPES[spec.dtype] or (torch.float32 if gguf else "auto")
+def _common_kwargs(res: ResolvedSource, spec: ModelSpec) -> dict[str, Any]:
+    """The from_pretrained arguments shared by the config, the model and its tokenizer or processor."""
     common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if res.kind == "hub":
         common.update(revision=spec.revision, cache_dir=res.cache_dir, local_files_only=res.local_only)
-    if gguf:
+    if res.gguf_file is not None:
         common["gguf_file"] = res.gguf_file
+    return common
+
+
+def takes_images(spec: ModelSpec, field: str = "model") -> bool:
+    """Whether ``spec`` loads as a vision-language model (with a processor), read from its config alone."""
+    res = resolve_source(spec, field)
+    if res.kind == "embedded" or res.gguf_file is not None:
+        return False  # the embedded models and GGUF files are text-only
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(res.location, **_common_kwargs(res, spec))
+    return _head(config, spec.head, False) == "image_text_to_text"
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+
+
+def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Module, Any, Any]:
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoProcessor, AutoTokenizer)
+
+    gguf = res.gguf_file is not None
+    dtype = DTYPES[spec.dtype] or (torch.float32 if gguf else "auto")
+    common = _common_kwargs(res, spec)
     config = AutoConfig.from_pretrained(res.location, **common)
-    auto_cls = AutoModelForCausalLM if _wants_causal_lm(config, spec.head, gguf) else AutoModel
+    head = _head(config, spec.head, gguf)
+    auto_cls = {"causal_lm": AutoModelForCausalLM, "image_text_to_text": AutoModelForImageTextToText}.get(head, AutoModel)
     kwargs: dict[str, Any] = dict(common, config=config, dtype=dtype)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
-    if res.weights_file is not None and res.weights_file.name != "model.safetensors":
-        from safetensors.torch import load_file
-        from transformers.models.auto.auto_factory import _get_model_class
+    try:
+        if res.weights_file is not None and res.weights_file.name != "model.safetensors":
+            from safetensors.torch import load_file
+            from transformers.models.auto.auto_factory import _get_model_class
 
-        kwargs.pop("gguf_file", None)
-        cls = _get_model_class(config, auto_cls._model_mapping)
-        model = cls.from_pretrained(None, state_dict=load_file(str(res.weights_file)), **kwargs)
-    else:
-        model = auto_cls.from_pretrained(res.location, **kwargs)
+            kwargs.pop("gguf_file", None)
+            cls = _get_model_class(config, auto_cls._model_mapping)
+            model = cls.from_pretrained(None, state_dict=load_file(str(res.weights_file)), **kwargs)
+        else:
+            model = auto_cls.from_pretrained(res.location, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise LensbenchError(f"{type(config).__name__} has no {head} model in transformers; set head to one of "
+                             f"{', '.join(h for h in HEADS if h != head)}", f"{field}.head") from exc
+    processor = None
+    if head == "image_text_to_text":
+        try:
+            processor = AutoProcessor.from_pretrained(res.location, **common)
+        except (OSError, ValueError, TypeError, ImportError) as exc:
+            raise LensbenchError(f"no usable processor found with the vision-language model at '{res.location}' "
+                                 f"({_first_line(exc)}); put its processor files (processor_config.json, "
+                                 f"preprocessor_config.json) next to config.json, or set head: causal_lm for text "
+                                 f"only", f"{field}.source") from exc
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            raise LensbenchError(f"the processor of '{res.location}' ({type(processor).__name__}) has no tokenizer; "
+                                 f"give a model whose processor pairs an image processor with a tokenizer",
+                                 f"{field}.source")
+        return model, tokenizer, processor
     try:
         tokenizer = AutoTokenizer.from_pretrained(res.location, **common)
     except (OSError, ValueError, TypeError) as exc:
         raise LensbenchError(f"no usable tokenizer found with the model at '{res.location}' "
-                             f"({str(exc).splitlines()[0][:120]}); put the tokenizer files (tokenizer.json, "
+                             f"({_first_line(exc)}); put the tokenizer files (tokenizer.json, "
                              f"tokenizer_config.json) next to config.json", f"{field}.source") from exc
-    return model, tokenizer
+    return model, tokenizer, None
 
 
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu", padding_side: str = "right",
@@ -262,7 +316,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu", padding_side
             res.location, f"{field}.source")
         res = ResolvedSource("folder", str(folder))
     try:
-        model, tokenizer = _load(res, spec, field)
+        model, tokenizer, processor = _load(res, spec, field)
     except OSError as exc:
         if res.kind != "hub":
             raise
@@ -279,7 +333,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu", padding_side
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, label=spec.label())
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, label=spec.label(), processor=processor)
 
 
 def save_serializable(model: torch.nn.Module, tokenizer: Any, dest: str | Path) -> Path:
