@@ -101,7 +101,10 @@ def save_tiny_gemma3(folder: Path, seed: int = 0) -> Path:
                           boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                           image_token_index=ids("<image_soft_token>"))
     torch.manual_seed(seed)
-    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # initialised to zeros, which would hide the picture from the text model
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 1.0)
+    model.save_pretrained(folder)
     Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tokenizer=tokenizer,
                     chat_template=GEMMA3_TEMPLATE, image_seq_length=4).save_pretrained(folder)
     return Path(folder)
