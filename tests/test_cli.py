@@ -20,6 +20,10 @@ from conftest import ROOT, clean_env, lensbench
 from helpers_cli import last_line, make_workdir, run_many, snapshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lensbench.analysis import LOCK_FILE, _try_lock
+from lensbench.models.fingerprint import model_fingerprint
+from lensbench.models.loading import ModelSpec
+
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("**/*.yaml"))
 EXAMPLE = "lensbench-example==0.1.0"
 BUILTIN = "lensbench (built-in)"
@@ -257,21 +261,50 @@ def after_run(example_run):
     for png in copy.glob("*.png"):
         png.unlink()
     csv_before = (copy / "activation_norms.csv").read_bytes()
-    results = run_many({
-        "changed": (("predict", "--config", "example.yaml", "--model.init_args.statistics", "[norm]"), example_run, None),
-        "bad_data": (("predict", "--config", "example.yaml", "--data.init_args.datasets", "[empty.txt]"), example_run, None),
-        "plot": (("plot", "outputs/copy"), example_run, None),
-    })
-    return {"before": before, "after": snapshot(run_dir), "copy": copy, "csv_before": csv_before, **results}
+    # The run as if the model's weights had been rewritten since it started.
+    reweighted = example_run / "outputs" / "reweighted"
+    shutil.copytree(run_dir, reweighted)
+    identity = json.loads((reweighted / "run.json").read_text())
+    identity["model_fingerprint.tiny"] = "0" * 16
+    (reweighted / "run.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
+    # The run as if another lensbench process were writing it now: this process holds its lock.
+    locked = example_run / "outputs" / "locked"
+    shutil.copytree(run_dir, locked)
+    held = _try_lock(locked / LOCK_FILE)
+    assert held is not None
+    folders = {"reweighted": reweighted, "locked": locked}
+    snapshots = {name: snapshot(folder) for name, folder in folders.items()}
+    try:
+        results = run_many({
+            "changed": (("predict", "--config", "example.yaml", "--model.init_args.statistics", "[norm]"), example_run, None),
+            "bad_data": (("predict", "--config", "example.yaml", "--data.init_args.datasets", "[empty.txt]"), example_run, None),
+            "plot": (("plot", "outputs/copy"), example_run, None),
+            **{name: (("predict", "--config", "example.yaml", "--model.init_args.experiment", name), example_run, None)
+               for name in folders},
+        })
+    finally:
+        held.close()
+    unchanged = {name: snapshot(folder) == snapshots[name] for name, folder in folders.items()}
+    return {"before": before, "after": snapshot(run_dir), "copy": copy, "csv_before": csv_before,
+            "unchanged": unchanged, **results}
 
 
 def test_failed_runs_leave_a_finished_run_byte_identical(after_run):
-    for name, expected in (("changed", "different configuration"), ("bad_data", "empty.txt")):
+    for name, expected in (("changed", "different configuration"), ("bad_data", "empty.txt"),
+                           ("reweighted", "the weights of tiny changed since it started"),
+                           ("locked", "another lensbench run is writing")):
         result = after_run[name]
         assert result.returncode == 1, result.stderr
         assert last_line(result.stderr).startswith("lensbench: error: ") and expected in last_line(result.stderr)
     assert {"config.yaml", "run.json", "activation_norms.csv", "activation_norms.png"} <= set(after_run["before"])
     assert after_run["after"] == after_run["before"]
+    assert after_run["unchanged"] == {"reweighted": True, "locked": True}
+
+
+def test_the_run_identity_holds_the_weights_fingerprint(example_run):
+    identity = json.loads((example_run / "outputs" / "example" / "run.json").read_text())
+    assert identity["model_fingerprint.tiny"] == model_fingerprint(ModelSpec(str(example_run / "tiny")))
+    assert identity["data_fingerprint.datasets_sha256.alpha"]
 
 
 def test_plot_redraws_the_figures(after_run):

@@ -23,6 +23,7 @@ from .work import WorkItem
 
 CONFIG_FILE = "config.yaml"
 IDENTITY_FILE = "run.json"
+LOCK_FILE = ".lock"
 
 
 class Analysis(pl.LightningModule):
@@ -46,6 +47,7 @@ class Analysis(pl.LightningModule):
         self.run_identity: dict[str, Any] | None = None  # what must match to resume a run
         self.store: ResultStore | None = None
         self.merged_outputs: list[Path] = []
+        self._lock: Any = None  # rank 0's open, locked run_dir/.lock while the run lasts
 
     # -- what an analysis defines ---------------------------------------------------------------
     def states(self) -> list[State]:
@@ -65,6 +67,10 @@ class Analysis(pl.LightningModule):
         """Draw the figures from the tables in ``run_dir``; return the files written."""
         return []
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What besides the config must match to resume a run: the weights of the models studied."""
+        return {}
+
     # -- the run folder ------------------------------------------------------------------------
     @property
     def run_dir(self) -> Path:
@@ -80,8 +86,11 @@ class Analysis(pl.LightningModule):
         stored = json.loads(path.read_text())
         if stored != json.loads(json.dumps(self.run_identity)):
             changed = sorted(k for k in set(stored) | set(self.run_identity) if stored.get(k) != self.run_identity.get(k))
+            weights = [k.split(".", 1)[1] for k in changed if k.startswith("model_fingerprint.")]
+            what = (f"the weights of {', '.join(weights)} changed since it started" if weights and len(weights) == len(changed)
+                    else f"changed: {', '.join(changed)}")
             raise LensbenchError(
-                f"{self.run_dir} holds results of a different configuration (changed: {', '.join(changed)}); "
+                f"{self.run_dir} holds results of a different configuration ({what}); "
                 "set another experiment name or delete that folder",
                 "model.init_args.experiment",
             )
@@ -93,12 +102,33 @@ class Analysis(pl.LightningModule):
         if self.run_identity is not None and not (self.run_dir / IDENTITY_FILE).exists():
             _atomic_write(self.run_dir / IDENTITY_FILE, json.dumps(self.run_identity, indent=1, sort_keys=True))
 
+    def prepare_run_dir(self) -> None:
+        """Rank 0, once the folder is locked and its identity checked, before any rank reads it."""
+
+    def lock_run_dir(self) -> None:
+        """Rank 0 holds ``run_dir/.lock`` for the whole run: a second run on the folder is refused."""
+        locked = True
+        if self.global_rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = _try_lock(self.run_dir / LOCK_FILE)
+            locked = self._lock is not None
+        if not self.trainer.strategy.broadcast(locked, src=0):
+            raise LensbenchError(f"another lensbench run is writing {self.run_dir}; wait for it to finish, "
+                                 "or set another experiment name", "model.init_args.experiment")
+
+    def unlock_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing releases the lock
+            self._lock = None
+
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.lock_run_dir()
         self.check_run_dir()  # every rank checks, so every rank fails alike
         if self.global_rank == 0:
+            self.prepare_run_dir()
             self.write_run_files()
-        self.store = ResultStore(self.run_dir)
+        self.store = ResultStore(self.run_dir)  # Lightning's post_setup barrier follows
 
     def on_predict_start(self) -> None:
         self.store.open_shard(self.global_rank)
@@ -117,16 +147,19 @@ class Analysis(pl.LightningModule):
             self.store.write(item.key_str, {"state": item.state.id, **record})
 
     def teardown(self, stage: str) -> None:
-        if self.store is None:
-            return
-        self.store.close()
-        trainer = self.trainer
-        if trainer.state.status != pl.trainer.states.TrainerStatus.RUNNING:
-            return  # interrupted or failed: keep the shards, merge nothing
-        trainer.strategy.barrier("lensbench-merge")
-        if trainer.is_global_zero:
-            self.merged_outputs = self.finalize()
-        trainer.strategy.barrier("lensbench-merged")
+        try:
+            if self.store is None:
+                return
+            self.store.close()
+            trainer = self.trainer
+            if trainer.state.status != pl.trainer.states.TrainerStatus.RUNNING:
+                return  # interrupted or failed: keep the shards, merge nothing
+            trainer.strategy.barrier("lensbench-merge")
+            if trainer.is_global_zero:
+                self.merged_outputs = self.finalize()
+            trainer.strategy.barrier("lensbench-merged")
+        finally:
+            self.unlock_run_dir()
 
     def finalize(self) -> list[Path]:
         """Merge every stored record into tables and figures (rank 0, after all ranks finished)."""
@@ -136,6 +169,22 @@ class Analysis(pl.LightningModule):
         outputs = type(self).merge(records, self.run_dir)
         outputs += type(self).plot(self.run_dir)
         return outputs
+
+
+def _try_lock(path: Path) -> Any:
+    """The open, exclusively locked ``path``; None when another process holds it. The file stays
+    empty (a failed run changes nothing); where fcntl is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return open(path, "a", encoding="utf-8")
+    handle = open(path, "a", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
 
 
 def _atomic_write(path: Path, text: str) -> None:

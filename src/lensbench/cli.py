@@ -101,7 +101,8 @@ def _build_cli_class():
             identity = _flatten({"model": resolved.get("model"), "data": resolved.get("data")})
             for key in ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run"):
                 identity.pop(key, None)
-            identity.update(_flatten({"data_fingerprint": self.datamodule.fingerprint()}))
+            identity.update(_flatten({"data_fingerprint": self.datamodule.fingerprint(),
+                                      "model_fingerprint": self.model.fingerprint()}))
             self.model.run_config = text
             self.model.run_identity = identity
 

@@ -84,6 +84,12 @@ class ActivationNorms(Analysis):
     def states(self) -> list[State]:
         return self._states
 
+    def fingerprint(self) -> dict[str, Any]:
+        from ..models.fingerprint import model_fingerprint
+
+        return {label: model_fingerprint(spec, f"model.init_args.models[{i}]")
+                for i, (label, spec) in enumerate(self.specs.items())}
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         self.subjects = SubjectManager(self.specs, self.device, self.perturbations)

@@ -99,10 +99,16 @@ class PerturbationAnalysis(Analysis):
     def states(self) -> list[State]:
         return self._states
 
-    def setup(self, stage: str) -> None:
-        self.check_run_dir()  # a changed config is refused before force_run moves anything
-        if self.force_run and self.global_rank == 0:
+    def fingerprint(self) -> dict[str, Any]:
+        from ..models.fingerprint import model_fingerprint
+
+        return {self.spec.label(): model_fingerprint(self.spec, "model.init_args.model")}
+
+    def prepare_run_dir(self) -> None:
+        if self.force_run:  # the folder is locked and its config checked: earlier shards move aside
             _supersede(self.run_dir)
+
+    def setup(self, stage: str) -> None:
         if self.generation.images == "always" and not takes_images(self.spec, "model.init_args.model"):
             raise LensbenchError(f"always needs a vision-language model, but {self.spec.label()!r} takes text only; "
                                  f"use such a model or set images to auto or never", "model.init_args.generation.images")

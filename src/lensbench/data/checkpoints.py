@@ -106,7 +106,10 @@ class CheckpointPairs(WorkDataModule):
         return units
 
     def fingerprint(self) -> dict[str, Any]:
-        return {}
+        from ..models.fingerprint import model_fingerprint
+
+        fields = ["data.init_args.base", *(f"data.init_args.others[{i}]" for i in range(len(self.others)))]
+        return {spec.label(): model_fingerprint(spec, field) for spec, field in zip([self.base, *self.others], fields)}
 
 
 def _check_architecture(base: CheckpointReader, other: CheckpointReader, field: str) -> None:

@@ -1,0 +1,65 @@
+"""Fingerprints of model weights: a run resumes only onto the weights it started with.
+
+A fingerprint reads a few blocks of every weight file (its size plus three 1 MiB samples), so it
+costs milliseconds for any model size, does not change when a folder is copied, and changes when
+weights are rewritten in place (a fine-tuned model saved over the old one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .loading import EMBEDDED, ModelSpec, resolve_source
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+BLOCK = 1 << 20
+
+
+def file_fingerprint(path: Path, digest=None) -> str:
+    """Size and three sampled blocks (start, middle, end) of ``path``, hashed."""
+    h = digest or hashlib.sha256()
+    size = Path(path).stat().st_size
+    h.update(f"{Path(path).name}:{size}".encode())
+    with open(path, "rb") as fh:
+        for offset in sorted({0, max(0, size // 2 - BLOCK // 2), max(0, size - BLOCK)}):
+            fh.seek(offset)
+            h.update(fh.read(BLOCK))
+    return h.hexdigest()[:16]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def model_fingerprint(spec: ModelSpec, field: str = "model") -> str:
+    """The fingerprint of ``spec``'s weights (hub models not in the local cache: their id and revision)."""
+    res = resolve_source(spec, field)
+    if res.kind == "embedded":
+        files = [EMBEDDED[res.location].locate(res.location, f"{field}.source")]
+        files = weight_files(files[0]) if files[0].is_dir() else files
+    elif res.weights_file is not None:
+        files = [res.weights_file]
+    elif res.gguf_file is not None and Path(res.location).is_dir():
+        files = [Path(res.location) / res.gguf_file]
+    elif Path(res.location).is_dir():
+        files = weight_files(Path(res.location))
+    else:
+        files = _cached_hub_files(res, spec)
+        if not files:
+            return f"hub:{res.location}@{spec.revision or 'main'}"
+    h = hashlib.sha256()
+    for path in files:
+        file_fingerprint(path, h)
+    return h.hexdigest()[:16]
+
+
+def _cached_hub_files(res, spec: ModelSpec) -> list[Path]:
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(res.location, spec.gguf_file or "config.json", cache_dir=res.cache_dir,
+                                    revision=spec.revision)
+    if not isinstance(config, str):
+        return []
+    folder = Path(config).parent
+    return [folder / spec.gguf_file] if spec.gguf_file else weight_files(folder)
