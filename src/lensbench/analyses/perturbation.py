@@ -169,7 +169,7 @@ class PerturbationAnalysis(Analysis):
                 "expected_answer": prompt.answer,
                 "prompt_text": prompt.text,
                 "image": Path(prompt.image).name if prompt.image else None,
-                "image_used": picture is not None,
+                "image_used": picture is not None and result is not None,
                 "output": result.output if result else None,
                 "duration": result.duration if result else 0.0,
                 "tokens": result.tokens if result else 0,
