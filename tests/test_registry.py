@@ -45,17 +45,35 @@ def labels(registry: Registry) -> dict[str, str]:
 
 # -- Registry ---------------------------------------------------------------------------------------
 
-def test_duplicate_name_is_refused_and_names_both_plugins():
+def test_duplicate_name_is_refused_and_names_both_plugins_and_their_entry_points():
     reg = Registry("metric", base=TokenStatistic, instances=True)
     first = Stat("spread")
-    reg.add(first, "pkg-alpha==1.0")
+    reg.add(first, "pkg-alpha==1.0", "alpha")
     with pytest.raises(LensbenchError) as err:
-        reg.add(Stat("spread"), "pkg-beta==2.0")
+        reg.add(Stat("spread"), "pkg-beta==2.0", "beta")
     message = str(err.value)
-    assert "'spread'" in message and "pkg-alpha==1.0" in message and "pkg-beta==2.0" in message
-    assert "LENSBENCH_BLOCK_PLUGINS" in message
+    assert message == ("metric 'spread' is registered twice, by 'pkg-alpha==1.0' (entry point 'alpha') and by "
+                       "'pkg-beta==2.0' (entry point 'beta'); rename one, uninstall one, or skip one with "
+                       "LENSBENCH_BLOCK_PLUGINS=alpha (the first) or LENSBENCH_BLOCK_PLUGINS=beta (the second)")
     assert reg.get("spread") is first  # the first registration is kept
     assert reg.names() == ["spread"]
+    assert [(e.plugin, e.entry_point) for e in reg] == [("pkg-alpha==1.0", "alpha")]
+
+
+@pytest.mark.parametrize("first, second, fix", [
+    ("alpha", None, "rename one, or skip the first with LENSBENCH_BLOCK_PLUGINS=alpha"),
+    (None, "beta", "rename one, or skip the second with LENSBENCH_BLOCK_PLUGINS=beta"),
+    (None, None, "rename one (neither is an installed entry point, so LENSBENCH_BLOCK_PLUGINS cannot skip it)"),
+])
+def test_duplicate_error_offers_only_the_blocks_that_work(first, second, fix):
+    reg = Registry("metric")
+    reg.add(Stat("spread"), "pkg-alpha==1.0", first)
+    with pytest.raises(LensbenchError) as err:
+        reg.add(Stat("spread"), "pkg-beta==2.0", second)
+    message = str(err.value)
+    assert message.endswith("; " + fix) and "\n" not in message
+    assert ("(entry point 'alpha')" in message) is bool(first)
+    assert ("(entry point 'beta')" in message) is bool(second)
 
 
 def test_objects_not_of_the_base_class_are_refused():
@@ -129,6 +147,8 @@ def test_builtins_only_without_installed_plugins():
     assert "max_abs" not in reg.metrics and "capitals" not in reg.datasets and "low_rank" not in reg.perturbations
     for registry in reg.kinds().values():
         assert set(labels(registry).values()) <= {BUILTIN}
+        assert {entry.entry_point for entry in registry} <= {None}
+    assert reg.entry_points == {}
     for entry in reg.datasets:
         assert Path(entry.obj.path).is_file() and Path(entry.obj.path).read_text().strip()
 
@@ -141,6 +161,10 @@ def test_installed_example_plugin_is_found_with_its_distribution_label():
     assert labels(reg.analyses) == {"activation_norms": BUILTIN, "param_diff": BUILTIN, "perturbation": BUILTIN}
     assert labels(reg.perturbations) == {"mult_gauss": BUILTIN, "add_gauss": BUILTIN, "ablation": BUILTIN,
                                          "uni_quant": BUILTIN, "low_rank": EXAMPLE}
+    for registry in reg.kinds().values():
+        for entry in registry:
+            assert entry.entry_point == ("example" if entry.plugin == EXAMPLE else None), entry.name
+    assert reg.entry_points == {"example": EXAMPLE}
     capitals = reg.datasets.get("capitals")
     assert capitals.text_field == "sentence" and Path(capitals.path).is_file()
     import torch
@@ -166,13 +190,19 @@ def test_disable_plugins_env_zero_keeps_them(monkeypatch):
     assert "max_abs" in build_registries(get_plugin_manager()).metrics
 
 
-@pytest.mark.parametrize("blocked, hidden", [("example", True), ("other, example", True), ("other", False)])
-def test_block_plugins_env(monkeypatch, blocked, hidden):
+@pytest.mark.parametrize("blocked, hidden, warned", [
+    ("example", True, False), ("lensbench-example", True, False), ("Lensbench_Example", True, False),
+    ("other, example", True, True), ("other", False, True), ("", False, False),
+])
+def test_block_plugins_env(monkeypatch, capsys, blocked, hidden, warned):
     monkeypatch.setenv("LENSBENCH_BLOCK_PLUGINS", blocked)
     reg = build_registries(get_plugin_manager())
     assert ("max_abs" not in reg.metrics) is hidden
     assert ("capitals" not in reg.datasets) is hidden
+    assert ("example" not in reg.entry_points) is hidden
     assert "norm" in reg.metrics
+    err = capsys.readouterr().err
+    assert ("LENSBENCH_BLOCK_PLUGINS names 'other'" in err) is warned
 
 
 def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
@@ -244,7 +274,10 @@ def test_third_party_plugin_duplicating_the_installed_plugin_is_an_error():
     pm.register(_third_party("rogue_plugin", Stat("max_abs")), name="rogue_plugin")
     with pytest.raises(LensbenchError) as err:
         build_registries(pm)
-    assert "'max_abs'" in str(err.value) and EXAMPLE in str(err.value) and "rogue_plugin" in str(err.value)
+    message = str(err.value)
+    assert "'max_abs'" in message and "rogue_plugin" in message
+    assert f"'{EXAMPLE}' (entry point 'example')" in message
+    assert message.endswith("rename one, or skip the first with LENSBENCH_BLOCK_PLUGINS=example")
 
 
 def test_use_registries_nests_and_restores():
@@ -301,3 +334,4 @@ def test_a_plugin_with_a_misspelled_hook_is_refused(monkeypatch):
         get_plugin_manager(load_installed=True)
     message = str(err.value)
     assert "typo_plugin" in message and "lensbench_register_metric" in message and "\n" not in message
+    assert "LENSBENCH_BLOCK_PLUGINS" not in message  # registered in-process: no entry point to block

@@ -11,7 +11,10 @@ class TokenStatistic:
     """Maps the hidden states of N tokens, ``[N, D]``, to one float per token, ``[N]``.
 
     Subclasses set ``name`` (the registry key and the column suffix: ``mean_<name>``) and
-    ``description``, and implement ``__call__``. Inputs arrive in float32.
+    ``description``, and implement ``__call__``. Inputs arrive in float32, on the model's device:
+    the non-padding tokens of one batch at one layer. The hook returns instances, and the
+    registered instance serves every call, so keep it free of per-call state. The full contract
+    is in docs/plugins.md, "Contracts".
     """
 
     name: str = ""

@@ -6,7 +6,8 @@ Nothing happens at import: ``get_plugin_manager()`` builds a fresh manager each 
 Environment variables:
 
 - ``LENSBENCH_DISABLE_PLUGINS=1``: load only built-in plugins, none from installed packages.
-- ``LENSBENCH_BLOCK_PLUGINS=a,b``: skip the installed plugins (entry-point names) listed.
+- ``LENSBENCH_BLOCK_PLUGINS=a,b``: skip the installed plugins listed, each by its entry-point name
+  or its distribution name (a name matching neither is reported on stderr).
 - ``LENSBENCH_TRACE_HOOKS=1``: print every hook call and what each plugin returned to stderr.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -40,6 +42,43 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def installed_plugins() -> dict[str, str]:
+    """Entry-point name -> distribution (``name==version``) of every installed plugin (group ``lensbench``)."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist
+        found.setdefault(ep.name, f"{dist.name}=={dist.version}" if dist is not None else "?")
+    return found
+
+
+def _canonical(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): case and runs of -_. do not matter."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def blocked_plugins(value: str, installed: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The entry-point names that ``LENSBENCH_BLOCK_PLUGINS=value`` blocks, and the listed names
+    matching no installed entry point or distribution. ``installed`` is ``installed_plugins()``."""
+    blocked: list[str] = []
+    unknown: list[str] = []
+    for name in (n.strip() for n in value.split(",")):
+        if not name:
+            continue
+        hits = [ep for ep, dist in installed.items()
+                if ep == name or _canonical(dist.split("==")[0]) == _canonical(name)]
+        blocked += [ep for ep in hits if ep not in blocked]
+        if not hits:
+            unknown.append(name)
+    return blocked, unknown
+
+
+def describe_installed(installed: dict[str, str]) -> str:
+    """``example (lensbench-example==0.1.0), ...``, or ``none``."""
+    return ", ".join(f"{ep} ({dist})" for ep, dist in sorted(installed.items())) or "none"
+
+
 def get_plugin_manager(load_installed: bool | None = None) -> pluggy.PluginManager:
     """A new plugin manager with the built-in plugins and, unless disabled, installed ones."""
     pm = pluggy.PluginManager("lensbench")
@@ -49,17 +88,26 @@ def get_plugin_manager(load_installed: bool | None = None) -> pluggy.PluginManag
     if load_installed is None:
         load_installed = not _truthy(os.environ.get("LENSBENCH_DISABLE_PLUGINS"))
     if load_installed:
-        for name in filter(None, os.environ.get("LENSBENCH_BLOCK_PLUGINS", "").split(",")):
-            pm.set_blocked(name.strip())
+        installed = installed_plugins()
+        blocked, unknown = blocked_plugins(os.environ.get("LENSBENCH_BLOCK_PLUGINS", ""), installed)
+        for name in blocked:
+            pm.set_blocked(name)
+        if unknown:
+            which = "which matches" if len(unknown) == 1 else "which match"
+            print(f"lensbench: warning: LENSBENCH_BLOCK_PLUGINS names {', '.join(map(repr, unknown))}, {which} no "
+                  f"installed plugin's entry point or distribution; installed: {describe_installed(installed)}",
+                  file=sys.stderr)
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     try:
         pm.check_pending()  # a misspelled hook in a plugin is an error, not silently ignored
     except pluggy.PluginValidationError as exc:
         from .errors import LensbenchError
 
+        entry_point = entry_point_name(pm, exc.plugin)
+        block = f" or block the plugin with LENSBENCH_BLOCK_PLUGINS={entry_point}" if entry_point else ""
         raise LensbenchError(
             f"plugin {pm.get_name(exc.plugin)!r} implements an unknown hook ({str(exc).splitlines()[0]}); "
-            "fix the hook name or block the plugin with LENSBENCH_BLOCK_PLUGINS"
+            f"fix the hook name{block}"
         ) from None
     return pm
 
@@ -73,6 +121,14 @@ def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
     return "lensbench (built-in)" if name.startswith("lensbench.") else name
 
 
+def entry_point_name(pm: pluggy.PluginManager, plugin: object) -> str | None:
+    """The entry-point name ``plugin`` was loaded under (what blocks it), else None (built-in or
+    registered in-process)."""
+    if any(registered is plugin for registered, _ in pm.list_plugin_distinfo()):
+        return pm.get_name(plugin)
+    return None
+
+
 def build_registries(pm: pluggy.PluginManager) -> Registries:
     """Call every ``lensbench_register_*`` hook and file the results by kind."""
     from .analysis import Analysis
@@ -81,6 +137,8 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
     from .state import Transform
 
     reg = Registries()
+    reg.entry_points = {pm.get_name(plugin): f"{dist.project_name}=={dist.version}"
+                        for plugin, dist in pm.list_plugin_distinfo()}
     reg.analyses.base = Analysis
     reg.perturbations.base = Transform
     reg.metrics.base = TokenStatistic
@@ -91,11 +149,12 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
         for impl in caller.get_hookimpls():  # registration order
             result = impl.function() or []
             label = plugin_label(pm, impl.plugin)
+            entry_point = entry_point_name(pm, impl.plugin)
             if trace:
                 print(f"[lensbench hook] lensbench_register_{kind} <- {label}: "
                       f"{[getattr(o, 'name', o) for o in result]}", file=sys.stderr)
             for obj in result:
-                registry.add(obj, label)
+                registry.add(obj, label, entry_point)
     return reg
 
 
