@@ -48,7 +48,7 @@ def test_statistics_mismatches_and_resume(checkpoints):
     root, state, deltas = checkpoints
     result = lensbench("predict", "--config", "diff.yaml", cwd=root)
     assert result.returncode == 0, result.stderr
-    run = root / "outputs" / "diff"
+    run = root / "outputs" / "param_diff" / "diff"
     per_matrix = pd.read_csv(run / "per_matrix.csv").set_index(["other", "name"])
     edited = per_matrix.loc["edited"]
     assert len(edited) == 3 * 7 + 1  # 7 linear layers per block + the untied lm_head

@@ -3,15 +3,19 @@
 Units are keyed ``(other, matrix name)``: ``("<base>", name)`` for the statistics of the base
 matrix itself, ``(other, name)`` for the difference ``W_other - W_base``; a matrix present on one
 side only, or with different shapes, becomes a *mismatch* unit, stored and listed like any result.
+
+An other checkpoint may also be a ``PerturbedCheckpoint``: the base (or another model) moved in
+memory to a perturbed state by a registered perturbation, exactly as the perturbation analysis
+would perturb it, so no edited copy has to be written to disk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import LensbenchError
-from ..models.checkpoint import CheckpointReader, open_checkpoint, pin_mmap_threshold
+from ..models.checkpoint import CheckpointReader, open_checkpoint, perturbed_reader, pin_mmap_threshold
 from ..models.loading import ModelSpec, resolve_source
 from ..models.matrices import MatrixInfo, linear_matrices
 from ..work import Unit
@@ -28,13 +32,47 @@ class MatrixUnit:
     reason: str = ""
 
 
+@dataclass
+class PerturbedCheckpoint:
+    """A model moved in memory to a perturbed state: the "other" side without a copy on disk."""
+
+    perturbation: str
+    """A registered perturbation (`lensbench plugins`): mult_gauss, add_gauss, ablation, uni_quant, ..."""
+    level: float | None = None
+    """The perturbation's level, required (mult_gauss: the noise's standard deviation; 0 changes nothing)."""
+    param_group: str = "mlp_only"
+    """attn_only (value projections), attn, mlp_only, embed_only, blocks, all; [4-8] layer ranges; or a glob."""
+    seed: int = 0
+    """Seed of the generator the perturbation draws from (as a perturbation run's seed + repeat_index)."""
+    of: str | ModelSpec | None = None
+    """The model perturbed (alias, hub id, folder, file or ModelSpec); default: the base."""
+    name: str | None = None
+    """Label in outputs; default: <label of the model perturbed>+<perturbation>(<param_group>[,seed=<seed>])@<level>."""
+
+    def label(self, base: str | ModelSpec | None = None) -> str:
+        if self.name:
+            return self.name
+        of = self.of if self.of is not None else base
+        of_label = (ModelSpec(of) if isinstance(of, str) else of).label() if of is not None else "base"
+        seed = f",seed={self.seed}" if self.seed else ""
+        return f"{of_label}+{self.perturbation}({self.param_group}{seed})@{float(self.level):g}"
+
+    def transform(self):
+        """The model-state transform: the TransformSpec a perturbation run builds for this method,
+        group, level and seed."""
+        from ..state import TransformSpec
+
+        return TransformSpec(self.perturbation, (("group", self.param_group), ("level", float(self.level))), self.seed)
+
+
 class CheckpointPairs(WorkDataModule):
-    """A base checkpoint compared with one or more others, matrix by matrix, streamed from disk."""
+    """A base checkpoint compared with one or more others, matrix by matrix, streamed from disk
+    (a perturbed other is held in memory: one model)."""
 
     def __init__(
         self,
         base: str | ModelSpec = "smollm2",
-        others: list[str | ModelSpec] | None = None,
+        others: list[str | ModelSpec | PerturbedCheckpoint] | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
     ) -> None:
@@ -42,7 +80,9 @@ class CheckpointPairs(WorkDataModule):
         Args:
             base: The reference checkpoint: an alias, hub id, folder (safetensors shards with or
                 without index, or pytorch_model*.bin shards), .safetensors or .gguf file.
-            others: The checkpoints compared with ``base`` (same forms).
+            others: The checkpoints compared with ``base`` (same forms), or perturbed states of
+                a model (``{perturbation: mult_gauss, level: 0.05, param_group: mlp_only}``),
+                held in memory (one model each) instead of read from disk.
             include: Globs of tensor names to compare instead of the default (the weights of
                 every linear layer; embeddings, norms and biases left out). ``{4-8}`` ranges work.
             exclude: Globs of tensor names to leave out.
@@ -52,11 +92,13 @@ class CheckpointPairs(WorkDataModule):
             raise LensbenchError("is empty; name at least one checkpoint to compare with the base",
                                  "data.init_args.others")
         self.base = ModelSpec(base) if isinstance(base, str) else base
-        self.others = [ModelSpec(o) if isinstance(o, str) else o for o in others]
         resolve_source(self.base, "data.init_args.base")
+        self.others = [self._perturbed(o, f"data.init_args.others[{i}]") if isinstance(o, PerturbedCheckpoint)
+                       else ModelSpec(o) if isinstance(o, str) else o for i, o in enumerate(others)]
         labels = [self.base.label()]
         for i, spec in enumerate(self.others):
-            resolve_source(spec, f"data.init_args.others[{i}]")
+            if not isinstance(spec, PerturbedCheckpoint):
+                resolve_source(spec, f"data.init_args.others[{i}]")
             if spec.label() in labels:
                 raise LensbenchError(f"label {spec.label()!r} is used twice; give one a `name`",
                                      f"data.init_args.others[{i}]")
@@ -64,6 +106,35 @@ class CheckpointPairs(WorkDataModule):
         self.include, self.exclude = include, exclude
         self._readers: dict[str, CheckpointReader] = {}
         pin_mmap_threshold()  # freed matrices go back to the OS: memory stays near one matrix
+
+    def _perturbed(self, entry: PerturbedCheckpoint, field: str) -> PerturbedCheckpoint:
+        """``entry`` checked before any work (method, level, group, model), with its model and label set."""
+        from ..perturbations import check_group_spec, check_level
+        from ..plugins import active_registries
+
+        self._perturbations = active_registries().perturbations
+        cls = self._perturbations.get(entry.perturbation, f"{field}.perturbation")
+        if entry.level is None:
+            raise LensbenchError(f"is missing; give the level of {entry.perturbation} (e.g. level: 0.05 with "
+                                 "mult_gauss, noise N(1, 0.05))", f"{field}.level")
+        try:
+            level = float(entry.level)
+        except (TypeError, ValueError):
+            raise LensbenchError(f"must be a number, got {entry.level!r}", f"{field}.level") from None
+        check_level(entry.perturbation, level, f"{field}.level")
+        check_group_spec(entry.param_group, f"{field}.param_group")
+        try:  # the method's own checks of its arguments, as a perturbation run does them
+            cls(group=entry.param_group, level=level)
+        except LensbenchError as exc:
+            raise LensbenchError(exc.message, f"{field}.level") from None
+        except TypeError:
+            raise LensbenchError(f"{entry.perturbation!r} does not take a group and a level; name a perturbation "
+                                 "such as mult_gauss, add_gauss, ablation or uni_quant",
+                                 f"{field}.perturbation") from None
+        of = self.base if entry.of is None else ModelSpec(entry.of) if isinstance(entry.of, str) else entry.of
+        if entry.of is not None:
+            resolve_source(of, f"{field}.of")
+        return replace(entry, level=level, of=of, name=entry.label(of))
 
     @property
     def base_label(self) -> str:
@@ -74,7 +145,11 @@ class CheckpointPairs(WorkDataModule):
             specs = {s.label(): (s, f"data.init_args.others[{i}]") for i, s in enumerate(self.others)}
             specs[self.base_label] = (self.base, "data.init_args.base")
             spec, field = specs[label]
-            self._readers[label] = open_checkpoint(spec, field)
+            if isinstance(spec, PerturbedCheckpoint):
+                self._readers[label] = perturbed_reader(label, spec.of, spec.transform(), self._perturbations, field,
+                                                        _of_field(spec, self.base, field))
+            else:
+                self._readers[label] = open_checkpoint(spec, field)
         return self._readers[label]
 
     def units(self) -> list[Unit]:
@@ -108,8 +183,19 @@ class CheckpointPairs(WorkDataModule):
     def fingerprint(self) -> dict[str, Any]:
         from ..models.fingerprint import model_fingerprint
 
-        fields = ["data.init_args.base", *(f"data.init_args.others[{i}]" for i in range(len(self.others)))]
-        return {spec.label(): model_fingerprint(spec, field) for spec, field in zip([self.base, *self.others], fields)}
+        prints = {self.base_label: model_fingerprint(self.base, "data.init_args.base")}
+        for i, spec in enumerate(self.others):
+            field = f"data.init_args.others[{i}]"
+            if isinstance(spec, PerturbedCheckpoint):  # the model perturbed; the perturbation is in the config
+                prints[spec.label()] = model_fingerprint(spec.of, _of_field(spec, self.base, field))
+            else:
+                prints[spec.label()] = model_fingerprint(spec, field)
+        return prints
+
+
+def _of_field(entry: PerturbedCheckpoint, base: ModelSpec, field: str) -> str:
+    """The config field naming the model ``entry`` perturbs."""
+    return "data.init_args.base" if entry.of is base else f"{field}.of"
 
 
 def _check_architecture(base: CheckpointReader, other: CheckpointReader, field: str) -> None:
