@@ -1,14 +1,19 @@
-"""Batched generation: out-of-memory back-off, token counting, seeding, perplexity."""
+"""Batched generation: out-of-memory back-off and its logging, token counting, seeding and the
+seeds recorded, perplexity through torchmetrics and its pooled states."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
-from lensbench.generation import GenerationSettings, generate, perplexity
+from lensbench.generation import (DEFAULT_PERPLEXITY_TEXT, GenerationSettings, PerplexitySettings, generate,
+                                  perplexity, perplexity_state, pooled_perplexity)
 from lensbench.models.loading import ModelSpec, load_model
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +25,22 @@ PROMPTS = ["the capital of france is", "water moss cell", "the sun and the moon"
            "protein in the cell", "it was on the train"]
 
 
-def test_out_of_memory_halves_the_batch_and_records_it(tiny, monkeypatch):
+@pytest.fixture
+def messages():
+    """The records of lensbench's logger at DEBUG (Lightning's logger does not propagate to the root)."""
+    logger = logging.getLogger("lightning.pytorch.lensbench")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    before = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(before)
+
+
+def test_out_of_memory_halves_the_batch_and_records_it(tiny, monkeypatch, messages):
     settings = GenerationSettings(max_new_tokens=5, do_sample=False, max_batch_size=8)
     reference = generate(tiny.model, tiny.tokenizer, PROMPTS, GenerationSettings(max_new_tokens=5, do_sample=False,
                                                                                   max_batch_size=1), 0, torch.device("cpu"))
@@ -34,10 +54,38 @@ def test_out_of_memory_halves_the_batch_and_records_it(tiny, monkeypatch):
         return real(**kwargs)
 
     monkeypatch.setattr(tiny.model, "generate", limited)
-    results = generate(tiny.model, tiny.tokenizer, PROMPTS, settings, 0, torch.device("cpu"))
+    messages.clear()  # those of the reference
+    results = generate(tiny.model, tiny.tokenizer, PROMPTS, settings, [10, 11, 12, 13, 14, 15], torch.device("cpu"))
     assert sizes[:3] == [6, 4, 2]  # all 6 prompts (batch 8), then batches of 4, then of 2
     assert [r.batch_size for r in results] == [2] * 6
     assert [r.output for r in results] == [r.output for r in reference]  # greedy: batching changes nothing
+    # The seed each call really used: its first prompt's, in the batches that worked.
+    assert [r.seed for r in results] == [10, 10, 12, 12, 14, 14]
+    # Each back-off is one INFO line; each call that worked one DEBUG line with its batch size.
+    info = [m.getMessage() for m in messages if m.levelno == logging.INFO]
+    assert info == ["lensbench: batch size 8 -> 4 after CUDA out-of-memory (6 prompts in the failed call)",
+                    "lensbench: batch size 4 -> 2 after CUDA out-of-memory (4 prompts in the failed call)"]
+    debug = [m.getMessage() for m in messages if m.levelno == logging.DEBUG]
+    assert len(debug) == 3 and all("generated 2 prompts (batch size 2)" in m for m in debug), debug
+    assert not any("GiB" in m for m in debug)  # memory is reported on CUDA only
+
+
+def test_each_result_carries_the_seed_its_generate_call_used(tiny):
+    s = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.5, max_batch_size=4)
+    seeds = [100, 101, 102, 103, 104, 105]
+    results = generate(tiny.model, tiny.tokenizer, PROMPTS, s, seeds, CPU)
+    assert [r.seed for r in results] == [100] * 4 + [104] * 2  # a call is seeded with its first prompt's seed
+    assert [r.batch_size for r in results] == [4] * 4 + [2] * 2
+    # The recorded seed reproduces the sample: the second call again, seeded with what was recorded.
+    again = generate(tiny.model, tiny.tokenizer, PROMPTS[4:], s, [results[4].seed] * 2, CPU)
+    assert [r.output for r in again] == [r.output for r in results[4:]]
+    one = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.5, max_batch_size=1)
+    alone = generate(tiny.model, tiny.tokenizer, PROMPTS, one, seeds, CPU)
+    assert [r.seed for r in alone] == seeds  # batch size 1: every prompt its own seed
+    assert [r.output for r in generate(tiny.model, tiny.tokenizer, PROMPTS[2:3], one, [alone[2].seed], CPU)] == \
+        [alone[2].output]
+    shifted = generate(tiny.model, tiny.tokenizer, PROMPTS, one, [x + 1 for x in seeds], CPU)
+    assert [r.output for r in shifted] != [r.output for r in alone]  # the seed matters
 
 
 def test_out_of_memory_at_batch_one_is_raised(tiny, monkeypatch):
@@ -66,19 +114,88 @@ def test_sampling_is_reproducible_with_a_seed_and_differs_across_seeds(tiny):
     assert a == b and a != c
 
 
-def test_perplexity_is_token_weighted_over_windows(tiny):
+def by_hand_nll(model, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (float64 log-softmax) and the number of predicted tokens."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    target = ids[0, 1:]
+    return -logp[torch.arange(len(target)), target].sum().item(), len(target)
+
+
+def test_torchmetrics_perplexity_equals_exp_mean_nll_by_hand(tiny):
+    from torchmetrics.text import Perplexity
+
     text = " ".join(PROMPTS * 3)
     ids = tiny.tokenizer(text, return_tensors="pt")["input_ids"]
+    total, count = by_hand_nll(tiny.model, ids)
+    state = perplexity_state(tiny.model, tiny.tokenizer, text, 10_000, CPU)
+    assert state["count"] == count == ids.shape[1] - 1
+    assert state["total"] == pytest.approx(total, rel=1e-9)
+    value = perplexity(tiny.model, tiny.tokenizer, text, 10_000, CPU)
+    assert value == pytest.approx(math.exp(total / count), rel=1e-9)
+    # torchmetrics' own module on the same logits gives that value too
+    metric = Perplexity()
     with torch.no_grad():
-        whole = tiny.model(input_ids=ids, labels=ids).loss.item()
-    assert perplexity(tiny.model, tiny.tokenizer, text, 10_000, torch.device("cpu")) == pytest.approx(math.exp(whole), rel=1e-5)
+        metric.update(tiny.model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+    assert value == pytest.approx(metric.compute().item(), rel=1e-5)
+    # and so does transformers' loss (float32)
+    with torch.no_grad():
+        assert value == pytest.approx(math.exp(tiny.model(input_ids=ids, labels=ids).loss.item()), rel=1e-5)
+
+
+def test_perplexity_is_token_weighted_over_windows(tiny, monkeypatch):
+    text = " ".join(PROMPTS * 3)
+    ids = tiny.tokenizer(text, return_tensors="pt")["input_ids"]
     # windows of 8 tokens: the mean NLL over the windows' predicted tokens, weighted by their counts
     total, count = 0.0, 0
     for start in range(0, ids.shape[1], 8):
         w = ids[:, start : start + 8]
         if w.shape[1] < 2:
             continue
+        t, c = by_hand_nll(tiny.model, w)
+        total, count = total + t, count + c
+    state = perplexity_state(tiny.model, tiny.tokenizer, text, 8, CPU)
+    assert state["count"] == count < ids.shape[1] - 1  # the first token of each window is not predicted
+    assert state["total"] == pytest.approx(total, rel=1e-9)
+    assert perplexity(tiny.model, tiny.tokenizer, text, 8, CPU) == pytest.approx(math.exp(total / count), rel=1e-9)
+    # Updates in chunks of positions (bounding the float64 logits) change nothing.
+    import lensbench.generation as generation
+
+    monkeypatch.setattr(generation, "PERPLEXITY_CHUNK", 3)
+    chunked = perplexity_state(tiny.model, tiny.tokenizer, text, 10_000, CPU)
+    whole = by_hand_nll(tiny.model, ids)
+    assert chunked["count"] == whole[1] and chunked["total"] == pytest.approx(whole[0], rel=1e-9)
+
+
+def test_a_text_of_one_token_has_no_perplexity(tiny):
+    state = perplexity_state(tiny.model, tiny.tokenizer, "moss", 512, CPU)
+    assert state == {"total": 0.0, "count": 0}
+    assert math.isnan(perplexity(tiny.model, tiny.tokenizer, "moss", 512, CPU))
+    assert math.isnan(pooled_perplexity([])) and math.isnan(pooled_perplexity([state]))
+
+
+def test_pooled_perplexity_merges_the_torchmetrics_states(tiny):
+    from torchmetrics.text import Perplexity
+
+    texts = [" ".join(PROMPTS), " ".join(reversed(PROMPTS[:3]))]
+    states = [perplexity_state(tiny.model, tiny.tokenizer, t, 512, CPU) for t in texts]
+    pooled = pooled_perplexity(states)
+    assert pooled == pytest.approx(math.exp(sum(s["total"] for s in states) / sum(s["count"] for s in states)),
+                                   rel=1e-12)
+    # One metric updated with both texts gives the same: merging states is pooling the tokens.
+    metric = Perplexity().set_dtype(torch.float64)
+    for t in texts:
+        ids = tiny.tokenizer(t, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            total += tiny.model(input_ids=w, labels=w).loss.item() * (w.shape[1] - 1)
-        count += w.shape[1] - 1
-    assert perplexity(tiny.model, tiny.tokenizer, text, 8, torch.device("cpu")) == pytest.approx(math.exp(total / count), rel=1e-5)
+            metric.update(tiny.model(input_ids=ids).logits[:, :-1].double(), ids[:, 1:])
+    assert pooled == pytest.approx(metric.compute().item(), rel=1e-9)
+    # Token-weighted: not the mean of the two perplexities (the texts differ in length).
+    separate = [pooled_perplexity([s]) for s in states]
+    assert states[0]["count"] != states[1]["count"] and pooled != pytest.approx(sum(separate) / 2, rel=1e-6)
+    assert min(separate) < pooled < max(separate)
+
+
+def test_the_default_perplexity_text_is_the_seeds_sentence():
+    assert PerplexitySettings().text is None and PerplexitySettings().file is None
+    assert DEFAULT_PERPLEXITY_TEXT == "The quick brown fox jumps over the lazy dog."

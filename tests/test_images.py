@@ -110,10 +110,20 @@ def test_pictures_without_a_processor_are_refused(llava):
 
 # -- prompt files naming pictures ------------------------------------------------------------------
 
+def digests(data: PromptDataModule) -> list[str]:
+    return [unit.digest for unit in data.units()]
+
+
 def test_the_shipped_picture_prompts_show_the_kitchen_scene():
+    from lensbench.data.images import file_sha256
+
     data = PromptDataModule(["cookie_theft"])
     assert len(data.prompts) == 20 and {p.image for p in data.prompts} == {str(KITCHEN.resolve())}
-    assert data.fingerprint()["images_sha256"] and "images_sha256" not in PromptDataModule(["dreams"]).fingerprint()
+    assert [p.prompt_id for p in data.prompts] == list(range(1, 21))  # 1-based, as in the seed's records
+    # The picture's content (not its location) is part of each prompt's identity.
+    assert data.image_hashes == {str(KITCHEN.resolve()): file_sha256(str(KITCHEN))}
+    assert PromptDataModule(["dreams"]).image_hashes == {}
+    assert all(d is not None for d in digests(data)) and len(set(digests(data))) == 20
 
 
 def test_a_prompt_file_names_pictures_relative_to_itself(tmp_path, monkeypatch):
@@ -126,7 +136,8 @@ def test_a_prompt_file_names_pictures_relative_to_itself(tmp_path, monkeypatch):
     assert [p.image for p in plain.prompts] == [str((tmp_path / "pics" / "red.png").resolve()), None]
     shared = PromptDataModule(["p.jsonl"], image="blue.png")  # for prompts that name none
     assert [Path(p.image).name for p in shared.prompts] == ["red.png", "blue.png"]
-    assert shared.fingerprint()["images_sha256"] != plain.fingerprint()["images_sha256"]
+    # The shared picture changes the second prompt's identity only.
+    assert digests(shared)[0] == digests(plain)[0] and digests(shared)[1] != digests(plain)[1]
 
 
 @pytest.mark.parametrize("line, field, words", [

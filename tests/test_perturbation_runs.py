@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -25,7 +26,9 @@ from helpers_cli import last_line, run_many
 from tiny import write_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lensbench.analyses.perturbation import prompt_seed
 from lensbench.data.sources import read_texts
+from lensbench.generation import GenerationSettings, generate
 from lensbench.models.loading import ModelSpec
 from lensbench.perturbations import PerturbationGrid
 from lensbench.plugins import active_registries
@@ -37,10 +40,12 @@ ATTN = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in (
 SCHEMA = {
     "timestamp", "model_name", "model_label", "degradation_method", "level_value", "std_dev", "is_baseline",
     "param_group_name", "touched_tensors", "n_touched_tensors", "weights_finite", "repeat_index", "seed",
-    "prompt_group", "prompt_id", "category", "expected_answer", "prompt_text", "output", "duration", "tokens",
-    "batch_size_effective", "temperature", "do_sample", "top_p", "max_new_tokens", "perplexity", "dtype",
-    "device", "load_4bit", "name_suffix", "image", "image_used",
+    "sampling_seed", "prompt_group", "prompt_id", "category", "expected_answer", "prompt_text", "output",
+    "duration", "tokens", "batch_size_effective", "temperature", "do_sample", "top_p", "max_new_tokens",
+    "perplexity", "perplexity_state", "dtype", "device", "load_4bit", "name_suffix", "image", "image_used",
 }
+# The seed's timestamp form: 2025-10-06T12:34:56.789Z (UTC, milliseconds, Z).
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 def perturbation_yaml(method: str = "mult_gauss", group: str = "mlp_only", levels: str = "[0.5, 3.0]",
@@ -83,6 +88,11 @@ BAD = {
                    "use one of auto, always, never"),
     "always_text": (["--model.init_args.generation.images", "always"], "model.init_args.generation.images",
                     "'tiny' takes text only"),
+    "ppl_text_and_file": (["--model.init_args.perplexity.file", "alpha.txt"], "model.init_args.perplexity.text",
+                          "give one, not both"),
+    "bad_plugin_level": (["--model.init_args.perturbation.method", "low_rank",
+                          "--model.init_args.perturbation.levels", "[0.5, 1.0]"],
+                         "model.init_args.perturbation.levels[1]", "got 1.0"),
 }
 
 
@@ -105,18 +115,19 @@ def runs(tmp_path_factory, tiny_model, tiny_llava):
         model="llava", levels="[0.5]", n_rep=1, generation="{do_sample: false, max_new_tokens: 6, max_batch_size: 4}",
         prompts="[cookie_theft, prompts.txt]\n    max_prompts: 3"))
     (folder / "textonly.yaml").write_text(perturbation_yaml(levels="[0.5]", n_rep=1, prompts="[cookie_theft]\n    max_prompts: 2"))
+    # Every run names its experiment: its results are in outputs/<name>, whatever the default layout.
     calls = {
         "main": (("predict", "--config", "main.yaml"), folder, ENV),
-        "again": (("predict", "--config", "main.yaml", "--model.init_args.experiment", "again"), folder, ENV),
-        "ddp": (("predict", "--config", "main.yaml", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                 "--model.init_args.experiment", "ddp"), folder, ENV),
-        "s1": (("predict", "--config", "sampled.yaml", "--model.init_args.experiment", "s1"), folder, ENV),
-        "s2": (("predict", "--config", "sampled.yaml", "--model.init_args.experiment", "s2"), folder, ENV),
+        "again": (("predict", "--config", "main.yaml"), folder, ENV),
+        "ddp": (("predict", "--config", "main.yaml", "--trainer.devices", "2", "--trainer.strategy", "ddp"), folder, ENV),
+        "s1": (("predict", "--config", "sampled.yaml"), folder, ENV),
+        "s2": (("predict", "--config", "sampled.yaml"), folder, ENV),
         "lowrank": (("predict", "--config", "lowrank.yaml"), folder, ENV),
         "act": (("predict", "--config", "act.yaml"), folder, ENV),
         "vision": (("predict", "--config", "vision.yaml"), folder, ENV),
         "textonly": (("predict", "--config", "textonly.yaml"), folder, ENV),
     }
+    calls = {name: ((*args, "--model.init_args.experiment", name), cwd, env) for name, (args, cwd, env) in calls.items()}
     for name, (args, _, _) in BAD.items():
         calls[name] = (("predict", "--config", "main.yaml", *args, "--model.init_args.experiment", name), folder, ENV)
     results = run_many(calls)
@@ -193,18 +204,24 @@ def test_merged_file_holds_one_complete_record_per_level_repeat_and_prompt(runs)
     records = merged(run_dir)
     assert len(records) == 3 * 2 * len(prompts)  # (baseline, 0.5, 3.0) x 2 repeats x 5 prompts
     keys = by_key(records)
-    assert set(keys) == {(lv, r, "prompts", p) for lv in (0.0, 0.5, 3.0) for r in (0, 1) for p in range(len(prompts))}
+    # prompt ids are 1-based, as in the seed's records
+    assert set(keys) == {(lv, r, "prompts", p) for lv in (0.0, 0.5, 3.0) for r in (0, 1) for p in range(1, len(prompts) + 1)}
     for rec in records:
-        assert SCHEMA <= rec.keys() and not {"key", "state"} & rec.keys(), sorted(rec)
-        dt.datetime.fromisoformat(rec["timestamp"])
+        assert set(rec) == SCHEMA, sorted(set(rec) ^ SCHEMA)  # every field documented, no bookkeeping
+        assert TIMESTAMP.fullmatch(rec["timestamp"]), rec["timestamp"]
+        stamp = dt.datetime.fromisoformat(rec["timestamp"])
+        assert stamp.utcoffset() == dt.timedelta(0)
+        assert abs(dt.datetime.now(dt.timezone.utc) - stamp) < dt.timedelta(hours=2)
         assert rec["model_name"] == "tiny" and rec["model_label"] == "tiny"
         assert rec["degradation_method"] == "mult_gauss" and rec["param_group_name"] == "mlp_only"
-        assert rec["std_dev"] == rec["level_value"]  # Gaussian methods: the level is the noise's std
+        assert rec["std_dev"] == rec["level_value"]  # every method: the level, under the seed's name
         assert rec["seed"] == 42 + rec["repeat_index"]
-        assert rec["prompt_text"] == prompts[rec["prompt_id"]] and rec["category"] == "prompts"
+        assert rec["prompt_text"] == prompts[rec["prompt_id"] - 1] and rec["category"] == "prompts"
         assert isinstance(rec["output"], str) and 1 <= rec["tokens"] <= 6 and rec["duration"] > 0
         assert rec["temperature"] == 1.0 and rec["do_sample"] is False and rec["max_new_tokens"] == 6
-        assert rec["batch_size_effective"] == (3 if rec["prompt_id"] < 3 else 2)  # 5 prompts in steps of 3
+        assert rec["batch_size_effective"] == (3 if rec["prompt_id"] <= 3 else 2)  # 5 prompts in steps of 3
+        # each generate call is seeded with its first prompt's seed: prompts 1-3, then 4-5
+        assert rec["sampling_seed"] == prompt_seed(rec["seed"], "prompts", 1 if rec["prompt_id"] <= 3 else 4)
         assert rec["weights_finite"] is True and rec["dtype"] == "float32" and rec["device"] == "cpu"
         assert rec["is_baseline"] == (rec["level_value"] == 0)
         if rec["is_baseline"]:
@@ -238,6 +255,12 @@ def test_perplexity_is_that_of_the_seeded_perturbed_state_and_grows_with_damage(
         assert value == pytest.approx(expected[key], rel=1e-6), key
     assert ppl[(0.0, 0)] == ppl[(0.0, 1)]
     assert ppl[(0.5, 0)] != ppl[(0.5, 1)]  # the repeats really use different seeds
+    # Each record holds the torchmetrics state its perplexity is computed from.
+    n_predicted = len(AutoTokenizer.from_pretrained(tiny_model)(PPL_TEXT)["input_ids"]) - 1
+    for rec in records:
+        state = rec["perplexity_state"]
+        assert set(state) == {"total", "count"} and state["count"] == n_predicted
+        assert rec["perplexity"] == pytest.approx(math.exp(state["total"] / state["count"]), rel=1e-12)
     assert ppl[(3.0, 0)] > ppl[(0.0, 0)] and ppl[(3.0, 1)] > ppl[(0.0, 0)]
 
 
@@ -255,11 +278,28 @@ def test_summary_has_one_row_per_level_and_the_figures_exist(runs):
         per_rep = g.groupby("repeat_index")["perplexity"].first()
         assert row["perplexity_mean"] == pytest.approx(per_rep.mean(), rel=1e-8)
         assert row["perplexity_std"] == pytest.approx(per_rep.std(ddof=0), abs=1e-8)
+        # pooled over repetitions: the summed NLL over the summed token counts of the states
+        states = g.groupby("repeat_index")["perplexity_state"].first()
+        total, count = sum(s["total"] for s in states), sum(s["count"] for s in states)
+        assert row["perplexity_pooled"] == pytest.approx(math.exp(total / count), rel=1e-9)
+        # the same text every repetition: the geometric mean of the repetitions' perplexities
+        assert row["perplexity_pooled"] == pytest.approx(math.exp(per_rep.map(math.log).mean()), rel=1e-9)
         assert row["mean_tokens"] == pytest.approx(g["tokens"].mean(), rel=1e-9)
-    assert summary.loc[0, "perplexity_std"] == 0
+    assert summary.loc[0, "perplexity_std"] == 0 and summary.loc[0, "perplexity_pooled"] == summary.loc[0, "perplexity_mean"]
+    assert summary.loc[1, "perplexity_pooled"] < summary.loc[1, "perplexity_mean"]  # geometric < arithmetic mean
     assert summary.loc[2, "perplexity_mean"] > summary.loc[0, "perplexity_mean"]
     for name in ("perplexity_vs_level.png", "output_length_vs_level.png"):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run_dir / name).stat().st_size > 1000
+
+
+def test_the_docs_describe_every_record_field_and_summary_column(runs):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "perturbation.md").read_text(encoding="utf-8")
+    table = doc[doc.index("| field | meaning |"):doc.index("`summary.csv`, one row")]
+    rows = [line.split("|")[1] for line in table.splitlines()[2:] if line.startswith("|")]
+    assert set(re.findall(r"`(\w+)`", "\n".join(rows))) == SCHEMA
+    paragraph = doc[doc.index("`summary.csv`, one row"):doc.index("Figures: `perplexity_vs_level.png`")]
+    columns = pd.read_csv(ok(runs, "main") / "summary.csv").columns
+    assert set(columns) <= set(re.findall(r"`(\w+)`", paragraph)), sorted(columns)
 
 
 # -- reproducibility ----------------------------------------------------------------------------------
@@ -289,6 +329,19 @@ def test_sampling_with_a_fixed_seed_is_reproducible_and_really_samples(runs):
     assert sampled != greedy
 
 
+def test_the_recorded_sampling_seed_reproduces_the_sampled_outputs(runs, tiny_model, one_thread):
+    records = [r for r in merged(ok(runs, "s1"), "outputs_mult_gauss_tiny_samp.json") if r["level_value"] == 0]
+    assert len(records) == 5 and all(r["batch_size_effective"] == 5 for r in records)  # one generate call
+    assert {r["sampling_seed"] for r in records} == {prompt_seed(42, "prompts", 1)}  # its first prompt's
+    assert all(r["sampling_seed"] != r["seed"] for r in records)  # not seed + repeat_index itself
+    tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.0, max_batch_size=8)
+    again = generate(model, tok, [r["prompt_text"] for r in records], settings, records[0]["sampling_seed"],
+                     torch.device("cpu"))
+    assert [g.output for g in again] == [r["output"] for r in records]
+
+
 def test_a_state_with_non_finite_weights_is_recorded_without_generating(runs):
     run_dir = ok(runs, "s1")
     records = merged(run_dir, "outputs_mult_gauss_tiny_samp.json")
@@ -301,6 +354,8 @@ def test_a_state_with_non_finite_weights_is_recorded_without_generating(runs):
     summary = pd.read_csv(run_dir / "summary.csv").set_index("level_value")
     assert summary["n_nonfinite_states"].to_dict() == {0.0: 0, 1.0: 0, 1e39: 1}
     assert math.isnan(summary.loc[1e39, "perplexity_mean"]) and summary.loc[1e39, "mean_tokens"] == 0
+    assert math.isnan(summary.loc[1e39, "perplexity_pooled"]) and math.isfinite(summary.loc[1.0, "perplexity_pooled"])
+    assert all(r["perplexity_state"] is None and r["sampling_seed"] is None for r in broken)  # nothing run
     assert (run_dir / "perplexity_vs_level.png").exists()
 
 
@@ -328,7 +383,7 @@ def test_low_rank_from_the_example_plugin_by_name(runs, tiny_model, one_thread):
     records = merged(run_dir, "outputs_low_rank_tiny.json")
     assert len(records) == 2 * 5
     assert {r["degradation_method"] for r in records} == {"low_rank"}
-    assert all(r["std_dev"] is None for r in records)  # not a Gaussian method
+    assert all(r["std_dev"] == r["level_value"] for r in records)  # the level for every method (the seed's key)
     ppl = {r["level_value"]: r["perplexity"] for r in records}
     assert set(ppl) == {0.0, 0.9}
     assert ppl[0.9] != ppl[0.0]
@@ -388,7 +443,7 @@ def test_picture_prompts_show_the_picture_to_a_vision_language_model(runs, tiny_
         picture = rec["prompt_group"] == "cookie_theft"
         assert rec["image"] == ("kitchen_scene.png" if picture else None) and rec["image_used"] is picture
         # The 3 picture prompts share one generate call; a step of 4 leaves 1 text prompt, then 2.
-        assert rec["batch_size_effective"] == (3 if picture else (1 if rec["prompt_id"] == 0 else 2))
+        assert rec["batch_size_effective"] == (3 if picture else (1 if rec["prompt_id"] == 1 else 2))
         assert rec["touched_tensors"] == ([] if rec["is_baseline"] else LLAVA_MLP)
         assert math.isfinite(rec["perplexity"])
     proc = AutoProcessor.from_pretrained(tiny_llava)

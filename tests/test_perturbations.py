@@ -258,6 +258,24 @@ def test_bad_grids_are_errors_naming_the_field(grid, field, words, registry):
     assert err.field == field and words in err.message, str(err)
 
 
+@pytest.mark.parametrize("grid, field", [
+    # The baseline 0 is put in front of the levels run; the blame still goes to the level as given.
+    (PerturbationGrid(method="ablation", levels=[0.5, 1.5]), "p.levels[1]"),
+    (PerturbationGrid(method="uni_quant", levels=[4, 1]), "p.levels[1]"),
+    # low_rank (example plugin) checks its level in its constructor, after the grid is built.
+    (PerturbationGrid(method="low_rank", levels=[0.5, 1.0]), "p.levels[1]"),
+    (PerturbationGrid(method="low_rank", levels=[0.5, 0.5, 1.0]), "p.levels[2]"),  # a duplicate before it
+    (PerturbationGrid(method="low_rank", levels=[0.0, 1.0]), "p.levels[1]"),  # baseline given, not added
+    (PerturbationGrid(method="low_rank", levels=[1.0, 0.5], include_baseline=False), "p.levels[0]"),
+    (PerturbationGrid(method="low_rank", min_deg=0.5, max_deg=1.0, deg_steps=3), "p.max_deg"),
+    (PerturbationGrid(method="low_rank", min_deg=1.0, max_deg=1.0, deg_steps=1), "p.min_deg"),
+])
+def test_a_bad_level_is_blamed_on_its_own_index_not_shifted_by_the_baseline(grid, field, registry):
+    err = _error(grid.states, "tiny", registry, "p")
+    assert err.field == field, str(err)
+    assert "got 1" in err.message or "got 1.5" in err.message, str(err)
+
+
 def test_a_bad_max_deg_is_blamed_on_max_deg():
     err = _error(PerturbationGrid(method="ablation", min_deg=0.0, max_deg=2.0).level_values, "p")
     assert err.field == "p.max_deg", str(err)
@@ -266,6 +284,48 @@ def test_a_bad_max_deg_is_blamed_on_max_deg():
 def test_unknown_method_suggests_the_close_one(registry):
     err = _error(PerturbationGrid(method="mult_gaus").states, "tiny", registry, "p")
     assert err.field == "p.method" and "did you mean 'mult_gauss'" in err.message
+
+
+# -- the analysis' perplexity settings ----------------------------------------------------------------
+
+def _analysis(tiny_model, ppl):
+    from lensbench.analyses.perturbation import PerturbationAnalysis
+
+    return PerturbationAnalysis(model=str(tiny_model), perplexity=ppl)
+
+
+def test_perplexity_text_and_file_together_are_refused(tiny_model, tmp_path):
+    from lensbench.generation import PerplexitySettings
+
+    (tmp_path / "t.txt").write_text("the sun and the moon\n", encoding="utf-8")
+    for file in (str(tmp_path / "t.txt"), "retain"):
+        err = _error(_analysis, tiny_model, PerplexitySettings(text="a sentence", file=file))
+        assert err.field == "model.init_args.perplexity.text", str(err)
+        assert "not both" in err.message and "set text to null" in err.message and "file to null" in err.message
+
+
+def test_perplexity_scores_the_text_the_file_or_the_default_sentence(tiny_model, tmp_path):
+    from lensbench.generation import DEFAULT_PERPLEXITY_TEXT, PerplexitySettings
+
+    (tmp_path / "t.txt").write_text("the sun and the moon\n", encoding="utf-8")
+    assert _analysis(tiny_model, PerplexitySettings())._ppl_text == DEFAULT_PERPLEXITY_TEXT
+    assert _analysis(tiny_model, PerplexitySettings(text="moss cell"))._ppl_text == "moss cell"
+    assert _analysis(tiny_model, PerplexitySettings(file=str(tmp_path / "t.txt")))._ppl_text == "the sun and the moon\n"
+    assert _analysis(tiny_model, None)._ppl_text is None  # perplexity off
+    err = _error(_analysis, tiny_model, PerplexitySettings(text="  "))
+    assert err.field == "model.init_args.perplexity.text" and "is empty" in err.message
+
+
+def test_utc_timestamps_have_the_seeds_form():
+    import datetime as dt
+    import re
+
+    from lensbench.analyses.perturbation import utc_timestamp
+
+    moment = dt.datetime(2025, 10, 6, 14, 34, 56, 789_999, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert utc_timestamp(moment) == "2025-10-06T12:34:56.789Z"
+    now = utc_timestamp()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", now), now
 
 
 def test_n_rep_zero_is_an_error(registry):

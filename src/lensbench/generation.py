@@ -1,13 +1,21 @@
-"""Batched generation with left padding and out-of-memory back-off, and perplexity."""
+"""Batched generation with left padding and out-of-memory back-off, and perplexity (torchmetrics)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+# A child of Lightning's logger, so that its messages print like Lightning's own, on every rank.
+log = logging.getLogger("lightning.pytorch.lensbench")
+
+DEFAULT_PERPLEXITY_TEXT = "The quick brown fox jumps over the lazy dog."
+"""The sentence scored when perplexity names neither a text nor a file (the seed's perplexity_text)."""
 
 
 @dataclass
@@ -38,11 +46,12 @@ class GenerationSettings:
 class PerplexitySettings:
     """Perplexity of the perturbed model, once per (level, repetition)."""
 
-    text: str | None = "The quick brown fox jumps over the lazy dog."
-    """A sentence to score (ignored when file is given)."""
+    text: str | None = None
+    """A sentence to score; with neither text nor file, "The quick brown fox jumps over the lazy dog."
+    Give text or file, not both."""
     file: str | None = None
     """A UTF-8 text file, or a registered dataset (retain, forget), scored whole: token-weighted
-    over windows of max_length tokens."""
+    over windows of max_length tokens. Give text or file, not both."""
     max_length: int = 512
     """Window length in tokens."""
 
@@ -88,6 +97,7 @@ class Generated:
     tokens: int  # generated tokens up to and including the first end-of-sequence token
     duration: float  # seconds of the generate call that produced it
     batch_size: int  # prompts in that call
+    seed: int  # the seed every generator was given before that call (its first prompt's)
 
 
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int | list[int],
@@ -97,6 +107,10 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     ``seed`` seeds every generator before each generate call: one int for all calls, or one per
     prompt (a call is seeded with its first prompt's), so that with ``max_batch_size: 1`` every
     prompt's sample depends only on its own seed, however the run was batched, sharded or resumed.
+    Each result carries the seed its call really used (``Generated.seed``).
+
+    Each out-of-memory back-off is logged at INFO, each call at DEBUG (its batch size and, on
+    CUDA, the memory allocated), on the ``lightning.pytorch.lensbench`` logger.
 
     ``images`` gives each prompt a picture (a PIL image) or None; pictures go through ``processor``
     (a vision-language model's), and a chunk holds consecutive prompts showing the same picture.
@@ -113,16 +127,30 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
         while end < len(prompts) and end - start < size and images[end] is images[start]:
             end += 1
         try:
-            out += _generate_chunk(model, tokenizer, prompts[start:end], settings, seeds[start], device,
-                                   processor, images[start])
+            chunk = _generate_chunk(model, tokenizer, prompts[start:end], settings, seeds[start], device,
+                                    processor, images[start])
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise
             torch.cuda.empty_cache()
+            log.info(f"lensbench: batch size {size} -> {max(1, size // 2)} after CUDA out-of-memory "
+                     f"({end - start} prompts in the failed call)")
             size = max(1, size // 2)
             continue
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(f"lensbench: generated {end - start} prompts (batch size {size}) in {chunk[0].duration:.2f} s"
+                      f"{_cuda_memory(device)}")
+        out += chunk
         start = end
     return out
+
+
+def _cuda_memory(device: torch.device) -> str:
+    if device.type != "cuda":
+        return ""
+    gib = 2**30
+    return (f", {torch.cuda.memory_allocated(device) / gib:.2f} GiB allocated "
+            f"(peak {torch.cuda.max_memory_allocated(device) / gib:.2f} GiB)")
 
 
 def _encode(tokenizer, processor, prompts: list[str], image, settings: GenerationSettings, device, dtype):
@@ -162,7 +190,7 @@ def _generate_chunk(model, tokenizer, prompts, settings, seed, device, processor
             if token in eos:
                 n = i + 1
                 break
-        results.append(Generated(tokenizer.decode(row[:n], skip_special_tokens=True), n, duration, len(prompts)))
+        results.append(Generated(tokenizer.decode(row[:n], skip_special_tokens=True), n, duration, len(prompts), seed))
     return results
 
 
@@ -172,19 +200,66 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
-def perplexity(model, tokenizer, text: str, max_length: int, device: torch.device) -> float:
-    """exp(mean next-token negative log-likelihood), token-weighted over windows of max_length."""
+# Positions per torchmetrics update: bounds the float64 copy of the logits (positions x vocabulary).
+PERPLEXITY_CHUNK = 128
+
+
+def _perplexity_metric(device: torch.device | None = None):
+    """An empty ``torchmetrics.text.Perplexity`` with float64 states (float32 on MPS, which has no
+    float64), never synchronised across processes: each rank scores its own states."""
+    from torchmetrics.text import Perplexity
+
+    dtype = torch.float32 if device is not None and device.type == "mps" else torch.float64
+    metric = Perplexity(sync_on_compute=False, compute_with_cache=False).set_dtype(dtype)
+    return metric.to(device) if device is not None else metric
+
+
+def perplexity_state(model, tokenizer, text: str, max_length: int, device: torch.device) -> dict[str, float]:
+    """The torchmetrics Perplexity state of ``text``: ``{"total": summed next-token negative
+    log-likelihood (nats), "count": predicted tokens}``, over consecutive windows of max_length tokens.
+
+    Each window predicts its tokens 2..n from the ones before (no padding, so no ignore_index);
+    the logits are cast to float64 before torchmetrics' softmax, so that tokens a damaged model
+    gives a probability below float32's range still count with their finite likelihood.
+    """
+    metric = _perplexity_metric(device)
+    dtype = metric.total_log_probs.dtype
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(ids), max_length):
-            window = ids[start : start + max_length].to(device)
-            if len(window) < 2:
-                continue
-            loss = model(input_ids=window[None], labels=window[None]).loss
-            total += float(loss) * (len(window) - 1)
-            count += len(window) - 1
-    if count == 0:
+    for start in range(0, len(ids), max_length):
+        window = ids[start : start + max_length].to(device)
+        if len(window) < 2:
+            continue
+        with torch.inference_mode():
+            logits = model(input_ids=window[None]).logits
+        for lo in range(0, len(window) - 1, PERPLEXITY_CHUNK):
+            hi = min(lo + PERPLEXITY_CHUNK, len(window) - 1)
+            metric.update(logits[:, lo:hi].to(dtype), window[None, lo + 1 : hi + 1])
+    return {"total": float(metric.total_log_probs), "count": int(metric.count)}
+
+
+def pooled_perplexity(states: list[dict[str, float]]) -> float:
+    """The perplexity of one or more Perplexity states pooled: each state rebuilt as a torchmetrics
+    Perplexity and combined with ``Metric.merge_state``, i.e. ``exp(sum total / sum count)``.
+    NaN when no token was scored."""
+    metrics = []
+    for state in states:
+        metric = _perplexity_metric()
+        metric.merge_state({"total_log_probs": torch.tensor(float(state["total"]), dtype=torch.float64),
+                            "count": torch.tensor(float(state["count"]), dtype=torch.float64)})
+        metrics.append(metric)
+    if not metrics:
         return math.nan
-    mean = total / count
-    return math.exp(mean) if math.isfinite(mean) and mean < 700 else math.inf if mean == mean else math.nan
+    pooled = metrics[0]
+    for other in metrics[1:]:
+        pooled.merge_state(other)
+    if float(pooled.count) == 0:
+        return math.nan
+    with warnings.catch_warnings():  # merged states count no update() call; the states are complete
+        warnings.filterwarnings("ignore", message=r".*called before the ``update`` method")
+        return float(pooled.compute())
+
+
+def perplexity(model, tokenizer, text: str, max_length: int, device: torch.device) -> float:
+    """exp(mean next-token negative log-likelihood), token-weighted over windows of max_length
+    (torchmetrics' Perplexity; NaN when the text has fewer than 2 tokens)."""
+    return pooled_perplexity([perplexity_state(model, tokenizer, text, max_length, device)])

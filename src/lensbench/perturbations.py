@@ -149,10 +149,20 @@ class PerturbationGrid:
     """Base seed."""
 
     def level_values(self, field: str) -> list[float]:
+        """The levels run, in order: the baseline 0 first (unless given or excluded), duplicates dropped."""
+        return [value for value, _ in self._levels(field)]
+
+    def _levels(self, field: str) -> list[tuple[float, str]]:
+        """Each level run with the config field to blame for it: ``levels[i]`` with ``i`` its index in
+        the list as given (not counting the baseline added in front), ``min_deg``/``max_deg`` for a
+        generated grid, ``include_baseline`` for the added baseline."""
         if self.levels is not None:
             values = [float(v) for v in self.levels]
             if not values:
                 raise LensbenchError("is empty; give at least one level or leave it null", f"{field}.levels")
+            blamed = [f"{field}.levels[{i}]" for i in range(len(values))]
+            for value, where in zip(values, blamed):
+                check_level(self.method, value, where)
         else:
             if self.deg_steps < 1:
                 raise LensbenchError(f"must be at least 1, got {self.deg_steps}", f"{field}.deg_steps")
@@ -168,15 +178,17 @@ class PerturbationGrid:
                 raise LensbenchError(f"must be linear or geometric, got {self.spacing!r}", f"{field}.spacing")
             if self.method == "uni_quant":
                 values = [float(round(v)) for v in values]
-        if self.levels is not None:
-            for i, value in enumerate(values):
-                check_level(self.method, value, f"{field}.levels[{i}]")
-        else:  # generated levels lie between the two ends
+            # generated levels lie between the two ends
             check_level(self.method, float(self.min_deg), f"{field}.min_deg")
             check_level(self.method, float(self.max_deg), f"{field}.max_deg")
+            blamed = [f"{field}.min_deg" if i == 0 else f"{field}.max_deg" for i in range(len(values))]
+        pairs = list(zip(values, blamed))
         if self.include_baseline and 0.0 not in values:
-            values = [0.0, *values]
-        return list(dict.fromkeys(values))
+            pairs = [(0.0, f"{field}.include_baseline"), *pairs]
+        first: dict[float, str] = {}
+        for value, where in pairs:  # duplicates dropped, the first occurrence kept
+            first.setdefault(value, where)
+        return list(first.items())
 
     def states(self, checkpoint: str, registry, field: str) -> list[State]:
         """One state per (level, repeat), grouped by level; the baseline repeats too (sampling seeds differ)."""
@@ -185,11 +197,11 @@ class PerturbationGrid:
         if self.n_rep < 1:
             raise LensbenchError(f"must be at least 1, got {self.n_rep}", f"{field}.n_rep")
         states = []
-        for i, level in enumerate(self.level_values(field)):
+        for level, where in self._levels(field):
             try:  # the method's own checks of its arguments, before any work
                 cls(group=self.param_group, level=level)
-            except LensbenchError as exc:
-                raise LensbenchError(exc.message, f"{field}.levels[{i}]" if self.levels else f"{field}.max_deg") from None
+            except LensbenchError as exc:  # blamed on the level's own field, not its index in the run
+                raise LensbenchError(exc.message, where) from None
             for rep in range(self.n_rep):
                 spec = TransformSpec(self.method, (("group", self.param_group), ("level", level)), self.seed + rep)
                 labels = (("degradation_method", self.method), ("param_group_name", self.param_group),
@@ -215,3 +227,9 @@ def check_group_spec(spec: str, field: str) -> None:
 @hookimpl
 def lensbench_register_perturbations() -> list[type]:
     return list(METHODS)
+
+
+#: The grid settings (under an analysis's ``perturbation:``) that only add or drop states: a run
+#: folder is extended when they change. Method, parameter group and seed change what a state means.
+GRID_EXTENDABLE = tuple(f"perturbation.{f}" for f in ("levels", "min_deg", "max_deg", "deg_steps", "spacing",
+                                                       "include_baseline", "n_rep"))

@@ -4,7 +4,8 @@ States are (level, repetition) pairs of one perturbation method on one parameter
 prompt of each state is one work item keyed ``(state, prompt_group, prompt_id)``, so resume works
 at prompt level. Consecutive prompts of one state are generated together in batches of
 ``max_batch_size``. Before each state only the touched tensors are restored, then perturbed with
-a generator seeded ``seed + repeat_index``.
+a generator seeded ``seed + repeat_index``; each generate call is seeded ``prompt_seed`` of its
+first prompt (the record's ``sampling_seed``).
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from typing import Any
 
 from ..analysis import Analysis
 from ..errors import LensbenchError
-from ..generation import GenerationSettings, PerplexitySettings, generate, perplexity
+from ..generation import (DEFAULT_PERPLEXITY_TEXT, GenerationSettings, PerplexitySettings, generate,
+                          perplexity_state, pooled_perplexity)
 from ..hookspecs import hookimpl
 from ..models.loading import EMBEDDED, ModelSpec, resolve_source, takes_images
-from ..perturbations import PerturbationGrid
+from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
 from ..state import State, SubjectManager
 from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem
 
 SUMMARY = "summary.csv"
-GAUSS = ("mult_gauss", "add_gauss")
 IMAGES = ("auto", "always", "never")
 # A child of Lightning's logger, so that its messages print like Lightning's own, on every rank.
 log = logging.getLogger("lightning.pytorch.lensbench")
@@ -40,6 +41,8 @@ class PerturbationAnalysis(Analysis):
     """Weight perturbation followed by generation (and optional perplexity), per level and repetition."""
 
     name = "perturbation"
+    # More levels or repetitions, and another batch size, extend a run (the DataModule adds prompts).
+    extendable = (*GRID_EXTENDABLE, "generation.max_batch_size")
 
     def __init__(
         self,
@@ -57,7 +60,9 @@ class PerturbationAnalysis(Analysis):
             model: The model to damage: alias, hub id, folder, .safetensors or .gguf file, or a ModelSpec.
             perturbation: Method, parameter group, levels, repetitions and seed.
             generation: Sampling settings and batch size.
-            perplexity: Score a sentence or a text file on every perturbed state (null: off).
+            perplexity: Score a sentence (``text``) or a text file (``file``), not both, on every
+                perturbed state; neither: the sentence "The quick brown fox jumps over the lazy dog."
+                (null: off).
             name_suffix: Appended to the merged output file's name.
             force_run: Recompute everything: earlier results of this run are moved to
                 ``superseded/`` (kept, not deleted) before the run.
@@ -77,19 +82,27 @@ class PerturbationAnalysis(Analysis):
         self.perturbations = active_registries().perturbations
         _check_generation(self.generation)
         if self.ppl is not None:
+            if self.ppl.text is not None and self.ppl.file is not None:
+                raise LensbenchError(f"is given together with model.init_args.perplexity.file ({self.ppl.file!r}); "
+                                     "give one, not both: set text to null to score the file, or file to null to "
+                                     "score the sentence", "model.init_args.perplexity.text")
             datasets = active_registries().datasets
             if self.ppl.file in datasets:  # a registered text dataset by name
                 self.ppl.file = str(datasets.get(self.ppl.file).path)
             if self.ppl.file is not None and not Path(self.ppl.file).is_file():
                 raise LensbenchError(f"{self.ppl.file!r} does not exist; give a UTF-8 text file, a registered dataset or null",
                                      "model.init_args.perplexity.file")
-            if self.ppl.file is None and not (self.ppl.text or "").strip():
-                raise LensbenchError("needs a non-empty text or a file", "model.init_args.perplexity.text")
+            if self.ppl.text is not None and not self.ppl.text.strip():
+                raise LensbenchError("is empty; give a sentence, or null for the default sentence "
+                                     f"{DEFAULT_PERPLEXITY_TEXT!r}", "model.init_args.perplexity.text")
             if self.ppl.max_length < 2:
                 raise LensbenchError("must be at least 2", "model.init_args.perplexity.max_length")
         self._ppl_text = None
         if self.ppl is not None:  # read once, scored on every state
-            self._ppl_text = Path(self.ppl.file).read_text(encoding="utf-8") if self.ppl.file else self.ppl.text
+            if self.ppl.file is not None:
+                self._ppl_text = Path(self.ppl.file).read_text(encoding="utf-8")
+            else:
+                self._ppl_text = self.ppl.text if self.ppl.text is not None else DEFAULT_PERPLEXITY_TEXT
         self._states = self.grid.states(self.spec.label(), self.perturbations, "model.init_args.perturbation")
         self.items_per_step = self.generation.max_batch_size
         self.subjects: SubjectManager | None = None
@@ -126,10 +139,15 @@ class PerturbationAnalysis(Analysis):
         loaded = self.subjects.activate(state)
         if state.id not in self._state_info:
             finite = self.subjects.weights_finite()
-            info = {"touched_tensors": self.subjects.touched_names(), "weights_finite": finite, "perplexity": None}
-            if self.ppl is not None:
-                info["perplexity"] = perplexity(loaded.model, loaded.tokenizer, self._ppl_text, self.ppl.max_length,
-                                                self.device) if finite else math.nan
+            info = {"touched_tensors": self.subjects.touched_names(), "weights_finite": finite, "perplexity": None,
+                    "perplexity_state": None}
+            if self.ppl is not None and finite:
+                ppl_state = perplexity_state(loaded.model, loaded.tokenizer, self._ppl_text, self.ppl.max_length,
+                                             self.device)
+                info["perplexity_state"] = ppl_state
+                info["perplexity"] = pooled_perplexity([ppl_state])
+            elif self.ppl is not None:  # non-finite weights: not scored
+                info["perplexity"] = math.nan
             self._state_info = {state.id: info}  # one state at a time
         return self._state_info[state.id]
 
@@ -145,7 +163,7 @@ class PerturbationAnalysis(Analysis):
                                self.generation, seeds, self.device, images=shown, processor=loaded.processor)
         else:
             results = [None] * len(items)
-        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        stamp = utc_timestamp()
         records = []
         for item, result, picture in zip(items, results, shown):
             prompt = item.payload
@@ -155,7 +173,7 @@ class PerturbationAnalysis(Analysis):
                 "model_label": self.spec.label(),
                 "degradation_method": labels["degradation_method"],
                 "level_value": labels["level_value"],
-                "std_dev": labels["level_value"] if labels["degradation_method"] in GAUSS else None,
+                "std_dev": labels["level_value"],  # every method: the seed's name for the level (its resume key)
                 "is_baseline": labels["is_baseline"],
                 "param_group_name": labels["param_group_name"],
                 "touched_tensors": info["touched_tensors"],
@@ -163,6 +181,7 @@ class PerturbationAnalysis(Analysis):
                 "weights_finite": info["weights_finite"],
                 "repeat_index": labels["repeat_index"],
                 "seed": labels["seed"],
+                "sampling_seed": result.seed if result else None,
                 "prompt_group": prompt.group,
                 "prompt_id": prompt.prompt_id,
                 "category": prompt.category,
@@ -179,6 +198,7 @@ class PerturbationAnalysis(Analysis):
                 "top_p": self.generation.top_p,
                 "max_new_tokens": self.generation.max_new_tokens,
                 "perplexity": info["perplexity"],
+                "perplexity_state": info["perplexity_state"],
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                 "device": str(self.device),
                 "load_4bit": False,
@@ -213,7 +233,8 @@ class PerturbationAnalysis(Analysis):
         clean = model_name_clean(first["model_name"], first["model_label"])
         suffix = f"_{first['name_suffix']}" if first["name_suffix"] else ""
         merged = run_dir / f"outputs_{first['degradation_method']}_{clean}{suffix}.json"
-        fields = [k for k in first if k not in ("key", "state")]
+        # the store's bookkeeping (work key, state id, unit digest) stays in the shards
+        fields = [k for k in first if k not in ("key", "state", "digest")]
         _atomic_text(merged, json.dumps([{k: r.get(k) for k in fields} for r in records], indent=1,
                                         ensure_ascii=False, allow_nan=True))
         table = pd.DataFrame(records)
@@ -222,6 +243,9 @@ class PerturbationAnalysis(Analysis):
         keys = ["degradation_method", "param_group_name", "level_value"]
         for (method, group, level), g in table.groupby(keys, sort=True):
             ppl = g.groupby("repeat_index")["perplexity"].first().astype(float)
+            # one Perplexity state per repetition (null where not scored), pooled with merge_state
+            states = [s for s in g.groupby("repeat_index")["perplexity_state"].first()
+                      if isinstance(s, dict)] if "perplexity_state" in g else []
             rows.append({
                 "degradation_method": method, "param_group_name": group, "level_value": level,
                 "is_baseline": bool(g["is_baseline"].iloc[0]), "n_outputs": len(g),
@@ -230,6 +254,7 @@ class PerturbationAnalysis(Analysis):
                 "mean_output_chars": g["output_chars"].mean(),
                 "perplexity_mean": ppl.mean() if ppl.notna().any() else math.nan,
                 "perplexity_std": ppl.std(ddof=0) if ppl.notna().any() else math.nan,
+                "perplexity_pooled": pooled_perplexity(states),
                 "n_nonfinite_states": int((~g.groupby("repeat_index")["weights_finite"].first()).sum()),
                 "mean_duration": g["duration"].mean(),
             })
@@ -259,6 +284,12 @@ class PerturbationAnalysis(Analysis):
             plt.close(fig)
             outputs.append(out)
         return outputs
+
+
+def utc_timestamp(now: dt.datetime | None = None) -> str:
+    """UTC time in the seed's form, ``2025-10-06T12:34:56.789Z`` (milliseconds, ``Z``)."""
+    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def prompt_seed(seed: int, group: str, prompt_id: int) -> int:
