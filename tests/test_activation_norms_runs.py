@@ -46,7 +46,7 @@ def _reference(model_dir: Path, texts: list[str]) -> tuple[int, torch.Tensor, to
 def test_single_run_matches_a_direct_computation(workdir):
     result = lensbench("predict", "--config", "run.yaml", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    run_dir = workdir / "outputs" / "run"
+    run_dir = workdir / "outputs" / "activation_norms" / "run"
     table = _table(run_dir)
     assert list(table.columns) == ["model", "dataset", "layer", "n_tokens", "mean_norm", "std_norm", "min_norm", "max_norm"]
     assert sorted(table["dataset"].unique()) == ["alpha", "beta"]
@@ -68,7 +68,7 @@ def test_single_run_matches_a_direct_computation(workdir):
 
 def test_rerun_recomputes_nothing_and_refuses_a_changed_config(workdir):
     assert lensbench("predict", "--config", "run.yaml", cwd=workdir).returncode == 0
-    shards = workdir / "outputs" / "run" / "shards"
+    shards = workdir / "outputs" / "activation_norms" / "run" / "shards"
     before = {p.name: p.read_bytes() for p in shards.iterdir()}
     second = lensbench("predict", "--config", "run.yaml", cwd=workdir)
     assert second.returncode == 0, second.stderr
@@ -89,7 +89,7 @@ def test_two_ddp_processes_match_one(workdir):
     assert two.returncode == 0, two.stderr
     shards = sorted((workdir / "outputs" / "ddp2" / "shards").glob("*.jsonl"))
     assert len(shards) == 2 and all(p.stat().st_size > 0 for p in shards)  # both ranks worked
-    _assert_close(_table(workdir / "outputs" / "ddp2"), _table(workdir / "outputs" / "run"))
+    _assert_close(_table(workdir / "outputs" / "ddp2"), _table(workdir / "outputs" / "activation_norms" / "run"))
 
 
 def _free_port() -> int:
@@ -114,7 +114,7 @@ def test_two_nodes_on_loopback_match_one(workdir):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(list((workdir / "outputs" / "nodes" / "shards").glob("*.jsonl"))) == 2
-    _assert_close(_table(workdir / "outputs" / "nodes"), _table(workdir / "outputs" / "run"))
+    _assert_close(_table(workdir / "outputs" / "nodes"), _table(workdir / "outputs" / "activation_norms" / "run"))
 
 
 def _records(run_dir: Path) -> list[dict]:

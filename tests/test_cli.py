@@ -225,7 +225,7 @@ def _reference_max_abs(model_dir: Path, texts: list[str]) -> tuple[int, torch.Te
 
 
 def test_example_plugin_statistic_and_dataset_end_to_end(example_run):
-    run_dir = example_run / "outputs" / "example"
+    run_dir = example_run / "outputs" / "activation_norms" / "example"
     table = pd.read_csv(run_dir / "activation_norms.csv")
     stats = [f"{agg}_{s}" for s in ("norm", "max_abs") for agg in ("mean", "std", "min", "max")]
     assert list(table.columns) == ["model", "dataset", "layer", "n_tokens", *stats]
@@ -254,7 +254,7 @@ def test_example_plugin_statistic_and_dataset_end_to_end(example_run):
 @pytest.fixture(scope="module")
 def after_run(example_run):
     """Failing runs into the finished run's folder, and plot on a copy of it, run concurrently."""
-    run_dir = example_run / "outputs" / "example"
+    run_dir = example_run / "outputs" / "activation_norms" / "example"
     before = snapshot(run_dir)
     copy = example_run / "outputs" / "copy"
     shutil.copytree(run_dir, copy)
@@ -302,9 +302,14 @@ def test_failed_runs_leave_a_finished_run_byte_identical(after_run):
 
 
 def test_the_run_identity_holds_the_weights_fingerprint(example_run):
-    identity = json.loads((example_run / "outputs" / "example" / "run.json").read_text())
+    identity = json.loads((example_run / "outputs" / "activation_norms" / "example" / "run.json").read_text())
     assert identity["model_fingerprint.tiny"] == model_fingerprint(ModelSpec(str(example_run / "tiny")))
-    assert identity["data_fingerprint.datasets_sha256.alpha"]
+    assert "model.init_args.statistics" in identity  # changes what a record means
+    assert "data.init_args.datasets" not in identity  # extendable: more datasets extend the run
+    shard = example_run / "outputs" / "activation_norms" / "example" / "shards" / "rank00000.jsonl"
+    records = [json.loads(line) for line in shard.read_text().splitlines()]
+    assert records and all(len(r["digest"]) == 16 for r in records)  # the batch's texts, per record
+    assert len({r["digest"] for r in records}) == len(records)
 
 
 def test_plot_redraws_the_figures(after_run):
@@ -323,3 +328,12 @@ def test_a_registered_short_name_works_on_the_command_line(workdir):
     printed = yaml.safe_load(result.stdout)
     assert printed["model"]["class_path"] == "lensbench.analyses.activation_norms.ActivationNorms"
     assert printed["model"]["init_args"]["models"] == ["tiny"]  # the config's arguments are kept
+
+
+def test_a_value_starting_with_a_star_is_a_string_not_a_yaml_alias(workdir):
+    (workdir / "glob.yaml").write_text(
+        "model:\n  class_path: perturbation\n  init_args:\n    model: tiny\n"
+        "    perturbation: {param_group: \"*.mlp.*\"}\ntrainer:\n  devices: 1\n")
+    result = lensbench("predict", "--config", "glob.yaml", "--print_config", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["model"]["init_args"]["perturbation"]["param_group"] == "*.mlp.*"

@@ -19,7 +19,7 @@ def test_quickstart_on_smollm2(tmp_path):
     shutil.copy(ROOT / "configs" / "activation_norms" / "quickstart.yaml", tmp_path / "quickstart.yaml")
     result = lensbench("predict", "--config", "quickstart.yaml", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr
-    run_dir = tmp_path / "outputs" / "quickstart"
+    run_dir = tmp_path / "outputs" / "activation_norms" / "quickstart"
     table = pd.read_csv(run_dir / "activation_norms.csv")
     assert sorted(table["dataset"].unique()) == ["forget", "retain"]
     assert sorted(table["layer"].unique()) == list(range(31))  # embedding output + 30 blocks

@@ -17,9 +17,10 @@ import lightning.pytorch as pl
 import yaml
 
 from .errors import LensbenchError
+from .logs import Progress, RunLog, run_log
 from .results import ResultStore
 from .state import State
-from .work import WorkItem
+from .work import WorkItem, changed_items, plan_items
 
 CONFIG_FILE = "config.yaml"
 IDENTITY_FILE = "run.json"
@@ -32,12 +33,16 @@ class Analysis(pl.LightningModule):
     name: ClassVar[str] = ""
     #: Work items handed to one ``predict_step`` (consecutive items of one state); see process_batch.
     items_per_step: int = 1
+    #: Settings (paths under ``model.init_args``) that may change between runs on one folder
+    #: because they only choose which work items exist or how they are scheduled: a finished run
+    #: is extended with the missing items. Every other setting must match to resume.
+    extendable: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, experiment: str | None = None, output_dir: str = "outputs") -> None:
         """
         Args:
             experiment: Name of the run; results go to ``<output_dir>/<experiment>/``. Default:
-                the config file's stem, else the analysis name.
+                ``<analysis name>/<config file's stem>``, else the analysis name.
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__()
@@ -45,6 +50,10 @@ class Analysis(pl.LightningModule):
         self.output_dir = output_dir
         self.run_config: str | None = None  # resolved config (YAML), set by the CLI
         self.run_identity: dict[str, Any] | None = None  # what must match to resume a run
+        self.identity_free: tuple[str, ...] = ()  # config paths left out of the identity (set by the CLI)
+        self.plan: list[WorkItem] | None = None  # every work item of the run (set in setup)
+        self.run_log: RunLog | None = None
+        self.progress: Progress | None = None
         self.store: ResultStore | None = None
         self.merged_outputs: list[Path] = []
         self._lock: Any = None  # rank 0's open, locked run_dir/.lock while the run lasts
@@ -83,7 +92,9 @@ class Analysis(pl.LightningModule):
         path = self.run_dir / IDENTITY_FILE
         if self.run_identity is None or not path.exists():
             return
-        stored = json.loads(path.read_text())
+        from .cli import is_free
+
+        stored = {k: v for k, v in json.loads(path.read_text()).items() if not is_free(k, self.identity_free)}
         if stored != json.loads(json.dumps(self.run_identity)):
             changed = sorted(k for k in set(stored) | set(self.run_identity) if stored.get(k) != self.run_identity.get(k))
             weights = [k.split(".", 1)[1] for k in changed if k.startswith("model_fingerprint.")]
@@ -125,13 +136,24 @@ class Analysis(pl.LightningModule):
     def setup(self, stage: str) -> None:
         self.lock_run_dir()
         self.check_run_dir()  # every rank checks, so every rank fails alike
+        self.plan = plan_items(self.states(), self.trainer.datamodule.units())
+        problem = None
         if self.global_rank == 0:
             self.prepare_run_dir()
+            problem = changed_items(self.plan, ResultStore(self.run_dir).digests())
+        problem = self.trainer.strategy.broadcast(problem, src=0)
+        if problem:  # before anything of this run is written
+            raise LensbenchError(f"{self.run_dir} holds results computed on different data ({problem}); "
+                                 "set another experiment name or delete that folder", "model.init_args.experiment")
+        self.run_log = RunLog(self.run_dir, self.global_rank)
+        self.run_log.attach()
+        if self.global_rank == 0:
             self.write_run_files()
         self.store = ResultStore(self.run_dir)  # Lightning's post_setup barrier follows
 
     def on_predict_start(self) -> None:
-        self.store.open_shard(self.global_rank)
+        path = self.store.open_shard(self.global_rank)
+        run_log.info(f"rank {self.global_rank}/{self.trainer.world_size} on {self.device}: results to {path}")
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         return batch  # a WorkItem; ``process`` moves what it needs
@@ -144,7 +166,10 @@ class Analysis(pl.LightningModule):
         items = step if isinstance(step, list) else [step]
         records = self.process_batch(items) if isinstance(step, list) else [self.process(step)]
         for item, record in zip(items, records, strict=True):
-            self.store.write(item.key_str, {"state": item.state.id, **record})
+            digest = {"digest": item.digest} if item.digest is not None else {}
+            self.store.write(item.key_str, {"state": item.state.id, **digest, **record})
+        if self.progress is not None:
+            self.progress.step(len(items))
 
     def teardown(self, stage: str) -> None:
         try:
@@ -158,12 +183,18 @@ class Analysis(pl.LightningModule):
             if trainer.is_global_zero:
                 self.merged_outputs = self.finalize()
             trainer.strategy.barrier("lensbench-merged")
+            if trainer.is_global_zero:
+                run_log.info(f"merged: {', '.join(p.name for p in self.merged_outputs)}")
         finally:
+            if self.run_log is not None:
+                self.run_log.detach()
             self.unlock_run_dir()
 
     def finalize(self) -> list[Path]:
         """Merge every stored record into tables and figures (rank 0, after all ranks finished)."""
-        records = list(self.store.records())
+        planned = None if self.plan is None else {item.key_str for item in self.plan}
+        # Records of items this config no longer plans (fewer repetitions, say) stay stored, unmerged.
+        records = [r for r in self.store.records() if planned is None or r["key"] in planned]
         if not records:
             raise LensbenchError(f"no results stored under {self.store.dir}; nothing to merge")
         outputs = type(self).merge(records, self.run_dir)

@@ -49,6 +49,8 @@ def _make_loader(registries):
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
+            if "\n" not in text.strip():
+                raise  # one value, such as the glob "*.mlp.*": jsonargparse takes it as a string
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -73,6 +75,7 @@ def _build_cli_class():
             parser.set_defaults({
                 "trainer.use_distributed_sampler": False,
                 "trainer.logger": False,
+                "trainer.enable_checkpointing": False,  # predict saves no checkpoint
                 "trainer.enable_model_summary": False,
             })
 
@@ -89,9 +92,7 @@ def _build_cli_class():
             cfg = self.config[self.subcommand]
             init = cfg.model.init_args
             if getattr(init, "experiment", None) is None:
-                configs = cfg.get("config") or []
-                stem = Path(str(configs[-1])).stem if configs else None
-                init.experiment = stem or cfg.model.class_path.rsplit(".", 1)[-1].lower()
+                init.experiment = default_experiment(cfg.model.class_path, cfg.get("config") or [])
 
         def before_predict(self) -> None:
             parser = self._subcommand_parsers[self.subcommand]
@@ -99,14 +100,44 @@ def _build_cli_class():
             text = parser.dump(cfg, skip_none=False)
             resolved = yaml.safe_load(text)
             identity = _flatten({"model": resolved.get("model"), "data": resolved.get("data")})
-            for key in ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run"):
-                identity.pop(key, None)
             identity.update(_flatten({"data_fingerprint": self.datamodule.fingerprint(),
                                       "model_fingerprint": self.model.fingerprint()}))
+            free = free_fields(self.model, self.datamodule)
             self.model.run_config = text
-            self.model.run_identity = identity
+            self.model.run_identity = {k: v for k, v in identity.items() if not is_free(k, free)}
+            self.model.identity_free = free
 
     return LensbenchCLI
+
+
+def default_experiment(class_path: str, configs: list) -> str:
+    """``<analysis name>/<config stem>``: run folders of two analyses never collide."""
+    import importlib
+
+    module, _, attr = str(class_path).rpartition(".")
+    try:
+        name = getattr(importlib.import_module(module), attr).name or attr.lower()
+    except (ImportError, AttributeError, ValueError):
+        name = attr.lower()
+    stem = Path(str(configs[-1])).stem if configs else None
+    return f"{name}/{stem}" if stem else name
+
+
+#: Settings that never change what a stored record means (where results go, recompute-all).
+ALWAYS_FREE = ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run")
+
+
+def free_fields(analysis: Any, datamodule: Any) -> tuple[str, ...]:
+    """Config paths that may differ between runs on one folder: those choosing which work items
+    exist or how they are scheduled (``extendable`` of the analysis and of the DataModule), never
+    those that change a stored record's meaning."""
+    return (*ALWAYS_FREE,
+            *(f"model.init_args.{f}" for f in getattr(analysis, "extendable", ())),
+            *(f"data.init_args.{f}" for f in getattr(datamodule, "extendable", ())))
+
+
+def is_free(key: str, free: tuple[str, ...]) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in free)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -131,8 +162,11 @@ def run_predict(argv: list[str] | None) -> Any:
 
     from jsonargparse import set_loader
 
+    from .logs import quiet_lightning
+
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    quiet_lightning()
 
     from .analysis import Analysis
     from .data.modules import WorkDataModule
@@ -160,9 +194,12 @@ def run_predict(argv: list[str] | None) -> Any:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import active_registries
+    import os
+
+    from .plugins import _truthy, active_registries, blocked_plugins, installed_plugins
 
     registries = active_registries()
+    print("columns: name, plugin, entry point ('-': built-in or registered in-process), description")
     for kind, registry in registries.kinds().items():
         print(f"{kind}:")
         entries = list(registry)
@@ -171,7 +208,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for entry in entries:
             doc = getattr(entry.obj, "description", "") or (entry.obj.__doc__ or "").strip().splitlines()[0:1]
             doc = doc if isinstance(doc, str) else (doc[0] if doc else "")
-            print(f"  {entry.name:<22} {entry.plugin:<32} {doc}")
+            print(f"  {entry.name:<22} {entry.plugin:<32} {entry.entry_point or '-':<16} {doc}")
+    installed = installed_plugins()
+    blocked, _ = blocked_plugins(os.environ.get("LENSBENCH_BLOCK_PLUGINS", ""), installed)
+    print("installed plugins (entry point, distribution; LENSBENCH_BLOCK_PLUGINS takes either name):")
+    if not installed:
+        print("  (none)")
+    for name, dist in sorted(installed.items()):
+        if name in registries.entry_points:
+            status = "loaded"
+        elif _truthy(os.environ.get("LENSBENCH_DISABLE_PLUGINS")):
+            status = "not loaded (LENSBENCH_DISABLE_PLUGINS)"
+        elif name in blocked:
+            status = "not loaded (LENSBENCH_BLOCK_PLUGINS)"
+        else:
+            status = "not loaded"
+        print(f"  {name:<22} {dist:<32} {status}")
     return 0
 
 

@@ -60,6 +60,14 @@ class ResultStore:
     def keys(self) -> set[str]:
         return {r["key"] for path in self.shards() for r in _read_shard(path)}
 
+    def digests(self) -> dict[str, str | None]:
+        """Stored key -> the content digest of its unit (None for records stored without one)."""
+        out: dict[str, str | None] = {}
+        for path in self.shards():
+            for record in _read_shard(path):
+                out.setdefault(record["key"], record.get("digest"))
+        return out
+
 
 def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
     lines = path.read_bytes().split(b"\n")

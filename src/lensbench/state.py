@@ -9,6 +9,7 @@ of checkpoint loads a model.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -52,6 +53,13 @@ class Transform:
     ``apply`` (modify them in place, drawing randomness only from ``generator``). Both receive the
     ``LoadedModel`` (``.model``, ``.anatomy``, ``.tokenizer``). The manager saves and restores the
     touched tensors, so a transform never has to undo itself.
+
+    ``SubjectManager`` constructs it as ``cls(**params)`` (the state's parameters, kept in
+    ``self.params``) each time a model enters a state, calls ``validate``, then ``touched``, then
+    ``apply`` under ``torch.no_grad()`` with a new ``torch.Generator`` on the device of the first
+    touched parameter (the CPU when none), seeded with the state's seed. Raise
+    ``lensbench.errors.LensbenchError(message, field)`` for what a user can fix. The full contract
+    is in docs/plugins.md, "Contracts".
     """
 
     name: ClassVar[str] = ""
@@ -100,9 +108,13 @@ class SubjectManager:
     def activate(self, state: State):
         if self.state is not None and self.state.id == state.id:
             return self.loaded
+        from .logs import run_log
+
+        begin = time.perf_counter()
         if self.loaded is None or self.state.checkpoint != state.checkpoint:
             self._load(state.checkpoint)
         else:
+            run_log.info(f"restore {len(self._originals)} tensors of {self.state.id}")
             self._restore()
         self.state = State(state.checkpoint)  # plain until every transform has been applied
         try:
@@ -111,17 +123,22 @@ class SubjectManager:
             self._restore()  # never leave a half-transformed model behind
             raise
         self.state = state
+        run_log.info(f"state {state.id}: {len(self._touched)} tensors changed, {time.perf_counter() - begin:.2f} s")
         return self.loaded
 
     def release(self) -> None:
         self.loaded, self.state, self._originals = None, None, {}
 
     def _load(self, label: str) -> None:
+        from .logs import console, memory_summary
         from .models.loading import load_model
 
         self.release()
+        begin = time.perf_counter()
         self.loaded = load_model(self.specs[label], device=self.device, padding_side=self.padding_side)
         self.loads += 1
+        console.info(f"lensbench: loaded {label} on {self.device} in {time.perf_counter() - begin:.1f} s "
+                     f"(memory: {memory_summary(self.device)})")
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.loaded.model.named_parameters())

@@ -24,6 +24,9 @@ def key_str(key: tuple | list) -> str:
 class Unit:
     key: tuple
     payload: Any = field(default=None, compare=False)
+    #: A hash of what the unit holds (its texts, a prompt and its picture), stored with each record:
+    #: a rerun refuses stored records whose unit now holds something else. None: not checked.
+    digest: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class WorkItem:
     key: tuple
     state: Any  # a lensbench.state.State
     payload: Any = field(default=None, compare=False)
+    digest: str | None = field(default=None, compare=False)
 
     @property
     def key_str(self) -> str:
@@ -44,12 +48,30 @@ def plan_items(states: Iterable, units: Iterable[Unit]) -> list[WorkItem]:
     seen: set[str] = set()
     for state in states:
         for unit in units:
-            item = WorkItem((state.id, *unit.key), state, unit.payload)
+            item = WorkItem((state.id, *unit.key), state, unit.payload, unit.digest)
             if item.key_str in seen:
                 raise LensbenchError(f"work item key {item.key_str} occurs twice; names of models/datasets must be unique")
             seen.add(item.key_str)
             items.append(item)
     return items
+
+
+def content_digest(*parts: Any) -> str:
+    """A short hash of JSON-serialisable ``parts`` (a unit's content)."""
+    import hashlib
+
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def changed_items(items: list[WorkItem], stored: dict[str, str | None]) -> str | None:
+    """None when every stored record of ``items`` was computed on the content its unit holds now;
+    else a short description of the first changed unit and how many there are."""
+    changed = [it for it in items if it.digest is not None and stored.get(it.key_str) not in (None, it.digest)]
+    if not changed:
+        return None
+    more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+    return f"work item {changed[0].key_str}{more} now holds other content"
 
 
 def shard_by_state(items: list[WorkItem], rank: int, world_size: int) -> list[WorkItem]:

@@ -20,7 +20,7 @@ from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
-from ..perturbations import PerturbationGrid
+from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
 from ..state import State, SubjectManager
 from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem
@@ -33,6 +33,8 @@ class ActivationNorms(Analysis):
     """Per-layer hidden-state norms (and other token statistics) per model and dataset."""
 
     name = "activation_norms"
+    # More levels or repetitions of a perturbation grid add states; the rest must match to resume.
+    extendable = GRID_EXTENDABLE
 
     def __init__(
         self,
@@ -51,7 +53,8 @@ class ActivationNorms(Analysis):
             perturbation: Measure every model at a grid of perturbed states (method, group,
                 levels, repetitions) instead of as it is; adds the state's columns to the table.
             max_length: Texts are truncated to this many tokens.
-            experiment: Name of the run (output sub-folder). Default: the config file's stem.
+            experiment: Name of the run: results go to ``<output_dir>/<experiment>/``. Default:
+                ``<analysis>/<config file's stem>``.
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)

@@ -49,7 +49,8 @@ class ParamDiff(Analysis):
                 (relative) between iterations.
             max_iter: Most power iterations per matrix (``*_spec_converged`` says if tol was met).
             compute_dtype: float32 or float64: the dtype of every computation, whatever the stored dtype.
-            experiment: Name of the run (output sub-folder). Default: the config file's stem.
+            experiment: Name of the run: results go to ``<output_dir>/<experiment>/``. Default:
+                ``<analysis>/<config file's stem>``.
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)

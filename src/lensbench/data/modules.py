@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from ..errors import LensbenchError
-from ..work import Unit, WorkItem, plan_items, shard_by_state
+from ..logs import Progress
+from ..work import Unit, WorkItem, content_digest, plan_items, shard_by_state
 from .sources import TextDataset, read_records, resolve_dataset
 
 
@@ -43,6 +44,9 @@ class WorkDataModule(pl.LightningDataModule):
 
     # A rank may have nothing left to do (resume, or fewer items than ranks).
     allow_zero_length_dataloader_with_multiple_devices = True
+    #: Settings (paths under ``data.init_args``) that only choose which units exist: changing them
+    #: extends a run folder rather than being refused (units carry content digests instead).
+    extendable: tuple[str, ...] = ()
 
     def units(self) -> list[Unit]:
         raise NotImplementedError
@@ -59,7 +63,7 @@ class WorkDataModule(pl.LightningDataModule):
                 "trainer.use_distributed_sampler",
             )
         analysis = trainer.lightning_module
-        items = plan_items(analysis.states(), self.units())
+        items = analysis.plan if analysis.plan is not None else plan_items(analysis.states(), self.units())
         done = analysis.store.keys()
         todo = [item for item in items if item.key_str not in done]
         mine = shard_by_state(todo, trainer.global_rank, trainer.world_size)
@@ -68,6 +72,7 @@ class WorkDataModule(pl.LightningDataModule):
             f"lensbench: {len(items)} work items, {len(items) - len(todo)} already stored in "
             f"{analysis.run_dir}, {len(todo)} to do on {trainer.world_size} rank(s)"
         )
+        analysis.progress = Progress(len(mine), trainer.global_rank, analysis.device)
         return DataLoader(steps, batch_size=None, shuffle=False, collate_fn=_identity)
 
 
@@ -101,6 +106,10 @@ class TextBatch:
 class TextDataModule(WorkDataModule):
     """Text datasets cut into fixed batches of examples: one work item per (state, dataset, batch)."""
 
+    # Adding datasets or examples adds batches; a stored batch whose texts changed is refused by
+    # its digest. batch_size is not here: it re-cuts every batch.
+    extendable = ("datasets", "max_examples")
+
     def __init__(
         self,
         datasets: list[str | TextDataset] | None = None,
@@ -128,11 +137,8 @@ class TextDataModule(WorkDataModule):
         for name, texts in self.texts.items():
             for index, start in enumerate(range(0, len(texts), self.batch_size)):
                 batch = TextBatch(name, tuple(texts[start : start + self.batch_size]))
-                units.append(Unit((name, index), batch))
+                units.append(Unit((name, index), batch, content_digest(batch.texts)))
         return units
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"datasets_sha256": self.hashes}
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,10 @@ class Prompt:
 
 class PromptDataModule(WorkDataModule):
     """Prompt sets: one work item per (state, prompt_group, prompt_id)."""
+
+    # Adding prompt sets or prompts adds units; a stored prompt whose text, category, answer or
+    # picture changed is refused by its digest.
+    extendable = ("prompts", "max_prompts")
 
     def __init__(self, prompts: list[str | TextDataset] | None = None, max_prompts: int | None = None,
                  image: str | None = None) -> None:
@@ -168,7 +178,7 @@ class PromptDataModule(WorkDataModule):
         rows, self.hashes = load_datasets(["dreams"] if prompts is None else prompts, "data.init_args.prompts", max_prompts)
         self.prompts: list[Prompt] = []
         for name, group in rows.items():
-            ids = [int(r.get("prompt_id", r["index"])) for r in group]
+            ids = [int(r.get("prompt_id", r["index"] + 1)) for r in group]  # 1-based, as the seed's records
             if len(set(ids)) != len(ids):
                 raise LensbenchError(f"prompt set {name!r} repeats a prompt_id; make them unique", "data.init_args.prompts")
             self.prompts += [Prompt(name, pid, r["text"], str(r.get("category", name)), r.get("answer"),
@@ -176,10 +186,9 @@ class PromptDataModule(WorkDataModule):
         pictures = sorted({p.image for p in self.prompts if p.image})
         for path in pictures:  # every picture decodes, before any work
             load_image(path, "data.init_args.image" if path == image else "data.init_args.prompts")
-        self.image_hashes = sorted({file_sha256(path) for path in pictures})  # content, not location
+        self.image_hashes = {path: file_sha256(path) for path in pictures}  # content, not location
 
     def units(self) -> list[Unit]:
-        return [Unit((p.group, p.prompt_id), p) for p in self.prompts]
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"prompts_sha256": self.hashes, **({"images_sha256": self.image_hashes} if self.image_hashes else {})}
+        return [Unit((p.group, p.prompt_id), p,
+                     content_digest(p.text, p.category, p.answer, self.image_hashes.get(p.image)))
+                for p in self.prompts]

@@ -1,0 +1,61 @@
+"""Every shipped config runs out of the box on the embedded models, one after another in one
+folder, in the order the README and docs present them (cut down by command-line overrides), or
+says in its first comment lines what it needs (``# Needs: ...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import ROOT, lensbench
+
+# (config, overrides that cut it down to seconds, the merged output it must write), in the order
+# a newcomer meets them: README (quickstarts), then docs/perturbation.md and docs/param_diff.md.
+ONE_PROMPT = ("--data.init_args.max_prompts", "1", "--model.init_args.perturbation.n_rep", "1",
+              "--model.init_args.generation.max_new_tokens", "4")
+RUNS = (
+    ("activation_norms/quickstart.yaml", ("--data.init_args.max_examples", "4"),
+     "outputs/activation_norms/quickstart/activation_norms.csv"),
+    ("perturbation/quickstart.yaml", ("--model.init_args.perturbation.levels", "[0.5]", *ONE_PROMPT),
+     "outputs/perturbation/quickstart/summary.csv"),
+    ("model_diff/param_stats.yaml", ("--data.init_args.include", "[model.layers.0.mlp.*]"),
+     "outputs/param_diff/param_stats/per_matrix.csv"),
+    ("perturbation/dreams_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),
+     "outputs/perturbation/dreams_it/summary.csv"),
+    ("perturbation/iq_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),
+     "outputs/perturbation/iq_it/summary.csv"),
+    ("perturbation/cookie_theft_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),
+     "outputs/perturbation/cookie_theft_it/summary.csv"),
+    ("perturbation/perplexity_sweep.yaml", ("--model.init_args.perturbation.levels", "[0.1]",
+                                            "--model.init_args.perturbation.n_rep", "1",
+                                            "--model.init_args.perplexity.max_length", "64"),
+     "outputs/perplexity_mlp/summary.csv"),
+)
+
+
+def _needs(config: Path) -> str | None:
+    """The ``# Needs: ...`` line among a config's leading comment lines, if any."""
+    for line in config.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            return None
+        if line.lstrip("# ").lower().startswith("needs:"):
+            return line
+    return None
+
+
+def test_every_config_is_run_here_or_says_what_it_needs():
+    shipped = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml"))
+    run = {config for config, _, _ in RUNS}
+    assert run <= set(shipped), run - set(shipped)
+    unaccounted = [c for c in shipped if c not in run and _needs(ROOT / "configs" / c) is None]
+    assert not unaccounted, f"configs neither run by this test nor saying '# Needs: ...': {unaccounted}"
+    for config in run:
+        assert _needs(ROOT / "configs" / config) is None, f"{config} is run here yet says it needs something"
+
+
+def test_shipped_configs_run_one_after_another_in_one_folder(tmp_path):
+    for config, overrides, output in RUNS:
+        result = lensbench("predict", "--config", str(ROOT / "configs" / config), *overrides, cwd=tmp_path, timeout=900)
+        assert result.returncode == 0, f"{config}: {result.stderr[-3000:]}"
+        assert (tmp_path / output).is_file(), f"{config} wrote no {output}"
+    folders = {Path(output).parent for _, _, output in RUNS}
+    assert len(folders) == len(RUNS)  # no two configs share a run folder
