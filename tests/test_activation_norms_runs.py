@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,6 +90,11 @@ def test_two_ddp_processes_match_one(workdir):
     assert two.returncode == 0, two.stderr
     shards = sorted((workdir / "outputs" / "ddp2" / "shards").glob("*.jsonl"))
     assert len(shards) == 2 and all(p.stat().st_size > 0 for p in shards)  # both ranks worked
+    for rank in (0, 1):  # each rank logs its own share and its end
+        log = (workdir / "outputs" / "ddp2" / "logs" / f"rank{rank}.log").read_text(encoding="utf-8")
+        assert f"rank {rank}/2 on cpu" in log and re.search(rf"rank {rank}: (\d+)/\1 work items \(100%\)", log), log
+    assert "merged: activation_norms.csv" in (workdir / "outputs" / "ddp2" / "logs" / "rank0.log").read_text()
+    assert "Tip:" not in two.stdout + two.stderr
     _assert_close(_table(workdir / "outputs" / "ddp2"), _table(workdir / "outputs" / "activation_norms" / "run"))
 
 
