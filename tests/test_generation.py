@@ -28,16 +28,18 @@ PROMPTS = ["the capital of france is", "water moss cell", "the sun and the moon"
 @pytest.fixture
 def messages():
     """The records of lensbench's logger at DEBUG (Lightning's logger does not propagate to the root)."""
-    logger = logging.getLogger("lightning.pytorch.lensbench")
+    loggers = [logging.getLogger("lightning.pytorch.lensbench"), logging.getLogger("lensbench.run")]
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append
-    before = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
     yield records
-    logger.removeHandler(handler)
-    logger.setLevel(before)
+    for logger, level in zip(loggers, before):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_out_of_memory_halves_the_batch_and_records_it(tiny, monkeypatch, messages):
@@ -61,13 +63,14 @@ def test_out_of_memory_halves_the_batch_and_records_it(tiny, monkeypatch, messag
     assert [r.output for r in results] == [r.output for r in reference]  # greedy: batching changes nothing
     # The seed each call really used: its first prompt's, in the batches that worked.
     assert [r.seed for r in results] == [10, 10, 12, 12, 14, 14]
-    # Each back-off is one INFO line; each call that worked one DEBUG line with its batch size.
-    info = [m.getMessage() for m in messages if m.levelno == logging.INFO]
+    # Each back-off is one INFO line on the console logger; each call that worked one INFO line with
+    # its batch size in the run log only.
+    info = [m.getMessage() for m in messages if m.name == "lightning.pytorch.lensbench"]
     assert info == ["lensbench: batch size 8 -> 4 after CUDA out-of-memory (6 prompts in the failed call)",
                     "lensbench: batch size 4 -> 2 after CUDA out-of-memory (4 prompts in the failed call)"]
-    debug = [m.getMessage() for m in messages if m.levelno == logging.DEBUG]
-    assert len(debug) == 3 and all("generated 2 prompts (batch size 2)" in m for m in debug), debug
-    assert not any("GiB" in m for m in debug)  # memory is reported on CUDA only
+    calls = [m.getMessage() for m in messages if m.name == "lensbench.run" and m.levelno == logging.INFO]
+    assert len(calls) == 3 and all("generated 2 prompts (batch size 2)" in m for m in calls), calls
+    assert not any("GiB" in m for m in calls)  # memory is reported on CUDA only
 
 
 def test_each_result_carries_the_seed_its_generate_call_used(tiny):

@@ -39,8 +39,8 @@ def test_extending_a_run_computes_only_new_items_and_changed_data_is_refused(wor
     changed = lensbench("predict", "--config", "run.yaml", cwd=workdir)
     assert changed.returncode != 0
     line = last_line(changed.stderr)
-    assert line.startswith("lensbench: error: model.init_args.experiment:"), line
-    assert "holds results computed on different data" in line and '["tiny","alpha",0]' in line, line
+    assert line.startswith("lensbench: error: data.init_args.datasets:"), line
+    assert "holds results computed on other content" in line and '["tiny","alpha",0,4]' in line, line
     assert snapshot(run_dir) == before
 
     # A setting that changes what a record means is still refused, and says which.
@@ -70,6 +70,7 @@ def test_run_log_and_quiet_console(workdir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = proc.stdout + proc.stderr
     assert "Tip:" not in console and "litlogger" not in console and "litmodels" not in console
+    assert "Predicting" in proc.stdout  # Lightning's progress bar is kept
     log = (workdir / "outputs" / "logged" / "logs" / "rank0.log").read_text(encoding="utf-8")
     assert "loaded tiny on cpu" in log  # a console message reaches the log
     assert "2 work items, 0 already stored" in log  # Lightning-side info too
@@ -88,6 +89,7 @@ PERTURBATION_YAML = (
     "model:\n  class_path: perturbation\n  init_args:\n    model: tiny\n"
     "    perturbation: {method: mult_gauss, param_group: mlp_only, levels: [0.5], n_rep: 1, seed: 42}\n"
     "    generation: {do_sample: true, max_new_tokens: 4, max_batch_size: 2}\n"
+    "    perplexity: {file: ppl.txt, max_length: 16}\n"
     "data:\n  class_path: lensbench.data.modules.PromptDataModule\n  init_args:\n    prompts: [p.txt]\n"
     "trainer:\n  accelerator: cpu\n  devices: 1\n"
 )
@@ -95,6 +97,7 @@ PERTURBATION_YAML = (
 
 def test_a_perturbation_sweep_extends_with_repetitions_levels_prompts_and_batch_size(workdir):
     write_texts(workdir / "p.txt", 3, seed=5)
+    write_texts(workdir / "ppl.txt", 4, seed=6)
     (workdir / "sweep.yaml").write_text(PERTURBATION_YAML)
     run_dir = workdir / "outputs" / "perturbation" / "sweep"
     first = lensbench("predict", "--config", "sweep.yaml", cwd=workdir)
@@ -118,4 +121,50 @@ def test_a_perturbation_sweep_extends_with_repetitions_levels_prompts_and_batch_
         refused = lensbench("predict", "--config", "sweep.yaml", option, value, cwd=workdir)
         assert refused.returncode != 0
         assert option.removeprefix("--") in last_line(refused.stderr), last_line(refused.stderr)
+    write_texts(workdir / "ppl.txt", 4, seed=7)  # the scored text changed under the same path
+    refused = lensbench("predict", "--config", "sweep.yaml", cwd=workdir)
+    assert refused.returncode != 0 and "inputs_fingerprint.perplexity_text_sha256" in last_line(refused.stderr)
     assert len((run_dir / "shards" / "rank00000.jsonl").read_text().splitlines()) == 18
+
+
+def test_a_batch_that_grows_is_a_new_item(workdir):
+    grown = workdir / "outputs" / "activation_norms" / "run"
+    small = lensbench("predict", "--config", "run.yaml", "--data.init_args.datasets", "[alpha.txt]",
+                      "--data.init_args.max_examples", "6", cwd=workdir)
+    assert small.returncode == 0, small.stderr[-2000:]
+    assert _stored_keys(grown) == ['["tiny","alpha",0,4]', '["tiny","alpha",4,6]']
+    full = lensbench("predict", "--config", "run.yaml", cwd=workdir)  # 23 + 9 texts, batches of 4
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert "9 work items, 1 already stored" in full.stderr
+    fresh = lensbench("predict", "--config", "run.yaml", "--model.init_args.experiment", "fresh", cwd=workdir)
+    assert fresh.returncode == 0
+    pd.testing.assert_frame_equal(pd.read_csv(grown / "activation_norms.csv"),
+                                  pd.read_csv(workdir / "outputs" / "fresh" / "activation_norms.csv"))
+
+
+def test_a_failed_run_releases_its_log_and_folder(workdir, monkeypatch):
+    import logging
+
+    from lensbench.analyses.activation_norms import ActivationNorms
+    from lensbench.cli import main
+
+    monkeypatch.chdir(workdir)
+    captured = {name: list(logging.getLogger(name).handlers) for name in ("lightning.pytorch", "lensbench.run")}
+    args = ["predict", "--config", "run.yaml", "--data.init_args.datasets", "[beta.txt]"]
+
+    def boom(self, item):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ActivationNorms, "process", boom)
+        try:
+            main(args)
+        except RuntimeError as exc:
+            assert str(exc) == "boom"
+        else:
+            raise AssertionError("the run did not fail")
+    assert {name: list(logging.getLogger(name).handlers) for name in captured} == captured
+    log = (workdir / "outputs" / "activation_norms" / "run" / "logs" / "rank0.log").read_text()
+    assert "run stopped: RuntimeError: boom" in log
+    assert main(args) == 0  # the folder is not left locked
+    assert sorted(pd.read_csv(workdir / "outputs" / "activation_norms" / "run" / "activation_norms.csv")["dataset"].unique()) == ["beta"]

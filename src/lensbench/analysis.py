@@ -25,6 +25,8 @@ from .work import WorkItem, changed_items, plan_items
 CONFIG_FILE = "config.yaml"
 IDENTITY_FILE = "run.json"
 LOCK_FILE = ".lock"
+#: run.json keys of run folders made before per-record content digests.
+OLD_DATA_FINGERPRINTS = tuple(f"data_fingerprint.{k}" for k in ("datasets_sha256", "prompts_sha256", "images_sha256"))
 
 
 class Analysis(pl.LightningModule):
@@ -80,6 +82,10 @@ class Analysis(pl.LightningModule):
         """What besides the config must match to resume a run: the weights of the models studied."""
         return {}
 
+    def inputs_fingerprint(self) -> dict[str, Any]:
+        """Hashes of other inputs whose content the config names only by path (a scored text file)."""
+        return {}
+
     # -- the run folder ------------------------------------------------------------------------
     @property
     def run_dir(self) -> Path:
@@ -95,6 +101,11 @@ class Analysis(pl.LightningModule):
         from .cli import is_free
 
         stored = {k: v for k, v in json.loads(path.read_text()).items() if not is_free(k, self.identity_free)}
+        if any(k.startswith(OLD_DATA_FINGERPRINTS) for k in stored):
+            raise LensbenchError(
+                f"{self.run_dir} was made by an older lensbench (whole-dataset hashes, no per-record digests, "
+                "0-based prompt ids), which this one cannot extend; set another experiment name, or force_run "
+                "where the analysis has it", "model.init_args.experiment")
         if stored != json.loads(json.dumps(self.run_identity)):
             changed = sorted(k for k in set(stored) | set(self.run_identity) if stored.get(k) != self.run_identity.get(k))
             weights = [k.split(".", 1)[1] for k in changed if k.startswith("model_fingerprint.")]
@@ -136,15 +147,24 @@ class Analysis(pl.LightningModule):
     def setup(self, stage: str) -> None:
         self.lock_run_dir()
         self.check_run_dir()  # every rank checks, so every rank fails alike
-        self.plan = plan_items(self.states(), self.trainer.datamodule.units())
-        problem = None
+        datamodule = self.trainer.datamodule
+        self.plan = plan_items(self.states(), datamodule.units())
+        failure: BaseException | None = None
         if self.global_rank == 0:
-            self.prepare_run_dir()
-            problem = changed_items(self.plan, ResultStore(self.run_dir).digests())
-        problem = self.trainer.strategy.broadcast(problem, src=0)
-        if problem:  # before anything of this run is written
-            raise LensbenchError(f"{self.run_dir} holds results computed on different data ({problem}); "
-                                 "set another experiment name or delete that folder", "model.init_args.experiment")
+            try:
+                self.prepare_run_dir()
+                problem = changed_items(self.plan, ResultStore(self.run_dir).digests())
+                if problem:  # before anything of this run is written
+                    failure = LensbenchError(
+                        f"{self.run_dir} holds results computed on other content ({problem}); restore that "
+                        "content, or set another experiment name", getattr(datamodule, "content_field", "data.init_args"))
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+                failure = exc
+        message = self.trainer.strategy.broadcast(None if failure is None else str(failure), src=0)
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise LensbenchError(f"rank 0 stopped: {message}")
         self.run_log = RunLog(self.run_dir, self.global_rank)
         self.run_log.attach()
         if self.global_rank == 0:
@@ -186,9 +206,20 @@ class Analysis(pl.LightningModule):
             if trainer.is_global_zero:
                 run_log.info(f"merged: {', '.join(p.name for p in self.merged_outputs)}")
         finally:
-            if self.run_log is not None:
-                self.run_log.detach()
-            self.unlock_run_dir()
+            self.release_run()
+
+    def release_run(self, exception: BaseException | None = None) -> None:
+        """Close the shard, log why the run stopped, detach the run log and unlock the folder.
+        Called by ``teardown`` and, because Lightning skips ``teardown`` when a run fails, by the
+        DataModule's ``on_exception``; calling it twice does nothing more."""
+        if exception is not None and self.run_log is not None and self.run_log.handler is not None:
+            reason = getattr(exception, "message", None) or str(exception) or type(exception).__name__
+            run_log.error(f"rank {self.global_rank}: run stopped: {type(exception).__name__}: {reason}")
+        if self.store is not None:
+            self.store.close()
+        if self.run_log is not None:
+            self.run_log.detach()
+        self.unlock_run_dir()
 
     def finalize(self) -> list[Path]:
         """Merge every stored record into tables and figures (rank 0, after all ranks finished)."""

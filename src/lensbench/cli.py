@@ -49,7 +49,7 @@ def _make_loader(registries):
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            if "\n" not in text.strip():
+            if "\n" not in text.strip() and ": " not in text:
                 raise  # one value, such as the glob "*.mlp.*": jsonargparse takes it as a string
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -101,7 +101,8 @@ def _build_cli_class():
             resolved = yaml.safe_load(text)
             identity = _flatten({"model": resolved.get("model"), "data": resolved.get("data")})
             identity.update(_flatten({"data_fingerprint": self.datamodule.fingerprint(),
-                                      "model_fingerprint": self.model.fingerprint()}))
+                                      "model_fingerprint": self.model.fingerprint(),
+                                      "inputs_fingerprint": self.model.inputs_fingerprint()}))
             free = free_fields(self.model, self.datamodule)
             self.model.run_config = text
             self.model.run_identity = {k: v for k, v in identity.items() if not is_free(k, free)}
@@ -162,7 +163,11 @@ def run_predict(argv: list[str] | None) -> Any:
 
     from jsonargparse import set_loader
 
+    import os
+
     from .logs import quiet_lightning
+
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's calls, not the user's
 
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .logs import run_log
+
 # A child of Lightning's logger, so that its messages print like Lightning's own, on every rank.
 log = logging.getLogger("lightning.pytorch.lensbench")
 
@@ -109,8 +111,9 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     prompt's sample depends only on its own seed, however the run was batched, sharded or resumed.
     Each result carries the seed its call really used (``Generated.seed``).
 
-    Each out-of-memory back-off is logged at INFO, each call at DEBUG (its batch size and, on
-    CUDA, the memory allocated), on the ``lightning.pytorch.lensbench`` logger.
+    Each out-of-memory back-off is logged at INFO on the console logger (``lightning.pytorch.lensbench``),
+    each call at INFO in the run log only (``lensbench.run``: its batch size and, on CUDA, the
+    memory allocated).
 
     ``images`` gives each prompt a picture (a PIL image) or None; pictures go through ``processor``
     (a vision-language model's), and a chunk holds consecutive prompts showing the same picture.
@@ -137,9 +140,8 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
                      f"({end - start} prompts in the failed call)")
             size = max(1, size // 2)
             continue
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(f"lensbench: generated {end - start} prompts (batch size {size}) in {chunk[0].duration:.2f} s"
-                      f"{_cuda_memory(device)}")
+        run_log.info(f"generated {end - start} prompts (batch size {size}) in {chunk[0].duration:.2f} s"
+                     f"{_cuda_memory(device)}")
         out += chunk
         start = end
     return out

@@ -8,7 +8,8 @@ Two loggers serve every analysis:
   progress), so that the console keeps a clean progress bar.
 
 While a run lasts, ``RunLog`` adds one UTF-8 file handler at INFO to both, and to Lightning's own
-loggers, so the file holds everything the console showed plus the details. Lightning's
+loggers, so the file holds lensbench's and Lightning's console messages plus the details, and
+why a run stopped (``Analysis.release_run``). Progress bars and Python warnings stay on the console. Lightning's
 advertisements are filtered out of both (``quiet_lightning``).
 """
 

@@ -66,7 +66,8 @@ class PerturbationAnalysis(Analysis):
             name_suffix: Appended to the merged output file's name.
             force_run: Recompute everything: earlier results of this run are moved to
                 ``superseded/`` (kept, not deleted) before the run.
-            experiment: Name of the run (output sub-folder). Default: the config file's stem.
+            experiment: Name of the run: results go to ``<output_dir>/<experiment>/``. Default:
+                ``perturbation/<config file's stem>``.
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)
@@ -116,6 +117,14 @@ class PerturbationAnalysis(Analysis):
         from ..models.fingerprint import model_fingerprint
 
         return {self.spec.label(): model_fingerprint(self.spec, "model.init_args.model")}
+
+    def inputs_fingerprint(self) -> dict[str, Any]:
+        """The scored perplexity text's hash: an edited file (or dataset) is a changed run."""
+        if self._ppl_text is None:
+            return {}
+        import hashlib
+
+        return {"perplexity_text_sha256": hashlib.sha256(self._ppl_text.encode("utf-8")).hexdigest()[:16]}
 
     def prepare_run_dir(self) -> None:
         if self.force_run:  # the folder is locked and its config checked: earlier shards move aside
@@ -244,8 +253,9 @@ class PerturbationAnalysis(Analysis):
         for (method, group, level), g in table.groupby(keys, sort=True):
             ppl = g.groupby("repeat_index")["perplexity"].first().astype(float)
             # one Perplexity state per repetition (null where not scored), pooled with merge_state
+            # (a state whose likelihood is NaN is left out, as perplexity_mean leaves out its NaN)
             states = [s for s in g.groupby("repeat_index")["perplexity_state"].first()
-                      if isinstance(s, dict)] if "perplexity_state" in g else []
+                      if isinstance(s, dict) and not math.isnan(float(s["total"]))] if "perplexity_state" in g else []
             rows.append({
                 "degradation_method": method, "param_group_name": group, "level_value": level,
                 "is_baseline": bool(g["is_baseline"].iloc[0]), "n_outputs": len(g),

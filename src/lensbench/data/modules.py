@@ -47,6 +47,14 @@ class WorkDataModule(pl.LightningDataModule):
     #: Settings (paths under ``data.init_args``) that only choose which units exist: changing them
     #: extends a run folder rather than being refused (units carry content digests instead).
     extendable: tuple[str, ...] = ()
+    #: The config field that holds the units' content (named when stored content changed).
+    content_field: str = "data.init_args"
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning skips ``teardown`` when a run fails: release the run folder here."""
+        analysis = self.trainer.lightning_module if self.trainer is not None else None
+        if hasattr(analysis, "release_run"):
+            analysis.release_run(exception)
 
     def units(self) -> list[Unit]:
         raise NotImplementedError
@@ -104,11 +112,13 @@ class TextBatch:
 
 
 class TextDataModule(WorkDataModule):
-    """Text datasets cut into fixed batches of examples: one work item per (state, dataset, batch)."""
+    """Text datasets cut into fixed batches of examples: one work item per (state, dataset, first
+    example, end): ``batch_size`` consecutive examples, the last batch of a dataset maybe fewer."""
 
     # Adding datasets or examples adds batches; a stored batch whose texts changed is refused by
     # its digest. batch_size is not here: it re-cuts every batch.
     extendable = ("datasets", "max_examples")
+    content_field = "data.init_args.datasets"
 
     def __init__(
         self,
@@ -135,9 +145,10 @@ class TextDataModule(WorkDataModule):
     def units(self) -> list[Unit]:
         units = []
         for name, texts in self.texts.items():
-            for index, start in enumerate(range(0, len(texts), self.batch_size)):
+            for start in range(0, len(texts), self.batch_size):
                 batch = TextBatch(name, tuple(texts[start : start + self.batch_size]))
-                units.append(Unit((name, index), batch, content_digest(batch.texts)))
+                # Keyed by the examples it holds: a batch that grows (more examples) is a new item.
+                units.append(Unit((name, start, start + len(batch.texts)), batch, content_digest(batch.texts)))
         return units
 
 
@@ -157,6 +168,7 @@ class PromptDataModule(WorkDataModule):
     # Adding prompt sets or prompts adds units; a stored prompt whose text, category, answer or
     # picture changed is refused by its digest.
     extendable = ("prompts", "max_prompts")
+    content_field = "data.init_args.prompts"
 
     def __init__(self, prompts: list[str | TextDataset] | None = None, max_prompts: int | None = None,
                  image: str | None = None) -> None:
