@@ -168,3 +168,18 @@ def test_a_failed_run_releases_its_log_and_folder(workdir, monkeypatch):
     assert "run stopped: RuntimeError: boom" in log
     assert main(args) == 0  # the folder is not left locked
     assert sorted(pd.read_csv(workdir / "outputs" / "activation_norms" / "run" / "activation_norms.csv")["dataset"].unique()) == ["beta"]
+
+
+def test_a_run_folder_of_an_older_lensbench_is_named_as_such(workdir):
+    run_dir = workdir / "outputs" / "activation_norms" / "run"
+    args = ("predict", "--config", "run.yaml", "--data.init_args.datasets", "[beta.txt]")
+    assert lensbench(*args, cwd=workdir).returncode == 0
+    identity = json.loads((run_dir / "run.json").read_text())
+    identity["data_fingerprint.datasets_sha256.beta"] = "0123456789abcdef"  # as older versions wrote
+    (run_dir / "run.json").write_text(json.dumps(identity))
+    before = snapshot(run_dir)
+    old = lensbench(*args, cwd=workdir)
+    assert old.returncode != 0
+    line = last_line(old.stderr)
+    assert line.startswith("lensbench: error: model.init_args.experiment:") and "older lensbench" in line, line
+    assert snapshot(run_dir) == before
