@@ -143,7 +143,7 @@ def test_builtins_only_without_installed_plugins():
     assert reg.metrics.names() == ["norm"]
     assert isinstance(reg.metrics.get("norm"), L2Norm)
     assert reg.datasets.names() == ["cookie_theft", "dreams", "forget", "iq", "retain"]
-    assert reg.perturbations.names() == ["ablation", "add_gauss", "mult_gauss", "uni_quant"]
+    assert reg.perturbations.names() == ["ablation", "add_gauss", "loop_layers", "mult_gauss", "uni_quant"]
     assert "max_abs" not in reg.metrics and "capitals" not in reg.datasets and "low_rank" not in reg.perturbations
     for registry in reg.kinds().values():
         assert set(labels(registry).values()) <= {BUILTIN}
@@ -160,7 +160,7 @@ def test_installed_example_plugin_is_found_with_its_distribution_label():
                                     "cookie_theft": BUILTIN, "capitals": EXAMPLE}
     assert labels(reg.analyses) == {"activation_norms": BUILTIN, "param_diff": BUILTIN, "perturbation": BUILTIN}
     assert labels(reg.perturbations) == {"mult_gauss": BUILTIN, "add_gauss": BUILTIN, "ablation": BUILTIN,
-                                         "uni_quant": BUILTIN, "low_rank": EXAMPLE}
+                                         "uni_quant": BUILTIN, "loop_layers": BUILTIN, "low_rank": EXAMPLE}
     for registry in reg.kinds().values():
         for entry in registry:
             assert entry.entry_point == ("example" if entry.plugin == EXAMPLE else None), entry.name
@@ -216,8 +216,9 @@ def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
     assert f"[lensbench hook] lensbench_register_datasets <- {EXAMPLE}: ['capitals']" in err
     assert f"[lensbench hook] lensbench_register_analyses <- {BUILTIN}: ['activation_norms']" in err
     assert f"[lensbench hook] lensbench_register_perturbations <- {EXAMPLE}: ['low_rank']" in err
-    # One line per implementation: analyses 3 (built-in modules), perturbations 2, metrics 2, datasets 2.
-    assert err.count("[lensbench hook]") == 9
+    # One line per implementation: analyses 3 (built-in modules), perturbations 3 (lensbench.perturbations,
+    # lensbench.models.looping, the example), metrics 2, datasets 2.
+    assert err.count("[lensbench hook]") == 10
 
 
 def test_hook_results_are_filed_in_registration_order(monkeypatch, capsys):

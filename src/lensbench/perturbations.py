@@ -202,6 +202,10 @@ class PerturbationGrid:
                 cls(group=self.param_group, level=level)
             except LensbenchError as exc:  # blamed on the level's own field, not its index in the run
                 raise LensbenchError(exc.message, where) from None
+            except TypeError:  # a transform that is not a perturbation (loop_layers takes no group or level)
+                raise LensbenchError(f"{self.method!r} does not take a group and a level; name a perturbation such as "
+                                     "mult_gauss, add_gauss, ablation or uni_quant (a structural transform such as "
+                                     "loop_layers goes in a model's transforms)", f"{field}.method") from None
             for rep in range(self.n_rep):
                 spec = TransformSpec(self.method, (("group", self.param_group), ("level", level)), self.seed + rep)
                 labels = (("degradation_method", self.method), ("param_group_name", self.param_group),

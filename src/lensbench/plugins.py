@@ -31,6 +31,7 @@ ENTRY_POINT_GROUP = "lensbench"
 BUILTIN = (
     "lensbench.metrics",
     "lensbench.perturbations",
+    "lensbench.models.looping",
     "lensbench.data.sources",
     "lensbench.analyses.activation_norms",
     "lensbench.analyses.param_diff",

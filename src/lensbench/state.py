@@ -30,6 +30,44 @@ class TransformSpec:
         return {"name": self.name, "params": dict(self.params), "seed": self.seed}
 
 
+@dataclass
+class TransformEntry:
+    """A transform named in a config (a model's ``transforms:``): ``{name, params, seed}``."""
+
+    name: str
+    """A registered transform (``lensbench plugins``), e.g. loop_layers."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Its parameters, e.g. {start: 4, end: 8, passes: 3} for loop_layers."""
+    seed: int = 0
+    """Seed of the generator the transform draws from (unused by deterministic transforms)."""
+
+    def spec(self) -> TransformSpec:
+        return TransformSpec(self.name, tuple(sorted((self.params or {}).items())), self.seed)
+
+
+def check_transforms(entries: list[TransformEntry] | None, registry, field: str) -> None:
+    """Refuse, before any model is loaded, an unknown transform name or parameters its class rejects
+    (each transform is constructed once); ``field`` is the config path of the list."""
+    for i, entry in enumerate(entries or []):
+        where = f"{field}[{i}]"
+        cls = registry.get(entry.name, f"{where}.name")
+        params = entry.params or {}
+        try:
+            cls(**params)
+        except LensbenchError as exc:
+            key = exc.field if exc.field in params or exc.field in _init_names(cls) else None
+            raise LensbenchError(exc.message, f"{where}.params.{key}" if key else f"{where}.params") from None
+        except TypeError as exc:
+            raise LensbenchError(f"{entry.name} does not take these parameters ({exc}); it takes "
+                                 f"{', '.join(_init_names(cls)) or 'none'}", f"{where}.params") from None
+
+
+def _init_names(cls: type) -> list[str]:
+    import inspect
+
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
 @dataclass(frozen=True)
 class State:
     """A checkpoint (the label of one of the analysis's models) and the transforms applied to it."""
@@ -46,8 +84,18 @@ class State:
         return self.checkpoint + "|" + "|".join(parts)
 
 
+@dataclass(frozen=True)
+class _Bare(State):
+    """The loaded model with no transform applied, not even its model entry's: while a state is
+    being entered, and after entering one failed. Its id matches no state's."""
+
+    @property
+    def id(self) -> str:
+        return self.checkpoint + "|<bare>"
+
+
 class Transform:
-    """A change to a loaded model's weights (a perturbation, an ablation, ...).
+    """A change to a loaded model's weights (a perturbation, an ablation, ...) or its structure.
 
     Subclasses set ``name`` and implement ``touched`` (the parameter names it will modify) and
     ``apply`` (modify them in place, drawing randomness only from ``generator``). Both receive the
@@ -60,10 +108,16 @@ class Transform:
     touched parameter (the CPU when none), seeded with the state's seed. Raise
     ``lensbench.errors.LensbenchError(message, field)`` for what a user can fix. The full contract
     is in docs/plugins.md, "Contracts".
+
+    A *structural* transform (``structural = True``, e.g. ``loop_layers``) changes modules or the
+    config rather than (or besides) weights, and implements ``undo(subject)``: the manager calls it
+    on the same instance, in the reverse order of application, before the model moves to another
+    state (also after an ``apply`` that raised), then restores the touched weights as usual.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    structural: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -77,6 +131,11 @@ class Transform:
     def validate(self, subject) -> None:
         """Raise ``LensbenchError`` if this transform cannot apply to ``subject`` (checked for every
         state, the unperturbed ones included, before any result of the state is computed)."""
+
+    def undo(self, subject) -> None:
+        """Structural transforms: put back exactly what ``apply`` changed (it may have raised part way)."""
+        if self.structural:
+            raise NotImplementedError(f"structural transform {self.name!r} must implement undo")
 
 
 def _keep_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -102,6 +161,7 @@ class SubjectManager:
         self.state: State | None = None
         self._originals: dict[str, torch.Tensor] = {}
         self._touched: list[str] = []
+        self._structural: list[Transform] = []  # structural transforms applied, in order (undone in reverse)
         self.loads = 0
         self.restores = 0
 
@@ -116,7 +176,7 @@ class SubjectManager:
         else:
             run_log.info(f"restore {len(self._originals)} tensors of {self.state.id}")
             self._restore()
-        self.state = State(state.checkpoint)  # plain until every transform has been applied
+        self.state = _Bare(state.checkpoint)  # until every transform has been applied
         try:
             self._apply(state)
         except BaseException:
@@ -127,7 +187,7 @@ class SubjectManager:
         return self.loaded
 
     def release(self) -> None:
-        self.loaded, self.state, self._originals = None, None, {}
+        self.loaded, self.state, self._originals, self._structural = None, None, {}, []
 
     def _load(self, label: str) -> None:
         from .logs import console, memory_summary
@@ -144,6 +204,8 @@ class SubjectManager:
         return dict(self.loaded.model.named_parameters())
 
     def _restore(self) -> None:
+        while self._structural:  # structure first, in reverse order; parameter names do not change
+            self._structural.pop().undo(self.loaded)
         params = self._params()
         with torch.no_grad():
             for name, original in self._originals.items():
@@ -161,22 +223,41 @@ class SubjectManager:
         params = self._params()
         return all(bool(torch.isfinite(params[n]).all()) for n in self.touched_names())
 
+    def _base_transforms(self, checkpoint: str) -> tuple[TransformSpec, ...]:
+        """The transforms of the checkpoint's model entry (``ModelSpec.transforms``), applied first."""
+        entries = getattr(self.specs.get(checkpoint), "transforms", None) or []
+        return tuple(entry.spec() for entry in entries)
+
     def _apply(self, state: State) -> None:
         self._touched = []
+        base = self._base_transforms(state.checkpoint)
+        for i, spec in enumerate(base + state.transforms):
+            if i >= len(base):
+                self._apply_one(spec)
+                continue
+            try:  # a model entry's transform: errors name its place in the entry
+                self._apply_one(spec)
+            except LensbenchError as exc:
+                key = exc.field if exc.field in dict(spec.params) else None
+                where = f"transforms[{i}]" + (f".params.{key}" if key else "")
+                raise LensbenchError(f"{exc.message} (model {state.checkpoint!r})", where) from None
+
+    def _apply_one(self, spec: TransformSpec) -> None:
         params = self._params()
-        for spec in state.transforms:
-            transform = self.registry.get(spec.name, "transforms")(**dict(spec.params))
-            transform.validate(self.loaded)
-            names = transform.touched(self.loaded)
-            unknown = [n for n in names if n not in params]
-            if unknown:
-                raise LensbenchError(f"transform {spec.name!r} names unknown parameters {unknown[:3]}")
-            self._touched += [n for n in names if n not in self._touched]
-            with torch.no_grad():
-                for name in names:
-                    if name not in self._originals:
-                        self._originals[name] = _keep_copy(params[name].detach())
-            generator = torch.Generator(device=params[names[0]].device if names else "cpu")
-            generator.manual_seed(spec.seed)
-            with torch.no_grad():
-                transform.apply(self.loaded, generator)
+        transform = self.registry.get(spec.name, "transforms")(**dict(spec.params))
+        transform.validate(self.loaded)
+        names = transform.touched(self.loaded)
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise LensbenchError(f"transform {spec.name!r} names unknown parameters {unknown[:3]}")
+        self._touched += [n for n in names if n not in self._touched]
+        with torch.no_grad():
+            for name in names:
+                if name not in self._originals:
+                    self._originals[name] = _keep_copy(params[name].detach())
+        generator = torch.Generator(device=params[names[0]].device if names else "cpu")
+        generator.manual_seed(spec.seed)
+        if transform.structural:
+            self._structural.append(transform)  # undone even if apply raises part way
+        with torch.no_grad():
+            transform.apply(self.loaded, generator)

@@ -256,6 +256,10 @@ def _gguf_reader(label: str, path: Path) -> CheckpointReader:
 
 def open_checkpoint(spec: ModelSpec, field: str = "model") -> CheckpointReader:
     """A lazy reader of ``spec``'s tensors; one-line errors for sources that cannot be read."""
+    if getattr(spec, "transforms", None):
+        raise LensbenchError("are not applied to weights read from a checkpoint's files; compare with a perturbed "
+                             "entry ({perturbation, level, param_group}) instead, or drop transforms",
+                             f"{field}.transforms")
     res = resolve_source(spec, field)
     label = spec.label()
     if res.kind == "embedded":

@@ -21,6 +21,7 @@ import torch
 
 from lensbench.errors import LensbenchError, did_you_mean
 from lensbench.models.anatomy import AnatomyOverrides
+from lensbench.state import TransformEntry, check_transforms
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEADS = ("auto", "causal_lm", "image_text_to_text", "base")
@@ -80,6 +81,14 @@ class ModelSpec:
     """transformers attention implementation (eager, sdpa, ...); default: transformers' choice."""
     anatomy: AnatomyOverrides | None = None
     """Globs naming blocks/attention/mlp/embedding for architectures lensbench cannot map itself."""
+    transforms: list[TransformEntry] | None = None
+    """Registered transforms applied to the loaded model before every state's own, in order
+    ({name, params, seed}), e.g. [{name: loop_layers, params: {start: 4, end: 8, passes: 3}}]:
+    the model studied is the looped one. Give the entry a ``name`` to tell it from the plain model."""
+
+    def __post_init__(self) -> None:
+        if self.transforms is not None:  # plain dicts (Python callers) become entries
+            self.transforms = [TransformEntry(**t) if isinstance(t, dict) else t for t in self.transforms]
 
     def label(self) -> str:
         if self.name:
@@ -166,6 +175,10 @@ def resolve_source(spec: ModelSpec, field: str = "model") -> ResolvedSource:
         if getattr(spec, key) not in choices:
             raise LensbenchError(f"unknown {key} {getattr(spec, key)!r}; use one of {', '.join(choices)}",
                                  f"{field}.{key}")
+    if spec.transforms:
+        from lensbench.plugins import active_registries
+
+        check_transforms(spec.transforms, active_registries().perturbations, f"{field}.transforms")
     src = str(spec.source or "").strip()
     if not src:
         raise LensbenchError(f"source is empty; give a folder/file, a hub id, or one of the embedded models: "
