@@ -138,7 +138,7 @@ def test_iteration_and_names_are_sorted():
 
 def test_builtins_only_without_installed_plugins():
     reg = build_registries(get_plugin_manager(load_installed=False))
-    assert reg.analyses.names() == ["activation_norms", "param_diff", "perturbation"]
+    assert reg.analyses.names() == ["activation_norms", "loop_identity", "param_diff", "perturbation"]
     assert reg.analyses.get("activation_norms") is ActivationNorms
     assert reg.metrics.names() == ["norm"]
     assert isinstance(reg.metrics.get("norm"), L2Norm)
@@ -158,7 +158,8 @@ def test_installed_example_plugin_is_found_with_its_distribution_label():
     assert labels(reg.metrics) == {"norm": BUILTIN, "max_abs": EXAMPLE}
     assert labels(reg.datasets) == {"forget": BUILTIN, "retain": BUILTIN, "dreams": BUILTIN, "iq": BUILTIN,
                                     "cookie_theft": BUILTIN, "capitals": EXAMPLE}
-    assert labels(reg.analyses) == {"activation_norms": BUILTIN, "param_diff": BUILTIN, "perturbation": BUILTIN}
+    assert labels(reg.analyses) == {"activation_norms": BUILTIN, "loop_identity": BUILTIN, "param_diff": BUILTIN,
+                                    "perturbation": BUILTIN}
     assert labels(reg.perturbations) == {"mult_gauss": BUILTIN, "add_gauss": BUILTIN, "ablation": BUILTIN,
                                          "uni_quant": BUILTIN, "loop_layers": BUILTIN, "low_rank": EXAMPLE}
     for registry in reg.kinds().values():
@@ -216,9 +217,9 @@ def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
     assert f"[lensbench hook] lensbench_register_datasets <- {EXAMPLE}: ['capitals']" in err
     assert f"[lensbench hook] lensbench_register_analyses <- {BUILTIN}: ['activation_norms']" in err
     assert f"[lensbench hook] lensbench_register_perturbations <- {EXAMPLE}: ['low_rank']" in err
-    # One line per implementation: analyses 3 (built-in modules), perturbations 3 (lensbench.perturbations,
+    # One line per implementation: analyses 4 (built-in modules), perturbations 3 (lensbench.perturbations,
     # lensbench.models.looping, the example), metrics 2, datasets 2.
-    assert err.count("[lensbench hook]") == 10
+    assert err.count("[lensbench hook]") == 11
 
 
 def test_hook_results_are_filed_in_registration_order(monkeypatch, capsys):

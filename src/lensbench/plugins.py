@@ -36,6 +36,7 @@ BUILTIN = (
     "lensbench.analyses.activation_norms",
     "lensbench.analyses.param_diff",
     "lensbench.analyses.perturbation",
+    "lensbench.analyses.loop_identity",
 )
 
 

@@ -1,0 +1,485 @@
+"""loop_identity: does a looped block range degenerate into the identity?
+
+For a baseline model and trained checkpoints, the hidden state ``h_in`` entering block ``start``
+is passed k times through blocks ``start..end`` (inclusive); ``h_out(k)`` is what leaves block
+``end`` after the k-th pass (``h_out(0) = h_in``). Per non-padding token:
+
+- ``cosine``: cos(h_in, h_out(k)); ``mse``: mean over hidden dims of (h_out(k) - h_in)^2;
+  ``norm_diff``: ||h_out(k)|| - ||h_in||;
+- ``step_cosine``: cos(h_out(k), h_out(k-1)) and ``step_rel_change``:
+  ||h_out(k) - h_out(k-1)|| / ||h_out(k-1)||, for every k >= 1 relative to the pass just before
+  (k-1, computed anyway, whether or not it is in ``loop_counts``);
+
+each reduced over tokens to count, mean and M2 per work item (float64) and combined exactly with
+Chan et al.'s pairwise update. ``perplexity``: the model runs its remaining blocks on ``h_out(k)``,
+then its final norm and LM head; next-token negative log-likelihoods of the non-padding tokens are
+kept as torchmetrics Perplexity states per work item and pooled on rank 0.
+
+All loop counts of one batch cost one forward pass (capturing every block's arguments), one pass
+of the block range per extra loop and one tail pass per loop count (``lensbench.models.replay``).
+
+A work item is one (model state, dataset, batch, loop count); the loop counts of one batch are
+computed together (``items_per_step``), so a run extends with more loop counts or checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis import Analysis
+from ..errors import LensbenchError
+from ..hookspecs import hookimpl
+from ..models.loading import ModelSpec, resolve_source
+from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
+from ..state import State, SubjectManager
+from ..tables import pyplot, read_csv, write_csv
+from ..work import WorkItem, content_digest
+
+TABLE = "loop_metrics.csv"
+STATE_COLUMNS = ("degradation_method", "param_group_name", "level_value", "repeat_index")
+METRICS = ("cosine", "mse", "norm_diff", "step_cosine", "step_rel_change")
+STEP_METRICS = ("step_cosine", "step_rel_change")
+DEFAULT_LOOP_COUNTS = (0, 1, 2, 4, 8, 16)
+PERPLEXITY_CHUNK = 128  # positions per torchmetrics update (bounds the float64 copy of the logits)
+FIGURES = {"cosine_mean": ("cosine_similarity_vs_loop_count.png", "mean cos(h_in, h_out)"),
+           "mse_mean": ("mse_vs_loop_count.png", "mean MSE(h_in, h_out)"),
+           "norm_diff_mean": ("norm_diff_vs_loop_count.png", "mean ||h_out|| - ||h_in||")}
+
+
+@dataclass(frozen=True)
+class LoopBatch:
+    """The payload of one work item: a batch of texts and the loop count to measure on it."""
+
+    batch: Any  # lensbench.data.modules.TextBatch
+    loop_count: int
+
+
+def trailing_step(label: str) -> int | None:
+    """The training step in a checkpoint's name: its trailing number (``checkpoint-100`` -> 100)."""
+    match = re.search(r"(\d+)$", label)
+    return int(match.group(1)) if match else None
+
+
+def expand_checkpoints(checkpoints: list | str | None, field: str) -> list[tuple[str | ModelSpec, str]]:
+    """Each checkpoint entry with the config field to blame for it. A string is a folder pattern
+    (braces ``{100,200}``, ranges ``{1-3}``, or glob characters), expanded in order."""
+    if checkpoints is None:
+        return []
+    if isinstance(checkpoints, (list, tuple)):
+        return [(entry, f"{field}[{i}]") for i, entry in enumerate(checkpoints)]
+    import glob
+
+    from ..models.anatomy import expand_braces
+
+    pattern = str(checkpoints)
+    out: list[tuple[str | ModelSpec, str]] = []
+    for path in expand_braces(pattern):
+        if any(c in path for c in "*?["):
+            hits = sorted(glob.glob(str(Path(path).expanduser())),
+                          key=lambda p: (trailing_step(p) is None, trailing_step(p) or 0, p))
+            if not hits:
+                raise LensbenchError(f"pattern {pattern!r}: {path!r} matches no folder", field)
+            out += [(hit, field) for hit in hits]
+        else:
+            if not Path(path).expanduser().exists():
+                raise LensbenchError(f"pattern {pattern!r} names {path!r}, which does not exist; fix the pattern "
+                                     "or give a list of folders", field)
+            out.append((path, field))
+    if not out:
+        raise LensbenchError(f"pattern {pattern!r} names no folder", field)
+    return out
+
+
+def model_shape(spec: ModelSpec, field: str) -> tuple[int, int]:
+    """(layers, hidden size) of a model, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    from ..models.loading import _common_kwargs, embedded_smollm2_folder
+
+    res = resolve_source(spec, field)
+    try:
+        if res.kind == "embedded":
+            if res.location != "smollm2":
+                raise LensbenchError(f"embedded model {res.location!r} is an encoder; loop_identity needs a decoder "
+                                     "with an LM head (e.g. smollm2)", f"{field}.source")
+            config = AutoConfig.from_pretrained(embedded_smollm2_folder())
+        else:
+            config = AutoConfig.from_pretrained(res.location, **_common_kwargs(res, spec))
+    except (OSError, ValueError) as exc:
+        raise LensbenchError(f"cannot read the config of {spec.source!r} ({str(exc).splitlines()[0][:120]})",
+                             f"{field}.source") from exc
+    text = config.get_text_config(decoder=True)
+    layers = getattr(text, "num_hidden_layers", None)
+    hidden = getattr(text, "hidden_size", None)
+    if not layers or not hidden:
+        raise LensbenchError(f"the config of {spec.source!r} ({type(config).__name__}) names no num_hidden_layers "
+                             "and hidden_size", f"{field}.source")
+    return int(layers), int(hidden)
+
+
+class LoopIdentity(Analysis):
+    """Loop blocks start..end of a baseline and trained checkpoints k times; compare h_out(k) with h_in."""
+
+    name = "loop_identity"
+    # More loop counts or checkpoints (or perturbation levels) add work items; the rest must match.
+    extendable = ("loop_counts", "checkpoints", *GRID_EXTENDABLE)
+
+    def __init__(
+        self,
+        baseline: str | ModelSpec = "smollm2",
+        checkpoints: list[str | ModelSpec] | str | None = None,
+        start: int = 6,
+        end: int = 8,
+        loop_counts: list[int] | None = None,
+        perturbation: PerturbationGrid | None = None,
+        max_length: int = 512,
+        experiment: str | None = None,
+        output_dir: str = "outputs",
+    ) -> None:
+        """
+        Args:
+            baseline: The untrained model (an embedded alias, hub id, folder, file, or ModelSpec);
+                labelled ``baseline`` unless it has a ``name``.
+            checkpoints: Trained checkpoints of the same shape: a list of folders/specs, or one
+                folder pattern with braces (``ckpts/checkpoint-{100,200,300}``). Each is labelled by
+                its folder name; its step is the name's trailing number.
+            start: First block of the looped range (0-based): h_in is the hidden state entering it.
+            end: Last block of the range (inclusive): h_out leaves it. May be the last block (h_out
+                is then the block's output before the final norm).
+            loop_counts: Passes through the block range to measure (0 = skip the block: h_out = h_in).
+                Default: [0, 1, 2, 4, 8, 16].
+            perturbation: Measure every model at a grid of perturbed states instead of as it is.
+            max_length: Texts are truncated to this many tokens.
+            experiment: Name of the run: results go to ``<output_dir>/<experiment>/``.
+            output_dir: Folder holding one sub-folder per experiment.
+        """
+        super().__init__(experiment=experiment, output_dir=output_dir)
+        from ..plugins import active_registries
+
+        if max_length < 2:
+            raise LensbenchError(f"must be at least 2, got {max_length}", "model.init_args.max_length")
+        counts = list(DEFAULT_LOOP_COUNTS) if loop_counts is None else list(loop_counts)
+        if not counts:
+            raise LensbenchError("is empty; give at least one loop count, e.g. [0, 1, 2, 4, 8]", "model.init_args.loop_counts")
+        for i, k in enumerate(counts):
+            if isinstance(k, bool) or int(k) != k or k < 0:
+                raise LensbenchError(f"loop counts are numbers of passes, integers >= 0; got {k}",
+                                     f"model.init_args.loop_counts[{i}]")
+        self.loop_counts = sorted({int(k) for k in counts})
+        if start < 0:
+            raise LensbenchError(f"must be a block index >= 0, got {start}", "model.init_args.start")
+        if start > end:
+            raise LensbenchError(f"start {start} is after end {end}; the looped range is blocks start..end "
+                                 "(inclusive), so start <= end", "model.init_args.start")
+        self.start, self.end = int(start), int(end)
+
+        field = "model.init_args.baseline"
+        base = ModelSpec(baseline) if isinstance(baseline, str) else baseline
+        if base.name is None:
+            base = ModelSpec(**{**base.__dict__, "name": "baseline"})
+        self.baseline_label = base.label()
+        self.specs: dict[str, ModelSpec] = {self.baseline_label: base}
+        self.fields: dict[str, str] = {self.baseline_label: field}
+        layers, hidden = model_shape(base, field)
+        if self.end >= layers:
+            raise LensbenchError(f"block {self.end} is outside the baseline's blocks 0..{layers - 1}",
+                                 "model.init_args.end")
+        self.shape = (layers, hidden)
+        for entry, where in expand_checkpoints(checkpoints, "model.init_args.checkpoints"):
+            spec = ModelSpec(entry) if isinstance(entry, str) else entry
+            resolve_source(spec, where)
+            label = spec.label()
+            if label in self.specs:
+                raise LensbenchError(f"model label {label!r} is used twice; give one a `name`", where)
+            shape = model_shape(spec, where)
+            if shape != self.shape:
+                raise LensbenchError(f"checkpoint {label!r} has {shape[0]} layers and hidden size {shape[1]}, the baseline "
+                                     f"{layers} and {hidden}; loop_identity compares checkpoints of the baseline's shape",
+                                     where)
+            self.specs[label] = spec
+            self.fields[label] = where
+        self.max_length = max_length
+        self.perturbations = active_registries().perturbations
+        self.grid = perturbation
+        self._states = [
+            state
+            for label in self.specs
+            for state in (perturbation.states(label, self.perturbations, "model.init_args.perturbation")
+                          if perturbation else [State(label)])
+        ]
+        # The loop counts of one batch are computed together (one forward, then pass after pass).
+        self.items_per_step = len(self.loop_counts)
+        self.subjects: SubjectManager | None = None
+        self._weights: dict[str, str] = {}
+
+    # -- the plan: one work item per (state, dataset, batch, loop count) ----------------------------
+    @property
+    def plan(self) -> list[WorkItem] | None:
+        return self._plan
+
+    @plan.setter
+    def plan(self, items: list[WorkItem] | None) -> None:
+        """The base class plans (state, unit) items; each becomes one item per loop count, in
+        (state, unit, loop count) order. A checkpoint's weight fingerprint and settings join each
+        item's digest: checkpoints are extendable, so they are not in the run's identity, and a
+        stored record of a checkpoint whose weights changed is refused by its digest."""
+        if items is None:
+            self._plan = None
+            return
+        expanded = []
+        for item in items:
+            digest = content_digest(item.digest, self._weights_of(item.state.checkpoint))
+            for k in self.loop_counts:
+                expanded.append(WorkItem((*item.key, k), item.state, LoopBatch(item.payload, k), digest))
+        self._plan = expanded
+
+    def _weights_of(self, label: str) -> str | None:
+        if label == self.baseline_label:
+            return None  # in the run's identity (fingerprint)
+        if label not in self._weights:
+            from ..models.fingerprint import model_fingerprint
+
+            spec = self.specs[label]
+            settings = {k: v for k, v in spec.__dict__.items() if k != "name"}
+            self._weights[label] = content_digest(model_fingerprint(spec, self.fields[label]), repr(settings))
+        return self._weights[label]
+
+    def states(self) -> list[State]:
+        return self._states
+
+    def prepare_run_dir(self) -> None:
+        """Refuse, before any work, a run folder holding records of a checkpoint (same label) whose
+        weights or settings have changed since (checkpoints are extendable, so not in run.json)."""
+        from ..results import ResultStore
+
+        stored: dict[str, str] = {}
+        for rec in ResultStore(self.run_dir).records():
+            if rec.get("weights") is not None:
+                stored.setdefault(rec["model"], rec["weights"])
+        for label, weights in stored.items():
+            if label in self.specs and label != self.baseline_label and self._weights_of(label) != weights:
+                raise LensbenchError(f"{self.run_dir} holds results of checkpoint {label!r} computed with other weights "
+                                     "or settings; restore them, or set another experiment name", self.fields[label])
+
+    def fingerprint(self) -> dict[str, Any]:
+        from ..models.fingerprint import model_fingerprint
+
+        return {self.baseline_label: model_fingerprint(self.specs[self.baseline_label], "model.init_args.baseline")}
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.subjects = SubjectManager(self.specs, self.device, self.perturbations)
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        if self.subjects is not None:
+            self.subjects.release()
+
+    # -- the work ---------------------------------------------------------------------------------
+    def process(self, item: WorkItem) -> dict[str, Any]:
+        return self.process_batch([item])[0]
+
+    def process_batch(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(tuple(item.key[:-1]), []).append(i)
+        records: list[dict[str, Any] | None] = [None] * len(items)
+        for indices in groups.values():
+            batch_items = [items[i] for i in indices]
+            by_k = self._measure(batch_items[0].state, batch_items[0].payload.batch,
+                                 sorted({it.payload.loop_count for it in batch_items}))
+            for i, it in zip(indices, batch_items):
+                records[i] = self._record(it, by_k[it.payload.loop_count])
+        return records
+
+    def _record(self, item: WorkItem, measured: dict[str, Any]) -> dict[str, Any]:
+        label = item.state.checkpoint
+        return {"model": label, "role": "baseline" if label == self.baseline_label else "checkpoint",
+                "step": None if label == self.baseline_label else trailing_step(label),
+                "weights": self._weights_of(label),
+                "dataset": item.payload.batch.dataset, "labels": dict(item.state.labels),
+                "loop_count": item.payload.loop_count, **measured}
+
+    def _measure(self, state: State, batch, counts: list[int]) -> dict[int, dict[str, Any]]:
+        """Every loop count of ``counts`` on one batch: one captured forward, then pass after pass."""
+        from ..models.replay import BlockReplay
+
+        loaded = self.subjects.activate(state)
+        replay = BlockReplay(loaded.model, loaded.anatomy, self.start, self.end)
+        enc = loaded.tokenizer(list(batch.texts), return_tensors="pt", padding=True, truncation=True,
+                               max_length=self.max_length).to(self.device)
+        mask = enc["attention_mask"].bool()  # [B, T]
+        out: dict[int, dict[str, Any]] = {}
+        with torch.inference_mode():
+            cap = replay.capture(dict(enc))
+            h_in = cap.h_in
+            tokens_in = h_in[mask].double()  # [N, D]
+            prev = h = h_in
+            for k in range(0, counts[-1] + 1):
+                if k == 1:
+                    h = cap.h_out
+                elif k > 1:
+                    h = replay.loop(cap, h)
+                if k in counts:
+                    logits = replay.logits_after(cap, None if k == 1 else h)
+                    out[k] = {**token_stats(tokens_in, h[mask].double(), prev[mask].double() if k else None),
+                              "perplexity": perplexity_state(logits, enc["input_ids"], mask)}
+                prev = h
+        return out
+
+    # -- tables and figures -----------------------------------------------------------------------
+    @classmethod
+    def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+        import pandas as pd
+
+        from ..generation import pooled_perplexity
+
+        groups: dict[tuple, dict[str, Any]] = {}
+        for rec in records:  # ordered by key: the same order whatever the number of ranks
+            labels = tuple((rec.get("labels") or {}).items())
+            key = (rec["model"], rec["dataset"], labels, rec["loop_count"])
+            acc = groups.setdefault(key, {"rec": rec, "n": 0, "stats": {}, "ppl": []})
+            n_a, n_b = acc["n"], rec["n_tokens"]
+            n = n_a + n_b
+            for name, (mean_b, m2_b) in rec["stats"].items():
+                if name not in acc["stats"]:
+                    acc["stats"][name] = [mean_b, m2_b]
+                    continue
+                cur = acc["stats"][name]
+                delta = mean_b - cur[0]
+                cur[0] += delta * n_b / n if n else 0.0
+                cur[1] += m2_b + (delta * delta * n_a * n_b / n if n else 0.0)
+            acc["n"] = n
+            acc["ppl"].append(rec["perplexity"])
+        rows, label_names = [], []
+        for (model, dataset, labels, k), acc in groups.items():
+            label_names += [name for name, _ in labels if name not in label_names]
+            rec = acc["rec"]
+            row: dict[str, Any] = {"model": model, "role": rec["role"], "step": rec["step"], "dataset": dataset,
+                                   **dict(labels), "loop_count": k, "n_tokens": acc["n"]}
+            for name in METRICS:
+                mean, m2 = acc["stats"].get(name, (math.nan, math.nan))
+                row[f"{name}_mean"] = mean
+                row[f"{name}_std"] = math.sqrt(max(m2, 0.0) / acc["n"]) if acc["n"] else math.nan
+            row["perplexity"] = pooled_perplexity(acc["ppl"])
+            row["perplexity_tokens"] = int(sum(p["count"] for p in acc["ppl"]))
+            rows.append(row)
+        table = pd.DataFrame(rows)
+        table["step"] = table["step"].astype("Int64")  # empty for the baseline
+        table["_order"] = table["role"].ne("baseline")
+        table = table.sort_values(["_order", "step", "model", "dataset", *label_names, "loop_count"],
+                                  kind="stable", na_position="first").drop(columns="_order")
+        outputs = [write_csv(table, Path(run_dir) / TABLE)]
+        for model, part in table.groupby("model", sort=False):
+            outputs.append(write_csv(part, Path(run_dir) / f"{model}_metrics.csv"))
+        return outputs
+
+    @classmethod
+    def plot(cls, run_dir: Path) -> list[Path]:
+        plt = pyplot()
+        table = read_csv(run_dir, TABLE)
+        keys = ["model"] + [c for c in ("dataset", *STATE_COLUMNS) if c in table.columns and table[c].nunique() > 1]
+        lines = []
+        for values, group in table.groupby(keys, sort=False):
+            values = values if isinstance(values, tuple) else (values,)
+            name = " / ".join(f"{v}" if k in ("model", "dataset") else f"{k}={v}" for k, v in zip(keys, values))
+            baseline = (group["role"] == "baseline").all()
+            style = ({"color": "black", "linestyle": "--", "marker": "s", "linewidth": 2.0} if baseline
+                     else {"marker": "o"})
+            marked = baseline and not name.startswith("baseline")
+            lines.append((name + (" (baseline)" if marked else ""), group.sort_values("loop_count"), style))
+        counts = sorted(table["loop_count"].unique())
+        outputs = []
+
+        def draw(ax, column, ylabel, log=False):
+            for name, group, style in lines:
+                ax.plot(group["loop_count"], group[column], markersize=4, label=name, **style)
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xticks(counts, [str(c) for c in counts])
+            ax.set_xlabel("loop count k (passes through the block; 0 = h_in itself)")
+            ax.set_ylabel(ylabel)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+
+        start, end = _block_range(run_dir)
+        span = f"blocks {start}..{end}" if start is not None else "the looped block"
+        for column, (file, ylabel) in FIGURES.items():
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            draw(ax, column, ylabel)
+            ax.set_title(f"{ylabel.removeprefix('mean ')} vs loop count ({span})")
+            outputs.append(_save(fig, plt, Path(run_dir) / file))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        draw(left, "step_rel_change_mean", "mean ||h_out(k) - h_out(k-1)|| / ||h_out(k-1)||", log=True)
+        draw(right, "step_cosine_mean", "mean cos(h_out(k), h_out(k-1))")
+        fig.suptitle(f"Change made by the k-th pass ({span})")
+        outputs.append(_save(fig, plt, Path(run_dir) / "convergence_vs_loop_count.png"))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax, "perplexity", "perplexity (remaining blocks after k passes)", log=True)
+        ax.set_title(f"Perplexity vs loop count ({span})")
+        outputs.append(_save(fig, plt, Path(run_dir) / "perplexity_vs_loop_count.png"))
+        return outputs
+
+
+def _block_range(run_dir: Path) -> tuple[int | None, int | None]:
+    try:
+        from ..analysis import load_run_config
+
+        init = load_run_config(run_dir)["model"]["init_args"]
+        return int(init["start"]), int(init["end"])
+    except (LensbenchError, KeyError, TypeError, ValueError):
+        return None, None
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def token_stats(h_in: torch.Tensor, h_out: torch.Tensor, prev: torch.Tensor | None) -> dict[str, Any]:
+    """Count and per-metric [mean, M2] over tokens of [N, D] float64 states (``prev``: h_out(k-1),
+    None at k = 0, where the step metrics are undefined)."""
+    import torch.nn.functional as F
+
+    values = {
+        "cosine": F.cosine_similarity(h_in, h_out, dim=-1),
+        "mse": ((h_out - h_in) ** 2).mean(dim=-1),
+        "norm_diff": h_out.norm(dim=-1) - h_in.norm(dim=-1),
+    }
+    if prev is not None:
+        values["step_cosine"] = F.cosine_similarity(h_out, prev, dim=-1)
+        values["step_rel_change"] = (h_out - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-30)
+    stats = {}
+    for name, v in values.items():
+        mean = v.mean()
+        stats[name] = [mean.item(), ((v - mean) ** 2).sum().item()]
+    return {"n_tokens": int(h_in.shape[0]), "stats": stats}
+
+
+def perplexity_state(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The torchmetrics Perplexity state {total, count} of next-token prediction at every position
+    whose token and next token are not padding; logits [B, T, V] cast to float64 in chunks."""
+    from torchmetrics.text import Perplexity
+
+    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+    metric = Perplexity(sync_on_compute=False, compute_with_cache=False).set_dtype(dtype).to(logits.device)
+    valid = mask[:, :-1] & mask[:, 1:]  # [B, T-1]
+    preds = logits[:, :-1][valid]  # [M, V]
+    targets = input_ids[:, 1:][valid]  # [M]
+    for lo in range(0, preds.shape[0], PERPLEXITY_CHUNK):
+        metric.update(preds[None, lo:lo + PERPLEXITY_CHUNK].to(dtype), targets[None, lo:lo + PERPLEXITY_CHUNK])
+    return {"total": float(metric.total_log_probs), "count": int(metric.count)}
+
+
+@hookimpl
+def lensbench_register_analyses() -> list[type]:
+    return [LoopIdentity]

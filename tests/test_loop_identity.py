@@ -1,0 +1,396 @@
+"""loop_identity: replayed loops against real forwards on five architectures, and runs of the real
+console script (tables, plots, extension, DDP, kill and resume, an exact identity, bad input)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import clean_env, lensbench
+from helpers_cli import last_line, run_many, snapshot
+from tiny import save_tiny_llama, tiny_tokenizer, write_texts
+from transformers import AutoModelForCausalLM
+
+from lensbench.analyses.loop_identity import LoopIdentity
+from lensbench.data.modules import TextBatch
+from lensbench.models.anatomy import find_anatomy
+from lensbench.state import State, SubjectManager
+
+TEXTS = ("the capital of france is paris and the sea is on the moon",
+         "a cell",
+         "water in the moss of the tardigrade is a protein from the sun by train")
+COMMON = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _save(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def build(arch: str, folder: Path) -> Path:
+    """A 4-layer, width-32 random decoder of the given architecture."""
+    import transformers as tf
+
+    torch.manual_seed(7)
+    if arch == "llama":
+        return save_tiny_llama(folder, seed=7, layers=4)
+    if arch == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, **COMMON)
+        return _save(tf.Qwen2ForCausalLM(cfg), folder)
+    if arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                               max_position_embeddings=128, **COMMON)
+        return _save(tf.GPTNeoXForCausalLM(cfg), folder)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=128, **COMMON)
+        return _save(tf.GPT2LMHeadModel(cfg), folder)
+    if arch == "gemma3":  # sliding (window 3) and full attention layers mixed; soft-capped logits
+        cfg = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=3,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                                  final_logit_softcapping=3.0, **COMMON)
+        return _save(tf.Gemma3ForCausalLM(cfg), folder)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="module")
+def arch_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("archs")
+    return {arch: build(arch, root / arch) for arch in ("llama", "qwen2", "gpt_neox", "gpt2", "gemma3")}
+
+
+def _measure(folder: Path, start: int, end: int, counts: list[int]):
+    analysis = LoopIdentity(baseline=str(folder), start=start, end=end, loop_counts=counts, max_length=64)
+    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), analysis.perturbations)
+    loaded = analysis.subjects.activate(State("baseline"))
+    enc = loaded.tokenizer(list(TEXTS), return_tensors="pt", padding=True, truncation=True, max_length=64)
+    return analysis._measure(State("baseline"), TextBatch("t", TEXTS), counts), enc
+
+
+def _looped_forward(folder: Path, start: int, end: int, k: int, enc) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A model whose block list repeats blocks start..end k times (the plain model for k = 1), run
+    once: the output of every block call in order (before any final norm), and the logits."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    anatomy = find_anatomy(model)
+    parent, _ = anatomy.block_names[0].rsplit(".", 1)
+    owner, attr = parent.rsplit(".", 1) if "." in parent else ("", parent)
+    blocks = list(model.get_submodule(parent))
+    if k != 1:
+        order = [*range(start), *[i for _ in range(k) for i in range(start, end + 1)], *range(end + 1, len(blocks))]
+        setattr(model.get_submodule(owner), attr, torch.nn.ModuleList([blocks[i] for i in order]))
+        text = model.config.get_text_config(decoder=True)
+        if getattr(text, "layer_types", None):
+            text.layer_types = [text.layer_types[i] for i in order]
+        text.num_hidden_layers = len(order)
+    outputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o)) for b in blocks]
+    try:
+        with torch.no_grad():
+            logits = model(**enc, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return outputs, logits
+
+
+def _expected(h_in, h_out, prev, logits, enc) -> dict[str, float]:
+    mask = enc["attention_mask"].bool()
+    a, b = h_in[mask].double(), h_out[mask].double()
+    out = {"cosine": ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean().item(),
+           "mse": ((a - b) ** 2).mean(-1).mean().item(),
+           "norm_diff": (b.norm(dim=-1) - a.norm(dim=-1)).mean().item()}
+    if prev is not None:
+        p = prev[mask].double()
+        out["step_cosine"] = ((b * p).sum(-1) / (b.norm(dim=-1) * p.norm(dim=-1))).mean().item()
+        out["step_rel_change"] = ((b - p).norm(dim=-1) / p.norm(dim=-1)).mean().item()
+    valid = mask[:, :-1] & mask[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1][valid].double(), enc["input_ids"][:, 1:][valid], reduction="sum")
+    out["nll"], out["count"] = nll.item(), int(valid.sum())
+    return out
+
+
+def _check(measured: dict, expected: dict, what: str) -> None:
+    assert set(measured["stats"]) == {k for k in expected if k not in ("nll", "count")}, what
+    for name, (mean, _m2) in measured["stats"].items():
+        assert mean == pytest.approx(expected[name], rel=1e-6, abs=1e-9), f"{what}: {name}"
+    assert measured["perplexity"]["count"] == expected["count"], what
+    assert measured["perplexity"]["total"] == pytest.approx(expected["nll"], rel=1e-6), f"{what}: perplexity"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "gpt2", "gemma3"])
+def test_replayed_loops_match_output_hidden_states_and_a_looped_model(arch_models, arch):
+    folder, start, end = arch_models[arch], 1, 2
+    measured, enc = _measure(folder, start, end, [0, 1, 2, 3])
+    assert all(m["n_tokens"] == int(enc["attention_mask"].sum()) for m in measured.values())
+    width = end - start + 1
+    # k = 1: the plain model's output_hidden_states (h_in = hidden_states[start], h_out = [end + 1])
+    # and its perplexity.
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        plain = model(**enc, output_hidden_states=True, use_cache=False)
+    hs = plain.hidden_states
+    _check(measured[1], _expected(hs[start], hs[end + 1], hs[start], plain.logits, enc), f"{arch} k=1")
+    # k = 0, 2, 3: a model whose block list really repeats the range (no replay, no hooks but outputs).
+    for k in (0, 2, 3):
+        outputs, logits = _looped_forward(folder, start, end, k, enc)
+        h_out = hs[start] if k == 0 else outputs[start + k * width - 1]
+        prev = None if k == 0 else hs[start] if k == 1 else outputs[start + (k - 1) * width - 1]
+        _check(measured[k], _expected(hs[start], h_out, prev, logits, enc), f"{arch} k={k}")
+    assert measured[0]["stats"]["cosine"][0] == pytest.approx(1.0) and measured[0]["stats"]["mse"][0] == 0.0
+    assert measured[2]["stats"]["cosine"][0] < 0.999  # the random block changes h
+
+
+def test_the_range_may_end_at_the_last_block(arch_models):
+    """h_out is then the last block's own output, before the final norm (output_hidden_states' last
+    entry has passed through it)."""
+    folder = arch_models["llama"]
+    measured, enc = _measure(folder, 2, 3, [1, 2])
+    for k in (1, 2):
+        outputs, logits = _looped_forward(folder, 2, 3, k, enc)
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            hs = model(**enc, output_hidden_states=True).hidden_states
+        prev = hs[2] if k == 1 else outputs[3]
+        _check(measured[k], _expected(hs[2], outputs[-1], prev, logits, enc), f"end=last k={k}")
+        if k == 1:  # the last hidden state is normed: not what h_out is
+            assert not torch.allclose(outputs[-1], hs[-1])
+
+
+# -- runs of the real console script ----------------------------------------------------------------
+
+RUN_YAML = """\
+model:
+  class_path: loop_identity
+  init_args:
+    baseline: base
+    checkpoints: ckpts/checkpoint-{100,200}
+    start: 1
+    end: 2
+    loop_counts: [0, 1, 2, 4]
+    max_length: 32
+data:
+  class_path: lensbench.data.modules.TextDataModule
+  init_args:
+    datasets: [alpha.txt, beta.txt]
+    batch_size: 4
+trainer:
+  accelerator: cpu
+  devices: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loop_models")
+    save_tiny_llama(root / "base", seed=0, layers=4)
+    for seed, step in enumerate((100, 200, 300), start=1):
+        save_tiny_llama(root / "ckpts" / f"checkpoint-{step}", seed=seed, layers=4)
+    save_tiny_llama(root / "three" / "checkpoint-5", seed=9, layers=3)
+    return root
+
+
+@pytest.fixture
+def loopdir(tmp_path, model_root) -> Path:
+    for name in ("base", "ckpts", "three"):
+        (tmp_path / name).symlink_to(model_root / name)
+    write_texts(tmp_path / "alpha.txt", 23, seed=1)
+    write_texts(tmp_path / "beta.txt", 9, seed=2)
+    (tmp_path / "run.yaml").write_text(RUN_YAML)
+    return tmp_path
+
+
+def _table(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "loop_metrics.csv")
+
+
+def _keys(run_dir: Path) -> list[str]:
+    return [json.loads(line)["key"] for p in sorted((run_dir / "shards").glob("*.jsonl"))
+            for line in p.read_text().splitlines() if line.strip()]
+
+
+def _close(a: pd.DataFrame, b: pd.DataFrame, rel: float = 1e-9) -> None:
+    assert list(a.columns) == list(b.columns)
+    ident = ["model", "dataset", "loop_count", "n_tokens", "perplexity_tokens"]
+    assert a[ident].equals(b[ident])
+    for col in [c for c in a.columns if c.endswith(("_mean", "_std")) or c == "perplexity"]:
+        diff = (a[col] - b[col]).abs()
+        assert ((diff <= rel * b[col].abs() + 1e-12) | (a[col].isna() & b[col].isna())).all(), col
+
+
+def test_a_run_writes_the_tables_and_plots_then_extends_and_refuses(loopdir):
+    run_dir = loopdir / "outputs" / "loop_identity" / "run"
+    first = lensbench("predict", "--config", "run.yaml", cwd=loopdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = _table(run_dir)
+    for column in ("model", "step", "loop_count", "cosine_mean", "cosine_std", "mse_mean", "mse_std",
+                   "norm_diff_mean", "norm_diff_std", "step_cosine_mean", "step_rel_change_mean",
+                   "perplexity", "n_tokens"):
+        assert column in table.columns, column
+    assert list(dict.fromkeys(table["model"])) == ["baseline", "checkpoint-100", "checkpoint-200"]
+    assert table.loc[table["model"] == "baseline", "step"].isna().all()
+    assert sorted(table["step"].dropna().unique()) == [100, 200]
+    assert sorted(table["loop_count"].unique()) == [0, 1, 2, 4]
+    zero = table[table["loop_count"] == 0]
+    assert (zero["cosine_mean"] - 1).abs().max() < 1e-12 and (zero["mse_mean"] == 0).all()
+    assert zero["step_cosine_mean"].isna().all()
+    one = table[table["loop_count"] == 1]
+    assert (one["step_cosine_mean"] - one["cosine_mean"]).abs().max() < 1e-12  # k=1 steps from h_in
+    assert (table["perplexity"] > 1).all()
+    for name in ("baseline", "checkpoint-100", "checkpoint-200"):  # the seed's per-model files
+        part = pd.read_csv(run_dir / f"{name}_metrics.csv")
+        pd.testing.assert_frame_equal(part, table[table["model"] == name].reset_index(drop=True), check_dtype=False)
+    for png in ("cosine_similarity_vs_loop_count", "mse_vs_loop_count", "norm_diff_vs_loop_count",
+                "convergence_vs_loop_count", "perplexity_vs_loop_count"):
+        assert (run_dir / f"{png}.png").stat().st_size > 5000, png
+    # The baseline's alpha rows against the analysis computed in-process over the same batches.
+    analysis = LoopIdentity(baseline=str(loopdir / "base"), start=1, end=2, loop_counts=[0, 1, 2, 4], max_length=32)
+    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), analysis.perturbations)
+    texts = [t for t in (loopdir / "alpha.txt").read_text().splitlines() if t.strip()]
+    records = []
+    for b in range(0, len(texts), 4):
+        measured = analysis._measure(State("baseline"), TextBatch("alpha", tuple(texts[b:b + 4])), [0, 1, 2, 4])
+        records += [{"model": "baseline", "role": "baseline", "step": None, "dataset": "alpha", "labels": {},
+                     "loop_count": k, **m} for k, m in measured.items()]
+    records.sort(key=lambda r: r["loop_count"])
+    direct = pd.read_csv(LoopIdentity.merge(records, loopdir)[0])
+    got = table[(table["model"] == "baseline") & (table["dataset"] == "alpha")].reset_index(drop=True)
+    _close(got, direct.reset_index(drop=True), rel=1e-9)
+
+    # Rerun: nothing to do. More loop counts and a third checkpoint extend the run.
+    again = lensbench("predict", "--config", "run.yaml", cwd=loopdir)
+    assert again.returncode == 0 and "0 to do" in again.stdout + again.stderr
+    stored = _keys(run_dir)
+    assert len(stored) == 3 * (6 + 3) * 4
+    more = lensbench("predict", "--config", "run.yaml", "--model.init_args.loop_counts", "[0, 1, 2, 4, 8]",
+                     "--model.init_args.checkpoints", "ckpts/checkpoint-{100,200,300}", cwd=loopdir)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"{4 * 9 * 5} work items, {len(stored)} already stored" in more.stdout + more.stderr
+    assert _keys(run_dir)[:len(stored)] == stored
+    extended = _table(run_dir)
+    assert list(dict.fromkeys(extended["model"])) == ["baseline", "checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    old = extended[(extended["loop_count"] != 8) & (extended["model"] != "checkpoint-300")].reset_index(drop=True)
+    _close(old, table.reset_index(drop=True), rel=0)
+
+    # Refused, naming the setting: another block range; changed weights of a stored checkpoint.
+    before = snapshot(run_dir)
+    moved = lensbench("predict", "--config", "run.yaml", "--model.init_args.start", "0", cwd=loopdir)
+    assert moved.returncode != 0 and "model.init_args.start" in last_line(moved.stderr), last_line(moved.stderr)
+    assert snapshot(run_dir) == before
+    (loopdir / "ckpts2").mkdir()
+    save_tiny_llama(loopdir / "ckpts2" / "checkpoint-100", seed=42, layers=4)
+    swapped = lensbench("predict", "--config", "run.yaml", "--model.init_args.checkpoints", "[ckpts2/checkpoint-100]",
+                        cwd=loopdir)
+    assert swapped.returncode != 0
+    line = last_line(swapped.stderr)
+    assert line.startswith("lensbench: error: model.init_args.checkpoints[0]:"), line
+    assert "checkpoint 'checkpoint-100'" in line and "other weights" in line, line
+    assert snapshot(run_dir) == before
+
+
+def test_a_zeroed_block_is_an_exact_identity_at_every_loop_count(loopdir):
+    """Block 1 with its attention output and MLP down projections zeroed (a perturbation state)
+    adds nothing to the residual stream: cos 1 and MSE 0 at every k."""
+    glob = "model.layers.1.{self_attn.o_proj,mlp.down_proj}.weight"
+    proc = lensbench("predict", "--config", "run.yaml", "--model.init_args.checkpoints", "null",
+                     "--model.init_args.end", "1", "--model.init_args.loop_counts", "[0, 1, 3, 8]",
+                     "--model.init_args.perturbation",
+                     json.dumps({"method": "ablation", "param_group": glob, "levels": [1.0], "include_baseline": True}),
+                     "--model.init_args.experiment", "zeroed", cwd=loopdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = _table(loopdir / "outputs" / "zeroed")
+    assert sorted(table["level_value"].unique()) == [0.0, 1.0]
+    zeroed = table[table["level_value"] == 1.0]
+    assert len(zeroed) == 2 * 4
+    assert ((zeroed["cosine_mean"] - 1).abs() < 1e-12).all() and (zeroed["mse_mean"] == 0).all()
+    assert (zeroed["norm_diff_mean"].abs() < 1e-12).all()
+    assert (zeroed.loc[zeroed["loop_count"] > 0, "step_rel_change_mean"] == 0).all()
+    assert zeroed.groupby("dataset")["perplexity"].nunique().eq(1).all()  # every k: the same model
+    intact = table[(table["level_value"] == 0.0) & (table["loop_count"] == 8)]
+    assert (intact["cosine_mean"] < 0.999).all()  # the same block unperturbed does change h
+
+
+def test_two_ddp_processes_match_one(loopdir):
+    runs = run_many({
+        "one": (("predict", "--config", "run.yaml", "--model.init_args.experiment", "one"), loopdir, None),
+        "two": (("predict", "--config", "run.yaml", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                 "--model.init_args.experiment", "two"), loopdir, None),
+    })
+    for name, proc in runs.items():
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    shards = sorted((loopdir / "outputs" / "two" / "shards").glob("*.jsonl"))
+    assert len(shards) == 2 and all(p.stat().st_size > 0 for p in shards)  # both ranks worked
+    # Two processes split the CPU threads: float32 sums may round differently.
+    _close(_table(loopdir / "outputs" / "two"), _table(loopdir / "outputs" / "one"), rel=1e-6)
+    for name in ("baseline", "checkpoint-100", "checkpoint-200"):
+        assert (loopdir / "outputs" / "two" / f"{name}_metrics.csv").is_file()
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(loopdir):
+    write_texts(loopdir / "long.txt", 200, seed=3)
+    args = ["predict", "--config", "run.yaml", "--data.init_args.datasets", "[long.txt]",
+            "--data.init_args.batch_size", "1", "--model.init_args.checkpoints", "[ckpts/checkpoint-100]"]
+    full = lensbench(*args, "--model.init_args.experiment", "full", cwd=loopdir)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_dir = loopdir / "outputs" / "killed"
+    proc = subprocess.Popen(["lensbench", *args, "--model.init_args.experiment", "killed"], cwd=loopdir,
+                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = run_dir / "shards" / "rank00000.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 30):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stored = shard.read_bytes().count(b"\n")
+    total = 2 * 200 * 4
+    assert 30 <= stored < total, "the kill must land mid-run"
+    assert not (run_dir / "loop_metrics.csv").exists()
+    resumed = lensbench(*args, "--model.init_args.experiment", "killed", cwd=loopdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keys = _keys(run_dir)
+    assert len(keys) == len(set(keys)) == total  # nothing duplicated, nothing missing
+    _close(_table(run_dir), _table(loopdir / "outputs" / "full"), rel=1e-9)
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (("--model.init_args.start", "3", "--model.init_args.end", "2"), "model.init_args.start", "start <= end"),
+    (("--model.init_args.end", "4",), "model.init_args.end", "0..3"),
+    (("--model.init_args.loop_counts", "[0, 2, -1]",), "model.init_args.loop_counts[2]", ">= 0"),
+    (("--model.init_args.checkpoints", "[ckpts/checkpoint-100, three/checkpoint-5]",),
+     "model.init_args.checkpoints[1]", "3 layers"),
+    (("--model.init_args.checkpoints", "ckpts/checkpoint-{100,400}",), "model.init_args.checkpoints", "does not exist"),
+])
+def test_bad_input_is_one_line_naming_the_field(loopdir, overrides, field, words):
+    proc = lensbench("predict", "--config", "run.yaml", *overrides, cwd=loopdir)
+    assert proc.returncode != 0
+    line = last_line(proc.stderr)
+    assert line.startswith(f"lensbench: error: {field}:"), line
+    assert words in line, line
+    assert not (loopdir / "outputs").exists()  # refused before any work
+
+
+def test_checkpoint_patterns_expand_in_step_order(tmp_path):
+    from lensbench.analyses.loop_identity import expand_checkpoints, trailing_step
+    from lensbench.errors import LensbenchError
+
+    for step in (1000, 200, 100):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    field = "model.init_args.checkpoints"
+    found = [Path(p).name for p, _ in expand_checkpoints(str(tmp_path / "checkpoint-*"), field)]
+    assert found == ["checkpoint-100", "checkpoint-200", "checkpoint-1000"]
+    braces = [Path(p).name for p, _ in expand_checkpoints(str(tmp_path / "checkpoint-{1000,100}"), field)]
+    assert braces == ["checkpoint-1000", "checkpoint-100"]  # as written
+    assert [w for _, w in expand_checkpoints(["a", "b"], field)] == [f"{field}[0]", f"{field}[1]"]
+    with pytest.raises(LensbenchError, match="matches no folder"):
+        expand_checkpoints(str(tmp_path / "ckpt-*"), field)
+    assert trailing_step("checkpoint-300") == 300 and trailing_step("final") is None
