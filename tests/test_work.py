@@ -127,3 +127,34 @@ if given is not None:
     @given(state_of=st.lists(st.integers(0, 5), max_size=60), world=st.integers(1, 16))
     def test_sharding_properties_hypothesis(state_of, world):
         _check_sharding(_interleaved_items(state_of), world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("drop", [0, 5])
+def test_a_group_of_items_is_never_split_between_ranks_or_steps(world, drop):
+    from lensbench.data.modules import group_steps
+
+    # 3 states x 9 batches x 4 loop counts, as loop_identity plans them; some items already stored.
+    units = [Unit(("d", b, k)) for b in range(9) for k in range(4)]
+    items = plan_items([State("a"), State("b"), State("c")], units)
+    rng = random.Random(world * 10 + drop)
+    items = [it for it in items if it not in set(rng.sample(items, drop))]
+
+    def group(item):
+        return item.key[:-1]
+
+    shards = [shard_by_state(items, rank, world, group) for rank in range(world)]
+    flat = [it for shard in shards for it in shard]
+    assert sorted(it.key_str for it in flat) == sorted(it.key_str for it in items)  # an exact partition
+    owner = {}
+    for rank, shard in enumerate(shards):
+        for item in shard:
+            assert owner.setdefault(group(item), rank) == rank, group(item)  # one rank per group
+        steps = group_steps(shard, 4, group)
+        assert all(len({group(it) for it in step}) == 1 for step in steps)  # one group per step
+        assert len(steps) == len({group(it) for it in shard})  # and one step per group
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 2 * 4  # balanced up to a group's size either side
+    # Without a group the sharding is the plain balanced one.
+    assert [shard_by_state(items, r, world) for r in range(world)] == \
+        [shard_by_state(items, r, world, None) for r in range(world)]

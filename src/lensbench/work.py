@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import LensbenchError
 
@@ -74,12 +74,15 @@ def changed_items(items: list[WorkItem], stored: dict[str, str | None]) -> str |
     return f"work item {changed[0].key_str}{more} now holds other content"
 
 
-def shard_by_state(items: list[WorkItem], rank: int, world_size: int) -> list[WorkItem]:
+def shard_by_state(items: list[WorkItem], rank: int, world_size: int,
+                   group: Callable[[WorkItem], Any] | None = None) -> list[WorkItem]:
     """Rank ``rank``'s share: contiguous, balanced slices of the items grouped by state.
 
     Items of one state stay together, so a rank changes model state only where its slice
     crosses a state boundary: at most (states in its slice - 1) times. Shares differ in size by
-    at most one item.
+    at most one item. With ``group`` (an analysis's ``step_group``), consecutive items of one
+    state and one group value are never split between ranks: slices are cut at the group
+    boundary nearest to the balanced cut, so shares differ by at most one group's size.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of {world_size}")
@@ -87,6 +90,16 @@ def shard_by_state(items: list[WorkItem], rank: int, world_size: int) -> list[Wo
     for item in items:
         order.setdefault(item.state.id, len(order))
     grouped = sorted(items, key=lambda it: order[it.state.id])  # stable: plan order within a state
-    base, extra = divmod(len(grouped), world_size)
-    start = rank * base + min(rank, extra)
-    return grouped[start : start + base + (1 if rank < extra else 0)]
+    if group is None:
+        base, extra = divmod(len(grouped), world_size)
+        start = rank * base + min(rank, extra)
+        return grouped[start : start + base + (1 if rank < extra else 0)]
+    bounds = [0] + [i for i in range(1, len(grouped))
+                    if (grouped[i].state.id, group(grouped[i])) != (grouped[i - 1].state.id, group(grouped[i - 1]))]
+    bounds.append(len(grouped))
+
+    def cut(r: int) -> int:
+        target = r * len(grouped) / world_size
+        return min(bounds, key=lambda b: (abs(b - target), b))
+
+    return grouped[cut(rank) : cut(rank + 1)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,13 +26,18 @@ def _identity(step):
     return step
 
 
-def group_steps(items: list[WorkItem], size: int) -> list:
-    """Single items (size 1), or lists of up to ``size`` consecutive items of one state."""
+def group_steps(items: list[WorkItem], size: int, group: Callable[[WorkItem], Any] | None = None) -> list:
+    """Single items (size 1), or lists of up to ``size`` consecutive items of one state (and, with
+    ``group``, of one group value: a step never mixes two groups)."""
     if size == 1:
         return list(items)
+
+    def same(a: WorkItem, b: WorkItem) -> bool:
+        return a.state.id == b.state.id and (group is None or group(a) == group(b))
+
     steps: list[list[WorkItem]] = []
     for item in items:
-        if steps and len(steps[-1]) < size and steps[-1][-1].state.id == item.state.id:
+        if steps and len(steps[-1]) < size and same(steps[-1][-1], item):
             steps[-1].append(item)
         else:
             steps.append([item])
@@ -74,8 +79,10 @@ class WorkDataModule(pl.LightningDataModule):
         items = analysis.plan if analysis.plan is not None else plan_items(analysis.states(), self.units())
         done = analysis.store.keys()
         todo = [item for item in items if item.key_str not in done]
-        mine = shard_by_state(todo, trainer.global_rank, trainer.world_size)
-        steps = group_steps(mine, max(1, int(getattr(analysis, "items_per_step", 1))))
+        # An analysis whose items share work (the loop counts of one batch) keeps each group whole.
+        group = getattr(analysis, "step_group", None)
+        mine = shard_by_state(todo, trainer.global_rank, trainer.world_size, group)
+        steps = group_steps(mine, max(1, int(getattr(analysis, "items_per_step", 1))), group)
         rank_zero_info(
             f"lensbench: {len(items)} work items, {len(items) - len(todo)} already stored in "
             f"{analysis.run_dir}, {len(todo)} to do on {trainer.world_size} rank(s)"
