@@ -60,13 +60,25 @@ def build(arch: str, folder: Path) -> Path:
                                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
                                   final_logit_softcapping=3.0, **COMMON)
         return _save(tf.Gemma3ForCausalLM(cfg), folder)
+    if arch == "granite":  # logits divided by logits_scaling (and its own embedding/residual multipliers)
+        cfg = tf.GraniteConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=128, logits_scaling=4.0,
+                               embedding_multiplier=2.0, residual_multiplier=0.5, **COMMON)
+        return _save(tf.GraniteForCausalLM(cfg), folder)
+    if arch == "cohere":  # logits multiplied by logit_scale
+        cfg = tf.CohereConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=128, logit_scale=3.0, **COMMON)
+        return _save(tf.CohereForCausalLM(cfg), folder)
     raise ValueError(arch)
+
+
+ARCHS = ("llama", "qwen2", "gpt_neox", "gpt2", "gemma3", "granite", "cohere")
 
 
 @pytest.fixture(scope="module")
 def arch_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("archs")
-    return {arch: build(arch, root / arch) for arch in ("llama", "qwen2", "gpt_neox", "gpt2", "gemma3")}
+    return {arch: build(arch, root / arch) for arch in ARCHS}
 
 
 def _measure(folder: Path, start: int, end: int, counts: list[int]):
@@ -127,7 +139,7 @@ def _check(measured: dict, expected: dict, what: str) -> None:
     assert measured["perplexity"]["total"] == pytest.approx(expected["nll"], rel=1e-6), f"{what}: perplexity"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "gpt2", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_replayed_loops_match_output_hidden_states_and_a_looped_model(arch_models, arch):
     folder, start, end = arch_models[arch], 1, 2
     measured, enc = _measure(folder, start, end, [0, 1, 2, 3])
@@ -196,12 +208,23 @@ def model_root(tmp_path_factory) -> Path:
     for seed, step in enumerate((100, 200, 300), start=1):
         save_tiny_llama(root / "ckpts" / f"checkpoint-{step}", seed=seed, layers=4)
     save_tiny_llama(root / "three" / "checkpoint-5", seed=9, layers=3)
+    import transformers as tf
+
+    torch.manual_seed(3)  # an encoder of the same shape (4 layers, width 32)
+    bert = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         max_position_embeddings=128, **COMMON)
+    _save(tf.BertModel(bert), root / "bert")
+    # A Llama whose config carries a logits_scaling its forward never applies: refused, since that
+    # name means other things in other models (divide in Granite, multiply in HyperCLOVA X).
+    save_tiny_llama(root / "scaled", seed=0, layers=4)
+    config = json.loads((root / "scaled" / "config.json").read_text())
+    (root / "scaled" / "config.json").write_text(json.dumps({**config, "logits_scaling": 2.0}))
     return root
 
 
 @pytest.fixture
 def loopdir(tmp_path, model_root) -> Path:
-    for name in ("base", "ckpts", "three"):
+    for name in ("base", "ckpts", "three", "bert", "scaled"):
         (tmp_path / name).symlink_to(model_root / name)
     write_texts(tmp_path / "alpha.txt", 23, seed=1)
     write_texts(tmp_path / "beta.txt", 9, seed=2)
@@ -369,6 +392,18 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(loopdir):
     (("--model.init_args.checkpoints", "[ckpts/checkpoint-100, three/checkpoint-5]",),
      "model.init_args.checkpoints[1]", "3 layers"),
     (("--model.init_args.checkpoints", "ckpts/checkpoint-{100,400}",), "model.init_args.checkpoints", "does not exist"),
+    # Inputs that used to pass __init__ and fail after work started.
+    (("--model.init_args.checkpoints", "[ckpts/checkpoint-100, {source: ckpts/checkpoint-200, transforms: [{name: loop_layers, params: {start: 1, end: 2, passes: 2}}]}]"),
+     "model.init_args.checkpoints[1].transforms", "loops blocks start..end itself"),
+    (("--model.init_args.baseline", "{source: base, transforms: [{name: gaussian_noise, params: {std: 0.1}}]}"),
+     "model.init_args.baseline.transforms", "remove the transforms"),
+    (("--model.init_args.baseline", "{source: base, head: base}"), "model.init_args.baseline.head", "causal_lm"),
+    (("--model.init_args.baseline", "bert"), "model.init_args.baseline.source", "not a decoder"),
+    (("--model.init_args.checkpoints", "[bert]"), "model.init_args.checkpoints[0].source", "'bert'"),
+    (("--model.init_args.checkpoints", "[scaled]"), "model.init_args.checkpoints[0].source", "logits_scaling"),
+    (("--model.init_args.checkpoints", "[{source: ckpts/checkpoint-100, name: loop}]"),
+     "model.init_args.checkpoints[0].name", "loop_metrics.csv"),
+    (("--model.init_args.baseline", "{source: base, name: loop}"), "model.init_args.baseline.name", "reserved"),
 ])
 def test_bad_input_is_one_line_naming_the_field(loopdir, overrides, field, words):
     proc = lensbench("predict", "--config", "run.yaml", *overrides, cwd=loopdir)
@@ -394,3 +429,79 @@ def test_checkpoint_patterns_expand_in_step_order(tmp_path):
     with pytest.raises(LensbenchError, match="matches no folder"):
         expand_checkpoints(str(tmp_path / "ckpt-*"), field)
     assert trailing_step("checkpoint-300") == 300 and trailing_step("final") is None
+
+
+def test_a_checkpoint_folder_has_one_weights_digest_however_its_path_is_written(loopdir, monkeypatch):
+    """The source string is not in the digest (the fingerprint covers the weights' content):
+    ./ckpts/x, ckpts/x and /abs/ckpts/x resume one run; other settings still change it."""
+    monkeypatch.chdir(loopdir)
+    digests = set()
+    for path in ("ckpts/checkpoint-100", "./ckpts/checkpoint-100", str(loopdir / "ckpts" / "checkpoint-100")):
+        analysis = LoopIdentity(baseline="base", checkpoints=[path], start=1, end=2)
+        digests.add(analysis._weights_of("checkpoint-100"))
+    assert len(digests) == 1
+    from lensbench.models.loading import ModelSpec
+
+    other = LoopIdentity(baseline="base", checkpoints=[ModelSpec("ckpts/checkpoint-100", dtype="bfloat16")],
+                         start=1, end=2)
+    assert other._weights_of("checkpoint-100") not in digests
+    swapped = LoopIdentity(baseline="base", checkpoints=["ckpts/checkpoint-200"], start=1, end=2)
+    assert swapped._weights_of("checkpoint-200") not in digests
+
+
+def test_checkpoint_folders_take_the_baselines_dtype_and_attention(loopdir, monkeypatch):
+    from lensbench.models.loading import ModelSpec
+
+    monkeypatch.chdir(loopdir)
+    base = ModelSpec("base", dtype="bfloat16", attn_implementation="eager")
+    analysis = LoopIdentity(baseline=base, start=1, end=2,
+                            checkpoints="ckpts/checkpoint-{100,200}")
+    for label in ("checkpoint-100", "checkpoint-200"):
+        assert (analysis.specs[label].dtype, analysis.specs[label].attn_implementation) == ("bfloat16", "eager")
+    listed = LoopIdentity(baseline=base, start=1, end=2,
+                          checkpoints=["ckpts/checkpoint-100", ModelSpec("ckpts/checkpoint-200", dtype="float32")])
+    assert listed.specs["checkpoint-100"].dtype == "bfloat16"
+    assert (listed.specs["checkpoint-200"].dtype, listed.specs["checkpoint-200"].attn_implementation) == ("float32", None)
+
+
+def test_one_capture_per_batch_also_after_resuming_from_a_partial_store(loopdir, monkeypatch):
+    """The loop counts of a batch share one captured forward: a fresh run and a run resuming from a
+    store that holds some of a batch's loop counts each capture every (state, batch) they compute once
+    (the core cuts steps where ``step_group`` changes; without it the resumed steps straddle batches)."""
+    from lensbench.cli import main
+    from lensbench.models.replay import BlockReplay
+
+    monkeypatch.chdir(loopdir)
+    captures: list[tuple] = []
+    current: list[tuple] = []
+    measure, capture = LoopIdentity._measure, BlockReplay.capture
+
+    def spy_measure(self, state, batch, counts):
+        current[:] = [(state.id, batch.dataset, tuple(batch.texts))]
+        return measure(self, state, batch, counts)
+
+    def spy_capture(self, batch):
+        captures.append(current[0])
+        return capture(self, batch)
+
+    monkeypatch.setattr(LoopIdentity, "_measure", spy_measure)
+    monkeypatch.setattr(BlockReplay, "capture", spy_capture)
+    args = ["predict", "--config", "run.yaml", "--data.init_args.datasets", "[beta.txt]",
+            "--model.init_args.checkpoints", "[ckpts/checkpoint-100]", "--model.init_args.experiment", "spy"]
+    assert main(args) == 0
+    batches = 2 * 3  # 2 models x 9 texts in batches of 4
+    assert len(captures) == len(set(captures)) == batches
+    # Keep the records of the first batch but one loop count (a kill between two of its records)
+    # and drop the rest: the resumed steps must not straddle two batches.
+    shard = loopdir / "outputs" / "spy" / "shards" / "rank00000.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    assert len(lines) == batches * 4
+    shard.write_text("".join(lines[:1] + lines[2:4]))
+    captures.clear()
+    assert main(args) == 0
+    assert len(captures) == len(set(captures)) == batches, captures
+    assert len(_keys(loopdir / "outputs" / "spy")) == batches * 4
+    # What the core groups by: the item's key without its loop count.
+    analysis = LoopIdentity(baseline="base", start=1, end=2, loop_counts=[0, 2])
+    assert analysis.items_per_step == 2
+    assert analysis.step_group(type("Item", (), {"key": ("s", "d", (0, 1), 2)})()) == ("s", "d", (0, 1))

@@ -16,7 +16,9 @@ then its final norm and LM head; next-token negative log-likelihoods of the non-
 kept as torchmetrics Perplexity states per work item and pooled on rank 0.
 
 All loop counts of one batch cost one forward pass (capturing every block's arguments), one pass
-of the block range per extra loop and one tail pass per loop count (``lensbench.models.replay``).
+of the block range per extra loop and one tail pass per loop count (``lensbench.models.replay``);
+``step_group`` keeps a batch's loop counts on one rank and in one step, so the forward is done once
+per batch, also on resume and under DDP.
 
 A work item is one (model state, dataset, batch, loop count); the loop counts of one batch are
 computed together (``items_per_step``), so a run extends with more loop counts or checkpoints.
@@ -96,11 +98,31 @@ def expand_checkpoints(checkpoints: list | str | None, field: str) -> list[tuple
     return out
 
 
+# Model types of encoders: refused even when their config names an LM head class (BertLMHeadModel).
+ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "mpnet", "xlm-roberta", "albert", "electra",
+                           "deberta", "deberta-v2", "camembert", "modernbert", "xlm", "flaubert"})
+HEADS = ("auto", "causal_lm")
+RESERVED_LABELS = (Path(TABLE).stem.removesuffix("_metrics"),)  # "loop": its per-model file is the merged table
+
+
+def check_spec(spec: ModelSpec, field: str) -> None:
+    """Refuse, before any work, settings of a model entry that loop_identity cannot honour."""
+    if spec.transforms:
+        raise LensbenchError("loop_identity loops blocks start..end itself and measures the models as they are; "
+                             "remove the transforms (loop_layers or any other)", f"{field}.transforms")
+    if spec.head not in HEADS:
+        raise LensbenchError(f"head {spec.head!r}: loop_identity scores perplexity with the LM head, so a model loads "
+                             f"as a causal LM; use one of {', '.join(HEADS)}", f"{field}.head")
+
+
 def model_shape(spec: ModelSpec, field: str) -> tuple[int, int]:
-    """(layers, hidden size) of a model, read from its config without loading weights."""
+    """(layers, hidden size) of a model, read from its config without loading weights. Refuses an
+    encoder (or any config with no causal LM head) and logits scaled in a way the replay cannot
+    reproduce."""
     from transformers import AutoConfig
 
-    from ..models.loading import _common_kwargs, embedded_smollm2_folder
+    from ..models.loading import _common_kwargs, _head, embedded_smollm2_folder
+    from ..models.replay import unsupported_logit_scaling
 
     res = resolve_source(spec, field)
     try:
@@ -114,13 +136,28 @@ def model_shape(spec: ModelSpec, field: str) -> tuple[int, int]:
     except (OSError, ValueError) as exc:
         raise LensbenchError(f"cannot read the config of {spec.source!r} ({str(exc).splitlines()[0][:120]})",
                              f"{field}.source") from exc
+    model_type = getattr(config, "model_type", None)
+    if model_type in ENCODER_TYPES or _head(config, "auto", res.gguf_file is not None) != "causal_lm":
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "none"
+        raise LensbenchError(f"{spec.source!r} is not a decoder with an LM head ({type(config).__name__}, model_type "
+                             f"{model_type!r}, architectures: {archs}); loop_identity needs a causal LM "
+                             "(*ForCausalLM / *LMHeadModel)", f"{field}.source")
     text = config.get_text_config(decoder=True)
+    refused = unsupported_logit_scaling(text)
+    if refused:
+        raise LensbenchError(refused, f"{field}.source")
     layers = getattr(text, "num_hidden_layers", None)
     hidden = getattr(text, "hidden_size", None)
     if not layers or not hidden:
         raise LensbenchError(f"the config of {spec.source!r} ({type(config).__name__}) names no num_hidden_layers "
                              "and hidden_size", f"{field}.source")
     return int(layers), int(hidden)
+
+
+def _check_label(label: str, spec: ModelSpec, field: str) -> None:
+    if label in RESERVED_LABELS:
+        raise LensbenchError(f"model label {label!r} is reserved: its per-model table would overwrite {TABLE}; "
+                             "give the model another `name`", f"{field}.name" if spec.name else field)
 
 
 class LoopIdentity(Analysis):
@@ -183,7 +220,9 @@ class LoopIdentity(Analysis):
         base = ModelSpec(baseline) if isinstance(baseline, str) else baseline
         if base.name is None:
             base = ModelSpec(**{**base.__dict__, "name": "baseline"})
+        check_spec(base, field)
         self.baseline_label = base.label()
+        _check_label(self.baseline_label, base, field)
         self.specs: dict[str, ModelSpec] = {self.baseline_label: base}
         self.fields: dict[str, str] = {self.baseline_label: field}
         layers, hidden = model_shape(base, field)
@@ -192,9 +231,14 @@ class LoopIdentity(Analysis):
                                  "model.init_args.end")
         self.shape = (layers, hidden)
         for entry, where in expand_checkpoints(checkpoints, "model.init_args.checkpoints"):
-            spec = ModelSpec(entry) if isinstance(entry, str) else entry
+            # A folder (from a pattern or a list) loads with the baseline's dtype and attention
+            # implementation; a ModelSpec mapping keeps its own settings.
+            spec = (ModelSpec(entry, dtype=base.dtype, attn_implementation=base.attn_implementation)
+                    if isinstance(entry, str) else entry)
+            check_spec(spec, where)
             resolve_source(spec, where)
             label = spec.label()
+            _check_label(label, spec, where)
             if label in self.specs:
                 raise LensbenchError(f"model label {label!r} is used twice; give one a `name`", where)
             shape = model_shape(spec, where)
@@ -213,7 +257,8 @@ class LoopIdentity(Analysis):
             for state in (perturbation.states(label, self.perturbations, "model.init_args.perturbation")
                           if perturbation else [State(label)])
         ]
-        # The loop counts of one batch are computed together (one forward, then pass after pass).
+        # The loop counts of one batch are computed together (one forward, then pass after pass);
+        # ``step_group`` keeps them on one rank and in one step.
         self.items_per_step = len(self.loop_counts)
         self.subjects: SubjectManager | None = None
         self._weights: dict[str, str] = {}
@@ -246,12 +291,19 @@ class LoopIdentity(Analysis):
             from ..models.fingerprint import model_fingerprint
 
             spec = self.specs[label]
-            settings = {k: v for k, v in spec.__dict__.items() if k != "name"}
+            # Not the source: the fingerprint covers the weights' content, wherever the folder is
+            # and however its path is written (./ckpts/x, ckpts/x, /abs/ckpts/x).
+            settings = {k: v for k, v in spec.__dict__.items() if k not in ("name", "source")}
             self._weights[label] = content_digest(model_fingerprint(spec, self.fields[label]), repr(settings))
         return self._weights[label]
 
     def states(self) -> list[State]:
         return self._states
+
+    def step_group(self, item: WorkItem) -> tuple:
+        """The loop counts of one batch share one capture: the core keeps them on one rank and in
+        one step (rank slices and steps are cut only where this value changes)."""
+        return item.key[:-1]
 
     def prepare_run_dir(self) -> None:
         """Refuse, before any work, a run folder holding records of a checkpoint (same label) whose
