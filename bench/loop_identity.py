@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     def verdict(ratio: float) -> str:
         return f"within the goal {GOAL}" if ratio <= GOAL else f"ABOVE the goal {GOAL}"
 
-    summary = (f"Time ratio replay/deepest: metrics only {metrics_only:.3f} ({verdict(metrics_only)}); with every "
+    summary = (f"Time ratio replay/deepest: metrics only (the analysis with `perplexity: false`) {metrics_only:.3f} ({verdict(metrics_only)}); with every "
                f"loop count's perplexity {with_ppl:.3f} ({verdict(with_ppl)}: each loop count needs its own tail "
                "pass, blocks end+1..N-1, final norm and LM head on its h_out(k), which the single deepest forward "
                "does not compute, as it scores the deepest k only). Against one looped forward per loop count "

@@ -505,3 +505,20 @@ def test_one_capture_per_batch_also_after_resuming_from_a_partial_store(loopdir,
     analysis = LoopIdentity(baseline="base", start=1, end=2, loop_counts=[0, 2])
     assert analysis.items_per_step == 2
     assert analysis.step_group(type("Item", (), {"key": ("s", "d", (0, 1), 2)})()) == ("s", "d", (0, 1))
+
+
+def test_without_perplexity_the_metrics_are_the_same_and_no_tail_runs(loopdir):
+    args = ("predict", "--config", "run.yaml", "--model.init_args.checkpoints", "null",
+            "--model.init_args.loop_counts", "[0, 1, 3]")
+    runs = {name: lensbench(*args, *extra, "--model.init_args.experiment", name, cwd=loopdir)
+            for name, extra in (("with_ppl", ()), ("no_ppl", ("--model.init_args.perplexity", "false")))}
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    with_ppl, no_ppl = _table(loopdir / "outputs" / "with_ppl"), _table(loopdir / "outputs" / "no_ppl")
+    metrics = [c for c in with_ppl.columns if c.endswith(("_mean", "_std")) or c in ("n_tokens", "loop_count")]
+    pd.testing.assert_frame_equal(no_ppl[metrics], with_ppl[metrics])
+    assert with_ppl["perplexity"].notna().all() and no_ppl["perplexity"].isna().all()
+    assert (no_ppl["perplexity_tokens"] == 0).all()
+    assert (loopdir / "outputs" / "with_ppl" / "perplexity_vs_loop_count.png").exists()
+    assert not (loopdir / "outputs" / "no_ppl" / "perplexity_vs_loop_count.png").exists()
+    assert (loopdir / "outputs" / "no_ppl" / "cosine_similarity_vs_loop_count.png").exists()

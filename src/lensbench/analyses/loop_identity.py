@@ -176,6 +176,7 @@ class LoopIdentity(Analysis):
         loop_counts: list[int] | None = None,
         perturbation: PerturbationGrid | None = None,
         max_length: int = 512,
+        perplexity: bool = True,
         experiment: str | None = None,
         output_dir: str = "outputs",
     ) -> None:
@@ -193,11 +194,16 @@ class LoopIdentity(Analysis):
                 Default: [0, 1, 2, 4, 8, 16].
             perturbation: Measure every model at a grid of perturbed states instead of as it is.
             max_length: Texts are truncated to this many tokens.
+            perplexity: Score the text after k passes (one pass of the remaining blocks and the LM
+                head per loop count); false: the hidden-state metrics only, at about the cost of
+                one forward of the deepest loop count.
             experiment: Name of the run: results go to ``<output_dir>/<experiment>/``.
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)
         from ..plugins import active_registries
+
+        self.score_perplexity = bool(perplexity)
 
         if max_length < 2:
             raise LensbenchError(f"must be at least 2, got {max_length}", "model.init_args.max_length")
@@ -379,9 +385,11 @@ class LoopIdentity(Analysis):
                 elif k > 1:
                     h = replay.loop(cap, h)
                 if k in counts:
-                    logits = replay.logits_after(cap, None if k == 1 else h)
+                    ppl = None
+                    if self.score_perplexity:
+                        ppl = perplexity_state(replay.logits_after(cap, None if k == 1 else h), enc["input_ids"], mask)
                     out[k] = {**token_stats(tokens_in, h[mask].double(), prev[mask].double() if k else None),
-                              "perplexity": perplexity_state(logits, enc["input_ids"], mask)}
+                              "perplexity": ppl}
                 prev = h
         return out
 
@@ -408,7 +416,8 @@ class LoopIdentity(Analysis):
                 cur[0] += delta * n_b / n if n else 0.0
                 cur[1] += m2_b + (delta * delta * n_a * n_b / n if n else 0.0)
             acc["n"] = n
-            acc["ppl"].append(rec["perplexity"])
+            if rec["perplexity"] is not None:  # null: run with perplexity: false
+                acc["ppl"].append(rec["perplexity"])
         rows, label_names = [], []
         for (model, dataset, labels, k), acc in groups.items():
             label_names += [name for name, _ in labels if name not in label_names]
@@ -473,10 +482,11 @@ class LoopIdentity(Analysis):
         draw(right, "step_cosine_mean", "mean cos(h_out(k), h_out(k-1))")
         fig.suptitle(f"Change made by the k-th pass ({span})")
         outputs.append(_save(fig, plt, Path(run_dir) / "convergence_vs_loop_count.png"))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        draw(ax, "perplexity", "perplexity (remaining blocks after k passes)", log=True)
-        ax.set_title(f"Perplexity vs loop count ({span})")
-        outputs.append(_save(fig, plt, Path(run_dir) / "perplexity_vs_loop_count.png"))
+        if table["perplexity"].notna().any():  # not with perplexity: false
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            draw(ax, "perplexity", "perplexity (remaining blocks after k passes)", log=True)
+            ax.set_title(f"Perplexity vs loop count ({span})")
+            outputs.append(_save(fig, plt, Path(run_dir) / "perplexity_vs_loop_count.png"))
         return outputs
 
 
