@@ -39,6 +39,8 @@ class Analysis(pl.LightningModule):
     #: because they only choose which work items exist or how they are scheduled: a finished run
     #: is extended with the missing items. Every other setting must match to resume.
     extendable: ClassVar[tuple[str, ...]] = ()
+    #: Padding side of the tokenizers of the models ``subject_specs`` names (left for generation).
+    padding_side: ClassVar[str] = "right"
 
     def __init__(self, experiment: str | None = None, output_dir: str = "outputs") -> None:
         """
@@ -55,6 +57,7 @@ class Analysis(pl.LightningModule):
         self.identity_free: tuple[str, ...] = ()  # config paths left out of the identity (set by the CLI)
         self.plan: list[WorkItem] | None = None  # every work item of the run (set in setup)
         self.run_log: RunLog | None = None
+        self.subjects: Any = None  # a lensbench.state.SubjectManager while the run lasts
         self.progress: Progress | None = None
         self.store: ResultStore | None = None
         self.merged_outputs: list[Path] = []
@@ -80,6 +83,11 @@ class Analysis(pl.LightningModule):
 
     def fingerprint(self) -> dict[str, Any]:
         """What besides the config must match to resume a run: the weights of the models studied."""
+        return {}
+
+    def subject_specs(self) -> dict[str, Any]:
+        """Label -> ``ModelSpec`` of the models this analysis loads: the base class then holds a
+        ``SubjectManager`` in ``self.subjects`` while the run lasts (none when empty)."""
         return {}
 
     def inputs_fingerprint(self) -> dict[str, Any]:
@@ -170,6 +178,12 @@ class Analysis(pl.LightningModule):
         if self.global_rank == 0:
             self.write_run_files()
         self.store = ResultStore(self.run_dir)  # Lightning's post_setup barrier follows
+        specs = self.subject_specs()
+        if specs:
+            from .plugins import active_registries
+            from .state import SubjectManager
+
+            self.subjects = SubjectManager(specs, self.device, active_registries().perturbations, self.padding_side)
 
     def on_predict_start(self) -> None:
         path = self.store.open_shard(self.global_rank)
@@ -219,6 +233,8 @@ class Analysis(pl.LightningModule):
             self.store.close()
         if self.run_log is not None:
             self.run_log.detach()
+        if self.subjects is not None:
+            self.subjects.release()
         self.unlock_run_dir()
 
     def finalize(self) -> list[Path]:

@@ -21,7 +21,8 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
-from ..state import State, SubjectManager
+from ..state import State
+from ..stats import chan_merge
 from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem
 
@@ -82,7 +83,6 @@ class ActivationNorms(Analysis):
             for state in (perturbation.states(label, self.perturbations, "model.init_args.perturbation")
                           if perturbation else [State(label)])
         ]
-        self.subjects: SubjectManager | None = None
 
     def states(self) -> list[State]:
         return self._states
@@ -93,14 +93,8 @@ class ActivationNorms(Analysis):
         return {label: model_fingerprint(spec, f"model.init_args.models[{i}]")
                 for i, (label, spec) in enumerate(self.specs.items())}
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        self.subjects = SubjectManager(self.specs, self.device, self.perturbations)
-
-    def teardown(self, stage: str) -> None:
-        super().teardown(stage)
-        if self.subjects is not None:
-            self.subjects.release()
+    def subject_specs(self) -> dict[str, ModelSpec]:
+        return self.specs
 
     def process(self, item: WorkItem) -> dict[str, Any]:
         loaded = self.subjects.activate(item.state)
@@ -145,11 +139,10 @@ class ActivationNorms(Analysis):
                 if not cur["mean"]:
                     cur.update({k: list(v) for k, v in s.items()})
                     continue
-                n_a, n = acc["n"], acc["n"] + n_b
+                n_a = acc["n"]
                 for layer in range(len(s["mean"])):
-                    delta = s["mean"][layer] - cur["mean"][layer]
-                    cur["mean"][layer] += delta * n_b / n
-                    cur["m2"][layer] += s["m2"][layer] + delta * delta * n_a * n_b / n
+                    cur["mean"][layer], cur["m2"][layer] = chan_merge(n_a, cur["mean"][layer], cur["m2"][layer],
+                                                                      n_b, s["mean"][layer], s["m2"][layer])
                     cur["min"][layer] = min(cur["min"][layer], s["min"][layer])
                     cur["max"][layer] = max(cur["max"][layer], s["max"][layer])
             acc["n"] += n_b

@@ -39,7 +39,8 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
-from ..state import State, SubjectManager
+from ..state import State
+from ..stats import chan_merge
 from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem, content_digest
 
@@ -266,7 +267,6 @@ class LoopIdentity(Analysis):
         # The loop counts of one batch are computed together (one forward, then pass after pass);
         # ``step_group`` keeps them on one rank and in one step.
         self.items_per_step = len(self.loop_counts)
-        self.subjects: SubjectManager | None = None
         self._weights: dict[str, str] = {}
 
     # -- the plan: one work item per (state, dataset, batch, loop count) ----------------------------
@@ -330,14 +330,8 @@ class LoopIdentity(Analysis):
 
         return {self.baseline_label: model_fingerprint(self.specs[self.baseline_label], "model.init_args.baseline")}
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        self.subjects = SubjectManager(self.specs, self.device, self.perturbations)
-
-    def teardown(self, stage: str) -> None:
-        super().teardown(stage)
-        if self.subjects is not None:
-            self.subjects.release()
+    def subject_specs(self) -> dict[str, ModelSpec]:
+        return self.specs
 
     # -- the work ---------------------------------------------------------------------------------
     def process(self, item: WorkItem) -> dict[str, Any]:
@@ -412,9 +406,7 @@ class LoopIdentity(Analysis):
                     acc["stats"][name] = [mean_b, m2_b]
                     continue
                 cur = acc["stats"][name]
-                delta = mean_b - cur[0]
-                cur[0] += delta * n_b / n if n else 0.0
-                cur[1] += m2_b + (delta * delta * n_a * n_b / n if n else 0.0)
+                cur[0], cur[1] = chan_merge(n_a, cur[0], cur[1], n_b, mean_b, m2_b)
             acc["n"] = n
             if rec["perplexity"] is not None:  # null: run with perplexity: false
                 acc["ppl"].append(rec["perplexity"])

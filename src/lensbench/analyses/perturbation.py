@@ -27,7 +27,7 @@ from ..generation import (DEFAULT_PERPLEXITY_TEXT, GenerationSettings, Perplexit
 from ..hookspecs import hookimpl
 from ..models.loading import EMBEDDED, ModelSpec, resolve_source, takes_images
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
-from ..state import State, SubjectManager
+from ..state import State
 from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem
 
@@ -41,6 +41,7 @@ class PerturbationAnalysis(Analysis):
     """Weight perturbation followed by generation (and optional perplexity), per level and repetition."""
 
     name = "perturbation"
+    padding_side = "left"  # generation
     # More levels or repetitions, and another batch size, extend a run (the DataModule adds prompts).
     extendable = (*GRID_EXTENDABLE, "generation.max_batch_size")
 
@@ -106,7 +107,6 @@ class PerturbationAnalysis(Analysis):
                 self._ppl_text = self.ppl.text if self.ppl.text is not None else DEFAULT_PERPLEXITY_TEXT
         self._states = self.grid.states(self.spec.label(), self.perturbations, "model.init_args.perturbation")
         self.items_per_step = self.generation.max_batch_size
-        self.subjects: SubjectManager | None = None
         self._state_info: dict[str, dict[str, Any]] = {}
         self._warned_text_only = False
 
@@ -135,13 +135,9 @@ class PerturbationAnalysis(Analysis):
             raise LensbenchError(f"always needs a vision-language model, but {self.spec.label()!r} takes text only; "
                                  f"use such a model or set images to auto or never", "model.init_args.generation.images")
         super().setup(stage)
-        self.subjects = SubjectManager({self.spec.label(): self.spec}, self.device, self.perturbations,
-                                       padding_side="left")
 
-    def teardown(self, stage: str) -> None:
-        super().teardown(stage)
-        if self.subjects is not None:
-            self.subjects.release()
+    def subject_specs(self) -> dict[str, ModelSpec]:
+        return {self.spec.label(): self.spec}
 
     def _enter(self, state: State) -> dict[str, Any]:
         """Move the model to ``state``; its touched tensors, finiteness and perplexity (once per state)."""
