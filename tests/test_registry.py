@@ -218,8 +218,9 @@ def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
     assert f"[lensbench hook] lensbench_register_analyses <- {BUILTIN}: ['activation_norms']" in err
     assert f"[lensbench hook] lensbench_register_perturbations <- {EXAMPLE}: ['low_rank']" in err
     # One line per implementation: analyses 4 (built-in modules), perturbations 3 (lensbench.perturbations,
-    # lensbench.models.looping, the example), metrics 2, datasets 2.
-    assert err.count("[lensbench hook]") == 11
+    # lensbench.models.looping, the example), metrics 2, datasets 2, synthetic datasets 1.
+    assert f"[lensbench hook] lensbench_register_synthetic_datasets <- {BUILTIN}: ['synthetic_qa', 'digit_lookup', 'two_hop', 'hashhop']" in err
+    assert err.count("[lensbench hook]") == 12
 
 
 def test_hook_results_are_filed_in_registration_order(monkeypatch, capsys):

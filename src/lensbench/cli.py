@@ -280,16 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     top = argparse.ArgumentParser(
         prog="lensbench",
         description="Analyses of language-model internals. Commands: predict (run an analysis from a "
-        "config), plugins (list what is registered), plot (redraw figures of a finished run).",
+        "config), fit (train a model, such as a memory model), plugins (list what is registered), plot (redraw figures of a finished run).",
     )
     sub = top.add_subparsers(dest="command")
     sub.add_parser("predict", help="run an analysis: lensbench predict --config X.yaml", add_help=False)
+    sub.add_parser("fit", help="train a model (memory models): lensbench fit --config X.yaml", add_help=False)
     sub.add_parser("plugins", help="list registered analyses, perturbations, metrics and datasets")
     plot = sub.add_parser("plot", help="redraw an analysis's figures from its stored results")
     plot.add_argument("run_dir", help="output folder of a run (holds config.yaml)")
     try:
         if argv and argv[0] == "predict":
             run_predict(None if from_sys else argv)
+            return 0
+        if argv and argv[0] == "fit":
+            from .training.cli import run_fit
+
+            run_fit(None if from_sys else argv)
             return 0
         args = top.parse_args(argv)
         if args.command == "plugins":

@@ -48,3 +48,13 @@ def lensbench_register_datasets() -> list[object]:
     A config names a registered dataset instead of a file path. All results are collected;
     duplicate names are an error.
     """
+
+
+@hookspec
+def lensbench_register_synthetic_datasets() -> list[object]:
+    """Return synthetic-dataset generators (instances of ``lensbench.synthetic.datasets.SyntheticDataset``).
+
+    Each builds a deterministic train/val/test set from a seed (synthetic QA, digit lookup, ...)
+    and names the answer mask its examples train with; ``lensbench fit`` configs select one by
+    ``name``. All results are collected; duplicate names are an error.
+    """

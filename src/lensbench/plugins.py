@@ -33,6 +33,7 @@ BUILTIN = (
     "lensbench.perturbations",
     "lensbench.models.looping",
     "lensbench.data.sources",
+    "lensbench.synthetic.datasets",
     "lensbench.analyses.activation_norms",
     "lensbench.analyses.param_diff",
     "lensbench.analyses.perturbation",
@@ -137,6 +138,7 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
     from .data.sources import DatasetEntry
     from .metrics import TokenStatistic
     from .state import Transform
+    from .synthetic.datasets import SyntheticDataset
 
     reg = Registries()
     reg.entry_points = {pm.get_name(plugin): f"{dist.project_name}=={dist.version}"
@@ -145,6 +147,7 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
     reg.perturbations.base = Transform
     reg.metrics.base = TokenStatistic
     reg.datasets.base = DatasetEntry
+    reg.synthetic_datasets.base = SyntheticDataset
     trace = _truthy(os.environ.get("LENSBENCH_TRACE_HOOKS"))
     for kind, registry in reg.kinds().items():
         caller = getattr(pm.hook, f"lensbench_register_{kind}")

@@ -94,6 +94,7 @@ class Registries:
     perturbations: Registry[type] = field(default_factory=lambda: Registry("perturbation"))
     metrics: Registry[Any] = field(default_factory=lambda: Registry("metric", instances=True))
     datasets: Registry[Any] = field(default_factory=lambda: Registry("dataset", instances=True))
+    synthetic_datasets: Registry[Any] = field(default_factory=lambda: Registry("synthetic dataset", instances=True))
     entry_points: dict[str, str] = field(default_factory=dict)
     """The installed plugins loaded into these registries: entry-point name -> ``distribution==version``."""
 
@@ -103,4 +104,5 @@ class Registries:
             "perturbations": self.perturbations,
             "metrics": self.metrics,
             "datasets": self.datasets,
+            "synthetic_datasets": self.synthetic_datasets,
         }

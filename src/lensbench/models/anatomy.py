@@ -22,9 +22,16 @@ Parameter-group spec grammar (``Anatomy.parameter_group``)::
              | embed_only  the input-embedding weight
              | blocks      every parameter of the blocks
              | all         every parameter of the model
+             | memory      every parameter of the memory layers (product-key memories)
+             | memory_keys     their key tables
+             | memory_values   their value tables
     layers  := item ("," item)*      item := N | N-M   (block indices, inclusive, 0-based)
     glob    := anything containing * ? { or . : fnmatch over qualified parameter names, after
                brace expansion ({4-8} -> 4..8, {a,b} -> a|b), e.g. model.layers.{4-8}.mlp.*
+
+A memory layer is any module with a ``memory_parameters()`` method returning ``{"keys": [...],
+"values": [...]}`` (parameter names relative to it), such as ``lensbench.memory.ProductKeyMemory``;
+where it replaces a block's MLP it is that block's MLP too (``mlp_only``).
 
 Examples: ``mlp_only[4-8]``, ``attn[0,2,5-6]``, ``transformer.h.{0,1}.attn.c_attn.weight``.
 Tied weights are listed once, under their ``named_parameters()`` name; globs also match aliases.
@@ -41,9 +48,9 @@ from torch import nn
 
 from lensbench.errors import LensbenchError, did_you_mean
 
-GROUPS = ("attn_only", "attn", "mlp_only", "embed_only", "blocks", "all")
+GROUPS = ("attn_only", "attn", "mlp_only", "embed_only", "blocks", "all", "memory", "memory_keys", "memory_values")
 _ATTN = ("self_attn", "self_attention", "attn", "attention", "mixer_attn", "sa")
-_MLP = ("mlp", "feed_forward", "ffn", "feedforward", "ff", "block_sparse_moe", "moe")
+_MLP = ("mlp", "feed_forward", "ffn", "feedforward", "ff", "block_sparse_moe", "moe", "memory")
 _NORM = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
 _VALUE = ("v_proj", "value", "v_lin", "to_v", "value_proj", "v")
 _HINT = 'set anatomy: {blocks: "<glob>", attention: "<name>", mlp: "<name>", embedding: "<name>"} in the model\'s config entry'
@@ -82,6 +89,8 @@ class Anatomy:
     final_norm_name: str | None
     value_params: list[ParamSelection]
     mlp_parts: list[list[str]] = field(default_factory=list)  # per block, all MLP modules (BERT: 2)
+    memory_names: dict[int, list[str]] = field(default_factory=dict)  # block index -> its memory layers
+    memory_params: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # layer -> keys/values names
 
     def num_layers(self) -> int:
         return len(self.block_names)
@@ -95,7 +104,11 @@ class Anatomy:
         return {"embedding": self.embedding_name, "num_layers": self.num_layers(), "blocks": list(self.block_names),
                 "attention": list(self.attention_names), "mlp": list(self.mlp_names),
                 "mlp_parts": [list(p) for p in self._mlp_parts()], "final_norm": self.final_norm_name,
-                "value_params": vals}
+                "value_params": vals, "memory": {str(i): list(n) for i, n in self.memory_names.items()}}
+
+    def memory_layers(self, model: nn.Module) -> dict[int, list[nn.Module]]:
+        """Block index -> the memory layers inside that block."""
+        return {i: [model.get_submodule(n) for n in names] for i, names in self.memory_names.items()}
 
     def _mlp_parts(self) -> list[list[str]]:
         return self.mlp_parts or [[n] for n in self.mlp_names]
@@ -126,7 +139,17 @@ class Anatomy:
             hit = {canon for n, canon in pairs if any(p == "" or n.startswith(p + ".") for p in prefixes)}
             return [ParamSelection(n) for n in order if n in hit]
 
-        if name == "all":
+        if name.startswith("memory"):
+            if not self.memory_names:
+                raise LensbenchError(f"group {name!r}: this model has no memory layer; use a model with product-key memory layers (model_type memory_llama) or another group", field)
+            kinds = {"memory": None, "memory_keys": "keys", "memory_values": "values"}[name]
+            mods = [m for i in layers for m in self.memory_names.get(i, [])]
+            if kinds is None:
+                out = under(mods)
+            else:
+                hit = {f"{m}.{rel}" for m in mods for rel in self.memory_params[m][kinds]}
+                out = [ParamSelection(n) for n in order if n in hit]
+        elif name == "all":
             out = [ParamSelection(n) for n in order]
         elif name == "embed_only":
             out = under([self.embedding_name])
@@ -319,7 +342,17 @@ def find_anatomy(model: nn.Module, overrides: AnatomyOverrides | None = None, fi
         values.append(_value_params(model, att[0]))
     value_params = [s for v in values for s in v] if all(values) else []
 
+    memory_names: dict[int, list[str]] = {}
+    memory_params: dict[str, dict[str, list[str]]] = {}
+    for i, bn in enumerate(block_names):
+        for rel, mod in model.get_submodule(bn).named_modules():
+            parts = getattr(mod, "memory_parameters", None)
+            if rel and callable(parts):
+                memory_names.setdefault(i, []).append(f"{bn}.{rel}")
+                memory_params[f"{bn}.{rel}"] = {k: list(v) for k, v in parts().items()}
+
     skip = tuple(b + "." for b in block_names) + (emb_name + ".",)
     norms = [n for n in all_names if n.rsplit(".", 1)[-1] in _NORM and not n.startswith(skip) and n not in block_names]
     final_norm = min(norms, key=lambda n: n.count(".")) if norms else None
-    return Anatomy(emb_name, block_names, attention_names, mlp_names, final_norm, value_params, mlp_parts)
+    return Anatomy(emb_name, block_names, attention_names, mlp_names, final_norm, value_params, mlp_parts,
+                   memory_names, memory_params)

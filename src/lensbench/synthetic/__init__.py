@@ -1,0 +1,1 @@
+"""Synthetic memorization datasets, their answer masks and the collators that train on them."""

@@ -1,0 +1,1 @@
+"""Training memory models and others: `lensbench fit`."""

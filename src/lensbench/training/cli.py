@@ -1,0 +1,130 @@
+"""``lensbench fit``: Lightning's own ``fit`` subcommand for ``CausalLMTraining`` and a DataModule.
+
+The run folder ``<output_dir>/<experiment>/`` (default experiment ``fit/<config stem>``) holds
+``config.yaml``, ``run.json`` (the settings that must match to resume), ``metrics.csv``
+(Lightning's CSVLogger), ``memory_usage.csv``, ``logs/rank<r>.log``, ``lightning/last.ckpt`` and
+the Hugging Face folders ``checkpoint-<step>/``. Running the same config again resumes from
+``lightning/last.ckpt`` (optimizer, scheduler, step and data position included); a larger
+``trainer.max_steps`` trains further.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import LensbenchError
+
+#: Settings that may change between runs on one folder (where to write, how often, how long).
+FREE = ("model.experiment", "model.output_dir", "model.save_every", "model.track_memory_every",
+        "data.val_batch_size", "data.data_dir")
+
+
+def _build_fit_cli():
+    from lightning.pytorch.cli import LightningCLI
+
+    from ..cli import _flatten, default_experiment, is_free
+
+    class LensbenchFitCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.set_defaults({"trainer.gradient_clip_val": 1.0, "trainer.enable_model_summary": False,
+                                 "trainer.max_steps": 1000, "trainer.val_check_interval": None})
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand]
+            if cfg.model.get("experiment") is None:
+                cfg.model.experiment = default_experiment("fit", cfg.get("config") or [])
+
+        def instantiate_trainer(self, **kwargs: Any):
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+            from lightning.pytorch.callbacks import ModelCheckpoint
+            from lightning.pytorch.loggers import CSVLogger
+
+            from .callbacks import HuggingFaceCheckpoints, MemoryUsage
+
+            run_dir = self.model.run_dir
+            extra = [HuggingFaceCheckpoints(run_dir, self.model.save_every),
+                     ModelCheckpoint(dirpath=run_dir / "lightning", filename="step{step}", save_last=True,
+                                     save_top_k=0, every_n_train_steps=self.model.save_every)]
+            if self.model.track_memory_every:
+                extra.append(MemoryUsage(run_dir, self.model.track_memory_every))
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
+            cfg = self.config_init[self.subcommand].trainer
+            if cfg.get("logger") in (None, True):
+                # one metrics/version_<n>/metrics.csv per (resumed) run: a resumed run never overwrites
+                self.config_init[self.subcommand].trainer.logger = CSVLogger(str(run_dir), name="metrics")
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (TypeError, ValueError, MisconfigurationException) as exc:
+                reason = str(exc).strip().rstrip(".").splitlines()[0]
+                raise LensbenchError(f"{reason}; fix the trainer section of the config", "trainer") from None
+
+        def before_fit(self) -> None:
+            parser = self._subcommand_parsers[self.subcommand]
+            cfg = self.config[self.subcommand]
+            text = parser.dump(cfg, skip_none=False)
+            resolved = yaml.safe_load(text)
+            identity = {k: v for k, v in _flatten({"model": resolved.get("model"), "data": resolved.get("data")}).items()
+                        if not is_free(k, FREE)}
+            run_dir = self.model.run_dir
+            ident_path = run_dir / "run.json"
+            last = run_dir / "lightning" / "last.ckpt"
+            if ident_path.exists():
+                stored = json.loads(ident_path.read_text())
+                identity = json.loads(json.dumps(identity))
+                if stored != identity:
+                    changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+                    raise LensbenchError(
+                        f"{run_dir} holds a training run with other settings ({', '.join(changed[:3])}"
+                        f"{', ...' if len(changed) > 3 else ''}); set another experiment name, or delete the folder",
+                        "model.experiment")
+            if self.trainer.global_rank == 0:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(text)
+                ident_path.write_text(json.dumps(identity, indent=1, sort_keys=True))
+            if last.exists() and not cfg.get("ckpt_path"):
+                from ..logs import console
+
+                console.info(f"resuming from {last}")
+                self.config_init[self.subcommand].ckpt_path = str(last)
+
+    return LensbenchFitCLI
+
+
+def run_fit(argv: list[str] | None) -> Any:
+    import os
+    import warnings
+
+    from jsonargparse import set_loader
+
+    from ..cli import PARSER_MODE, QUIET, _make_loader
+    from ..logs import quiet_lightning
+    from ..plugins import active_registries
+    from .data import SyntheticTextData
+    from .module import CausalLMTraining
+
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    quiet_lightning()
+    set_loader(PARSER_MODE, _make_loader(active_registries()), exceptions=(yaml.YAMLError,))
+    cli_class = _build_fit_cli()
+    return cli_class(
+        CausalLMTraining,
+        SyntheticTextData,
+        subclass_mode_model=False,
+        subclass_mode_data=False,
+        save_config_callback=None,
+        parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
+                       "description": "Train a model (a memory model by default): lensbench fit --config X.yaml"},
+        seed_everything_default=0,
+        args=argv,
+    )
