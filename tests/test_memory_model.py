@@ -171,3 +171,18 @@ def test_search_stays_exact_with_many_blocked_slots():
     after, _ = mem.select(x)
     assert not torch.isin(after, mem.blocked_slots).any()
     assert torch.allclose(mem(x), mem.reference_forward(x), atol=1e-6)
+
+
+def test_import_lensbench_is_enough_to_load_a_saved_memory_model(tmp_path):
+    """In a fresh interpreter, ``import lensbench`` (which imports neither torch nor transformers)
+    makes ``memory_llama`` known to the Auto classes once transformers is imported."""
+    import subprocess
+    import sys
+
+    MemoryLlamaForCausalLM(config()).save_pretrained(tmp_path)
+    code = ("import sys, lensbench; heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}); print(heavy, type(m).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[] MemoryLlamaForCausalLM"

@@ -9,7 +9,8 @@ from pathlib import Path
 from conftest import ROOT, lensbench
 
 # (config, overrides that cut it down to seconds, the merged output it must write), in the order
-# a newcomer meets them: README (quickstarts), then docs/perturbation.md and docs/param_diff.md.
+# a newcomer meets them: README (quickstarts, the training one through `lensbench fit`), then
+# docs/perturbation.md and docs/param_diff.md.
 ONE_PROMPT = ("--data.init_args.max_prompts", "1", "--model.init_args.perturbation.n_rep", "1",
               "--model.init_args.generation.max_new_tokens", "4")
 RUNS = (
@@ -22,6 +23,9 @@ RUNS = (
     ("loop_identity/quickstart.yaml", ("--data.init_args.max_examples", "2", "--model.init_args.loop_counts", "[0, 2]",
                                        "--model.init_args.max_length", "32"),
      "outputs/loop_identity/quickstart/loop_metrics.csv"),
+    ("memory/train_synthetic_qa.yaml", ("--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                                        "--data.options", "{num_pairs: 60, buckets: [1, 2, 4, 8, 16, 32]}"),
+     "outputs/fit/train_synthetic_qa/checkpoint-4/model.safetensors"),
     ("perturbation/dreams_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),
      "outputs/perturbation/dreams_it/summary.csv"),
     ("perturbation/iq_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),
@@ -57,7 +61,8 @@ def test_every_config_is_run_here_or_says_what_it_needs():
 
 def test_shipped_configs_run_one_after_another_in_one_folder(tmp_path):
     for config, overrides, output in RUNS:
-        result = lensbench("predict", "--config", str(ROOT / "configs" / config), *overrides, cwd=tmp_path, timeout=900)
+        command = "fit" if config.startswith("memory/train_") else "predict"
+        result = lensbench(command, "--config", str(ROOT / "configs" / config), *overrides, cwd=tmp_path, timeout=900)
         assert result.returncode == 0, f"{config}: {result.stderr[-3000:]}"
         assert (tmp_path / output).is_file(), f"{config} wrote no {output}"
     folders = {Path(output).parent for _, _, output in RUNS}

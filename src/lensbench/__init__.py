@@ -3,9 +3,13 @@
     lensbench predict --config configs/<analysis>/<experiment>.yaml
 
 Importing lensbench registers its model classes (``memory_llama``, see ``lensbench.memory``)
-with transformers' Auto classes, so their saved folders load with ``from_pretrained``.
+with transformers' Auto classes, so their saved folders load with ``from_pretrained``. The
+import stays light: when transformers is not imported yet, the registration runs right after it
+is (``_autoregister``), so ``import lensbench`` alone imports neither torch nor transformers.
 """
 
 __version__ = "0.1.0"
 
-from . import memory as _memory  # noqa: E402,F401  (registers memory_llama with the Auto classes)
+from ._autoregister import register_when_transformers_loads as _register
+
+_register()

@@ -6,10 +6,12 @@
 - ``apply_transform(folder, name, seed=..., **params)``: a saved model with one registered
   transform applied exactly as a run applies it;
 - tiny random models built from configs in milliseconds, no hub: ``save_tiny_llama``,
-  ``save_tiny_llava``, ``save_tiny_gemma3``; ``tiny_tokenizer``; ``write_texts``.
+  ``save_tiny_llava``, ``save_tiny_gemma3``; ``tiny_tokenizer``; ``write_texts``;
+- ``char_tokenizer``/``save_char_tokenizer``: one token per printable character (for synthetic
+  memorization data, whose answer masks are defined on characters).
 
-Importing this module imports nothing heavy: torch and transformers are imported by the helpers
-that need them.
+The helpers import what they need; ``import lensbench`` itself registers the memory model with
+transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ __all__ = [
     "LLAVA_TEMPLATE",
     "WORDS",
     "apply_transform",
+    "char_tokenizer",
     "plugin_manager",
     "registries_for",
+    "save_char_tokenizer",
     "save_tiny_gemma3",
     "save_tiny_llama",
     "save_tiny_llava",
@@ -117,6 +121,20 @@ def tiny_tokenizer(extra: tuple[str, ...] = (), **special: str) -> PreTrainedTok
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", extra_special_tokens=special)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable character (offsets are character positions), with ``<s>``, ``</s>``
+    and ``<pad>``: the tokenizer ``tokenizer: chars`` names in a ``lensbench fit`` config."""
+    from .synthetic.tokenizer import char_tokenizer as build
+
+    return build()
+
+
+def save_char_tokenizer(folder: Path) -> Path:
+    """``char_tokenizer()`` saved to ``folder`` (a ``tokenizer:`` of ``lensbench fit``); returns ``folder``."""
+    char_tokenizer().save_pretrained(folder)
+    return Path(folder)
 
 
 def save_tiny_llama(folder: Path, seed: int = 0, layers: int = 2) -> Path:

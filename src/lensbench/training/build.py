@@ -32,9 +32,20 @@ def source_folder(source: str, field: str) -> Path:
 
 
 def load_tokenizer(source: str, field: str) -> Any:
+    """A fast tokenizer from a model source, a folder holding only tokenizer files, or ``chars``
+    (one token per character, ``lensbench.synthetic.tokenizer``)."""
     from transformers import AutoTokenizer
 
-    folder = source_folder(source, field)
+    from ..synthetic.tokenizer import NAME, char_tokenizer
+
+    if source == NAME:
+        return char_tokenizer()
+
+    plain = Path(source).expanduser()
+    if plain.is_dir() and (plain / "tokenizer.json").is_file() and not (plain / "config.json").is_file():
+        folder = plain
+    else:
+        folder = source_folder(source, field)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as exc:

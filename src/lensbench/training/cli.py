@@ -36,7 +36,7 @@ def _build_fit_cli():
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.set_defaults({"trainer.gradient_clip_val": 1.0, "trainer.enable_model_summary": False,
-                                 "trainer.max_steps": 1000, "trainer.val_check_interval": None})
+                                 "trainer.max_steps": 1000, "trainer.log_every_n_steps": 10})
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand]
@@ -112,7 +112,7 @@ def run_fit(argv: list[str] | None) -> Any:
     from .module import CausalLMTraining
 
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    for pattern in QUIET:
+    for pattern in (*QUIET, r".*when logging on epoch level in distributed setting.*"):
         warnings.filterwarnings("ignore", message=pattern)
     quiet_lightning()
     set_loader(PARSER_MODE, _make_loader(active_registries()), exceptions=(yaml.YAMLError,))

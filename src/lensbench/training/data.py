@@ -35,6 +35,7 @@ class SyntheticTextData(pl.LightningDataModule):
         append_eos: bool = False,
         train_split: str = "train",
         val_split: str | None = "val",
+        test_split: str | None = "test",
         shuffle_seed: int = 0,
     ) -> None:
         """
@@ -53,6 +54,8 @@ class SyntheticTextData(pl.LightningDataModule):
             append_eos: End every example with the tokenizer's end-of-sequence token (trained).
             train_split: Split to train on.
             val_split: Split to validate on (exact match per bucket and split); null: none.
+            test_split: Split whose exact match per group is written to ``exact_match.csv`` when
+                training ends (skipped when the dataset has no such split); null: none.
             shuffle_seed: Seed of the order of training examples (and of packing).
         """
         super().__init__()
@@ -70,6 +73,7 @@ class SyntheticTextData(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.pack, self.append_eos = pack, append_eos
         self.train_split, self.val_split, self.shuffle_seed = train_split, val_split, shuffle_seed
+        self.test_split = test_split
         self.mask = mask or self._default_mask()
         from ..synthetic.masks import get_mask
 
@@ -135,6 +139,12 @@ class SyntheticTextData(pl.LightningDataModule):
         for rows in (self.train_rows, self.val_rows):
             for row in rows:
                 self.val_collate.encode(row["text"])
+
+    def test_rows(self) -> list[dict]:
+        """The rows of ``test_split`` (none when unset or absent)."""
+        if self.test_split is None:
+            return []
+        return self.load_splits().get(self.test_split, [])
 
     def train_dataloader(self) -> "ResumableBatches":
         """Shuffled ``batch_size`` examples per step (packed, they share fewer rows), sharded over

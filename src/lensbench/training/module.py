@@ -57,7 +57,8 @@ class CausalLMTraining(pl.LightningModule):
                 docs/memory.md for its ``memory_*`` fields). ``vocab_size`` defaults to the tokenizer's.
             base_model: A model (alias, folder) whose config.json the ``config`` fields update,
                 e.g. ``smollm2`` with ``{model_type: memory_llama, memory_layers: [15]}``.
-            tokenizer: The model (alias or folder) whose tokenizer encodes the data.
+            tokenizer: The model (alias or folder) whose tokenizer encodes the data, or ``chars``
+                (one token per character: small models train much faster on synthetic data).
             init_seed: Seed of the random initialisation.
             pretrained_layers: Weights copied from another checkpoint after initialisation
                 (``source``, ``step``, ``layer_mappings`` source->target, ``component_mappings``, ``load_all``).
@@ -66,7 +67,8 @@ class CausalLMTraining(pl.LightningModule):
                 module prefixes (``model.layers.0.``).
             freeze_strict: A freeze pattern that matches nothing is an error.
             lr: Peak learning rate of AdamW.
-            weight_decay: AdamW weight decay (not applied to norms, biases and memory keys).
+            weight_decay: AdamW weight decay (not applied to norms, biases, and memory keys and values:
+                a slot no token reads would decay at every step and forget what it stores).
             betas: AdamW betas.
             warmup_steps: Linear warm-up from 0 to ``lr`` over these optimizer steps.
             decay: After warm-up: cosine or linear to ``min_lr_ratio * lr`` at ``trainer.max_steps``, or constant.
@@ -169,6 +171,19 @@ class CausalLMTraining(pl.LightningModule):
             if total:
                 self.log(f"val_exact/{g}", hit / total, batch_size=int(total), rank_zero_only=True)
 
+    def on_train_end(self) -> None:
+        """Exact match of the answers of the data's ``test_split`` per group, on rank 0:
+        ``<run>/exact_match.csv`` (the memorization curve when the groups are exposure buckets)."""
+        dm = self.trainer.datamodule
+        rows = dm.test_rows() if dm is not None and hasattr(dm, "test_rows") else []
+        if self.global_rank != 0 or not rows:
+            return
+        table = exact_match_table(self.model, rows, dm.val_collate, dm.val_batch_size, self.device)
+        path = self.run_dir / "exact_match.csv"
+        table.to_csv(path, index=False)
+        console.info("exact match on %s (%d examples): %s -> %s", dm.test_split, len(rows),
+                     ", ".join(f"{r.group} {r.exact_match:.2f}" for r in table.itertuples()), path)
+
     # -- optimizer --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -176,7 +191,7 @@ class CausalLMTraining(pl.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or name.endswith(".keys") or "norm" in name else decay).append(p)
+            (no_decay if p.ndim < 2 or name.endswith((".keys", ".values")) or "norm" in name else decay).append(p)
         groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
@@ -211,6 +226,33 @@ def exact_answers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     trained = target != -100
     right = (pred == target) | ~trained
     return right.all(-1) & trained.any(-1)
+
+
+GROUP_FIELDS = ("bucket", "split", "hops", "cot", "known")
+
+
+@torch.no_grad()
+def exact_match_table(model: torch.nn.Module, rows: list[dict], collate: Any, batch_size: int, device: Any):
+    """One row per group of ``rows`` (the values of ``GROUP_FIELDS`` they carry): ``group``, those
+    fields, ``n``, ``exact_match`` (share of answers whose every token is the top prediction)."""
+    import pandas as pd
+
+    from .data import group_of
+
+    was_training = model.training
+    model.eval()
+    hits = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk).items() if torch.is_tensor(v)}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        hits += exact_answers(logits, batch["labels"]).tolist()
+    model.train(was_training)
+    frame = pd.DataFrame([{"group": group_of(r), **{f: r.get(f) for f in GROUP_FIELDS}, "hit": h}
+                          for r, h in zip(rows, hits)])
+    fields = [f for f in GROUP_FIELDS if frame[f].notna().any()]
+    table = frame.groupby(["group", *fields], dropna=False, sort=False).hit.agg(n="size", exact_match="mean").reset_index()
+    return table.sort_values(fields or ["group"], kind="stable").reset_index(drop=True)
 
 
 def freeze_params(model: torch.nn.Module, spec: Any, strict: bool) -> Any:

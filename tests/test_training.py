@@ -1,0 +1,209 @@
+"""``lensbench fit``: training lowers the loss, resumes bit for bit, writes loadable Hugging Face
+folders and memory usage; freezing and layer loading through a config; bad input in one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lensbench.cli import main
+from lensbench.testing import save_char_tokenizer
+
+MEMORY = {"model_type": "memory_llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "memory_layers": [1], "memory_n_keys": 8,
+          "memory_heads": 2, "memory_topk": 4, "memory_k_dim": 16, "max_position_embeddings": 32}
+
+
+def write_config(folder: Path, **changes) -> Path:
+    config = {
+        "model": {"tokenizer": str(folder / "chars"), "config": dict(MEMORY), "lr": 1e-2, "warmup_steps": 2,
+                  "decay": "constant", "save_every": 3, "track_memory_every": 2},
+        "data": {"dataset": "synthetic_qa", "options": {"num_pairs": 16, "buckets": [1, 2], "val_per_bucket": 4},
+                 "max_length": 16, "batch_size": 8},
+        "trainer": {"max_steps": 8, "accelerator": "cpu", "val_check_interval": 3, "check_val_every_n_epoch": None,
+                    "enable_progress_bar": False, "log_every_n_steps": 1},
+    }
+    for section, values in changes.items():
+        config[section].update(values)
+    if not (folder / "chars").exists():
+        save_char_tokenizer(folder / "chars")
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fit(folder: Path, monkeypatch, *args: str) -> int:
+    monkeypatch.chdir(folder)
+    return main(["fit", "--config", str(folder / "train.yaml"), *args])
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = []
+    for path in sorted(run.glob("metrics/version_*/metrics.csv")):
+        rows += list(csv.DictReader(path.open()))
+    return rows
+
+
+def test_training_lowers_the_loss_and_writes_loadable_checkpoints(tmp_path, monkeypatch):
+    write_config(tmp_path, trainer={"max_steps": 12, "val_check_interval": 6})
+    assert fit(tmp_path, monkeypatch) == 0
+    run = tmp_path / "outputs" / "fit" / "train"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-3", "checkpoint-6",
+                                                                "checkpoint-9"]
+    losses = [float(r["train_loss"]) for r in metrics(run) if r.get("train_loss")]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    val = [r for r in metrics(run) if r.get("val_loss")]
+    assert len(val) == 2 and all("val_exact/bucket=1/seen" in r for r in val)
+
+    import lensbench  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lensbench.models.loading import ModelSpec, load_model
+
+    folder = run / "checkpoint-12"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model).__name__ == "MemoryLlamaForCausalLM"
+    from lensbench.testing import char_tokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == char_tokenizer().get_vocab()
+    loaded = load_model(ModelSpec(source=str(folder)))  # what every analysis does
+    assert loaded.anatomy.memory_names == {1: ["model.layers.1.memory"]}
+    assert json.loads((run / "run.json").read_text())["data.dataset"] == "synthetic_qa"
+    assert (run / "logs" / "rank0.log").read_text().count("saved ") == 4
+
+
+def test_a_run_stopped_and_resumed_trains_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    write_config(tmp_path)
+    assert fit(tmp_path, monkeypatch, "--model.experiment", "whole") == 0
+    # 24 training rows in batches of 8: stop in the middle of the second epoch, then at its end
+    for steps in (4, 6, 8):
+        assert fit(tmp_path, monkeypatch, "--model.experiment", "parts", "--trainer.max_steps", str(steps)) == 0
+    whole = load_file(tmp_path / "outputs/whole/checkpoint-8/model.safetensors")
+    parts = load_file(tmp_path / "outputs/parts/checkpoint-8/model.safetensors")
+    assert whole.keys() == parts.keys()
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    steps = [int(r["step"]) for r in metrics(tmp_path / "outputs/parts") if r.get("train_loss")]
+    assert sorted(steps) == list(range(8))  # no step trained twice, none skipped
+    assert len(list((tmp_path / "outputs/parts/metrics").iterdir())) == 3  # earlier metrics kept
+
+
+def test_memory_usage_is_tracked(tmp_path, monkeypatch):
+    write_config(tmp_path, trainer={"max_steps": 4})
+    assert fit(tmp_path, monkeypatch) == 0
+    rows = list(csv.DictReader((tmp_path / "outputs/fit/train/memory_usage.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    for r in rows:
+        assert int(r["slots"]) == 64 and 0 < int(r["used"]) <= 64
+        assert float(r["used_share"]) == pytest.approx(int(r["used"]) / 64)
+        counts = [int(pair.split(":")[1]) for pair in r["top_slots"].split()]
+        assert counts == sorted(counts, reverse=True)
+        # two batches of 8 padded rows: every real token reads topk slots per head, nothing more
+        assert sum(counts) <= 2 * 8 * 16 * 2 * 4
+
+
+def test_freezing_keeps_frozen_weights_bit_identical(tmp_path, monkeypatch):
+    write_config(tmp_path, model={"freeze": {"*": "freeze", "*.memory.*": "train"}}, trainer={"max_steps": 3})
+    assert fit(tmp_path, monkeypatch) == 0
+    from transformers import AutoConfig
+
+    from lensbench.training.build import build_model
+
+    trained = load_file(tmp_path / "outputs/fit/train/checkpoint-3/model.safetensors")
+    config = AutoConfig.from_pretrained(tmp_path / "outputs/fit/train/checkpoint-3")
+    initial = build_model(config, 0).state_dict()  # init_seed 0: the run's initial weights
+    changed = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert changed and all(".memory." in k for k in changed)
+    log = (tmp_path / "outputs/fit/train/logs/rank0.log").read_text()
+    assert "froze " in log and "parameters" in log
+
+
+def test_a_smollm2_like_model_gets_a_memory_layer_and_every_other_weight(tmp_path, monkeypatch):
+    from lensbench.testing import save_tiny_llama
+
+    source = save_tiny_llama(tmp_path / "base", layers=3)
+    write_config(tmp_path, model={
+        "base_model": str(source), "tokenizer": str(source),
+        "config": {"model_type": "memory_llama", "memory_layers": [1], "memory_n_keys": 8, "memory_topk": 4,
+                   "memory_heads": 2, "memory_k_dim": 16},
+        "pretrained_layers": {"source": str(source), "load_all": True},
+        "freeze": {"*": "freeze", "*.memory.*": "train"}},
+        data={"dataset": "digit_lookup", "options": {"num_pairs": 24, "test_size": 4}, "val_split": None,
+              "mask": "none"},
+        trainer={"max_steps": 2})
+    # the tiny Llama's word-level tokenizer has no digits: train on a text set it can spell
+    (tmp_path / "words").mkdir()
+    words = "the cat sat on a mat and the dog ran to it".split()
+    rows = [{"text": " ".join(words[i % 5: i % 5 + 4])} for i in range(16)]
+    (tmp_path / "words" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert fit(tmp_path, monkeypatch, "--data.dataset", "null", "--data.path", str(tmp_path / "words")) == 0
+    base = load_file(source / "model.safetensors")
+    out = load_file(tmp_path / "outputs/fit/train/checkpoint-2/model.safetensors")
+    assert {k for k in out if ".memory." in k} == {f"model.layers.1.memory.{p}" for p in ("keys", "values", "query.weight")}
+    assert not any(k.startswith("model.layers.1.mlp") for k in out)
+    for k in out:
+        if ".memory." not in k:
+            assert torch.equal(out[k], base[k]), k  # loaded from the base, then frozen
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--data.dataset", "synthetic_qq"), "data.dataset: unknown synthetic dataset 'synthetic_qq'; did you mean 'synthetic_qa'"),
+    (("--data.mask", "qaa"), "data.mask"),
+    (("--data.options", "{num_pairz: 4}"), "data.options.num_pairz"),
+    (("--model.config.memory_layers", "[5]"), "outside the model; it has layers 0..1"),
+    (("--model.config.memory_topk", "9"), "memory_topk=9 is out of range; use 1..memory_n_keys (8)"),
+    (("--model.freeze", "['*.nothing.*']"), "model.freeze"),
+    (("--model.lr", "-1"), "model.lr: lr=-1.0 is out of range"),
+    (("--model.decay", "cosinus"), "did you mean 'cosine'"),
+    (("--data.max_length", "4"), "max_length"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, fragment):
+    write_config(tmp_path)
+    assert fit(tmp_path, monkeypatch, *args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lensbench: error: ") and fragment in err[0], err
+    assert not list((tmp_path / "outputs" / "fit").glob("*/checkpoint-*"))
+
+
+def test_a_layer_mapping_between_shapes_is_refused(tmp_path, monkeypatch, capsys):
+    from lensbench.testing import save_tiny_llama
+
+    source = save_tiny_llama(tmp_path / "base", layers=2)  # width 32, intermediate 64
+    write_config(tmp_path, model={"config": dict(MEMORY, intermediate_size=48, memory_layers=[0]),
+                                  "pretrained_layers": {"source": str(source), "layer_mappings": {"1": "1"}}})
+    capsys.readouterr()
+    assert fit(tmp_path, monkeypatch) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.pretrained_layers" in err and "[64, 32]" in err
+
+
+def test_a_changed_setting_is_refused_in_the_same_run_folder(tmp_path, monkeypatch, capsys):
+    write_config(tmp_path, trainer={"max_steps": 2})
+    assert fit(tmp_path, monkeypatch) == 0
+    before = (tmp_path / "outputs/fit/train/run.json").read_bytes()
+    assert fit(tmp_path, monkeypatch, "--model.lr", "0.5") == 1
+    err = capsys.readouterr().err
+    assert "model.lr" in err and "another experiment" in err
+    assert (tmp_path / "outputs/fit/train/run.json").read_bytes() == before
+
+
+def test_ddp_training_with_two_processes(tmp_path):
+    from conftest import lensbench
+
+    write_config(tmp_path, trainer={"max_steps": 4, "val_check_interval": 2})
+    result = lensbench("fit", "--config", str(tmp_path / "train.yaml"), "--trainer.devices", "2",
+                       "--trainer.strategy", "ddp", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "outputs/fit/train"
+    assert (run / "checkpoint-4" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+    # 24 rows over 2 processes in batches of 8: 2 steps per epoch, so 4 steps are two whole epochs
+    state = torch.load(run / "lightning" / "last.ckpt", weights_only=False)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "consumed": 2}]
+    rows = list(csv.DictReader((run / "memory_usage.csv").open()))
+    assert [r["step"] for r in rows] == ["2", "4"]  # written once, by rank 0, with both ranks' counts
