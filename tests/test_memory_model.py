@@ -23,6 +23,8 @@ def config(**memory) -> MemoryLlamaConfig:
 def brute_force(mem: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
     """Independent of the layer's code: score every (i1, i2) slot as q1·k1[i1] + q2·k2[i2]."""
     q = mem.query(x).view(x.shape[0], mem.heads, 2, mem.k_dim // 2)
+    if mem.query_norm:
+        q = q / q.pow(2).mean(-1, keepdim=True).sqrt()
     out = torch.zeros(x.shape[0], mem.v_dim)
     for n in range(x.shape[0]):
         for h in range(mem.heads):
@@ -40,11 +42,12 @@ def brute_force(mem: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("gated,v_dim", [(False, None), (True, None), (False, 24)])
+@pytest.mark.parametrize("gated,v_dim,query_norm", [(False, None, False), (True, None, False), (False, 24, False),
+                                                    (False, None, True)])
 @torch.no_grad()
-def test_product_key_search_equals_scoring_every_slot(gated, v_dim):
+def test_product_key_search_equals_scoring_every_slot(gated, v_dim, query_norm):
     torch.manual_seed(0)
-    mem = ProductKeyMemory(32, n_keys=6, heads=2, topk=3, k_dim=8, v_dim=v_dim, gated=gated)
+    mem = ProductKeyMemory(32, n_keys=6, heads=2, topk=3, k_dim=8, v_dim=v_dim, gated=gated, query_norm=query_norm)
     x = torch.randn(5, 32)
     expected = brute_force(mem, x)
     assert torch.allclose(mem(x), expected, atol=1e-5)

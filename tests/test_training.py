@@ -207,3 +207,45 @@ def test_ddp_training_with_two_processes(tmp_path):
     assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "consumed": 2}]
     rows = list(csv.DictReader((run / "memory_usage.csv").open()))
     assert [r["step"] for r in rows] == ["2", "4"]  # written once, by rank 0, with both ranks' counts
+
+
+def test_smollm2_with_one_mlp_turned_into_a_memory_layer(tmp_path):
+    """The seed's use of pretrained layer loading on the embedded SmolLM2: every weight but the
+    new memory comes from SmolLM2, and only the memory trains."""
+    from lensbench.models.checkpoint import open_checkpoint
+    from lensbench.models.loading import ModelSpec
+    from lensbench.training.layer_loading import PretrainedLayers
+    from lensbench.training.module import CausalLMTraining
+
+    module = CausalLMTraining(
+        config={"model_type": "memory_llama", "memory_layers": [15], "memory_n_keys": 16, "memory_topk": 4,
+                "memory_heads": 2, "memory_k_dim": 32},
+        base_model="smollm2", tokenizer="smollm2",
+        pretrained_layers=PretrainedLayers(source="smollm2", load_all=True),
+        freeze={"*": "freeze", "*.memory.*": "train"}, output_dir=str(tmp_path))
+    model = module.model
+    assert type(model).__name__ == "MemoryLlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert not hasattr(model.model.layers[15], "mlp") and hasattr(model.model.layers[14], "mlp")
+    reader = open_checkpoint(ModelSpec(source="smollm2"))
+    state = model.state_dict()
+    for name in ("model.layers.15.self_attn.q_proj.weight", "model.layers.14.mlp.up_proj.weight",
+                 "model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(state[name], reader.get(name).to(state[name].dtype)), name
+    skipped = module.load_report.skipped
+    assert {f"model.layers.15.mlp.{p}_proj.weight" for p in ("gate", "up", "down")} <= set(skipped)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"model.layers.15.memory.{p}" for p in ("keys", "values", "query.weight")}
+    assert module.freeze_report.frozen == sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for n, p in model.named_parameters() if n in trained)
+
+
+def test_print_config_shows_the_resolved_training_config(tmp_path, monkeypatch, capsys):
+    write_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(tmp_path / "train.yaml"), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["config"]["memory_layers"] == [1] and printed["model"]["decay"] == "constant"
+    assert printed["data"]["dataset"] == "synthetic_qa" and printed["trainer"]["gradient_clip_val"] == 1.0
+    assert not (tmp_path / "outputs").exists()

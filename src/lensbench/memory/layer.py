@@ -35,13 +35,14 @@ class ProductKeyMemory(nn.Module):
     ``values`` (``[n_keys², v_dim]``, read as an embedding bag), optional ``gate``/``out``."""
 
     def __init__(self, hidden: int, n_keys: int = 128, heads: int = 4, topk: int = 32, k_dim: int = 128,
-                 v_dim: int | None = None, gated: bool = False) -> None:
+                 v_dim: int | None = None, gated: bool = False, query_norm: bool = False) -> None:
         super().__init__()
         check_memory_shape(hidden, n_keys, heads, topk, k_dim, v_dim)
         self.hidden, self.n_keys, self.heads, self.topk, self.k_dim = hidden, n_keys, heads, topk, k_dim
         self.v_dim = v_dim or hidden
         self.gated = gated
         self.query = nn.Linear(hidden, heads * k_dim, bias=False)
+        self.query_norm = query_norm
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))
         self.values = nn.Parameter(torch.empty(n_keys * n_keys, self.v_dim))
         self.gate = nn.Linear(hidden, self.v_dim, bias=False) if gated else None
@@ -84,6 +85,8 @@ class ProductKeyMemory(nn.Module):
     def half_scores(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, heads, 2, n_keys]``: every half-key's score (blocked rows at -inf)."""
         q = self.query(x).view(x.shape[0], self.heads, 2, self.k_dim // 2)
+        if self.query_norm:  # each half-query to unit RMS: scores depend on direction, not scale
+            q = F.rms_norm(q, (self.k_dim // 2,))
         scores = torch.einsum("nhsd,hskd->nhsk", q, self.keys.to(q.dtype))
         if self.blocked_rows.any():
             scores = scores.masked_fill(self.blocked_rows, float("-inf"))

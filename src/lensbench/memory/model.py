@@ -30,7 +30,8 @@ class MemoryLlamaConfig(LlamaConfig):
 
     def __init__(self, memory_layers: list[int] | tuple[int, ...] = (), memory_n_keys: int = 128,
                  memory_heads: int = 4, memory_topk: int = 32, memory_k_dim: int = 128,
-                 memory_v_dim: int | None = None, memory_gated: bool = False, **kwargs: Any) -> None:
+                 memory_v_dim: int | None = None, memory_gated: bool = False, memory_query_norm: bool = False,
+                 **kwargs: Any) -> None:
         self.memory_layers = [int(i) for i in memory_layers]
         self.memory_n_keys = int(memory_n_keys)
         self.memory_heads = int(memory_heads)
@@ -38,6 +39,7 @@ class MemoryLlamaConfig(LlamaConfig):
         self.memory_k_dim = int(memory_k_dim)
         self.memory_v_dim = None if memory_v_dim is None else int(memory_v_dim)
         self.memory_gated = bool(memory_gated)
+        self.memory_query_norm = bool(memory_query_norm)
         super().__init__(**kwargs)
         check_memory_shape(self.hidden_size, self.memory_n_keys, self.memory_heads, self.memory_topk,
                            self.memory_k_dim, self.memory_v_dim)
@@ -51,7 +53,7 @@ class MemoryLlamaConfig(LlamaConfig):
 def memory_from_config(config: MemoryLlamaConfig) -> ProductKeyMemory:
     return ProductKeyMemory(config.hidden_size, n_keys=config.memory_n_keys, heads=config.memory_heads,
                             topk=config.memory_topk, k_dim=config.memory_k_dim, v_dim=config.memory_v_dim,
-                            gated=config.memory_gated)
+                            gated=config.memory_gated, query_norm=getattr(config, "memory_query_norm", False))
 
 
 class MemoryDecoderLayer(LlamaDecoderLayer):
