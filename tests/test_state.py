@@ -9,7 +9,7 @@ from tiny import save_tiny_llama
 from lensbench.errors import LensbenchError
 from lensbench.models.loading import ModelSpec
 from lensbench.registry import Registry
-from lensbench.state import State, SubjectManager, Transform, TransformSpec
+from lensbench.state import Rows, State, SubjectManager, Transform, TransformSpec
 
 DOWN = "model.layers.0.mlp.down_proj.weight"
 Q = "model.layers.1.self_attn.q_proj.weight"
@@ -28,6 +28,21 @@ class ScaleNoise(Transform):
         weight = model.get_parameter(self.params.get("target", DOWN))
         noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
         weight.mul_(self.params.get("scale", 1.0)).add_(noise * self.params.get("sigma", 0.0))
+
+
+class AddRows(Transform):
+    """Adds ``delta`` to the slices ``index`` of ``target`` along ``dim``; touches only those."""
+
+    name = "add_rows"
+
+    def touched(self, subject):
+        return [Rows(self.params.get("target", DOWN), tuple(self.params["index"]), self.params.get("dim", 0))]
+
+    def apply(self, subject, generator):
+        weight = subject.model.get_parameter(self.params.get("target", DOWN))
+        index = torch.tensor(self.params["index"])
+        weight.index_add_(self.params.get("dim", 0), index,
+                          torch.full_like(weight.index_select(self.params.get("dim", 0), index), self.params["delta"]))
 
 
 class Broken(Transform):
@@ -63,6 +78,7 @@ def registry():
     reg = Registry("perturbation", base=Transform)
     reg.add(ScaleNoise, "tests")
     reg.add(Broken, "tests")
+    reg.add(AddRows, "tests")
     return reg
 
 
@@ -176,3 +192,48 @@ def test_a_failed_activation_does_not_leave_a_half_transformed_model(manager):
     with pytest.raises(LensbenchError):
         manager.activate(half)
     assert_same(weights(manager.activate(State("a"))), plain)
+
+
+def rows(index, delta=1.0, dim=0, target=DOWN, seed=0) -> TransformSpec:
+    return TransformSpec("add_rows", (("delta", delta), ("dim", dim), ("index", tuple(index)), ("target", target)), seed)
+
+
+def test_row_transforms_save_and_restore_only_their_rows(manager):
+    clean = weights(manager.activate(State("a")))
+    loaded = manager.activate(State("a", (rows([1, 3]),)))
+    changed = weights(loaded)
+    assert torch.equal(changed[DOWN][[1, 3]], clean[DOWN][[1, 3]] + 1) and torch.equal(changed[DOWN][0], clean[DOWN][0])
+    assert manager._originals == {}  # no whole copy of the tensor was kept
+    assert [(n, d, i.tolist(), c.shape) for n, d, i, c in manager._slices] == [(DOWN, 0, [1, 3], (2, clean[DOWN].shape[1]))]
+    manager.activate(State("a", (rows([2], delta=-2.0, dim=1),)))  # columns now
+    after = weights(manager.loaded)
+    assert torch.equal(after[DOWN][:, 2], clean[DOWN][:, 2] - 2) and torch.equal(after[DOWN][:, 1], clean[DOWN][:, 1])
+    manager.activate(State("a"))
+    assert_same(weights(manager.loaded), clean)
+
+
+def test_any_mix_of_row_and_whole_tensor_transforms_restores_bit_exactly(manager):
+    clean = weights(manager.activate(State("a")))
+    sequence = [
+        (rows([0, 1]), TransformSpec("scale_noise", (("scale", 3.0), ("sigma", 0.5), ("target", DOWN)), 4)),
+        (TransformSpec("scale_noise", (("scale", 0.5), ("sigma", 0.1), ("target", DOWN)), 2), rows([1, 2], delta=5.0)),
+        (rows([0]), rows([0], delta=7.0), rows([1, 0], dim=1)),
+        (rows([3], target=Q), TransformSpec("scale_noise", (("scale", 2.0), ("sigma", 0.0), ("target", Q)), 0), rows([3], target=Q)),
+    ]
+    for transforms in sequence:
+        manager.activate(State("a", transforms))
+        manager.activate(State("a"))
+        assert_same(weights(manager.loaded), clean)
+    # composed in one state, rows then whole: the whole copy is the clean tensor, not the rows' result
+    manager.activate(State("a", sequence[0]))
+    expect = clean[DOWN].clone()
+    expect[[0, 1]] += 1
+    assert torch.equal(manager.loaded.model.get_parameter(DOWN).detach(), expected(expect, 3.0, 0.5, 4))
+
+
+def test_a_row_index_out_of_range_is_an_error(manager):
+    manager.activate(State("a"))
+    clean = weights(manager.loaded)
+    with pytest.raises(LensbenchError, match="out of range"):
+        manager.activate(State("a", (rows([10_000]),)))
+    assert_same(weights(manager.loaded), clean)

@@ -94,10 +94,21 @@ class _Bare(State):
         return self.checkpoint + "|<bare>"
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Part of a parameter a transform touches: the slices ``index`` along ``dim`` (rows of a
+    value table, columns of an output projection). The manager saves and restores only those."""
+
+    name: str
+    index: tuple[int, ...]
+    dim: int = 0
+
+
 class Transform:
     """A change to a loaded model's weights (a perturbation, an ablation, ...) or its structure.
 
-    Subclasses set ``name`` and implement ``touched`` (the parameter names it will modify) and
+    Subclasses set ``name`` and implement ``touched`` (the parameter names it will modify, or
+    ``Rows(name, index, dim)`` for slices of one: then only those are saved and restored) and
     ``apply`` (modify them in place, drawing randomness only from ``generator``). Both receive the
     ``LoadedModel`` (``.model``, ``.anatomy``, ``.tokenizer``). The manager saves and restores the
     touched tensors, so a transform never has to undo itself.
@@ -122,7 +133,7 @@ class Transform:
     def __init__(self, **params: Any) -> None:
         self.params = params
 
-    def touched(self, subject) -> list[str]:
+    def touched(self, subject) -> list[str | Rows]:
         raise NotImplementedError
 
     def apply(self, subject, generator: torch.Generator) -> None:
@@ -159,7 +170,8 @@ class SubjectManager:
         self.padding_side = padding_side
         self.loaded = None  # lensbench.models.loading.LoadedModel
         self.state: State | None = None
-        self._originals: dict[str, torch.Tensor] = {}
+        self._originals: dict[str, torch.Tensor] = {}  # whole tensors, copied before their first change
+        self._slices: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []  # (name, dim, index, copy) of this state
         self._touched: list[str] = []
         self._structural: list[Transform] = []  # structural transforms applied, in order (undone in reverse)
         self.loads = 0
@@ -174,7 +186,7 @@ class SubjectManager:
         if self.loaded is None or self.state.checkpoint != state.checkpoint:
             self._load(state.checkpoint)
         else:
-            run_log.info(f"restore {len(self._originals)} tensors of {self.state.id}")
+            run_log.info(f"restore {len(self._originals)} tensors and {len(self._slices)} slices of {self.state.id}")
             self._restore()
         self.state = _Bare(state.checkpoint)  # until every transform has been applied
         try:
@@ -187,7 +199,7 @@ class SubjectManager:
         return self.loaded
 
     def release(self) -> None:
-        self.loaded, self.state, self._originals, self._structural = None, None, {}, []
+        self.loaded, self.state, self._originals, self._structural, self._slices = None, None, {}, [], []
 
     def _load(self, label: str) -> None:
         from .logs import console, memory_summary
@@ -208,11 +220,32 @@ class SubjectManager:
             self._structural.pop().undo(self.loaded)
         params = self._params()
         with torch.no_grad():
+            while self._slices:  # in reverse order of saving: each holds what was there before it
+                name, dim, index, saved = self._slices.pop()
+                params[name].index_copy_(dim, index, saved.to(params[name].device, non_blocking=True))
             for name, original in self._originals.items():
                 params[name].copy_(original, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.restores += 1
+
+    def _save_slice(self, param: torch.Tensor, rows: Rows) -> None:
+        if rows.name in self._originals:
+            return  # a clean copy of the whole tensor is kept already
+        dim = rows.dim % param.dim()
+        index = torch.as_tensor(rows.index, dtype=torch.long, device=param.device).unique()
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= param.shape[dim]):
+            raise LensbenchError(f"{rows.name} has {param.shape[dim]} slices along dim {dim}; index "
+                                 f"{int(index.max()) if int(index.max()) >= 0 else int(index.min())} is out of range")
+        self._slices.append((rows.name, dim, index, param.detach().index_select(dim, index)))
+
+    def _clean_copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A whole copy as it was before this state: slices changed earlier in it are put back."""
+        copy = _keep_copy(tensor)
+        for sname, dim, index, saved in reversed(self._slices):
+            if sname == name:
+                copy.index_copy_(dim, index.to(copy.device), saved.to(copy.device))
+        return copy
 
     def touched_names(self) -> list[str]:
         """Parameters changed by the current state's transforms (restored on the next change)."""
@@ -246,15 +279,18 @@ class SubjectManager:
         params = self._params()
         transform = self.registry.get(spec.name, "transforms")(**dict(spec.params))
         transform.validate(self.loaded)
-        names = transform.touched(self.loaded)
+        touched = transform.touched(self.loaded)
+        names = [t.name if isinstance(t, Rows) else t for t in touched]
         unknown = [n for n in names if n not in params]
         if unknown:
             raise LensbenchError(f"transform {spec.name!r} names unknown parameters {unknown[:3]}")
         self._touched += [n for n in names if n not in self._touched]
         with torch.no_grad():
-            for name in names:
-                if name not in self._originals:
-                    self._originals[name] = _keep_copy(params[name].detach())
+            for item in touched:
+                if isinstance(item, Rows):
+                    self._save_slice(params[item.name], item)
+                elif item not in self._originals:
+                    self._originals[item] = self._clean_copy(item, params[item].detach())
         generator = torch.Generator(device=params[names[0]].device if names else "cpu")
         generator.manual_seed(spec.seed)
         if transform.structural:
