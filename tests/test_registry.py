@@ -22,6 +22,9 @@ from lensbench.registry import Registries, Registry
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = "lensbench-example==0.1.0"
 BUILTIN = "lensbench (built-in)"
+#: The memory interventions (lensbench.memory.interventions).
+MEMORY = ("ablate_attention_head", "ablate_memory", "ablate_memory_values", "ablate_mlp_neurons", "mask_memory_keys",
+          "swap_memory_keys", "swap_memory_values")
 ENV_VARS = ("LENSBENCH_DISABLE_PLUGINS", "LENSBENCH_BLOCK_PLUGINS", "LENSBENCH_TRACE_HOOKS")
 
 
@@ -143,7 +146,8 @@ def test_builtins_only_without_installed_plugins():
     assert reg.metrics.names() == ["norm"]
     assert isinstance(reg.metrics.get("norm"), L2Norm)
     assert reg.datasets.names() == ["cookie_theft", "dreams", "forget", "iq", "retain"]
-    assert reg.perturbations.names() == ["ablation", "add_gauss", "loop_layers", "mult_gauss", "uni_quant"]
+    assert reg.perturbations.names() == sorted(["ablation", "add_gauss", "loop_layers", "mult_gauss", "uni_quant", *MEMORY])
+    assert reg.synthetic_datasets.names() == ["digit_lookup", "hashhop", "synthetic_qa", "two_hop"]
     assert "max_abs" not in reg.metrics and "capitals" not in reg.datasets and "low_rank" not in reg.perturbations
     for registry in reg.kinds().values():
         assert set(labels(registry).values()) <= {BUILTIN}
@@ -161,7 +165,8 @@ def test_installed_example_plugin_is_found_with_its_distribution_label():
     assert labels(reg.analyses) == {"activation_norms": BUILTIN, "loop_identity": BUILTIN, "param_diff": BUILTIN,
                                     "perturbation": BUILTIN}
     assert labels(reg.perturbations) == {"mult_gauss": BUILTIN, "add_gauss": BUILTIN, "ablation": BUILTIN,
-                                         "uni_quant": BUILTIN, "loop_layers": BUILTIN, "low_rank": EXAMPLE}
+                                         "uni_quant": BUILTIN, "loop_layers": BUILTIN, "low_rank": EXAMPLE,
+                                         **{name: BUILTIN for name in MEMORY}}
     for registry in reg.kinds().values():
         for entry in registry:
             assert entry.entry_point == ("example" if entry.plugin == EXAMPLE else None), entry.name
@@ -217,10 +222,11 @@ def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
     assert f"[lensbench hook] lensbench_register_datasets <- {EXAMPLE}: ['capitals']" in err
     assert f"[lensbench hook] lensbench_register_analyses <- {BUILTIN}: ['activation_norms']" in err
     assert f"[lensbench hook] lensbench_register_perturbations <- {EXAMPLE}: ['low_rank']" in err
-    # One line per implementation: analyses 4 (built-in modules), perturbations 3 (lensbench.perturbations,
-    # lensbench.models.looping, the example), metrics 2, datasets 2, synthetic datasets 1.
+    # One line per implementation: analyses 4 (built-in modules), perturbations 4 (lensbench.perturbations,
+    # lensbench.models.looping, lensbench.memory.interventions, the example), metrics 2, datasets 2,
+    # synthetic datasets 1.
     assert f"[lensbench hook] lensbench_register_synthetic_datasets <- {BUILTIN}: ['synthetic_qa', 'digit_lookup', 'two_hop', 'hashhop']" in err
-    assert err.count("[lensbench hook]") == 12
+    assert err.count("[lensbench hook]") == 13
 
 
 def test_hook_results_are_filed_in_registration_order(monkeypatch, capsys):

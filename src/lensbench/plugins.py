@@ -32,6 +32,7 @@ BUILTIN = (
     "lensbench.metrics",
     "lensbench.perturbations",
     "lensbench.models.looping",
+    "lensbench.memory.interventions",
     "lensbench.data.sources",
     "lensbench.synthetic.datasets",
     "lensbench.analyses.activation_norms",
