@@ -10,7 +10,7 @@ from conftest import ROOT, lensbench
 
 # (config, overrides that cut it down to seconds, the merged output it must write), in the order
 # a newcomer meets them: README (quickstarts, the training one through `lensbench fit`), then
-# docs/perturbation.md and docs/param_diff.md.
+# docs/memory_ablation.md, docs/perturbation.md and docs/param_diff.md.
 ONE_PROMPT = ("--data.init_args.max_prompts", "1", "--model.init_args.perturbation.n_rep", "1",
               "--model.init_args.generation.max_new_tokens", "4")
 RUNS = (
@@ -26,6 +26,11 @@ RUNS = (
     ("memory/train_synthetic_qa.yaml", ("--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                                         "--data.options", "{num_pairs: 60, buckets: [1, 2, 4, 8, 16, 32]}"),
      "outputs/fit/train_synthetic_qa/checkpoint-4/model.safetensors"),
+    # the memory model above (its latest checkpoint) is what these study
+    ("memory/quickstart.yaml", (), "outputs/memory_ablation/quickstart/impact_matrix.csv"),
+    ("memory/eval_synthetic_qa.yaml", (), "outputs/memory_ablation/eval_synthetic_qa/slot_usage.csv"),
+    ("memory/ablate_keys.yaml", (), "outputs/memory_ablation/ablate_keys/impact_matrix.csv"),
+    ("memory/swap_keys.yaml", (), "outputs/memory_ablation/swap_keys/swap_matrix.csv"),
     ("perturbation/dreams_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),
      "outputs/perturbation/dreams_it/summary.csv"),
     ("perturbation/iq_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),

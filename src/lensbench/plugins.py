@@ -39,6 +39,7 @@ BUILTIN = (
     "lensbench.analyses.param_diff",
     "lensbench.analyses.perturbation",
     "lensbench.analyses.loop_identity",
+    "lensbench.analyses.memory_ablation",
 )
 
 

@@ -542,6 +542,15 @@ def materialize(name: str, seed: int, options: dict | Any | None, folder: str | 
     return read_splits(folder, f"{field}.folder")
 
 
+def default_folder(name: str, seed: int, options: dict | None) -> Path:
+    """Where a generated dataset goes unless a config says: ``outputs/datasets/<name>-seed<seed>-<hash
+    of the options as given>`` (relative to the working folder), shared by training and analyses."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(options or {}, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("outputs") / "datasets" / f"{name}-seed{seed}-{digest}"
+
+
 @hookimpl
 def lensbench_register_synthetic_datasets() -> list[SyntheticDataset]:
     return [SyntheticQA(), DigitLookup(), TwoHop(), HashHop()]

@@ -3,8 +3,6 @@ or read from a folder of JSONL splits), tokenized with answer masks, in padded o
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +92,9 @@ class SyntheticTextData(pl.LightningDataModule):
             return Path(self.path)
         if self.data_dir is not None:
             return Path(self.data_dir)
-        digest = hashlib.sha256(json.dumps(self.options, sort_keys=True).encode()).hexdigest()[:8]
-        return Path("outputs") / "datasets" / f"{self.dataset}-seed{self.seed}-{digest}"
+        from ..synthetic.datasets import default_folder
+
+        return default_folder(self.dataset, self.seed, self.options)
 
     def prepare_data(self) -> None:
         """Generate and write the dataset once (rank 0 of each node)."""

@@ -1,0 +1,667 @@
+"""memory_ablation: what a memory model answers, which memory slots it reads to answer, and what
+each intervention on its memory (or on any model's heads and neurons) does to those answers.
+
+Every intervention is a model state (a registered transform from ``lensbench.memory.interventions``
+with its parameters), so sweeps over thousands of keys shard over ranks, resume, and compose with
+other transforms. Each work item scores one batch of question-answer rows in one state with one
+teacher-forced forward pass: for every answer token, whether it is the model's top prediction, its
+probability, its rank and the entropy of the prediction. In the unablated state (``baseline``) it
+also records which slots every memory layer read at the answer positions and how tokens route.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis import Analysis
+from ..errors import LensbenchError
+from ..hookspecs import hookimpl
+from ..models.loading import ModelSpec, resolve_source
+from ..state import State, TransformSpec
+from ..tables import pyplot, write_csv
+from ..work import WorkItem
+
+FIELD = "model.init_args"
+BASELINE = "baseline"
+GROUP_FIELDS = ("split", "bucket", "hops", "cot", "known")
+ID_FIELDS = ("pair_id", "chain_id", "link")
+
+
+@dataclass
+class TopSlots:
+    """The ``n`` slots of memory ``layer`` read most often (at answer positions, unablated model)
+    by the rows of ``group`` (e.g. ``bucket=4/seen``; null: every row)."""
+
+    n: int = 10
+    layer: int | None = None
+    group: str | None = None
+    each: bool = False
+    """One state per slot (true), or one state with all ``n`` together (false). Swaps always take
+    every pair of the ``n`` slots."""
+
+
+@dataclass
+class RandomSets:
+    """``count`` random sets of ``size`` slots each (drawn with ``seed``)."""
+
+    size: int = 10
+    count: int = 5
+    seed: int = 0
+
+
+@dataclass
+class Intervention:
+    """A family of states: one registered transform, fixed ``params``, and the values of one
+    parameter (``vary``) that differ from state to state."""
+
+    transform: str
+    """A registered transform: mask_memory_keys, ablate_memory_values, ablate_memory,
+    swap_memory_keys, swap_memory_values, ablate_attention_head, ablate_mlp_neurons, or any other."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Parameters every state of the family shares, e.g. {layer: 1, mode: zero}."""
+    vary: str | None = None
+    """The parameter set per state: slots, keys, head, neurons, or pair (a and b of a swap)."""
+    values: list[Any] | None = None
+    """Explicit values of ``vary``, one state each (e.g. [[3], [17, 18]] for slots)."""
+    every: bool = False
+    """Every value ``vary`` can take on this model, one by one (every slot, half-key row, head or neuron)."""
+    limit: int | None = None
+    """With ``every``: only the first N values."""
+    top: TopSlots | None = None
+    """The slots read most by a group of rows (slots, or the pairs of them for swaps)."""
+    random: RandomSets | None = None
+    """Random sets of slots."""
+    name: str | None = None
+    """Label in outputs; default: the transform's name."""
+
+
+class MemoryAblation(Analysis):
+    """Accuracy, answer logits, memory key activations, and interventions on a memory model."""
+
+    name = "memory_ablation"
+    extendable = ("interventions",)
+
+    def __init__(
+        self,
+        model: str | ModelSpec = "outputs/fit/train_synthetic_qa",
+        train_config: str | None = None,
+        interventions: list[Intervention] | None = None,
+        record_slots: bool = True,
+        max_length: int = 128,
+        experiment: str | None = None,
+        output_dir: str = "outputs",
+    ) -> None:
+        """
+        Args:
+            model: The model: a ``lensbench fit`` run folder (its latest ``checkpoint-<step>`` is
+                used), one checkpoint folder, any model lensbench loads, or a ``ModelSpec``.
+            train_config: When ``model`` does not exist yet: the ``lensbench fit`` config that
+                trains it, run first (it says so).
+            interventions: Families of intervention states, each scored against the unablated model.
+                None: evaluation only.
+            record_slots: In the unablated state, record the slots and weights every memory layer
+                reads at the answer positions (key_activations.jsonl, slot_usage.csv, routing.csv).
+            max_length: Longest tokenized row (a longer one is an error).
+            experiment: Run name; results go to ``<output_dir>/<experiment>/``.
+            output_dir: Folder holding one sub-folder per experiment.
+        """
+        super().__init__(experiment=experiment, output_dir=output_dir)
+        from ..plugins import active_registries
+
+        spec = ModelSpec(model) if isinstance(model, str) else model
+        if train_config is not None and not Path(spec.source).exists():
+            train_first(train_config, spec.source)
+        self.spec = latest_checkpoint(spec)
+        resolve_source(self.spec, f"{FIELD}.model")
+        self.label = self.spec.label()
+        self.interventions = list(interventions or [])
+        registry = active_registries().perturbations
+        for i, iv in enumerate(self.interventions):
+            where = f"{FIELD}.interventions[{i}]"
+            registry.get(iv.transform, f"{where}.transform")
+            chosen = [k for k, v in (("values", iv.values), ("every", iv.every or None), ("top", iv.top),
+                                     ("random", iv.random)) if v is not None]
+            if len(chosen) > 1:
+                raise LensbenchError(f"give one of values, every, top and random, not {' and '.join(chosen)}", where)
+            if chosen and iv.vary is None and chosen[0] != "top":
+                raise LensbenchError("name the parameter that varies (vary: slots, keys, head, neurons or pair)",
+                                     f"{where}.vary")
+        names = [iv.name or iv.transform for iv in self.interventions]
+        if len(set(names)) != len(names):
+            raise LensbenchError("two interventions have the same name; give each a `name`", f"{FIELD}.interventions")
+        if max_length < 2:
+            raise LensbenchError(f"must be at least 2, got {max_length}", f"{FIELD}.max_length")
+        self.record_slots = record_slots
+        self.max_length = max_length
+        self._states: list[State] | None = None
+
+    # -- states ----------------------------------------------------------------------------------
+    def subject_specs(self) -> dict[str, ModelSpec]:
+        return {self.label: self.spec}
+
+    def fingerprint(self) -> dict[str, Any]:
+        from ..models.fingerprint import model_fingerprint
+
+        return {self.label: model_fingerprint(self.spec, f"{FIELD}.model")}
+
+    def states(self) -> list[State]:
+        if self._states is None:
+            states = [State(self.label, labels=(("intervention", BASELINE), ("transform", ""), ("target", "")))]
+            for i, iv in enumerate(self.interventions):
+                states += self._family(iv, f"{FIELD}.interventions[{i}]")
+            self._states = states
+        return self._states
+
+    def _config(self) -> dict[str, Any]:
+        """The model's config.json (read once)."""
+        if getattr(self, "_config_cache", None) is None:
+            from ..models.checkpoint import open_checkpoint
+
+            config = open_checkpoint(self.spec, f"{FIELD}.model").config or {}
+            self._config_cache = config.get("text_config", config)
+        return self._config_cache
+
+    def _family(self, iv: Intervention, where: str) -> list[State]:
+        name = iv.name or iv.transform
+        if iv.values is not None:
+            values = list(iv.values)
+        elif iv.every:
+            values = self._every(iv, where)[: iv.limit]
+        elif iv.top is not None:
+            slots = self._top_slots(iv, where)
+            if iv.transform.startswith("swap"):
+                values = [[a, b] for j, a in enumerate(slots) for b in slots[j + 1:]]
+                iv = Intervention(**{**iv.__dict__, "vary": "pair"})
+            else:
+                values = [[s] for s in slots] if iv.top.each else [slots]
+                iv = Intervention(**{**iv.__dict__, "vary": iv.vary or "slots"})
+        elif iv.random is not None:
+            n_slots = self._memory_shape(iv, where)["slots"]
+            if not 1 <= iv.random.size <= n_slots or iv.random.count < 1:
+                raise LensbenchError(f"random sets need 1 <= size <= {n_slots} and count >= 1", f"{where}.random")
+            rng = random.Random(iv.random.seed)
+            values = [sorted(rng.sample(range(n_slots), iv.random.size)) for _ in range(iv.random.count)]
+        else:
+            values = [None]  # one state: the transform with its fixed params
+        states = []
+        for value in values:
+            params = dict(iv.params)
+            if iv.vary == "pair":
+                if not isinstance(value, (list, tuple)) or len(value) != 2:
+                    raise LensbenchError(f"a pair is [a, b], got {value!r}", f"{where}.values")
+                params["a"], params["b"] = value
+            elif value is not None:
+                params[iv.vary] = value
+            self._check(iv, params, where)
+            spec = TransformSpec(iv.transform, tuple(sorted((k, _frozen(v)) for k, v in params.items())))
+            target = "" if value is None else json.dumps(value, separators=(",", ":"))
+            states.append(State(self.label, (spec,), labels=(("intervention", name), ("transform", iv.transform),
+                                                             ("target", target))))
+        if not states:
+            raise LensbenchError("selects no state; give values, or check limit", where)
+        return states
+
+    def _memory_shape(self, iv: Intervention, where: str) -> dict[str, int]:
+        config = self._config()
+        layer = iv.params.get("layer", iv.top.layer if iv.top else None)
+        if config.get("model_type") != "memory_llama" or layer not in (config.get("memory_layers") or []):
+            raise LensbenchError(f"layer {layer!r} is not a memory layer of {self.label} (memory layers: "
+                                 f"{config.get('memory_layers') or 'none'}); set params.layer", f"{where}.params.layer")
+        n_keys = int(config["memory_n_keys"])
+        return {"slots": n_keys * n_keys, "keys": n_keys, "heads": int(config["memory_heads"])}
+
+    MEMORY_TRANSFORMS = ("mask_memory_keys", "ablate_memory_values", "ablate_memory", "swap_memory_keys",
+                         "swap_memory_values")
+
+    def _check(self, iv: Intervention, params: dict[str, Any], where: str) -> None:
+        """Indices out of range for this model, before any work (the transform checks again when applied)."""
+        if iv.transform not in self.MEMORY_TRANSFORMS:
+            return
+        shape = self._memory_shape(Intervention(iv.transform, params), where)
+
+        def within(values: Any, size: int, what: str, key: str) -> None:
+            for v in values if isinstance(values, (list, tuple)) else [values]:
+                if not isinstance(v, int) or not 0 <= v < size:
+                    raise LensbenchError(f"{what} {v!r} is out of range; this memory has {what}s 0..{size - 1}",
+                                         f"{where}.{'values' if key == iv.vary else 'params.' + key}")
+
+        if "slots" in params:
+            within(params["slots"], shape["slots"], "slot", "slots")
+        if "keys" in params:
+            for key in params["keys"]:
+                if not isinstance(key, (list, tuple)) or len(key) != 3:
+                    raise LensbenchError(f"a key is [head, half, row], got {key!r}", f"{where}.values")
+                within(key[0], shape["heads"], "head", "keys")
+                within(key[1], 2, "half", "keys")
+                within(key[2], shape["keys"], "row", "keys")
+        if iv.transform.startswith("swap"):
+            size = shape["slots"] if iv.transform == "swap_memory_values" else shape["keys"]
+            within([params.get("a"), params.get("b")], size, "slot" if size == shape["slots"] else "row", "pair")
+
+    def _every(self, iv: Intervention, where: str) -> list[Any]:
+        vary = iv.vary
+        if vary == "slots":
+            return [[s] for s in range(self._memory_shape(iv, where)["slots"])]
+        if vary == "keys":
+            shape = self._memory_shape(iv, where)
+            return [[[h, s, r]] for h in range(shape["heads"]) for s in (0, 1) for r in range(shape["keys"])]
+        config = self._config()
+        if vary == "head":
+            return list(range(int(config["num_attention_heads"])))
+        if vary == "neurons":
+            return [[n] for n in range(int(config["intermediate_size"]))]
+        raise LensbenchError(f"every cannot enumerate {vary!r}; use slots, keys, head or neurons, or give values",
+                             f"{where}.vary")
+
+    def _top_slots(self, iv: Intervention, where: str) -> list[int]:
+        """Rows of ``top.group`` through the unablated model: the slots of ``layer`` they read most."""
+        from ..models.loading import load_model
+
+        top = iv.top
+        layer = iv.params.get("layer", top.layer)
+        n_slots = self._memory_shape(iv, where)["slots"]
+        if not 1 <= top.n <= n_slots:
+            raise LensbenchError(f"top.n must be 1..{n_slots}, got {top.n}", f"{where}.top.n")
+        rows = [r for rows in self.trainer.datamodule.rows.values() for r in rows
+                if top.group is None or group_of(r) == top.group]
+        if not rows:
+            groups = sorted({group_of(r) for rows in self.trainer.datamodule.rows.values() for r in rows})
+            raise LensbenchError(f"no row is in group {top.group!r}; groups: {', '.join(groups)}", f"{where}.top.group")
+        loaded = load_model(self.spec, device=self.device)
+        counts = torch.zeros(n_slots, dtype=torch.long)
+        collate = self._collator(loaded.tokenizer)
+        mem = loaded.model.get_submodule(loaded.anatomy.memory_names[layer][0])
+        for start in range(0, len(rows), 32):
+            batch = collate(rows[start:start + 32])
+            slots = self._forward(loaded, batch, [mem])[1][0]
+            counts += torch.bincount(slots.reshape(-1).cpu(), minlength=n_slots)
+        del loaded
+        return torch.argsort(counts, descending=True, stable=True)[: top.n].tolist()
+
+    # -- one work item ---------------------------------------------------------------------------
+    def _collator(self, tokenizer):
+        from ..synthetic.collate import PaddedCollator
+
+        return PaddedCollator(tokenizer, self.trainer.datamodule.mask, self.max_length, field="data.init_args")
+
+    def _forward(self, loaded, batch: dict, memories: list) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
+        for mem in memories:
+            mem.record = True
+        try:
+            with torch.inference_mode():
+                out = loaded.model(input_ids=batch["input_ids"].to(self.device),
+                                   attention_mask=batch["attention_mask"].to(self.device), use_cache=False)
+            slots = [mem.last_slots for mem in memories]
+            weights = [mem.last_weights for mem in memories]
+        finally:
+            for mem in memories:
+                mem.record = False
+                mem.last_slots = mem.last_weights = None
+        return out, slots, weights
+
+    def process(self, item: WorkItem) -> dict[str, Any]:
+        loaded = self.subjects.activate(item.state)
+        rows = item.payload.rows
+        batch = self._collator(loaded.tokenizer)(rows)
+        baseline = not item.state.transforms
+        layers = sorted(loaded.anatomy.memory_names) if baseline and self.record_slots else []
+        memories = [loaded.model.get_submodule(loaded.anatomy.memory_names[i][0]) for i in layers]
+        out, slots, weights = self._forward(loaded, batch, memories)
+        logits = out.logits[:, :-1].float()
+        target = batch["labels"][:, 1:].to(logits.device)
+        examples = []
+        for b, row in enumerate(rows):
+            pos = (target[b] != -100).nonzero().flatten()
+            true = target[b, pos]
+            lg = logits[b, pos]
+            logp = torch.log_softmax(lg, -1)
+            top = lg.argmax(-1)
+            right = (top == true)
+            rank = (lg > lg.gather(1, true[:, None])).sum(-1)
+            example = {f: row[f] for f in (*GROUP_FIELDS, *ID_FIELDS) if row.get(f) is not None}
+            example.update({
+                "index": item.payload.start + b,
+                "answer": row["answer"],
+                "prediction": loaded.tokenizer.decode(top.tolist()).strip(),
+                "exact": bool(right.all()),
+                "token_right": right.int().tolist(),
+                "answer_prob": float(logp.gather(1, true[:, None]).exp().mean()),
+                "answer_rank": float(rank.float().mean()),
+                "answer_entropy": float(-(logp.exp() * logp).sum(-1).mean()),
+            })
+            if layers:
+                example["slots"] = {str(i): s[b, pos].reshape(len(pos), -1).tolist() for i, s in zip(layers, slots)}
+                example["weights"] = {str(i): [[round(x, 5) for x in r] for r in w[b, pos].reshape(len(pos), -1).tolist()]
+                                      for i, w in zip(layers, weights)}
+            examples.append(example)
+        record: dict[str, Any] = {"labels": dict(item.state.labels), "examples": examples}
+        if layers:
+            record["routing"] = routing(loaded.tokenizer, batch, layers, slots)
+        return record
+
+    # -- merge -----------------------------------------------------------------------------------
+    @classmethod
+    def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+        import pandas as pd
+
+        run_dir = Path(run_dir)
+        rows = []
+        for rec in records:
+            for ex in rec["examples"]:
+                rows.append({**rec["labels"], **{k: v for k, v in ex.items() if k not in ("slots", "weights")}})
+        examples = pd.DataFrame(rows)
+        examples["digit_accuracy"] = examples["token_right"].map(lambda r: sum(r) / len(r) if r else 0.0)
+        fields = [f for f in GROUP_FIELDS if f in examples.columns]
+        examples["group"] = examples.apply(group_of, axis=1)
+        outputs = [write_csv(examples.drop(columns=["token_right"]).sort_values(
+            ["intervention", "target", "index"], kind="stable"), run_dir / "examples.csv")]
+
+        keys = ["intervention", "transform", "target", "group", *fields]
+        acc = (examples.groupby(keys, dropna=False, sort=False)
+               .agg(n=("exact", "size"), exact_match=("exact", "mean"), digit_accuracy=("digit_accuracy", "mean"),
+                    answer_prob=("answer_prob", "mean"), answer_rank=("answer_rank", "mean"),
+                    answer_entropy=("answer_entropy", "mean")).reset_index())
+        base = acc[acc.intervention == BASELINE].set_index("group")
+        acc["exact_drop"] = acc["group"].map(base["exact_match"]) - acc["exact_match"]
+        acc["digit_drop"] = acc["group"].map(base["digit_accuracy"]) - acc["digit_accuracy"]
+        outputs.append(write_csv(acc.sort_values(["intervention", "target", *fields], kind="stable"),
+                                 run_dir / "accuracy.csv"))
+
+        ablated = acc[(acc.intervention != BASELINE) & ~acc["transform"].astype(str).str.startswith("swap")]
+        if len(acc[acc.intervention != BASELINE]):
+            outputs += _position_impact(examples, run_dir)
+            outputs += _swaps(examples, run_dir)
+        if len(ablated):
+            order = list(dict.fromkeys(acc.sort_values([*fields], kind="stable")["group"]))
+            matrix = ablated.pivot_table(index=["intervention", "target"], columns="group", values="exact_drop",
+                                         sort=False)
+            matrix = matrix[[g for g in order if g in matrix.columns]].reset_index()
+            outputs.append(write_csv(matrix, run_dir / "impact_matrix.csv"))
+        outputs += _slot_tables(records, run_dir)
+        return outputs
+
+    def finalize(self) -> list[Path]:
+        outputs = super().finalize()
+        with torch.inference_mode():  # the model was loaded inside Lightning's inference mode
+            loaded = self.subjects.activate(self.states()[0])
+        if loaded.anatomy.memory_names:
+            import pandas as pd
+
+            rows = []
+            for layer, names in sorted(loaded.anatomy.memory_names.items()):
+                mem = loaded.model.get_submodule(names[0])
+                norms = mem.values.detach().float().norm(dim=-1).cpu()
+                rows += [{"layer": layer, "slot": s, "value_norm": float(v)} for s, v in enumerate(norms.tolist())]
+            outputs.append(write_csv(pd.DataFrame(rows), self.run_dir / "value_norms.csv"))
+            usage = self.run_dir / "slot_usage.csv"
+            if usage.exists():  # the seed's analyze_key_occurrences: how much of the memory is ever read
+                used = pd.read_csv(usage).groupby("layer")["slot"].nunique()
+                summary = pd.DataFrame([{"layer": layer, "slots": loaded.model.get_submodule(names[0]).n_slots,
+                                         "used": int(used.get(layer, 0))}
+                                        for layer, names in sorted(loaded.anatomy.memory_names.items())])
+                summary["unused_share"] = 1 - summary["used"] / summary["slots"]
+                outputs.append(write_csv(summary, self.run_dir / "memory_summary.csv"))
+        return outputs
+
+    @classmethod
+    def plot(cls, run_dir: Path) -> list[Path]:
+        import pandas as pd
+
+        plt = pyplot()
+        run_dir = Path(run_dir)
+        outputs = []
+        acc = pd.read_csv(run_dir / "accuracy.csv")
+        base = acc[acc.intervention == BASELINE]
+        if "bucket" in base.columns and base["bucket"].notna().any():
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for split, group in base.groupby(base["split"].fillna("all") if "split" in base else [0] * len(base)):
+                group = group.sort_values("bucket")
+                ax.plot(group["bucket"], group["exact_match"], marker="o", label=str(split))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("exposure bucket")
+            ax.set_ylabel("exact match")
+            ax.set_title("Accuracy per exposure bucket (unablated)")
+            ax.legend()
+            fig.tight_layout()
+            out = run_dir / "accuracy_by_bucket.png"
+            fig.savefig(out, dpi=120)
+            plt.close(fig)
+            outputs.append(out)
+        path = run_dir / "impact_matrix.csv"
+        if path.exists():
+            table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+            values = table.drop(columns=["intervention", "target"]).apply(pd.to_numeric, errors="coerce")
+            labels = [f"{a} {b}".strip() for a, b in zip(table["intervention"], table["target"].fillna(""))]
+            outputs.append(_heatmap(plt, values.to_numpy(dtype=float), labels, [str(c) for c in values.columns],
+                                    "accuracy drop", "Impact of each intervention per group", run_dir / "impact_matrix.png"))
+        path = run_dir / "swap_matrix.csv"
+        if path.exists():
+            table = pd.read_csv(path).dropna(subset=["a", "b"])
+            for iv, group in table.groupby("intervention", sort=False):
+                slots = sorted({int(x) for x in group["a"]} | {int(x) for x in group["b"]})
+                grid = [[float("nan")] * len(slots) for _ in slots]
+                for a, b, c in zip(group["a"], group["b"], group["changed"]):
+                    grid[slots.index(int(a))][slots.index(int(b))] = grid[slots.index(int(b))][slots.index(int(a))] = c
+                import numpy as np
+
+                outputs.append(_heatmap(plt, np.array(grid), [str(x) for x in slots], [str(x) for x in slots],
+                                        "predictions changed", f"Swaps: {iv}", run_dir / f"swap_matrix_{iv}.png"))
+        return outputs
+
+
+def latest_checkpoint(spec: ModelSpec) -> ModelSpec:
+    """A ``lensbench fit`` run folder (no config.json, ``checkpoint-<step>`` inside) stands for its
+    latest checkpoint."""
+    import dataclasses
+    import re
+
+    folder = Path(spec.source)
+    if folder.is_dir() and not (folder / "config.json").exists():
+        steps = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                       if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "config.json").exists())
+        if steps:
+            return dataclasses.replace(spec, source=str(steps[-1][1]), name=spec.name or folder.name)
+    return spec
+
+
+def train_first(config: str, model: str) -> None:
+    """Run ``lensbench fit --config <config>`` in this process, saying so, to make ``model``."""
+    from ..logs import console
+
+    if not Path(config).is_file():
+        raise LensbenchError(f"{model!r} does not exist and train_config {config!r} is not a file; train the model "
+                             "first (lensbench fit --config ...) or fix the path", f"{FIELD}.train_config")
+    console.info(f"lensbench: {model} does not exist yet: training it first with lensbench fit --config {config}")
+    from ..training.cli import run_fit
+
+    run_fit(["fit", "--config", config])
+    if not Path(model).exists():
+        raise LensbenchError(f"training with {config} did not write {model}; point model at its run folder "
+                             "(outputs/<experiment>)", f"{FIELD}.model")
+
+
+def _heatmap(plt, values, rows: list[str], cols: list[str], label: str, title: str, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * max(1, len(cols)), 1.5 + 0.3 * max(1, len(rows))))
+    im = ax.imshow(values, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable copy of a parameter value (lists become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def group_of(row: Any) -> str:
+    """``bucket=<b>/<split>`` and the like: the accuracy group of a row (a dict or a pandas row)."""
+    get = row.get
+    parts = []
+    if get("bucket") is not None and get("bucket") == get("bucket"):
+        parts.append(f"bucket={int(get('bucket'))}")
+    for key in ("hops", "cot", "known"):
+        value = get(key)
+        if value is not None and value == value:
+            parts.append(f"{key}={value}")
+    if get("split") is not None and get("split") == get("split"):
+        parts.append(str(get("split")))
+    return "/".join(parts) or "all"
+
+
+def token_type(text: str) -> str:
+    stripped = text.strip()
+    if not stripped:
+        return "space"
+    if stripped.isdigit():
+        return "digit"
+    if stripped.isalpha():
+        return "word"
+    return "operator"
+
+
+def routing(tokenizer, batch: dict, layers: list[int], slots: list[torch.Tensor]) -> dict[str, Any]:
+    """Slot counts per memory layer by token type (digit, word, operator, space) and by position,
+    over every real token of the batch."""
+    mask = batch["attention_mask"].bool()
+    ids = batch["input_ids"]
+    out: dict[str, Any] = {}
+    for layer, s in zip(layers, slots):
+        by_type: dict[str, dict[str, int]] = {}
+        by_pos: dict[str, dict[str, int]] = {}
+        for b in range(ids.shape[0]):
+            pos = 0
+            for t in range(ids.shape[1]):
+                if not mask[b, t]:
+                    continue
+                kind = token_type(tokenizer.decode([int(ids[b, t])]))
+                for slot in s[b, t].reshape(-1).tolist():
+                    by_type.setdefault(kind, {})[str(slot)] = by_type.get(kind, {}).get(str(slot), 0) + 1
+                    by_pos.setdefault(str(pos), {})[str(slot)] = by_pos.get(str(pos), {}).get(str(slot), 0) + 1
+                pos += 1
+        out[str(layer)] = {"type": by_type, "position": by_pos}
+    return out
+
+
+def _position_impact(examples, run_dir: Path) -> list[Path]:
+    """Accuracy of each answer token position per state, and its drop against the baseline."""
+    import pandas as pd
+
+    rows = []
+    for (iv, target), group in examples.groupby(["intervention", "target"], sort=False):
+        width = max(len(r) for r in group["token_right"])
+        for p in range(width):
+            hits = [r[p] for r in group["token_right"] if len(r) > p]
+            rows.append({"intervention": iv, "target": target, "position": p, "n": len(hits),
+                         "token_accuracy": sum(hits) / len(hits)})
+    table = pd.DataFrame(rows)
+    base = table[table.intervention == BASELINE].set_index("position")["token_accuracy"]
+    table["drop"] = table["position"].map(base) - table["token_accuracy"]
+    return [write_csv(table, run_dir / "position_impact.csv")]
+
+
+def _swaps(examples, run_dir: Path) -> list[Path]:
+    """For swap states: the predictions that changed, and whether each now gives the answer of
+    another row of its split (``follows``: that row's index); per swapped pair, the share of changed
+    predictions that follow another row's answer (``swap_matrix.csv``)."""
+    import pandas as pd
+
+    swapped = examples[examples["transform"].astype(str).str.startswith("swap")]
+    if not len(swapped):
+        return []
+    base = examples[examples.intervention == BASELINE]
+    split = base["split"] if "split" in base else pd.Series("", index=base.index)
+    before = {(sp, i): p for sp, i, p in zip(split, base["index"], base["prediction"])}
+    owner = {(sp, a): i for sp, i, a in zip(split, base["index"], base["answer"])}
+    out = []
+    for _, r in swapped.iterrows():
+        sp = r["split"] if "split" in r else ""
+        old = before.get((sp, r["index"]))
+        if r["prediction"] == old:
+            continue
+        follows = owner.get((sp, r["prediction"]))
+        follows = None if follows == r["index"] else follows
+        out.append({"intervention": r["intervention"], "target": r["target"], "split": sp, "index": r["index"],
+                    "answer": r["answer"], "baseline_prediction": old, "prediction": r["prediction"], "follows": follows})
+    columns = ["intervention", "target", "split", "index", "answer", "baseline_prediction", "prediction", "follows"]
+    changed = pd.DataFrame(out, columns=columns)
+    outputs = [write_csv(changed, run_dir / "swap_predictions.csv")]
+    rows = []
+    for (iv, target), _ in swapped.groupby(["intervention", "target"], sort=False):
+        pair = json.loads(target) if target else []
+        mine = changed[(changed.intervention == iv) & (changed.target == target)]
+        rows.append({"intervention": iv, "a": pair[0] if len(pair) == 2 else None, "b": pair[1] if len(pair) == 2 else None,
+                     "changed": len(mine), "follow": int(mine["follows"].notna().sum()),
+                     "follow_share": float(mine["follows"].notna().mean()) if len(mine) else 0.0})
+    outputs.append(write_csv(pd.DataFrame(rows), run_dir / "swap_matrix.csv"))
+    return outputs
+
+
+def _slot_tables(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+    """Baseline slot usage (count and summed weight at answer positions per layer and slot),
+    key activations per example, and routing by token type and position."""
+    import pandas as pd
+
+    usage: dict[tuple[int, int], list[float]] = {}
+    activations = []
+    route_type: dict[tuple, dict[str, int]] = {}
+    route_pos: dict[tuple, dict[str, int]] = {}
+    for rec in records:
+        if rec["labels"].get("intervention") != BASELINE:
+            continue
+        for ex in rec["examples"]:
+            if "slots" not in ex:
+                continue
+            activations.append(dict(ex))
+            for layer, per_pos in ex["slots"].items():
+                for slots, weights in zip(per_pos, ex["weights"][layer]):
+                    for s, w in zip(slots, weights):
+                        u = usage.setdefault((int(layer), s), [0, 0.0])
+                        u[0] += 1
+                        u[1] += w
+        for layer, r in (rec.get("routing") or {}).items():
+            for kind, counts in r["type"].items():
+                acc = route_type.setdefault((int(layer), kind), {})
+                for s, c in counts.items():
+                    acc[s] = acc.get(s, 0) + c
+            for pos, counts in r["position"].items():
+                acc = route_pos.setdefault((int(layer), int(pos)), {})
+                for s, c in counts.items():
+                    acc[s] = acc.get(s, 0) + c
+    if not activations:
+        return []
+    path = run_dir / "key_activations.jsonl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(a, sort_keys=True) + "\n" for a in activations))
+    tmp.replace(path)
+    table = pd.DataFrame([{"layer": l, "slot": s, "count": c, "weight": w} for (l, s), (c, w) in sorted(usage.items())])
+    table["share"] = table["count"] / table.groupby("layer")["count"].transform("sum")
+    outputs = [path, write_csv(table.sort_values(["layer", "count"], ascending=[True, False], kind="stable"),
+                               run_dir / "slot_usage.csv")]
+
+    def describe(counts: dict[str, int]) -> dict[str, Any]:
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
+        return {"reads": sum(counts.values()), "distinct_slots": len(counts),
+                "top_slots": " ".join(f"{s}:{c}" for s, c in top)}
+
+    rows = [{"layer": l, "by": "token_type", "value": k, **describe(c)} for (l, k), c in sorted(route_type.items())]
+    rows += [{"layer": l, "by": "position", "value": str(p), **describe(c)} for (l, p), c in sorted(route_pos.items())]
+    outputs.append(write_csv(pd.DataFrame(rows), run_dir / "routing.csv"))
+    return outputs
+
+
+@hookimpl
+def lensbench_register_analyses() -> list[type]:
+    return [MemoryAblation]

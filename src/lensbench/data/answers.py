@@ -1,0 +1,109 @@
+"""``AnswerDataModule``: question-answer rows (a synthetic dataset's evaluation splits, or your own
+JSONL with ``text``, ``prompt`` and ``answer``) in fixed batches: one work item per (state, split,
+first row, end)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import LensbenchError
+from ..work import Unit, content_digest
+from .modules import WorkDataModule
+
+FIELD = "data.init_args"
+
+
+@dataclass(frozen=True)
+class AnswerBatch:
+    split: str
+    start: int
+    rows: tuple[dict, ...]
+
+
+class AnswerDataModule(WorkDataModule):
+    """Rows with an answer to score, from a registered synthetic dataset or a folder of splits."""
+
+    extendable = ("splits", "max_examples")
+    content_field = "data.init_args"
+
+    def __init__(
+        self,
+        dataset: str | None = "synthetic_qa",
+        options: dict[str, Any] | None = None,
+        seed: int = 0,
+        path: str | None = None,
+        data_dir: str | None = None,
+        splits: list[str] | None = None,
+        mask: str | None = None,
+        batch_size: int = 32,
+        max_examples: int | None = None,
+    ) -> None:
+        """
+        Args:
+            dataset: A registered synthetic dataset (the one the model was trained on: same name,
+                seed and options give the same rows). null: use ``path``.
+            options: Its options.
+            seed: Its seed.
+            path: Instead: a folder of ``<split>.jsonl`` files whose rows have ``text``, ``prompt``
+                and ``answer`` (``text`` starting with ``prompt``).
+            data_dir: Where a generated dataset is written (default
+                ``outputs/datasets/<dataset>-seed<seed>-<hash of options>``, as ``lensbench fit``).
+            splits: Splits to evaluate. Default: every split but ``train`` and ``val``.
+            mask: Answer mask (qa, digit_lookup, hashhop, none) picking the scored tokens;
+                default: the dataset's own.
+            batch_size: Rows per work item (and per forward pass).
+            max_examples: Use only the first N rows of each split.
+        """
+        super().__init__()
+        from ..synthetic.datasets import default_folder, materialize, read_manifest, read_splits
+        from ..synthetic.masks import get_mask
+
+        if (dataset is None) == (path is None):
+            raise LensbenchError("give either dataset (a registered name) or path (a folder of JSONL splits), not "
+                                 f"{'both' if dataset else 'neither'}", f"{FIELD}.dataset")
+        if batch_size < 1:
+            raise LensbenchError(f"must be at least 1, got {batch_size}", f"{FIELD}.batch_size")
+        if max_examples is not None and max_examples < 1:
+            raise LensbenchError(f"must be at least 1 or null, got {max_examples}", f"{FIELD}.max_examples")
+        if path is not None:
+            folder = Path(path)
+            all_splits = read_splits(folder, f"{FIELD}.path")
+            manifest = read_manifest(folder, f"{FIELD}.path") or {}
+            default_mask = manifest.get("mask", "none")
+        else:
+            from ..plugins import active_registries
+
+            registry = active_registries().synthetic_datasets
+            generator = registry.get(dataset, f"{FIELD}.dataset")
+            folder = Path(data_dir) if data_dir else default_folder(dataset, seed, options)
+            all_splits = materialize(dataset, seed, options, folder, registry, FIELD)
+            default_mask = generator.mask
+        self.mask = mask or default_mask
+        get_mask(self.mask, f"{FIELD}.mask")
+        names = splits or [s for s in all_splits if s not in ("train", "val")]
+        missing = [s for s in names if s not in all_splits]
+        if missing:
+            raise LensbenchError(f"the dataset has no split {missing[0]!r}; its splits: {', '.join(sorted(all_splits))}",
+                                 f"{FIELD}.splits")
+        self.rows: dict[str, list[dict]] = {}
+        for name in names:
+            rows = all_splits[name][:max_examples]
+            if not rows:
+                raise LensbenchError(f"split {name!r} is empty; give a split with examples", f"{FIELD}.splits")
+            for i, row in enumerate(rows):
+                if not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str):
+                    raise LensbenchError(f"row {i} of split {name!r} has no prompt and answer; memory_ablation "
+                                         "scores answers: give rows with text, prompt and answer", f"{FIELD}.splits")
+            self.rows[name] = rows
+        self.batch_size = batch_size
+
+    def units(self) -> list[Unit]:
+        units = []
+        for split, rows in self.rows.items():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = tuple(rows[start:start + self.batch_size])
+                units.append(Unit((split, start, start + len(chunk)), AnswerBatch(split, start, chunk),
+                                  content_digest([(r["text"], r["prompt"], r["answer"]) for r in chunk])))
+        return units
