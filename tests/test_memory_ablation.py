@@ -171,3 +171,18 @@ def test_a_dataset_without_answers_is_refused(tmp_path, capsys):
     (tmp_path / "test.jsonl").write_text(json.dumps({"text": "just text"}) + "\n")
     with pytest.raises(LensbenchError, match="has no prompt and answer"):
         AnswerDataModule(dataset=None, path=str(tmp_path))
+
+
+def test_facts_take_their_last_word_as_the_answer(tmp_path):
+    from lensbench.data.answers import AnswerDataModule
+    from lensbench.synthetic.masks import last_word_spans
+
+    (tmp_path / "facts.txt").write_text("The capital of France is Paris.\nWater boils at 100 degrees.\n")
+    data = AnswerDataModule(dataset=None, facts=str(tmp_path / "facts.txt"))
+    assert data.mask == "last_word"
+    rows = data.rows["facts"]
+    assert [(r["prompt"], r["answer"]) for r in rows] == [("The capital of France is ", "Paris"),
+                                                         ("Water boils at 100 ", "degrees")]
+    assert last_word_spans("It is Nairobi!  ") == [(6, 13)] and last_word_spans("...") == []
+    with pytest.raises(Exception, match="give one of dataset"):
+        AnswerDataModule(facts=str(tmp_path / "facts.txt"))  # dataset keeps its default: two sources

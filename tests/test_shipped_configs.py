@@ -31,6 +31,7 @@ RUNS = (
     ("memory/eval_synthetic_qa.yaml", (), "outputs/memory_ablation/eval_synthetic_qa/slot_usage.csv"),
     ("memory/ablate_keys.yaml", (), "outputs/memory_ablation/ablate_keys/impact_matrix.csv"),
     ("memory/swap_keys.yaml", (), "outputs/memory_ablation/swap_keys/swap_matrix.csv"),
+    ("memory/smollm2_capitals.yaml", (), "outputs/memory_ablation/smollm2_capitals/impact_matrix.csv"),
     ("perturbation/dreams_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),
      "outputs/perturbation/dreams_it/summary.csv"),
     ("perturbation/iq_it.yaml", ("--model.init_args.perturbation.levels", "[4]", *ONE_PROMPT),

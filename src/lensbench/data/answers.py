@@ -34,6 +34,7 @@ class AnswerDataModule(WorkDataModule):
         options: dict[str, Any] | None = None,
         seed: int = 0,
         path: str | None = None,
+        facts: str | None = None,
         data_dir: str | None = None,
         splits: list[str] | None = None,
         mask: str | None = None,
@@ -48,6 +49,9 @@ class AnswerDataModule(WorkDataModule):
             seed: Its seed.
             path: Instead: a folder of ``<split>.jsonl`` files whose rows have ``text``, ``prompt``
                 and ``answer`` (``text`` starting with ``prompt``).
+            facts: Instead: a text dataset (a registered name such as the example plugin's
+                ``capitals``, or a .txt/.jsonl file) of sentences whose last word is the answer
+                (``"The capital of France is Paris."``): split ``facts``, mask ``last_word``.
             data_dir: Where a generated dataset is written (default
                 ``outputs/datasets/<dataset>-seed<seed>-<hash of options>``, as ``lensbench fit``).
             splits: Splits to evaluate. Default: every split but ``train`` and ``val``.
@@ -60,14 +64,19 @@ class AnswerDataModule(WorkDataModule):
         from ..synthetic.datasets import default_folder, materialize, read_manifest, read_splits
         from ..synthetic.masks import get_mask
 
-        if (dataset is None) == (path is None):
-            raise LensbenchError("give either dataset (a registered name) or path (a folder of JSONL splits), not "
-                                 f"{'both' if dataset else 'neither'}", f"{FIELD}.dataset")
+        given = [name for name, value in (("dataset", dataset), ("path", path), ("facts", facts)) if value is not None]
+        if len(given) != 1:
+            raise LensbenchError("give one of dataset (a registered synthetic dataset), path (a folder of JSONL "
+                                 f"splits) and facts (a text dataset), not {' and '.join(given) or 'none'}; set the "
+                                 "others to null", f"{FIELD}.dataset")
         if batch_size < 1:
             raise LensbenchError(f"must be at least 1, got {batch_size}", f"{FIELD}.batch_size")
         if max_examples is not None and max_examples < 1:
             raise LensbenchError(f"must be at least 1 or null, got {max_examples}", f"{FIELD}.max_examples")
-        if path is not None:
+        if facts is not None:
+            all_splits = {"facts": fact_rows(facts, f"{FIELD}.facts")}
+            default_mask = "last_word"
+        elif path is not None:
             folder = Path(path)
             all_splits = read_splits(folder, f"{FIELD}.path")
             manifest = read_manifest(folder, f"{FIELD}.path") or {}
@@ -107,3 +116,22 @@ class AnswerDataModule(WorkDataModule):
                 units.append(Unit((split, start, start + len(chunk)), AnswerBatch(split, start, chunk),
                                   content_digest([(r["text"], r["prompt"], r["answer"]) for r in chunk])))
         return units
+
+
+def fact_rows(source: str, field: str) -> list[dict]:
+    """Rows of a text dataset whose last word is the answer: ``prompt`` the text before it."""
+    from ..plugins import active_registries
+    from ..synthetic.masks import last_word_spans
+    from .sources import TextDataset, read_records, resolve_dataset
+
+    _, file, text_field = resolve_dataset(TextDataset(source), active_registries().datasets, field)
+    rows = []
+    for row in read_records(file, text_field, field):
+        text = row["text"]
+        spans = last_word_spans(text)
+        if not spans:
+            raise LensbenchError(f"{source}: {text!r} has no word to take as the answer", field)
+        start, end = spans[0]
+        rows.append({**{k: v for k, v in row.items() if k != "index"}, "text": text, "prompt": text[:start],
+                     "answer": text[start:end]})
+    return rows

@@ -12,6 +12,8 @@ The types, registered by name in ``MASKS``:
 - ``hashhop``: only the characters between the quotes of every ``= '...'`` (``"KmNp = 'QrSt'"``
   trains ``"QrSt"``; the chain of thought ``"hops=2 cot=1 Ab = 'Cd' = 'Ef'"`` trains ``"Cd"`` and
   ``"Ef"``; the ``=`` of ``hops=2`` is not followed by a quote and trains nothing).
+- ``last_word``: the last word of the text, without trailing punctuation or whitespace (a fact
+  such as ``"The capital of France is Paris."`` trains ``"Paris"``).
 - ``none``: the whole text (plain causal language modelling).
 
 ``token_labels`` turns a text and a mask type into ``(input_ids, labels)``. The overlap rule: a
@@ -71,8 +73,17 @@ def none_spans(text: str) -> list[Span]:
     return [(0, len(text))] if text else []
 
 
+def last_word_spans(text: str) -> list[Span]:
+    """The last run of word characters (letters, digits, ``-``, ``'``) with its trailing punctuation dropped."""
+    match = None
+    for match in re.finditer(r"[\w'-]+", text):
+        pass
+    return [(match.start(), match.end())] if match else []
+
+
 MASKS: dict[str, Callable[[str], list[Span]]] = {
     "qa": qa_spans,
+    "last_word": last_word_spans,
     "digit_lookup": digit_lookup_spans,
     "hashhop": hashhop_spans,
     "none": none_spans,
