@@ -186,3 +186,36 @@ def test_facts_take_their_last_word_as_the_answer(tmp_path):
     assert last_word_spans("It is Nairobi!  ") == [(6, 13)] and last_word_spans("...") == []
     with pytest.raises(Exception, match="give one of dataset"):
         AnswerDataModule(facts=str(tmp_path / "facts.txt"))  # dataset keeps its default: two sources
+
+
+def test_a_killed_sweep_resumes_to_the_uninterrupted_result(trained):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import clean_env, lensbench
+
+    sweep = [{"name": "slot", "transform": "ablate_memory_values", "params": {"layer": 1}, "vary": "slots",
+              "every": True, "limit": 120}]
+    for name in ("whole", "killed"):
+        analysis(trained, name, sweep)
+    assert lensbench("predict", "--config", "whole.yaml", cwd=trained, env=clean_env()).returncode == 0
+    run_dir = trained / "outputs" / "killed"
+    proc = subprocess.Popen(["lensbench", "predict", "--config", "killed.yaml"], cwd=trained, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = run_dir / "shards" / "rank00000.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 40):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stored = shard.read_bytes().count(b"\n")
+    assert 40 <= stored < 121 * 4, "the kill must land mid-sweep"
+    assert not (run_dir / "accuracy.csv").exists()
+    resumed = lensbench("predict", "--config", "killed.yaml", cwd=trained, env=clean_env())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    keys = [json.loads(line)["key"] for line in shard.read_text().splitlines() if line.strip()]
+    assert len(keys) == len(set(keys)) == 121 * 4  # nothing recomputed twice, nothing missing
+    for table in ("accuracy.csv", "impact_matrix.csv", "slot_usage.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(run_dir / table), pd.read_csv(trained / "outputs/whole" / table))
