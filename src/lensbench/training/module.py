@@ -20,7 +20,7 @@ import torch
 from ..errors import LensbenchError
 from ..logs import console
 from .build import build_config, build_model, load_tokenizer
-from .freezing import freeze
+from .freezing import freeze as freeze_parameters
 from .layer_loading import PretrainedLayers, load_pretrained_layers
 
 FIELD = "model"
@@ -109,10 +109,9 @@ class CausalLMTraining(pl.LightningModule):
             self.load_report = load_pretrained_layers(self.model, pretrained_layers, f"{FIELD}.pretrained_layers")
         self.freeze_report = None
         if freeze is not None:
-            self.freeze_report = freeze_params(self.model, freeze, freeze_strict)
+            self.freeze_report = freeze_parameters(self.model, freeze, strict=freeze_strict, field=f"{FIELD}.freeze")
         if not any(p.requires_grad for p in self.model.parameters()):
             raise LensbenchError("every parameter is frozen; train something (e.g. {\"*.memory.*\": train})", f"{FIELD}.freeze")
-        self.val_names: list[str] = []
 
     @property
     def run_dir(self) -> Path:
@@ -253,7 +252,3 @@ def exact_match_table(model: torch.nn.Module, rows: list[dict], collate: Any, ba
     fields = [f for f in GROUP_FIELDS if frame[f].notna().any()]
     table = frame.groupby(["group", *fields], dropna=False, sort=False).hit.agg(n="size", exact_match="mean").reset_index()
     return table.sort_values(fields or ["group"], kind="stable").reset_index(drop=True)
-
-
-def freeze_params(model: torch.nn.Module, spec: Any, strict: bool) -> Any:
-    return freeze(model, spec, strict=strict, field=f"{FIELD}.freeze")
