@@ -49,7 +49,9 @@ def test_single_run_matches_a_direct_computation(workdir):
     assert result.returncode == 0, result.stderr
     run_dir = workdir / "outputs" / "activation_norms" / "run"
     table = _table(run_dir)
-    assert list(table.columns) == ["model", "dataset", "layer", "n_tokens", "mean_norm", "std_norm", "min_norm", "max_norm"]
+    assert list(table.columns) == ["model", "dataset", "layer", "n_tokens", "n_tokens_dropped",
+                                   "mean_norm", "std_norm", "min_norm", "max_norm"]
+    assert (table["n_tokens_dropped"] == 0).all()
     assert sorted(table["dataset"].unique()) == ["alpha", "beta"]
     assert sorted(table["layer"].unique()) == [0, 1, 2]  # embedding output + 2 blocks
     for name in ("alpha", "beta"):
@@ -65,6 +67,68 @@ def test_single_run_matches_a_direct_computation(workdir):
     again = lensbench("predict", "--config", str(run_dir / "config.yaml"), "--model.init_args.experiment", "again", cwd=workdir)
     assert again.returncode == 0, again.stderr
     _assert_close(_table(workdir / "outputs" / "again"), table, rel=0)
+
+
+def test_truncated_tokens_are_counted_and_reported(workdir):
+    from tiny import WORDS
+
+    long_text = " ".join(WORDS[i % len(WORDS)] for i in range(40))
+    texts = ["the sun", long_text, "paris is the capital of france", long_text + " moon sea"]
+    (workdir / "long.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(workdir / "tiny")
+    lengths = [len(tok(text)["input_ids"]) for text in texts]
+    expected = sum(max(0, n - 16) for n in lengths)
+    assert expected > 0 and max(lengths) < 128  # all within the tiny model's context (128 positions)
+    args = ["predict", "--config", "run.yaml", "--data.init_args.datasets", "[long.txt]",
+            "--data.init_args.batch_size", "2"]  # the two long texts fall in two work items
+
+    cut = lensbench(*args, "--model.init_args.max_length", "16", "--model.init_args.experiment", "cut", cwd=workdir)
+    assert cut.returncode == 0, cut.stderr
+    table = _table(workdir / "outputs" / "cut")
+    assert (table["n_tokens_dropped"] == expected).all()
+    assert (table["n_tokens"] == sum(min(n, 16) for n in lengths)).all()
+    line = f"activation_norms: {expected} tokens of 2 texts beyond max_length=16 were not measured"
+    printed = [x for x in (cut.stdout + cut.stderr).splitlines() if line in x]
+    assert len(printed) == 1 and printed[0].rstrip().endswith("raise max_length or set it to null"), cut.stderr
+    assert line in (workdir / "outputs" / "cut" / "logs" / "rank0.log").read_text(encoding="utf-8")
+
+    full = lensbench(*args, "--model.init_args.experiment", "full", cwd=workdir)  # max_length: null
+    assert full.returncode == 0, full.stderr
+    table = _table(workdir / "outputs" / "full")
+    assert (table["n_tokens_dropped"] == 0).all() and (table["n_tokens"] == sum(lengths)).all()
+    assert "were not measured" not in full.stdout + full.stderr
+    assert "max_length: null" in (workdir / "outputs" / "full" / "config.yaml").read_text()
+
+
+def test_model_context_and_old_records(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlavaConfig
+
+    from lensbench.analyses.activation_norms import ActivationNorms, model_context, truncation_message
+
+    def loaded(model_max_length, config):
+        return SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=model_max_length),
+                               model=SimpleNamespace(config=config))
+
+    llama = LlamaConfig(max_position_embeddings=300)
+    assert model_context(loaded(64, llama)) == 64  # the tokenizer's, when set
+    assert model_context(loaded(int(1e30), llama)) == 300  # transformers' "not set" placeholder
+    llava = LlavaConfig(text_config=LlamaConfig(max_position_embeddings=200).to_dict())
+    assert model_context(loaded(int(1e30), llava)) == 200  # a vision-language model's text model
+    assert model_context(SimpleNamespace(tokenizer=None, model=SimpleNamespace(config=None))) is None
+
+    # Records stored before tokens were counted merge as dropping nothing.
+    stats = {"norm": {"mean": [1.0, 2.0], "m2": [0.5, 0.5], "min": [0.5, 1.0], "max": [1.5, 3.0]}}
+    old = [{"model": "m", "dataset": "d", "labels": {}, "n_tokens": 5, "stats": stats}]
+    ActivationNorms.merge(old, tmp_path)
+    table = pd.read_csv(tmp_path / "activation_norms.csv")
+    assert list(table["n_tokens_dropped"]) == [0, 0] and list(table["n_tokens"]) == [5, 5]
+    assert truncation_message(old) is None
+    cut = [{**old[0], "n_tokens_dropped": 7, "n_texts_truncated": 1, "max_length": 128, "max_length_from": "context"}]
+    message = truncation_message(cut)
+    assert message.startswith("activation_norms: 7 tokens of 1 texts beyond the model's context of 128 tokens")
+    assert "\n" not in message
 
 
 def test_rerun_recomputes_nothing_and_refuses_a_changed_config(workdir):

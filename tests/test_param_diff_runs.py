@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pandas as pd
@@ -54,6 +55,8 @@ def test_statistics_mismatches_and_resume(checkpoints):
     assert len(edited) == 3 * 7 + 1  # 7 linear layers per block + the untied lm_head
     unchanged = edited.drop([CHANGED, NOISY])
     assert (unchanged["dW_fro"] == 0).all() and (unchanged["rel_change"] == 0).all()
+    assert unchanged["dW_stable_rank"].isna().all()  # undefined without a change, not 0
+    assert edited["expert"].isna().all()
     rank1 = edited.loc[CHANGED]
     exact = torch.linalg.matrix_norm(deltas["uv"].double(), ord=2).item()
     assert rank1["dW_fro"] == pytest.approx(torch.linalg.matrix_norm(deltas["uv"]).item(), rel=1e-5)
@@ -70,7 +73,9 @@ def test_statistics_mismatches_and_resume(checkpoints):
 
     per_layer = pd.read_csv(run / "per_layer.csv").set_index(["other", "layer"])
     layer1 = per_layer.loc[("edited", 1)]
-    assert layer1["n_matrices"] == 7
+    assert layer1["n_matrices"] == 7 and layer1["n_changed"] == 1
+    assert layer1["mean_dW_stable_rank"] == pytest.approx(1.0, rel=1e-4)  # over the changed matrix only
+    assert per_layer.loc[("edited", 2), "n_changed"] == 0 and pd.isna(per_layer.loc[("edited", 2), "mean_dW_stable_rank"])
     assert layer1["dW_fro_layer"] == pytest.approx(rank1["dW_fro"], rel=1e-9)  # the only change in layer 1
     layer0 = per_layer.loc[("edited", 0)]
     assert layer0["dW_fro_layer"] == pytest.approx(noisy["dW_fro"], rel=1e-9)
@@ -85,6 +90,11 @@ def test_statistics_mismatches_and_resume(checkpoints):
     assert len(per_matrix.loc["broken"]) == 3 * 7 + 1 - 2  # the run went on for the rest
     for stat in ("dW_fro", "rel_change", "dW_spec", "dW_stable_rank"):
         assert (run / f"param_diff_{stat}.png").stat().st_size > 1000
+    for stat in ("dW_fro_layer", "rel_change_layer", "mean_dW_stable_rank"):
+        assert (run / f"param_diff_layer_{stat}.png").stat().st_size > 1000
+    skipped = pd.read_csv(run / "skipped.csv")
+    assert list(zip(skipped["name"], skipped["reason"])) == [("model.embed_tokens.weight", "embedding")]
+    assert "skipping 1 (1 embedding): listed in skipped.csv" in result.stderr + result.stdout
 
     before = (run / "per_matrix.csv").read_bytes()
     again = lensbench("predict", "--config", "diff.yaml", cwd=root)
@@ -115,3 +125,43 @@ def test_checkpoints_of_different_architectures_are_refused(checkpoints, tmp_pat
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("lensbench: error: data.init_args.others[0]:")
     assert "'gpt2'" in line and "'llama'" in line and "Traceback" not in result.stderr
+
+
+def test_mixture_of_experts_matrices_are_compared_with_their_expert_index(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    expert = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    router = "model.layers.0.block_sparse_moe.gate.weight"
+    assert expert in state and router in state, sorted(state)[:8]
+    shutil.copytree(tmp_path / "base", tmp_path / "tuned")
+    changed = dict(state)
+    changed[expert] = state[expert] + 0.1
+    changed[router] = state[router] * 2
+    save_file(changed, tmp_path / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "moe.yaml").write_text(
+        "model:\n  class_path: param_diff\n"
+        "data:\n  class_path: lensbench.data.checkpoints.CheckpointPairs\n  init_args:\n"
+        "    base: base\n    others: [tuned]\n"
+        "trainer: {accelerator: cpu, devices: 1}\n")
+    result = lensbench("predict", "--config", "moe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "outputs" / "param_diff" / "moe"
+    per_matrix = pd.read_csv(run / "per_matrix.csv")
+    two_d = [n for n, t in state.items() if t.ndim == 2]
+    skipped = pd.read_csv(run / "skipped.csv")
+    assert sorted(per_matrix["name"]) + sorted(skipped["name"]) == sorted(two_d) or \
+        sorted([*per_matrix["name"], *skipped["name"]]) == sorted(two_d)  # every 2-D weight accounted for
+    assert list(skipped["reason"]) == ["embedding"]
+    row = per_matrix.set_index("name").loc[expert]
+    assert (row["layer"], row["module"], row["expert"]) == (1, "block_sparse_moe.experts.w1", 2)
+    assert row["dW_fro"] == pytest.approx(0.1 * math.sqrt(state[expert].numel()), rel=1e-5)
+    assert per_matrix.set_index("name").loc[router, "rel_change"] == pytest.approx(1.0, rel=1e-5)
+    experts = per_matrix[per_matrix["expert"].notna()]
+    assert len(experts) == 2 * 4 * 3 and set(experts["expert"]) == {0, 1, 2, 3}
+    assert (per_matrix.loc[per_matrix["name"] != expert, "dW_fro"].drop(
+        per_matrix.index[per_matrix["name"] == router]) == 0).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,6 @@ def matrix_stats(matrix: torch.Tensor, prefix: str, tol: float, max_iter: int) -
         f"{prefix}_spec": spec.sigma,
         f"{prefix}_spec_iters": spec.iterations,
         f"{prefix}_spec_converged": spec.converged,
-        # ||A||_F² / ||A||_2²; 0 for a zero matrix (no change at all)
-        f"{prefix}_stable_rank": fro * fro / (spec.sigma * spec.sigma) if spec.sigma > 0 else 0.0,
+        # ||A||_F² / ||A||_2² (at least 1); undefined (NaN) for a zero matrix: no change at all
+        f"{prefix}_stable_rank": fro * fro / (spec.sigma * spec.sigma) if spec.sigma > 0 else math.nan,
     }

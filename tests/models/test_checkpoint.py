@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from lensbench.errors import LensbenchError
 from lensbench.models.checkpoint import open_checkpoint
 from lensbench.models.loading import ModelSpec
-from lensbench.models.matrices import linear_matrices
+from lensbench.models.matrices import linear_matrices, select_matrices
 
 from .test_loading import tiny_gguf, write_tiny_gguf  # noqa: F401  (fixture)
 
@@ -74,7 +74,51 @@ def test_linear_matrices_come_from_the_architecture(formats):
         f"model.layers.{i}.mlp.{p}.weight" for i in (1, 2) for p in ("down_proj", "gate_proj"))
     # Without a config: 2-D weights whose names are not embeddings or norms.
     fallback = linear_matrices(reader.names(), reader.shapes(), None)
-    assert {m.name for m in fallback} == {n for n in names if n != "lm_head.weight"}
+    assert {m.name for m in fallback} == set(names)
+
+
+def _save(cls, config, folder):
+    cls(config).save_pretrained(folder)
+    return open_checkpoint(ModelSpec(str(folder)))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_neox", "llama_tied", "llama_untied"])
+def test_every_two_dimensional_weight_is_compared_or_skipped_with_a_reason(tmp_path, arch):
+    import transformers as tf
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    cls, config = {
+        "mixtral": (tf.MixtralForCausalLM, tf.MixtralConfig(**small, num_key_value_heads=1, num_local_experts=4,
+                                                          num_experts_per_tok=2)),
+        "qwen2_moe": (tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig(**small, num_key_value_heads=1, num_experts=4,
+                                                              num_experts_per_tok=2, moe_intermediate_size=8,
+                                                              shared_expert_intermediate_size=8)),
+        "gpt_neox": (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**small, tie_word_embeddings=False)),
+        "llama_tied": (tf.LlamaForCausalLM, tf.LlamaConfig(**small, num_key_value_heads=1, tie_word_embeddings=True)),
+        "llama_untied": (tf.LlamaForCausalLM, tf.LlamaConfig(**small, num_key_value_heads=1, tie_word_embeddings=False)),
+    }[arch]
+    reader = _save(cls, config, tmp_path / arch)
+    two_d = [n for n in reader.names() if len(reader.shape(n)) == 2]
+    chosen, skipped = select_matrices(reader.names(), reader.shapes(), reader.config)
+    assert sorted([m.name for m in chosen] + [s.name for s in skipped]) == sorted(two_d)  # nothing vanishes
+    reasons = {s.name: s.reason for s in skipped}
+    assert set(reasons.values()) <= {"embedding", "norm"} or arch == "llama_tied"
+    assert all(r == "embedding" for n, r in reasons.items() if "embed" in n and "embed_out" not in n)
+    names = {m.name for m in chosen}
+    if arch == "mixtral":
+        assert len(chosen) == 35 and sum(m.expert is not None for m in chosen) == 2 * 4 * 3
+        assert "model.layers.0.block_sparse_moe.gate.weight" in names  # the router
+    if arch == "qwen2_moe":
+        experts = [m for m in chosen if m.expert is not None]
+        assert {m.expert for m in experts} == {0, 1, 2, 3} and all(m.layer in (0, 1) for m in experts)
+        assert any(m.module.endswith("shared_expert.down_proj") for m in chosen)
+        assert any(m.module == "mlp.gate" for m in chosen)  # the router
+    if arch == "gpt_neox":
+        assert "embed_out.weight" in names and next(m for m in chosen if m.name == "embed_out.weight").layer == -1
+    if arch == "llama_untied":
+        assert "lm_head.weight" in names
+    if arch == "llama_tied":
+        assert "lm_head.weight" not in two_d or reasons.get("lm_head.weight", "").startswith("tied to")
 
 
 def test_gguf_reads_transformers_names_and_layout(tiny_gguf):  # noqa: F811

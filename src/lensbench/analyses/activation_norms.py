@@ -6,6 +6,10 @@ per-token statistic (``norm`` = L2 norm by default) is reduced over all tokens o
 count, mean, sum of squared deviations (M2), min and max are computed per work item in float64
 and combined exactly (Chan et al.'s pairwise update), so the result does not depend on batching
 across ranks and memory does not grow with the number of tokens.
+
+Texts are truncated to ``max_length`` tokens, by default the model's context (``model_context``).
+What truncation drops is never silent: each record counts the tokens and texts cut off, the table
+has an ``n_tokens_dropped`` column, and the merge says it in one console line.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
+from ..logs import console
 from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
 from ..state import State
@@ -28,6 +33,23 @@ from ..work import WorkItem
 
 TABLE = "activation_norms.csv"
 STATE_COLUMNS = ("degradation_method", "param_group_name", "level_value", "repeat_index")
+#: A tokenizer's ``model_max_length`` at or above this is transformers' "not set" placeholder.
+UNSET_MODEL_MAX_LENGTH = 10**9
+
+
+def model_context(loaded) -> int | None:
+    """Tokens the model reads at once: the tokenizer's ``model_max_length`` when it is set (not
+    transformers' huge placeholder), else the model config's ``max_position_embeddings`` (of its
+    text model, for vision-language models); None when neither says (no truncation)."""
+    limit = getattr(loaded.tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < UNSET_MODEL_MAX_LENGTH:
+        return limit
+    config = getattr(loaded.model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
 
 
 class ActivationNorms(Analysis):
@@ -42,7 +64,7 @@ class ActivationNorms(Analysis):
         models: list[str | ModelSpec] | None = None,
         statistics: list[str] | None = None,
         perturbation: PerturbationGrid | None = None,
-        max_length: int = 512,
+        max_length: int | None = None,
         experiment: str | None = None,
         output_dir: str = "outputs",
     ) -> None:
@@ -53,7 +75,10 @@ class ActivationNorms(Analysis):
             statistics: Registered per-token statistics (see ``lensbench plugins``). Default: norm.
             perturbation: Measure every model at a grid of perturbed states (method, group,
                 levels, repetitions) instead of as it is; adds the state's columns to the table.
-            max_length: Texts are truncated to this many tokens.
+            max_length: Texts are truncated to this many tokens (special tokens included).
+                Default (null): the model's context (the tokenizer's ``model_max_length``, else
+                the config's ``max_position_embeddings``). Dropped tokens are counted in
+                ``n_tokens_dropped`` and reported at the end of the run.
             experiment: Name of the run: results go to ``<output_dir>/<experiment>/``. Default:
                 ``<analysis>/<config file's stem>``.
             output_dir: Folder holding one sub-folder per experiment.
@@ -61,8 +86,10 @@ class ActivationNorms(Analysis):
         super().__init__(experiment=experiment, output_dir=output_dir)
         from ..plugins import active_registries
 
-        if max_length < 1:
-            raise LensbenchError(f"must be at least 1, got {max_length}", "model.init_args.max_length")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise LensbenchError(f"must be a positive number of tokens or null (the model's context), "
+                                 f"got {max_length!r}", "model.init_args.max_length")
         registries = active_registries()
         self.specs: dict[str, ModelSpec] = {}
         for i, entry in enumerate(models or ["smollm2"]):
@@ -75,6 +102,7 @@ class ActivationNorms(Analysis):
         names = statistics or ["norm"]
         self.statistics = [registries.metrics.get(n, f"model.init_args.statistics[{i}]") for i, n in enumerate(names)]
         self.max_length = max_length
+        self._limits: dict[str, tuple[int | None, str]] = {}  # checkpoint -> (limit, "max_length"|"context")
         self.perturbations = registries.perturbations
         self.grid = perturbation
         self._states = [
@@ -96,12 +124,26 @@ class ActivationNorms(Analysis):
     def subject_specs(self) -> dict[str, ModelSpec]:
         return self.specs
 
+    def _limit(self, checkpoint: str, loaded) -> tuple[int | None, str]:
+        """The truncation length for ``checkpoint`` and what sets it ("max_length" or "context")."""
+        if checkpoint not in self._limits:
+            self._limits[checkpoint] = ((self.max_length, "max_length") if self.max_length is not None
+                                        else (model_context(loaded), "context"))
+        return self._limits[checkpoint]
+
     def process(self, item: WorkItem) -> dict[str, Any]:
         loaded = self.subjects.activate(item.state)
-        batch = loaded.tokenizer(
-            list(item.payload.texts), return_tensors="pt", padding=True,
-            truncation=True, max_length=self.max_length,
-        ).to(self.device)
+        texts = list(item.payload.texts)
+        limit, limit_from = self._limit(item.state.checkpoint, loaded)
+        if limit is None:  # no known context: nothing is cut
+            batch = loaded.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+            full_lengths = None
+        else:
+            # Untruncated lengths first, to count what truncation drops (verbose=False: no warning
+            # about texts longer than the tokenizer's maximum; they are counted instead).
+            full_lengths = [len(ids) for ids in loaded.tokenizer(texts, verbose=False)["input_ids"]]
+            batch = loaded.tokenizer(texts, return_tensors="pt", padding=True,
+                                     truncation=True, max_length=limit).to(self.device)
         backbone = getattr(loaded.model, "base_model", loaded.model)  # skip the LM head
         with torch.inference_mode():
             out = backbone(**batch, output_hidden_states=True)
@@ -117,11 +159,17 @@ class ActivationNorms(Analysis):
                 acc["m2"].append(((values - mean) ** 2).sum().item())
                 acc["min"].append(values.min().item())
                 acc["max"].append(values.max().item())
+        kept = mask.sum(dim=1).tolist()
+        dropped = [0] * len(kept) if full_lengths is None else [max(0, f - k) for f, k in zip(full_lengths, kept)]
         return {
             "model": item.state.checkpoint,
             "dataset": item.payload.dataset,
             "labels": dict(item.state.labels),
-            "n_tokens": int(mask.sum().item()),
+            "n_tokens": int(sum(kept)),
+            "n_tokens_dropped": int(sum(dropped)),
+            "n_texts_truncated": sum(1 for d in dropped if d > 0),
+            "max_length": limit,
+            "max_length_from": limit_from,
             "stats": stats,
         }
 
@@ -132,8 +180,9 @@ class ActivationNorms(Analysis):
         groups: dict[tuple, dict[str, Any]] = {}
         for rec in records:  # ordered by key: the same order whatever the number of ranks
             labels = tuple((rec.get("labels") or {}).items())
-            acc = groups.setdefault((rec["model"], rec["dataset"], labels), {"n": 0, "stats": {}})
+            acc = groups.setdefault((rec["model"], rec["dataset"], labels), {"n": 0, "dropped": 0, "stats": {}})
             n_b = rec["n_tokens"]
+            acc["dropped"] += rec.get("n_tokens_dropped", 0)  # records written before the count: 0
             for name, s in rec["stats"].items():
                 cur = acc["stats"].setdefault(name, {k: [] for k in ("mean", "m2", "min", "max")})
                 if not cur["mean"]:
@@ -152,7 +201,8 @@ class ActivationNorms(Analysis):
             label_names += [k for k, _ in labels if k not in label_names]
             n_layers = len(next(iter(acc["stats"].values()))["mean"])
             for layer in range(n_layers):
-                row = {"model": model, "dataset": dataset, **dict(labels), "layer": layer, "n_tokens": acc["n"]}
+                row = {"model": model, "dataset": dataset, **dict(labels), "layer": layer, "n_tokens": acc["n"],
+                       "n_tokens_dropped": acc["dropped"]}
                 for name, s in acc["stats"].items():
                     row[f"mean_{name}"] = s["mean"][layer]
                     row[f"std_{name}"] = math.sqrt(max(s["m2"][layer], 0.0) / acc["n"])
@@ -160,7 +210,11 @@ class ActivationNorms(Analysis):
                     row[f"max_{name}"] = s["max"][layer]
                 rows.append(row)
         table = pd.DataFrame(rows).sort_values(["model", "dataset", *label_names, "layer"], kind="stable")
-        return [write_csv(table, Path(run_dir) / TABLE)]
+        written = [write_csv(table, Path(run_dir) / TABLE)]
+        message = truncation_message(records)
+        if message:
+            console.info(message)
+        return written
 
     @classmethod
     def plot(cls, run_dir: Path) -> list[Path]:
@@ -185,6 +239,38 @@ class ActivationNorms(Analysis):
             plt.close(fig)
             outputs.append(out)
         return outputs
+
+
+def truncation_message(records: list[dict[str, Any]]) -> str | None:
+    """One line saying how many tokens of how many texts truncation dropped (None when none were).
+
+    Every state of a model (a perturbation grid's) cuts the same tokens, so each model's texts are
+    counted once, not once per state."""
+    # (max_length, what set it) -> model -> state's labels -> [tokens, texts]
+    found: dict[tuple, dict[str, dict[tuple, list[int]]]] = {}
+    for rec in records:
+        if rec.get("n_tokens_dropped", 0) > 0:
+            cause = (rec.get("max_length"), rec.get("max_length_from", "max_length"))
+            labels = tuple((rec.get("labels") or {}).items())
+            counts = found.setdefault(cause, {}).setdefault(rec["model"], {}).setdefault(labels, [0, 0])
+            counts[0] += rec["n_tokens_dropped"]
+            counts[1] += rec.get("n_texts_truncated", 0)
+    causes = {cause: [sum(max(c[i] for c in states.values()) for states in models.values()) for i in (0, 1)]
+              for cause, models in found.items()}
+    if not causes:
+        return None
+    parts, fixes = [], set()
+    for (limit, limit_from), (tokens, texts) in sorted(causes.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        where = f"max_length={limit}" if limit_from == "max_length" else f"the model's context of {limit} tokens"
+        parts.append(f"{tokens} tokens of {texts} texts beyond {where}")
+        fixes.add(limit_from)
+    fix = []
+    if "max_length" in fixes:
+        fix.append("raise max_length or set it to null")
+    if "context" in fixes:
+        fix.append("split longer texts to measure all their tokens")
+    return (f"activation_norms: {', '.join(parts)} were not measured (n_tokens_dropped in {TABLE}); "
+            f"{' and '.join(fix)}")
 
 
 @hookimpl

@@ -2,7 +2,8 @@
 
 For every compared matrix, with ``dW = W_other - W_base`` in float32 or better:
 ``dW_fro = ||dW||_F``, ``rel_change = dW_fro / W_fro``, the spectral norm ``dW_spec = ||dW||_2`` by
-power iteration (iterations recorded) and the stable rank ``dW_stable_rank = dW_fro² / dW_spec²``;
+power iteration (iterations recorded) and the stable rank ``dW_stable_rank = dW_fro² / dW_spec²``
+(undefined, NaN, for an unchanged matrix);
 the same statistics for the base matrix ``W``. Tensors are read one at a time from disk, so memory
 stays near a few times the largest matrix, whatever the checkpoints' size.
 """
@@ -26,8 +27,11 @@ from ..work import WorkItem
 PER_MATRIX = "per_matrix.csv"
 PER_LAYER = "per_layer.csv"
 MISMATCHES = "mismatches.csv"
+SKIPPED = "skipped.csv"
+SKIPPED_COLUMNS = ["name", "shape", "reason"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PLOTTED = ("dW_fro", "rel_change", "dW_spec", "dW_stable_rank")
+LAYER_PLOTTED = ("dW_fro_layer", "rel_change_layer", "mean_dW_stable_rank")
 
 
 class ParamDiff(Analysis):
@@ -76,9 +80,9 @@ class ParamDiff(Analysis):
     def process(self, item: WorkItem) -> dict[str, Any]:
         unit = item.payload
         record: dict[str, Any] = {"kind": unit.kind, "other": unit.other, "name": unit.info.name,
-                                  "layer": unit.info.layer, "module": unit.info.module,
+                                  "layer": unit.info.layer, "module": unit.info.module, "expert": unit.info.expert,
                                   "shape": list(unit.shape), "other_shape": list(unit.other_shape)}
-        if unit.kind == "mismatch":
+        if unit.kind in ("mismatch", "skipped"):
             record["reason"] = unit.reason
             return record
         base = self._load(item.state.checkpoint, unit.info.name)
@@ -103,9 +107,11 @@ class ParamDiff(Analysis):
         import pandas as pd
 
         base = {r["name"]: r for r in records if r["kind"] == "base"}
-        rows, mismatches = [], []
+        rows, mismatches, skipped = [], [], []
         for r in records:
-            if r["kind"] == "mismatch":
+            if r["kind"] == "skipped":
+                skipped.append({"name": r["name"], "shape": "x".join(map(str, r["shape"])), "reason": r["reason"]})
+            elif r["kind"] == "mismatch":
                 mismatches.append({"other": r["other"], "name": r["name"], "reason": r["reason"],
                                    "base_shape": "x".join(map(str, r["shape"])),
                                    "other_shape": "x".join(map(str, r["other_shape"]))})
@@ -113,7 +119,7 @@ class ParamDiff(Analysis):
                 w = base[r["name"]]
                 rows.append({
                     "other": r["other"], "name": r["name"], "layer": r["layer"], "module": r["module"],
-                    "shape": "x".join(map(str, r["shape"])), "numel": math.prod(r["shape"]),
+                    "expert": r.get("expert"), "shape": "x".join(map(str, r["shape"])), "numel": math.prod(r["shape"]),
                     "dW_fro": r["dW_fro"], "W_fro": r["W_fro"],
                     "rel_change": r["dW_fro"] / r["W_fro"] if r["W_fro"] > 0 else math.nan,
                     "dW_spec": r["dW_spec"], "dW_spec_iters": r["dW_spec_iters"],
@@ -123,10 +129,13 @@ class ParamDiff(Analysis):
                     "W_other_fro": r["W_other_fro"],
                 })
         run_dir = Path(run_dir)
-        per_matrix = pd.DataFrame(rows, columns=PER_MATRIX_COLUMNS).sort_values(["other", "layer", "module"], kind="stable")
+        per_matrix = pd.DataFrame(rows, columns=PER_MATRIX_COLUMNS).sort_values(["other", "layer", "module", "expert"],
+                                                                                kind="stable")
+        per_matrix["expert"] = per_matrix["expert"].astype("Int64")  # empty for matrices outside experts
         outputs = [write_csv(per_matrix, run_dir / PER_MATRIX)]
         outputs.append(write_csv(per_layer_table(per_matrix), run_dir / PER_LAYER))
         outputs.append(write_csv(pd.DataFrame(mismatches, columns=MISMATCH_COLUMNS), run_dir / MISMATCHES))
+        outputs.append(write_csv(pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), run_dir / SKIPPED))
         return outputs
 
     @classmethod
@@ -152,17 +161,38 @@ class ParamDiff(Analysis):
             fig.savefig(out, dpi=110)
             plt.close(fig)
             outputs.append(out)
+        layers = read_csv(run_dir, PER_LAYER)
+        for stat in LAYER_PLOTTED:  # the seed's per-layer figures; layer -1: matrices outside the blocks
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for other, group in layers.groupby("other", sort=True):
+                group = group.sort_values("layer")
+                ax.plot(group["layer"], group[stat], marker="o", markersize=3, label=str(other))
+            if (layers["layer"] < 0).any():
+                ax.axvline(-0.5, color="grey", linewidth=0.8, linestyle=":")
+                ax.annotate("outside blocks", (-1, ax.get_ylim()[1]), fontsize=7, ha="center", va="top")
+            ax.set_xlabel("layer (-1: matrices outside the blocks)")
+            ax.set_ylabel(stat)
+            ax.set_title(f"{stat} per layer")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            out = Path(run_dir) / f"param_diff_layer_{stat}.png"
+            fig.savefig(out, dpi=110)
+            plt.close(fig)
+            outputs.append(out)
         return outputs
 
 
-PER_MATRIX_COLUMNS = ["other", "name", "layer", "module", "shape", "numel", "dW_fro", "W_fro", "rel_change",
+PER_MATRIX_COLUMNS = ["other", "name", "layer", "module", "expert", "shape", "numel", "dW_fro", "W_fro", "rel_change",
                       "dW_spec", "dW_spec_iters", "dW_spec_converged", "dW_stable_rank", "W_spec",
                       "W_spec_iters", "W_spec_converged", "W_stable_rank", "W_other_fro"]
 MISMATCH_COLUMNS = ["other", "name", "reason", "base_shape", "other_shape"]
 
 
 def per_layer_table(per_matrix):
-    """Per (other, layer): root-sum-squares of the Frobenius norms and means of the other statistics."""
+    """Per (other, layer): root-sum-squares of the Frobenius norms, ``n_changed`` (matrices with a
+    non-zero change), and means of the other statistics; ``mean_dW_stable_rank`` over the changed
+    matrices only (an unchanged matrix has no stable rank)."""
     import numpy as np
     import pandas as pd
 
@@ -170,17 +200,19 @@ def per_layer_table(per_matrix):
     for (other, layer), g in per_matrix.groupby(["other", "layer"], sort=True):
         dw = float(np.sqrt((g["dW_fro"] ** 2).sum()))
         w = float(np.sqrt((g["W_fro"] ** 2).sum()))
+        changed = g[g["dW_fro"] > 0]
         rows.append({
-            "other": other, "layer": layer, "n_matrices": len(g),
+            "other": other, "layer": layer, "n_matrices": len(g), "n_changed": len(changed),
             "dW_fro_layer": dw, "W_fro_layer": w, "rel_change_layer": dw / w if w > 0 else math.nan,
             "mean_rel_change": g["rel_change"].mean(), "mean_dW_spec": g["dW_spec"].mean(),
-            "max_dW_spec": g["dW_spec"].max(), "mean_dW_stable_rank": g["dW_stable_rank"].mean(),
+            "max_dW_spec": g["dW_spec"].max(),
+            "mean_dW_stable_rank": changed["dW_stable_rank"].mean() if len(changed) else math.nan,
             "mean_W_stable_rank": g["W_stable_rank"].mean(),
         })
     return pd.DataFrame(rows, columns=PER_LAYER_COLUMNS)
 
 
-PER_LAYER_COLUMNS = ["other", "layer", "n_matrices", "dW_fro_layer", "W_fro_layer", "rel_change_layer",
+PER_LAYER_COLUMNS = ["other", "layer", "n_matrices", "n_changed", "dW_fro_layer", "W_fro_layer", "rel_change_layer",
                      "mean_rel_change", "mean_dW_spec", "max_dW_spec", "mean_dW_stable_rank", "mean_W_stable_rank"]
 
 

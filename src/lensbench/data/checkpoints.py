@@ -17,14 +17,14 @@ from typing import Any
 from ..errors import LensbenchError
 from ..models.checkpoint import CheckpointReader, open_checkpoint, perturbed_reader, pin_mmap_threshold
 from ..models.loading import ModelSpec, resolve_source
-from ..models.matrices import MatrixInfo, linear_matrices
+from ..models.matrices import MatrixInfo, linear_matrices, select_matrices
 from ..work import Unit
 from .modules import WorkDataModule
 
 
 @dataclass(frozen=True)
 class MatrixUnit:
-    kind: str  # "base" | "diff" | "mismatch"
+    kind: str  # "base" | "diff" | "mismatch" | "skipped"
     other: str  # label of the other checkpoint ("" for base units)
     info: MatrixInfo
     shape: tuple[int, ...] = ()
@@ -154,12 +154,23 @@ class CheckpointPairs(WorkDataModule):
 
     def units(self) -> list[Unit]:
         base = self.reader(self.base_label)
-        matrices = linear_matrices(base.names(), base.shapes(), base.config, self.include, self.exclude)
+        matrices, skipped = select_matrices(base.names(), base.shapes(), base.config, self.include, self.exclude)
         if not matrices:
             raise LensbenchError(f"no tensor of {base.location} matches; check include/exclude",
                                  "data.init_args.include")
         units = [Unit((self.base_label, m.name), MatrixUnit("base", "", m, base.shape(m.name)))
                  for m in matrices]
+        # Every other 2-D tensor of the base is listed with its reason (skipped.csv), never dropped unsaid.
+        units += [Unit(("skipped", s.name), MatrixUnit("skipped", "", MatrixInfo(s.name, -1, ""), s.shape, (), s.reason))
+                  for s in skipped]
+        if skipped:
+            from collections import Counter
+
+            from lightning.pytorch.utilities import rank_zero_info
+
+            why = ", ".join(f"{n} {reason}" for reason, n in Counter(s.reason for s in skipped).most_common())
+            rank_zero_info(f"lensbench: comparing {len(matrices)} two-dimensional weights of {self.base_label}; "
+                           f"skipping {len(skipped)} ({why}): listed in skipped.csv")
         for i, spec in enumerate(self.others):
             other = self.reader(spec.label())
             _check_architecture(base, other, f"data.init_args.others[{i}]")

@@ -11,7 +11,10 @@ perturbed copy of itself without writing that copy to disk.
 Memory stays near one tensor: a safetensors tensor is read from its byte range (found in the
 header, parsed once) straight into its own memory, and ``.bin`` shards are memory-mapped
 (``torch.load(mmap=True, weights_only=True)``) for each read only, because a mapping kept open
-accumulates every page ever touched in the process's resident memory.
+accumulates every page ever touched in the process's resident memory. A ``.bin`` file in
+PyTorch's legacy (non-zip) format cannot be memory-mapped: it is loaded once without mmap
+(``weights_only=True`` still) and the whole file then sits in memory while the reader lives.
+A ``.bin`` file that is not a PyTorch checkpoint at all (truncated, corrupt) is refused with one line.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import LensbenchError
+from ..logs import console
 from .loading import EMBEDDED, ModelSpec, embedded_smollm2_folder, resolve_source
 
 BIN_PATTERNS = ("pytorch_model*.bin", "model*.bin")
@@ -78,7 +82,7 @@ class CheckpointReader:
         if kind == "safetensors":
             return _read_safetensors(where, name)
         if kind == "bin":
-            state = torch.load(where, map_location="cpu", weights_only=True, mmap=True)
+            state, _ = _load_bin(Path(where))
             tensor = state[name].clone()
             del state
             return tensor
@@ -160,13 +164,50 @@ def _safetensors_entries(files: list[Path]) -> tuple[dict, dict]:
     return index, shapes
 
 
-def _bin_entries(files: list[Path]) -> tuple[dict, dict]:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format starts as a zip archive
+
+
+def _load_bin(path: Path, field: str | None = None) -> tuple[dict[str, Any], bool]:
+    """The state dict of a ``torch.save``d file and whether it is memory-mapped.
+
+    The zip format is memory-mapped (pages come from the file as tensors are touched); the legacy
+    format (``_use_new_zipfile_serialization=False``), or a zip file mmap fails on, is loaded
+    without mmap, wholly into memory. Both with ``weights_only=True``: no code in the file runs.
+    Anything else is one ``LensbenchError`` naming the file.
+    """
+    with open(path, "rb") as fh:
+        zipped = fh.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    state, mapped = None, False
+    if zipped:
+        try:
+            state, mapped = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True), True
+        except Exception:  # noqa: BLE001 - retried without mmap below, which reports the failure
+            state = None
+    if state is None:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for unreadable files
+            raise LensbenchError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: truncated, "
+                                 "corrupt, or holding more than tensors); re-save it with save_pretrained or as "
+                                 "safetensors", field) from None
+    if not isinstance(state, dict):
+        raise LensbenchError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; re-save it with "
+                             "save_pretrained or as safetensors", field)
+    return state, mapped
+
+
+def _bin_entries(files: list[Path], field: str | None = None) -> tuple[dict, dict]:
+    """Names and shapes of ``.bin`` shards. Memory-mappable (zip) shards are indexed by file and
+    re-opened at each read; legacy-format shards are kept loaded (their tensors stay in memory)."""
     index, shapes = {}, {}
     for path in files:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state, mapped = _load_bin(path, field)
+        if not mapped:
+            console.info(f"lensbench: {path} is in PyTorch's legacy (non-zip) format, which cannot be "
+                         "memory-mapped: it is held in memory whole; re-save it with save_pretrained to stream it")
         for name, tensor in state.items():
             if isinstance(tensor, torch.Tensor):
-                index[name] = ("bin", str(path))
+                index[name] = ("bin", str(path)) if mapped else ("memory", tensor)
                 shapes[name] = tuple(tensor.shape)
         del state
     return index, shapes
@@ -194,7 +235,7 @@ def _folder_reader(label: str, folder: Path, field: str) -> CheckpointReader:
         if not bins:
             raise LensbenchError(f"{folder} holds no *.safetensors or pytorch_model*.bin files; "
                                  "give a folder written by save_pretrained", field)
-        index, shapes = _bin_entries(bins)
+        index, shapes = _bin_entries(bins, field)
     return CheckpointReader(label, str(folder), _read_config(folder), index, shapes)
 
 
