@@ -74,7 +74,8 @@ def batch(tmp_path_factory, tiny_model):
 
     calls = {f"bad:{cid}": (_bad_args(extra), bad, None)
              for cid, (extra, _) in BAD_INPUTS.items() if not (cid == "accelerator_gpu" and HAS_GPU)}
-    calls.update({f"config:{c}": ((subcommand(c), "--config", str(ROOT / c), "--print_config"), bad, parse_env)
+    calls.update({f"config:{c}": ((subcommand(c), "--config", str(ROOT / c),
+                                   "--print_steps" if subcommand(c) == "pipeline" else "--print_config"), bad, parse_env)
                   for c in CONFIGS})
     calls["help"] = (("--help",), bad, None)
     calls["predict_help"] = (("predict", "--help"), bad, None)
@@ -91,7 +92,10 @@ def test_there_are_configs():
 
 
 def subcommand(config: str) -> str:
-    """Training configs (``configs/memory/train_*``) run under ``lensbench fit``, the rest under predict."""
+    """Training configs (``configs/memory/train_*``) run under ``lensbench fit``, the model-diff
+    pipeline under ``lensbench pipeline``, the rest under predict."""
+    if Path(config).name == "pipeline.yaml":
+        return "pipeline"
     return "fit" if Path(config).parent.name == "memory" and Path(config).name.startswith("train_") else "predict"
 
 
@@ -105,6 +109,11 @@ def test_every_config_parses(batch, config):
     printed = yaml.safe_load(result.stdout)
     source = yaml.safe_load((ROOT / config).read_text())
     registries = build_registries(get_plugin_manager())
+    if subcommand(config) == "pipeline":  # two ordinary run configs, the models named once
+        assert list(printed) == ["param_diff", "activation_norms"]
+        assert printed["param_diff"]["data"]["init_args"]["base"] == source["base"]
+        assert printed["activation_norms"]["model"]["init_args"]["models"][0] == source["base"]
+        return
     for section in ("model", "data"):
         if section not in source:
             continue
@@ -127,7 +136,7 @@ def test_every_config_parses(batch, config):
 def test_help(batch):
     top = batch["results"]["help"]
     assert top.returncode == 0, top.stderr
-    for word in ("predict", "fit", "plugins", "plot"):
+    for word in ("predict", "fit", "pipeline", "plugins", "plot"):
         assert word in top.stdout
     predict = batch["results"]["predict_help"]
     assert predict.returncode == 0, predict.stderr

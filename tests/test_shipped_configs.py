@@ -20,6 +20,7 @@ RUNS = (
      "outputs/perturbation/quickstart/summary.csv"),
     ("model_diff/param_stats.yaml", ("--data.init_args.include", "[model.layers.0.mlp.*]"),
      "outputs/param_diff/param_stats/per_matrix.csv"),
+    ("model_diff/pipeline.yaml", ("--trainer.accelerator", "cpu"), "outputs/model_diff/pipeline/summary.csv"),
     ("loop_identity/quickstart.yaml", ("--data.init_args.max_examples", "2", "--model.init_args.loop_counts", "[0, 2]",
                                        "--model.init_args.max_length", "32"),
      "outputs/loop_identity/quickstart/loop_metrics.csv"),
@@ -67,7 +68,8 @@ def test_every_config_is_run_here_or_says_what_it_needs():
 
 def test_shipped_configs_run_one_after_another_in_one_folder(tmp_path):
     for config, overrides, output in RUNS:
-        command = "fit" if config.startswith("memory/train_") else "predict"
+        command = ("fit" if config.startswith("memory/train_") else
+                   "pipeline" if config.endswith("pipeline.yaml") else "predict")
         result = lensbench(command, "--config", str(ROOT / "configs" / config), *overrides, cwd=tmp_path, timeout=900)
         assert result.returncode == 0, f"{config}: {result.stderr[-3000:]}"
         assert (tmp_path / output).is_file(), f"{config} wrote no {output}"

@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = top.add_subparsers(dest="command")
     sub.add_parser("predict", help="run an analysis: lensbench predict --config X.yaml", add_help=False)
     sub.add_parser("fit", help="train a model (memory models): lensbench fit --config X.yaml", add_help=False)
+    sub.add_parser("pipeline", help="param_diff and activation_norms of one base and others, and a summary: "
+                   "lensbench pipeline --config X.yaml", add_help=False)
     sub.add_parser("plugins", help="list registered analyses, perturbations, metrics and datasets")
     plot = sub.add_parser("plot", help="redraw an analysis's figures from its stored results")
     plot.add_argument("run_dir", help="output folder of a run (holds config.yaml)")
@@ -292,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "predict":
             run_predict(None if from_sys else argv)
             return 0
+        if argv and argv[0] == "pipeline":
+            from .pipeline import run_pipeline
+
+            return run_pipeline(argv[1:])
         if argv and argv[0] == "fit":
             from .training.cli import run_fit
 
