@@ -122,7 +122,9 @@ def test_untrained_text_and_unknown_mask():
     with pytest.raises(LensbenchError, match="did you mean 'hashhop'") as err:
         get_mask("hashop", "data.init_args.mask")
     assert err.value.field == "data.init_args.mask"
-    assert set(MASKS) == {"qa", "digit_lookup", "hashhop", "none"}
+    assert set(MASKS) == {"qa", "digit_lookup", "hashhop", "last_word", "none"}
+    ids, labels = token_labels(CHAR, "The capital of Kenya is Nairobi.", "last_word")
+    assert [CHAR.convert_ids_to_tokens(i) for i, lab in zip(ids, labels) if lab != -100] == list("Nairobi")
 
 
 def test_overlap_rule_multichar_tokens():
