@@ -131,6 +131,7 @@ class Analysis(pl.LightningModule):
             _atomic_write(self.run_dir / CONFIG_FILE, self.run_config)
         if self.run_identity is not None and not (self.run_dir / IDENTITY_FILE).exists():
             _atomic_write(self.run_dir / IDENTITY_FILE, json.dumps(self.run_identity, indent=1, sort_keys=True))
+            self._new_identity = True  # this run made the folder's identity (undone if it stores nothing)
 
     def prepare_run_dir(self) -> None:
         """Rank 0, once the folder is locked and its identity checked, before any rank reads it."""
@@ -139,7 +140,11 @@ class Analysis(pl.LightningModule):
         """Rank 0 holds ``run_dir/.lock`` for the whole run: a second run on the folder is refused."""
         locked = True
         if self.global_rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LensbenchError(f"cannot create the run folder {self.run_dir} ({exc.strerror}); set output_dir "
+                                     "to a folder you can write", "model.init_args.output_dir") from None
             self._lock = _try_lock(self.run_dir / LOCK_FILE)
             locked = self._lock is not None
         if not self.trainer.strategy.broadcast(locked, src=0):
@@ -231,6 +236,12 @@ class Analysis(pl.LightningModule):
             run_log.error(f"rank {self.global_rank}: run stopped: {type(exception).__name__}: {reason}")
         if self.store is not None:
             self.store.close()
+        if exception is not None and getattr(self, "_new_identity", False) and self.global_rank == 0:
+            # A run that failed before storing anything (a model that does not load, say) leaves no
+            # identity behind: the next run with a fixed config must not be refused as "different".
+            if self.store is None or not self.store.keys():
+                (self.run_dir / IDENTITY_FILE).unlink(missing_ok=True)
+            self._new_identity = False
         if self.run_log is not None:
             self.run_log.detach()
         if self.subjects is not None:

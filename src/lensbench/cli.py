@@ -32,9 +32,14 @@ def _resolve_short_names(config: dict[str, Any], registries) -> None:
 
 
 def _resolve_model_flag(argv: list[str], registries) -> list[str]:
-    """``--model <registered name>`` on the command line, as in YAML."""
+    """``--model <registered name>`` on the command line, as in YAML; a bare name that is neither
+    registered nor a file is refused with the registry's close matches."""
     out = list(argv)
     for i, arg in enumerate(out):
+        value = out[i + 1] if arg == "--model" and i + 1 < len(out) else arg[8:] if arg.startswith("--model=") else None
+        if value is not None and value not in registries.analyses and "." not in value and "/" not in value \
+                and not Path(value).exists() and not value.startswith("{"):
+            registries.analyses.get(value, "model")  # raises: unknown analysis, did you mean ...
         if arg == "--model" and i + 1 < len(out) and out[i + 1] in registries.analyses:
             cls = registries.analyses.get(out[i + 1])
             out[i + 1] = f"{cls.__module__}.{cls.__qualname__}"
@@ -272,6 +277,30 @@ def _short_error(exc: BaseException) -> str:
     return f"{'.'.join(path)}: {problem}" if path else problem
 
 
+def _debug() -> bool:
+    """``LENSBENCH_DEBUG=1``: full tracebacks instead of one-line errors."""
+    import os
+
+    return os.environ.get("LENSBENCH_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _environment_error(exc: BaseException) -> str:
+    """One line for a failure of the machine rather than of lensbench (a file, a folder, a
+    permission, the disk, memory), with what to check."""
+    import errno
+
+    if isinstance(exc, MemoryError):
+        return "out of memory; use a smaller model, dtype or batch size (LENSBENCH_DEBUG=1 shows the traceback)"
+    where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    fix = {errno.ENOSPC: "free disk space or write elsewhere (model.init_args.output_dir)",
+           errno.EDQUOT: "free disk space or write elsewhere (model.init_args.output_dir)",
+           errno.EACCES: "check the permissions of that path", errno.EPERM: "check the permissions of that path",
+           errno.EROFS: "write to another folder (model.init_args.output_dir)",
+           errno.ENOENT: "check that the path exists"}.get(exc.errno, "check that path and the machine")
+    return f"{what}:{where}; {fix} (LENSBENCH_DEBUG=1 shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from_sys = argv is None
     if from_sys and hasattr(signal, "SIGPIPE"):
@@ -311,14 +340,26 @@ def main(argv: list[str] | None = None) -> int:
         top.print_help()
         return 2
     except LensbenchError as exc:
+        if _debug():
+            raise
         print(f"lensbench: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, MemoryError) as exc:  # the environment: files, folders, permissions, disk space, memory
+        if _debug():
+            raise
+        print(f"lensbench: error: {_environment_error(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # jsonargparse's ArgumentError and friends
         from jsonargparse import ArgumentError
 
+        if type(exc).__name__ == "OutOfMemoryError" and not _debug():  # torch.cuda.OutOfMemoryError
+            print("lensbench: error: the GPU ran out of memory; lower the batch size (data.init_args.batch_size, "
+                  "generation.max_batch_size) or use a smaller dtype (LENSBENCH_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)
+            return 1
         cause = exc
         while cause is not None:
-            if isinstance(cause, LensbenchError):
+            if isinstance(cause, LensbenchError) and not _debug():
                 print(f"lensbench: error: {cause}", file=sys.stderr)
                 return 1
             cause = cause.__cause__ or cause.__context__

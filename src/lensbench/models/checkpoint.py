@@ -113,11 +113,23 @@ def _safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, list[int], i
     import json as _json
     import struct
 
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = _json.loads(fh.read(size))
-    header.pop("__metadata__", None)
-    return {name: (ST_DTYPES[e["dtype"]], e["shape"], 8 + size + e["data_offsets"][0]) for name, e in header.items()}
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = _json.loads(fh.read(size))
+            fh.seek(0, 2)
+            end = fh.tell()
+        header.pop("__metadata__", None)
+        entries = {name: (ST_DTYPES[e["dtype"]], e["shape"], 8 + size + e["data_offsets"][0])
+                   for name, e in header.items()}
+        last = max((8 + size + e["data_offsets"][1] for e in header.values()), default=8 + size)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise LensbenchError(f"{path} is not a readable safetensors file (its header is cut short or corrupt); "
+                             "download or save it again", "model.source") from None
+    if end < last:
+        raise LensbenchError(f"{path} is cut short ({end} of {last} bytes, a partial download?); download or save "
+                             "it again", "model.source")
+    return entries
 
 
 def _fill(fh, tensor: torch.Tensor, path: str, name: str) -> torch.Tensor:

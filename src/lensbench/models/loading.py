@@ -270,7 +270,14 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Mo
     gguf = res.gguf_file is not None
     dtype = DTYPES[spec.dtype] or (torch.float32 if gguf else "auto")
     common = _common_kwargs(res, spec)
-    config = AutoConfig.from_pretrained(res.location, **common)
+    try:
+        config = AutoConfig.from_pretrained(res.location, **common)
+    except ValueError as exc:
+        if "Unrecognized model" not in str(exc) and "model_type" not in str(exc):
+            raise
+        raise LensbenchError(f"the config.json of '{res.location}' has no model_type transformers knows; add "
+                             "\"model_type\" (e.g. \"llama\") or save the model again with save_pretrained",
+                             f"{field}.source") from None
     head = _head(config, spec.head, gguf)
     auto_cls = {"causal_lm": AutoModelForCausalLM, "image_text_to_text": AutoModelForImageTextToText}.get(head, AutoModel)
     kwargs: dict[str, Any] = dict(common, config=config, dtype=dtype)
@@ -286,7 +293,13 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Mo
             model = cls.from_pretrained(None, state_dict=load_file(str(res.weights_file)), **kwargs)
         else:
             model = auto_cls.from_pretrained(res.location, **kwargs)
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - a weights file that cannot be read is the user's to fix
+        if type(exc).__name__ == "SafetensorError" or "deserializing header" in str(exc):
+            raise LensbenchError(f"the weights of '{res.location}' are not readable safetensors ({_first_line(exc)}; "
+                                 "cut short by a partial download?); download or save them again",
+                                 f"{field}.source") from None
+        if not isinstance(exc, ValueError):
+            raise
         if "Unrecognized configuration class" not in str(exc):
             raise
         raise LensbenchError(f"{type(config).__name__} has no {head} model in transformers; set head to one of "
