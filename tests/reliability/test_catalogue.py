@@ -54,7 +54,20 @@ CASES = {
                                         "--data.init_args.dataset", "null", "--data.init_args.facts", "texts.txt",
                                         "--trainer.accelerator", "cpu"), 1, "layer 0 is not a memory layer"),
     "pipeline_unknown_key": (("pipeline", "--config", "bad_pipeline.yaml"), 1, "unknown key 'other'; did you mean 'others'"),
+    "tokenizer_missing": (norms("notok"), 1, "no usable tokenizer"),
+    "shard_with_a_corrupt_middle_line": (norms("tiny", "--data.init_args.batch_size", "1"), 1,
+                                         "rank00000.jsonl:2 is corrupt (not a torn last line)"),
+    "folder_of_another_analysis": (("predict", "--model", "loop_identity", "--model.init_args.baseline", "tiny",
+                                    "--model.init_args.start", "0", "--model.init_args.end", "0",
+                                    "--data", "lensbench.data.modules.TextDataModule",
+                                    "--data.init_args.datasets", "[texts.txt]", "--trainer.accelerator", "cpu"), 1,
+                                   "holds results of a different configuration"),
+    "mismatched_checkpoints": (("predict", "--model", "param_diff", "--data", "lensbench.data.checkpoints.CheckpointPairs",
+                                "--data.init_args.base", "tiny", "--data.init_args.others", "[gpt2]",
+                                "--trainer.accelerator", "cpu"), 1, "compare checkpoints of one architecture"),
 }
+#: Cases that run in a folder holding a finished run (made first): it must stay byte for byte.
+PREPARED = ("shard_with_a_corrupt_middle_line", "folder_of_another_analysis")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +92,19 @@ def catalogue(tmp_path_factory, tiny_model):
         "data:\n  dataset: synthetic_qa\n  options: {num_pairs: 4, buckets: [1, 2]}\n"
         "trainer: {max_steps: 1, accelerator: cpu}\n")
     (root / "bad_pipeline.yaml").write_text("base: tiny\nother: [tiny]\n")
+    shutil.copytree(tiny_model, root / "notok", ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(root / "gpt2")
+    from conftest import lensbench
+
+    for case in PREPARED:  # a finished activation_norms run in the folder each of these cases uses
+        done = lensbench(*norms("tiny", "--data.init_args.batch_size", "1", "--model.init_args.experiment", case),
+                         cwd=root, env=clean_env())
+        assert done.returncode == 0, done.stderr[-2000:]
+    shard = root / "outputs" / "shard_with_a_corrupt_middle_line" / "shards" / "rank00000.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text(lines[0] + '{"key": "half a rec\n' + "".join(lines[1:]))
     # a finished run whose folder every case must leave alone
     (root / "outputs" / "kept").mkdir(parents=True)
     (root / "outputs" / "kept" / "run.json").write_text('{"kept": true}')
@@ -99,7 +125,11 @@ def test_each_case_is_one_line_and_changes_nothing_stored(catalogue, case):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
     after = snapshot(root / "outputs")
-    assert {k: v for k, v in after.items() if k.startswith("kept/")} == before
+    assert {k: v for k, v in after.items() if k.startswith("kept/")} == {k: v for k, v in before.items()
+                                                                          if k.startswith("kept/")}
+    if case in PREPARED:  # the finished run it met is left byte for byte
+        mine = {k: v for k, v in before.items() if k.startswith(case + "/")}
+        assert mine and {k: v for k, v in after.items() if k.startswith(case + "/")} == mine
 
 
 def test_debug_shows_the_traceback(tmp_path):
