@@ -24,12 +24,12 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
 from ..state import State, TransformSpec
+from ..synthetic.datasets import GROUP_FIELDS, group_of
 from ..tables import pyplot, write_csv
 from ..work import WorkItem
 
 FIELD = "model.init_args"
 BASELINE = "baseline"
-GROUP_FIELDS = ("split", "bucket", "hops", "cot", "known")
 ID_FIELDS = ("pair_id", "chain_id", "link")
 
 
@@ -504,21 +504,6 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(v) for v in value)
     return value
-
-
-def group_of(row: Any) -> str:
-    """``bucket=<b>/<split>`` and the like: the accuracy group of a row (a dict or a pandas row)."""
-    get = row.get
-    parts = []
-    if get("bucket") is not None and get("bucket") == get("bucket"):
-        parts.append(f"bucket={int(get('bucket'))}")
-    for key in ("hops", "cot", "known"):
-        value = get(key)
-        if value is not None and value == value:
-            parts.append(f"{key}={value}")
-    if get("split") is not None and get("split") == get("split"):
-        parts.append(str(get("split")))
-    return "/".join(parts) or "all"
 
 
 def token_type(text: str) -> str:

@@ -5,7 +5,6 @@ first row, end)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import LensbenchError
@@ -61,7 +60,7 @@ class AnswerDataModule(WorkDataModule):
             max_examples: Use only the first N rows of each split.
         """
         super().__init__()
-        from ..synthetic.datasets import default_folder, materialize, read_manifest, read_splits
+        from ..synthetic.datasets import load_dataset
         from ..synthetic.masks import get_mask
 
         given = [name for name, value in (("dataset", dataset), ("path", path), ("facts", facts)) if value is not None]
@@ -74,21 +73,9 @@ class AnswerDataModule(WorkDataModule):
         if max_examples is not None and max_examples < 1:
             raise LensbenchError(f"must be at least 1 or null, got {max_examples}", f"{FIELD}.max_examples")
         if facts is not None:
-            all_splits = {"facts": fact_rows(facts, f"{FIELD}.facts")}
-            default_mask = "last_word"
-        elif path is not None:
-            folder = Path(path)
-            all_splits = read_splits(folder, f"{FIELD}.path")
-            manifest = read_manifest(folder, f"{FIELD}.path") or {}
-            default_mask = manifest.get("mask", "none")
+            all_splits, default_mask = {"facts": fact_rows(facts, f"{FIELD}.facts")}, "last_word"
         else:
-            from ..plugins import active_registries
-
-            registry = active_registries().synthetic_datasets
-            generator = registry.get(dataset, f"{FIELD}.dataset")
-            folder = Path(data_dir) if data_dir else default_folder(dataset, seed, options)
-            all_splits = materialize(dataset, seed, options, folder, registry, FIELD)
-            default_mask = generator.mask
+            all_splits, default_mask = load_dataset(dataset, options, seed, path, data_dir, FIELD)
         self.mask = mask or default_mask
         get_mask(self.mask, f"{FIELD}.mask")
         names = splits or [s for s in all_splits if s not in ("train", "val")]

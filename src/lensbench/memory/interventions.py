@@ -217,7 +217,24 @@ def _block(subject, layer: Any, name: str) -> int:
     return layer
 
 
-class AblateAttentionHead(Transform):
+class _ZeroSlices(Transform):
+    """Zeroes the slices ``_cols(subject)`` names (``Rows``): only those are saved and restored."""
+
+    def _cols(self, subject) -> Rows:
+        raise NotImplementedError
+
+    def validate(self, subject) -> None:
+        self._cols(subject)
+
+    def touched(self, subject) -> list[Rows]:
+        return [self._cols(subject)]
+
+    def apply(self, subject, generator) -> None:
+        rows = self._cols(subject)
+        subject.model.get_parameter(rows.name).index_fill_(rows.dim, torch.tensor(rows.index), 0.0)
+
+
+class AblateAttentionHead(_ZeroSlices):
     name = "ablate_attention_head"
     description = "one attention head's output removed (its slice of the output projection zeroed)"
 
@@ -235,18 +252,9 @@ class AblateAttentionHead(Transform):
         dim = 0 if type(module).__name__ == "Conv1D" else 1  # the projection's input features
         return Rows(weight, tuple(range(head[0] * head_dim, (head[0] + 1) * head_dim)), dim=dim)
 
-    def validate(self, subject) -> None:
-        self._cols(subject)
-
-    def touched(self, subject) -> list[Rows]:
-        return [self._cols(subject)]
-
-    def apply(self, subject, generator) -> None:
-        rows = self._cols(subject)
-        subject.model.get_parameter(rows.name).index_fill_(rows.dim, torch.tensor(rows.index), 0.0)
 
 
-class AblateMlpNeurons(Transform):
+class AblateMlpNeurons(_ZeroSlices):
     name = "ablate_mlp_neurons"
     description = "MLP neurons removed (their down-projection columns zeroed): any model's key-value memory"
 
@@ -262,15 +270,6 @@ class AblateMlpNeurons(Transform):
             raise LensbenchError(f"{self.name}: give at least one neuron", f"{FIELD}.neurons")
         return Rows(weight, tuple(neurons), dim=dim)
 
-    def validate(self, subject) -> None:
-        self._cols(subject)
-
-    def touched(self, subject) -> list[Rows]:
-        return [self._cols(subject)]
-
-    def apply(self, subject, generator) -> None:
-        rows = self._cols(subject)
-        subject.model.get_parameter(rows.name).index_fill_(rows.dim, torch.tensor(rows.index), 0.0)
 
 
 @hookimpl

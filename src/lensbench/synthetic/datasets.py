@@ -542,6 +542,44 @@ def materialize(name: str, seed: int, options: dict | Any | None, folder: str | 
     return read_splits(folder, f"{field}.folder")
 
 
+#: Row fields that form accuracy groups (``group_of``), in the order they appear in a group's name.
+GROUP_FIELDS = ("bucket", "hops", "cot", "known", "split")
+
+
+def group_of(row: Any) -> str:
+    """The accuracy group of a row (a dict or a pandas row): ``bucket=4/seen``, ``hops=2/test_novel``
+    and the like, from the ``GROUP_FIELDS`` it carries; ``all`` when it carries none."""
+    parts = []
+    for key in GROUP_FIELDS:
+        value = row.get(key)
+        if value is None or value != value:  # missing, or NaN in a table
+            continue
+        if key == "split":
+            parts.append(str(value))
+        else:
+            parts.append(f"{key}={int(value) if key == 'bucket' else value}")
+    return "/".join(parts) or "all"
+
+
+def load_dataset(dataset: str | None, options: dict | None, seed: int, path: str | None, data_dir: str | None,
+                 field: str) -> tuple[Splits, str]:
+    """The splits of a registered synthetic dataset (generated once into ``data_dir``, default
+    ``default_folder``) or of a folder of JSONL splits (``path``), and the answer mask they train
+    with; exactly one of ``dataset`` and ``path`` is given. ``field`` is the config block's path."""
+    if (dataset is None) == (path is None):
+        raise LensbenchError("give either dataset (a registered name) or path (a folder of JSONL splits), not "
+                             f"{'both' if dataset else 'neither'}", f"{field}.dataset")
+    if path is not None:
+        manifest = read_manifest(Path(path), f"{field}.path") or {}
+        return read_splits(Path(path), f"{field}.path"), manifest.get("mask", "none")
+    from ..plugins import active_registries
+
+    registry = active_registries().synthetic_datasets
+    generator = registry.get(dataset, f"{field}.dataset")
+    folder = Path(data_dir) if data_dir else default_folder(dataset, seed, options)
+    return materialize(dataset, seed, options, folder, registry, field), generator.mask
+
+
 def default_folder(name: str, seed: int, options: dict | None) -> Path:
     """Where a generated dataset goes unless a config says: ``outputs/datasets/<name>-seed<seed>-<hash
     of the options as given>`` (relative to the working folder), shared by training and analyses."""

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import LensbenchError
+from ..synthetic.datasets import group_of
 
 FIELD = "data"
 
@@ -57,7 +58,7 @@ class SyntheticTextData(pl.LightningDataModule):
             shuffle_seed: Seed of the order of training examples (and of packing).
         """
         super().__init__()
-        if (dataset is None) == (path is None):
+        if (dataset is None) == (path is None):  # before anything is generated
             raise LensbenchError("give either dataset (a registered name) or path (a folder of JSONL splits), not "
                                  f"{'both' if dataset else 'neither'}", f"{FIELD}.dataset")
         for name, value, low in (("max_length", max_length, 2), ("batch_size", batch_size, 1)):
@@ -85,34 +86,21 @@ class SyntheticTextData(pl.LightningDataModule):
         return active_registries().synthetic_datasets.get(self.dataset, f"{FIELD}.dataset")
 
     def _default_mask(self) -> str:
-        return self._generator().mask if self.dataset is not None else "none"
+        if self.dataset is not None:
+            return self._generator().mask
+        from ..synthetic.datasets import read_manifest
 
-    def folder(self) -> Path:
-        if self.path is not None:
-            return Path(self.path)
-        if self.data_dir is not None:
-            return Path(self.data_dir)
-        from ..synthetic.datasets import default_folder
-
-        return default_folder(self.dataset, self.seed, self.options)
+        return (read_manifest(Path(self.path), f"{FIELD}.path") or {}).get("mask", "none")
 
     def prepare_data(self) -> None:
         """Generate and write the dataset once (rank 0 of each node)."""
         self.load_splits()
 
     def load_splits(self) -> dict[str, list[dict]]:
-        from ..synthetic.datasets import materialize, read_splits
-
         if self.splits is None:
-            if self.path is not None:
-                self.splits = read_splits(Path(self.path), f"{FIELD}.path")
-            else:
-                gen = self._generator()
-                opts = gen.options(self.options, f"{FIELD}.options")
-                from ..plugins import active_registries
+            from ..synthetic.datasets import load_dataset
 
-                self.splits = materialize(self.dataset, self.seed, opts, self.folder(),
-                                          active_registries().synthetic_datasets, f"{FIELD}.dataset")
+            self.splits, _ = load_dataset(self.dataset, self.options, self.seed, self.path, self.data_dir, FIELD)
             for split in (self.train_split, self.val_split):
                 if split is not None and split not in self.splits:
                     raise LensbenchError(f"the dataset has no split {split!r}; its splits: {', '.join(sorted(self.splits))}",
@@ -206,14 +194,3 @@ class ResumableBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._skip = (int(state["epoch"]), int(state["consumed"]))
-
-
-def group_of(row: dict) -> str:
-    """The accuracy group of a row: ``bucket=<n>/<split>``, or what of it the row has."""
-    parts = []
-    if row.get("bucket") is not None:
-        parts.append(f"bucket={row['bucket']}")
-    for key in ("split", "hops"):
-        if row.get(key) is not None:
-            parts.append(f"{key}={row[key]}" if key == "hops" else str(row[key]))
-    return "/".join(parts) or "all"

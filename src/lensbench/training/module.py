@@ -227,16 +227,13 @@ def exact_answers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return right.all(-1) & trained.any(-1)
 
 
-GROUP_FIELDS = ("bucket", "split", "hops", "cot", "known")
-
-
 @torch.no_grad()
 def exact_match_table(model: torch.nn.Module, rows: list[dict], collate: Any, batch_size: int, device: Any):
     """One row per group of ``rows`` (the values of ``GROUP_FIELDS`` they carry): ``group``, those
     fields, ``n``, ``exact_match`` (share of answers whose every token is the top prediction)."""
     import pandas as pd
 
-    from .data import group_of
+    from ..synthetic.datasets import GROUP_FIELDS, group_of
 
     was_training = model.training
     model.eval()
