@@ -141,13 +141,15 @@ def test_iteration_and_names_are_sorted():
 
 def test_builtins_only_without_installed_plugins():
     reg = build_registries(get_plugin_manager(load_installed=False))
-    assert reg.analyses.names() == ["activation_norms", "loop_identity", "memory_ablation", "param_diff", "perturbation"]
+    assert reg.analyses.names() == ["activation_norms", "layer_sweep", "loop_identity", "memory_ablation", "param_diff",
+                                    "perturbation"]
     assert reg.analyses.get("activation_norms") is ActivationNorms
     assert reg.metrics.names() == ["norm"]
     assert isinstance(reg.metrics.get("norm"), L2Norm)
     assert reg.datasets.names() == ["cookie_theft", "dreams", "forget", "iq", "retain"]
     assert reg.perturbations.names() == sorted(["ablation", "add_gauss", "loop_layers", "mult_gauss", "uni_quant", *MEMORY])
     assert reg.synthetic_datasets.names() == ["digit_lookup", "hashhop", "synthetic_qa", "two_hop"]
+    assert reg.mteb_tasks.names() == ["lensbench_sts", "lensbench_topics", "lensbench_topics_clustering"]
     assert "max_abs" not in reg.metrics and "capitals" not in reg.datasets and "low_rank" not in reg.perturbations
     for registry in reg.kinds().values():
         assert set(labels(registry).values()) <= {BUILTIN}
@@ -155,6 +157,8 @@ def test_builtins_only_without_installed_plugins():
     assert reg.entry_points == {}
     for entry in reg.datasets:
         assert Path(entry.obj.path).is_file() and Path(entry.obj.path).read_text().strip()
+    for entry in reg.mteb_tasks:
+        assert (Path(entry.obj.path) / "task.json").is_file()
 
 
 def test_installed_example_plugin_is_found_with_its_distribution_label():
@@ -163,7 +167,8 @@ def test_installed_example_plugin_is_found_with_its_distribution_label():
     assert labels(reg.datasets) == {"forget": BUILTIN, "retain": BUILTIN, "dreams": BUILTIN, "iq": BUILTIN,
                                     "cookie_theft": BUILTIN, "capitals": EXAMPLE}
     assert labels(reg.analyses) == {"activation_norms": BUILTIN, "loop_identity": BUILTIN, "param_diff": BUILTIN,
-                                    "perturbation": BUILTIN, "memory_ablation": BUILTIN}
+                                    "perturbation": BUILTIN, "memory_ablation": BUILTIN, "layer_sweep": BUILTIN}
+    assert set(labels(reg.mteb_tasks).values()) == {BUILTIN}
     assert labels(reg.perturbations) == {"mult_gauss": BUILTIN, "add_gauss": BUILTIN, "ablation": BUILTIN,
                                          "uni_quant": BUILTIN, "loop_layers": BUILTIN, "low_rank": EXAMPLE,
                                          **{name: BUILTIN for name in MEMORY}}
@@ -222,11 +227,13 @@ def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
     assert f"[lensbench hook] lensbench_register_datasets <- {EXAMPLE}: ['capitals']" in err
     assert f"[lensbench hook] lensbench_register_analyses <- {BUILTIN}: ['activation_norms']" in err
     assert f"[lensbench hook] lensbench_register_perturbations <- {EXAMPLE}: ['low_rank']" in err
-    # One line per implementation: analyses 5 (built-in modules), perturbations 4 (lensbench.perturbations,
+    # One line per implementation: analyses 6 (built-in modules), perturbations 4 (lensbench.perturbations,
     # lensbench.models.looping, lensbench.memory.interventions, the example), metrics 2, datasets 2,
-    # synthetic datasets 1.
+    # synthetic datasets 1, MTEB tasks 1.
     assert f"[lensbench hook] lensbench_register_synthetic_datasets <- {BUILTIN}: ['synthetic_qa', 'digit_lookup', 'two_hop', 'hashhop']" in err
-    assert err.count("[lensbench hook]") == 14
+    assert (f"[lensbench hook] lensbench_register_mteb_tasks <- {BUILTIN}: "
+            "['lensbench_topics', 'lensbench_topics_clustering', 'lensbench_sts']") in err
+    assert err.count("[lensbench hook]") == 16
 
 
 def test_hook_results_are_filed_in_registration_order(monkeypatch, capsys):

@@ -2,7 +2,7 @@
 
 Every hook returns a list of things to register; pluggy collects one list per plugin and the
 registry (``lensbench.registry``) flattens them, refusing duplicate names. Built-in analyses,
-statistics and datasets are registered through these very hooks (``lensbench.plugins.BUILTIN``).
+statistics, datasets and MTEB tasks are registered through these very hooks (``lensbench.plugins.BUILTIN``).
 """
 
 from __future__ import annotations
@@ -57,4 +57,14 @@ def lensbench_register_synthetic_datasets() -> list[object]:
     Each builds a deterministic train/val/test set from a seed (synthetic QA, digit lookup, ...)
     and names the answer mask its examples train with; ``lensbench fit`` configs select one by
     ``name``. All results are collected; duplicate names are an error.
+    """
+
+
+@hookspec
+def lensbench_register_mteb_tasks() -> list[object]:
+    """Return local MTEB tasks (instances of ``lensbench.layer_sweep.tasks.TaskEntry``).
+
+    Each names a task folder (``task.json`` and JSONL files, docs/layer_sweep.md#task-formats) that a
+    ``layer_sweep`` config selects by ``name`` in its ``tasks`` list. All results are collected;
+    duplicate names are an error.
     """

@@ -5,7 +5,9 @@ Nothing happens at import: ``get_plugin_manager()`` builds a fresh manager each 
 
 Environment variables:
 
-- ``LENSBENCH_DISABLE_PLUGINS=1``: load only built-in plugins, none from installed packages.
+- ``LENSBENCH_DISABLE_PLUGIN_AUTOLOAD=1`` (like pytest's ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``), or its
+  older name ``LENSBENCH_DISABLE_PLUGINS=1``: load only built-in plugins, none from installed
+  packages' entry points; ``lensbench plugins`` says which variable turned loading off.
 - ``LENSBENCH_BLOCK_PLUGINS=a,b``: skip the installed plugins listed, each by its entry-point name
   or its distribution name (a name matching neither is reported on stderr).
 - ``LENSBENCH_TRACE_HOOKS=1``: print every hook call and what each plugin returned to stderr.
@@ -35,16 +37,27 @@ BUILTIN = (
     "lensbench.memory.interventions",
     "lensbench.data.sources",
     "lensbench.synthetic.datasets",
+    "lensbench.layer_sweep.tasks",
     "lensbench.analyses.activation_norms",
     "lensbench.analyses.param_diff",
     "lensbench.analyses.perturbation",
     "lensbench.analyses.loop_identity",
     "lensbench.analyses.memory_ablation",
+    "lensbench.analyses.layer_sweep",
 )
 
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+#: Environment variables that turn off loading installed plugins from entry points (either).
+AUTOLOAD_OFF = ("LENSBENCH_DISABLE_PLUGIN_AUTOLOAD", "LENSBENCH_DISABLE_PLUGINS")
+
+
+def autoload_disabled_by() -> str | None:
+    """The variable of ``AUTOLOAD_OFF`` set (to 1, true, yes or on) in the environment, else None."""
+    return next((name for name in AUTOLOAD_OFF if _truthy(os.environ.get(name))), None)
 
 
 def installed_plugins() -> dict[str, str]:
@@ -91,7 +104,7 @@ def get_plugin_manager(load_installed: bool | None = None) -> pluggy.PluginManag
     for modname in BUILTIN:
         pm.register(importlib.import_module(modname), name=modname)
     if load_installed is None:
-        load_installed = not _truthy(os.environ.get("LENSBENCH_DISABLE_PLUGINS"))
+        load_installed = autoload_disabled_by() is None
     if load_installed:
         installed = installed_plugins()
         blocked, unknown = blocked_plugins(os.environ.get("LENSBENCH_BLOCK_PLUGINS", ""), installed)
@@ -138,6 +151,7 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
     """Call every ``lensbench_register_*`` hook and file the results by kind."""
     from .analysis import Analysis
     from .data.sources import DatasetEntry
+    from .layer_sweep.tasks import TaskEntry
     from .metrics import TokenStatistic
     from .state import Transform
     from .synthetic.datasets import SyntheticDataset
@@ -150,6 +164,7 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
     reg.metrics.base = TokenStatistic
     reg.datasets.base = DatasetEntry
     reg.synthetic_datasets.base = SyntheticDataset
+    reg.mteb_tasks.base = TaskEntry
     trace = _truthy(os.environ.get("LENSBENCH_TRACE_HOOKS"))
     for kind, registry in reg.kinds().items():
         caller = getattr(pm.hook, f"lensbench_register_{kind}")

@@ -95,6 +95,7 @@ class Registries:
     metrics: Registry[Any] = field(default_factory=lambda: Registry("metric", instances=True))
     datasets: Registry[Any] = field(default_factory=lambda: Registry("dataset", instances=True))
     synthetic_datasets: Registry[Any] = field(default_factory=lambda: Registry("synthetic dataset", instances=True))
+    mteb_tasks: Registry[Any] = field(default_factory=lambda: Registry("MTEB task", instances=True))
     entry_points: dict[str, str] = field(default_factory=dict)
     """The installed plugins loaded into these registries: entry-point name -> ``distribution==version``."""
 
@@ -105,4 +106,5 @@ class Registries:
             "metrics": self.metrics,
             "datasets": self.datasets,
             "synthetic_datasets": self.synthetic_datasets,
+            "mteb_tasks": self.mteb_tasks,
         }

@@ -1,0 +1,303 @@
+"""layer_sweep: the MTEB score and the representation metrics of every layer of every checkpoint.
+
+After Skean et al. 2025, "Layer by Layer: Uncovering Hidden Representations in Language Models".
+One work item per (model state, task): one forward pass over the task's texts gives the pooled
+embedding of every requested layer (``LayerEmbeddings``), and the real ``mteb.evaluate`` then
+scores each layer from those embeddings, its results kept in an MTEB ``ResultCache`` under the run
+folder (each layer its own experiment). One work item per (model state, metrics dataset): one
+forward pass gives prompt entropy, dataset entropy, curvature and effective rank of every layer.
+
+Layers are numbered as in transformers' ``output_hidden_states``: 0 is the embedding output and
+the last has passed through the model's final norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis import Analysis
+from ..errors import LensbenchError
+from ..hookspecs import hookimpl
+from ..logs import console, run_log
+from ..models.loading import ModelSpec, resolve_source
+from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
+from ..state import State
+from ..work import WorkItem
+
+TABLE = "layer_sweep.csv"
+METRICS_TABLE = "representation_metrics.csv"
+MTEB_DIR = "mteb"
+SPILL_DIR = "spill"
+MTEB_DECIMALS = 6  # mteb.TaskResult.to_disk rounds scores to 6 decimals
+LAST_TOKEN_HINT = "use pooling: mean or first"
+
+
+def n_hidden_layers(model: torch.nn.Module) -> int:
+    """Blocks of ``model`` (its text model's, for vision-language models): hidden states are 0..n."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise LensbenchError(f"cannot tell how many layers {type(model).__name__} has (no num_hidden_layers in its "
+                         "config)", "model.init_args.layers")
+
+
+def is_encoder_only(model: torch.nn.Module) -> bool:
+    config = model.config
+    return not getattr(config, "is_decoder", False) and not getattr(config, "is_encoder_decoder", False) and \
+        not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                for a in (getattr(config, "architectures", None) or []))
+
+
+class LayerSweep(Analysis):
+    """MTEB main score and representation metrics per (checkpoint, layer)."""
+
+    name = "layer_sweep"
+    # More checkpoints' revisions or more levels of a perturbation grid add states.
+    extendable = ("revisions",) + GRID_EXTENDABLE
+
+    def __init__(
+        self,
+        models: list[str | ModelSpec] | None = None,
+        revisions: list[str] | None = None,
+        layers: list[int] | None = None,
+        pooling: str = "mean",
+        batch_size: int = 32,
+        max_length: int | None = None,
+        embedding_memory_mb: float = 2048,
+        alpha: float = 1.0,
+        perturbation: PerturbationGrid | None = None,
+        experiment: str | None = None,
+        output_dir: str = "outputs",
+    ) -> None:
+        """
+        Args:
+            models: Models to sweep: embedded aliases (``minilm``, ``smollm2``), hub ids, folders,
+                .safetensors or .gguf files, or full ``ModelSpec`` entries (a looped or otherwise
+                transformed model is a spec with ``transforms``). Default: minilm.
+            revisions: Hub revisions (branches, tags, commits such as ``step94000``) of every model:
+                each (model, revision) is one checkpoint. Default: each model's own ``revision``.
+            layers: Layer indices as in ``output_hidden_states`` (0 = embedding output; negative
+                counts from the last). Default: every layer.
+            pooling: ``mean`` over non-padding tokens, or the ``first`` or ``last`` non-padding token.
+            batch_size: Texts per forward pass.
+            max_length: Truncate texts to this many tokens. Default: the model's context.
+            embedding_memory_mb: Pooled embeddings of a task (layers x texts x width, float32) beyond
+                this many MiB are written to disk under the run folder and memory-mapped.
+            alpha: Order of the matrix-based Renyi entropy of the representation metrics (1: Shannon).
+            perturbation: Sweep every model at a grid of perturbed states as well.
+            experiment: Name of the run: results go to ``<output_dir>/<experiment>/``.
+            output_dir: Folder holding one sub-folder per experiment.
+        """
+        super().__init__(experiment=experiment, output_dir=output_dir)
+        from ..layer_sweep.embeddings import POOLINGS
+        from ..plugins import active_registries
+
+        if pooling not in POOLINGS:
+            raise LensbenchError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}",
+                                 "model.init_args.pooling")
+        for key, value, low in (("batch_size", batch_size, 1), ("embedding_memory_mb", embedding_memory_mb, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
+                    (key == "embedding_memory_mb" and value <= 0):
+                raise LensbenchError(f"must be a positive number, got {value!r}", f"model.init_args.{key}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise LensbenchError(f"must be a positive number of tokens or null, got {max_length!r}",
+                                 "model.init_args.max_length")
+        if not alpha > 0:
+            raise LensbenchError(f"must be positive, got {alpha!r}", "model.init_args.alpha")
+        if layers is not None and (not layers or len(set(layers)) != len(layers)):
+            raise LensbenchError("must list distinct layer indices, or be null for every layer",
+                                 "model.init_args.layers")
+        self.pooling, self.batch_size, self.max_length = pooling, int(batch_size), max_length
+        self.memory_limit = int(embedding_memory_mb * (1 << 20))
+        self.alpha = float(alpha)
+        self.layer_request = None if layers is None else [int(x) for x in layers]
+        self.specs: dict[str, ModelSpec] = {}
+        self.checkpoints: dict[str, tuple[str, str | None]] = {}  # label -> (model, revision)
+        for i, entry in enumerate(models or ["minilm"]):
+            base = ModelSpec(entry) if isinstance(entry, str) else entry
+            field = f"model.init_args.models[{i}]"
+            for rev in (revisions or [base.revision]):
+                spec = dataclasses.replace(base, revision=rev)
+                if revisions:
+                    spec.name = f"{base.label()}@{rev}"
+                resolve_source(spec, field=field)
+                if spec.label() in self.specs:
+                    raise LensbenchError(f"model label {spec.label()!r} is used twice; give one a `name`", field)
+                self.specs[spec.label()] = spec
+                self.checkpoints[spec.label()] = (base.label(), rev)
+        registries = active_registries()
+        self.grid = perturbation
+        self._states = [state for label in self.specs
+                        for state in (perturbation.states(label, registries.perturbations, "model.init_args.perturbation")
+                                      if perturbation else [State(label)])]
+        self._layers: dict[str, list[int]] = {}  # checkpoint -> resolved layer indices
+
+    # -- what the base class asks ----------------------------------------------------------------
+    def states(self) -> list[State]:
+        return self._states
+
+    def fingerprint(self) -> dict[str, Any]:
+        from ..models.fingerprint import model_fingerprint
+
+        return {label: model_fingerprint(spec, "model.init_args.models") for label, spec in self.specs.items()}
+
+    def subject_specs(self) -> dict[str, ModelSpec]:
+        return self.specs
+
+    def prepare_run_dir(self) -> None:
+        from ..layer_sweep import progress
+
+        progress.start(self.run_dir)
+
+    # -- one work item ---------------------------------------------------------------------------
+    def _activate(self, state: State):
+        """The model in ``state``, with its layer indices checked (before any of its work)."""
+        loaded = self.subjects.activate(state)
+        if state.checkpoint not in self._layers:
+            n = n_hidden_layers(loaded.model)
+            wanted = list(range(n + 1)) if self.layer_request is None else self.layer_request
+            resolved = []
+            for layer in wanted:
+                index = layer + n + 1 if layer < 0 else layer
+                if not 0 <= index <= n:
+                    raise LensbenchError(f"layer {layer} is outside {state.checkpoint}, whose hidden states are "
+                                         f"0..{n} (0 = embedding output, {n} = last block); give layers in "
+                                         f"{-(n + 1)}..{n}", "model.init_args.layers")
+                resolved.append(index)
+            if len(set(resolved)) != len(resolved):
+                raise LensbenchError(f"names one layer of {state.checkpoint} twice (negative and positive index)",
+                                     "model.init_args.layers")
+            if self.pooling == "last" and is_encoder_only(loaded.model) and \
+                    getattr(loaded.tokenizer, "pad_token", None) is not None:
+                raise LensbenchError(f"{state.checkpoint} is an encoder-only model: its last non-padding token is a "
+                                     f"separator that sees the whole text, not a summary a causal model builds; "
+                                     f"{LAST_TOKEN_HINT}", "model.init_args.pooling")
+            self._layers[state.checkpoint] = resolved
+        return loaded
+
+    def _context(self, loaded) -> int | None:
+        if self.max_length is not None:
+            return self.max_length
+        from .activation_norms import model_context
+
+        return model_context(loaded)
+
+    def _base(self, item: WorkItem) -> dict[str, Any]:
+        model, revision = self.checkpoints[item.state.checkpoint]
+        return {"model": model, "revision": revision or "", "checkpoint": item.state.checkpoint,
+                "labels": dict(item.state.labels)}
+
+    def process(self, item: WorkItem) -> dict[str, Any]:
+        loaded = self._activate(item.state)
+        backbone = getattr(loaded.model, "base_model", loaded.model)
+        if item.key[1] == "metrics":
+            return self._metrics(item, loaded, backbone)
+        return self._task(item, loaded, backbone)
+
+    def _metrics(self, item: WorkItem, loaded, backbone) -> dict[str, Any]:
+        from ..layer_sweep.metrics import RepresentationMetrics
+
+        layers = self._layers[item.state.checkpoint]
+        texts = list(item.payload.texts)
+        acc = RepresentationMetrics(alpha=self.alpha)
+        limit = self._context(loaded)
+        for start in range(0, len(texts), self.batch_size):
+            kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True}
+            if limit is not None:
+                kwargs.update(truncation=True, max_length=limit)
+            batch = loaded.tokenizer(texts[start : start + self.batch_size], **kwargs).to(self.device)
+            with torch.inference_mode():
+                hidden = backbone(**batch, output_hidden_states=True).hidden_states
+            acc.update([hidden[i] for i in layers], batch["attention_mask"])
+        rows = acc.compute()
+        for row, layer in zip(rows, layers):
+            row["layer"] = layer
+        return {"kind": "metrics", **self._base(item), "dataset": item.payload.dataset, "n_texts": len(texts),
+                "alpha": self.alpha, "layers": rows}
+
+    def _task(self, item: WorkItem, loaded, backbone) -> dict[str, Any]:
+        import mteb
+        from sklearn.exceptions import ConvergenceWarning
+
+        from ..layer_sweep import progress
+        from ..layer_sweep.embeddings import LayerEmbeddings, layer_meta, make_encoder
+        from ..layer_sweep.tasks import ensure_loaded, task_texts
+
+        unit = item.payload
+        task = unit.ref.task
+        ensure_loaded(task, "data.init_args.tasks")
+        layers = self._layers[item.state.checkpoint]
+        base = self._base(item)
+        store = LayerEmbeddings(backbone, loaded.tokenizer, layers, self.pooling, self.batch_size,
+                                self._context(loaded), self.device, self.memory_limit,
+                                self.run_dir / SPILL_DIR / f"rank{self.global_rank}")
+        experiment = {"pooling": self.pooling}
+        if item.state.transforms:
+            from ..work import content_digest
+
+            experiment["state"] = content_digest(item.state.id)
+        dim = getattr(getattr(loaded.model, "config", None), "hidden_size", None)
+        cache = mteb.ResultCache(self.run_dir / MTEB_DIR)
+        scores = []
+        try:
+            for layer in layers:
+                begin = time.perf_counter()
+                meta = layer_meta(base["model"], base["revision"] or None, layer, experiment, dim)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", ConvergenceWarning)  # a classifier's, not the sweep's
+                    result = mteb.evaluate(make_encoder(store, layer, meta), task, cache=cache,
+                                           overwrite_strategy="only-missing", show_progress_bar=False)
+                unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+                for w in caught:
+                    if not issubclass(w.category, ConvergenceWarning):
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                # Rounded as MTEB's result files are: a layer read back from them on resume scores the same.
+                score = round(float(result.task_results[0].get_score()), MTEB_DECIMALS)
+                duration = time.perf_counter() - begin
+                stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                scores.append({"layer": layer, "main_score": score, "duration_s": duration, "time": stamp})
+                progress.append(self.run_dir, {"model": base["model"], "revision": base["revision"],
+                                               "state": item.state.id, "layer": layer, "task": unit.name,
+                                               "status": "done", "main_score": score, "duration_s": duration,
+                                               "time": stamp})
+                run_log.info(f"{item.state.checkpoint} layer {layer} {unit.name}: {score:.4f} ({duration:.1f} s)"
+                             + (f"; MTEB's classifier did not converge {unconverged} times" if unconverged else ""))
+        finally:
+            forward_passes, spilled, peak = store.forward_passes, store.spilled, store.peak_resident
+            store.close()
+        return {"kind": "task", **base, "task": unit.name, "task_type": unit.task_type,
+                "n_texts": task_texts(task), "pooling": self.pooling, "scores": scores,
+                "forward_passes": forward_passes, "spilled_chunks": spilled, "peak_embedding_bytes": peak}
+
+    # -- tables and figures ----------------------------------------------------------------------
+    @classmethod
+    def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+        from ..layer_sweep.collect import write_tables
+
+        written = write_tables(records, Path(run_dir))
+        tasks = [r for r in records if r.get("kind") == "task"]
+        spilled = sum(r.get("spilled_chunks", 0) for r in tasks)
+        if spilled:
+            console.info(f"layer_sweep: {spilled} embedding chunks went to disk (embedding_memory_mb)")
+        return written
+
+    @classmethod
+    def plot(cls, run_dir: Path) -> list[Path]:
+        from ..layer_sweep.collect import draw_figures
+
+        return draw_figures(Path(run_dir))
+
+
+@hookimpl
+def lensbench_register_analyses() -> list[type]:
+    return [LayerSweep]

@@ -1,0 +1,1 @@
+"""Layer-sweep analysis: per-layer representation metrics."""
