@@ -232,3 +232,23 @@ def test_bad_input_is_one_line_before_any_work(sweepdir):
         assert "Traceback" not in res.stderr, name
     assert not list((sweepdir / "outputs" / "bad").glob("shards/*.jsonl")) or \
         not any(p.stat().st_size for p in (sweepdir / "outputs" / "bad" / "shards").glob("*.jsonl"))
+
+
+def test_more_revisions_extend_a_run_but_changed_weights_are_refused(tmp_path, tiny_model):
+    from lensbench.analyses.layer_sweep import LayerSweep
+    from lensbench.errors import LensbenchError
+
+    sweep = LayerSweep(models=[str(tiny_model)], output_dir=str(tmp_path), experiment="x")
+    sweep.identity_free = ("model.init_args.revisions",)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "run.json").write_text(json.dumps(
+        {"model.init_args.pooling": "mean", "model.init_args.revisions": ["a"], "model_fingerprint.m@a": "f1"}))
+    sweep.run_identity = {"model.init_args.pooling": "mean",  # the CLI leaves free settings out
+                          "model_fingerprint.m@a": "f1", "model_fingerprint.m@b": "f2"}
+    sweep.check_run_dir()  # a new checkpoint (m@b) extends the run
+    sweep.run_identity = {**sweep.run_identity, "model_fingerprint.m@a": "changed"}
+    with pytest.raises(LensbenchError, match="the weights of m@a changed"):
+        sweep.check_run_dir()
+    sweep.run_identity = {**sweep.run_identity, "model_fingerprint.m@a": "f1", "model.init_args.pooling": "last"}
+    with pytest.raises(LensbenchError, match="model.init_args.pooling"):
+        sweep.check_run_dir()

@@ -1,7 +1,7 @@
 """memory_ablation on a memory model trained inside the test: its evaluation agrees with training's,
 interventions change what they should (masking the slots a pair reads lowers its answer's
-probability, zeroed values cost accuracy), two processes equal one, and bad input is one line
-before any work."""
+probability, zeroed values cost accuracy, swapping the values of the slots two pairs read swaps
+their answers), two processes equal one, and bad input is one line before any work."""
 
 from __future__ import annotations
 
@@ -219,3 +219,135 @@ def test_a_killed_sweep_resumes_to_the_uninterrupted_result(trained):
     assert len(keys) == len(set(keys)) == 121 * 4  # nothing recomputed twice, nothing missing
     for table in ("accuracy.csv", "impact_matrix.csv", "slot_usage.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(run_dir / table), pd.read_csv(trained / "outputs/whole" / table))
+
+
+SWAP_PAIRS = {"num_pairs": 32, "buckets": [1], "heldout_fraction": 0.0}
+
+
+@pytest.fixture(scope="module")
+def memory_only(tmp_path_factory) -> Path:
+    """A memory model whose answers can live only in its memory: the fixture ``trained`` stores
+    much of each answer outside the memory (with the memory output zeroed it still gets the first
+    answer digit of 21 of 27 pairs, and the whole memory output of another pair moves a prediction
+    only a third of the time), so value swaps seldom move its answers (swapping two pairs' dominant
+    slots swapped their first answer digits for 2 of 277 pairs). Here every parameter but
+    the memory's (query, keys, values) and the unembedding stays at its random initialisation
+    (seed 0): the subject reaches the memory as random features, and only the memory can store the
+    32 synthetic_qa pairs it memorises (800 full-batch AdamW steps, a few seconds on a CPU)."""
+    import torch
+
+    from lensbench.memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
+    from lensbench.synthetic.collate import PaddedCollator
+    from lensbench.synthetic.datasets import SyntheticQA
+    from lensbench.testing import char_tokenizer, save_char_tokenizer
+
+    tokenizer = char_tokenizer()
+    qa = SyntheticQA()
+    rows = qa.generate(0, qa.options(SWAP_PAIRS, "data.options"))["test"]
+    batch = PaddedCollator(tokenizer, "qa", 16)(rows)
+    torch.manual_seed(0)
+    config = MemoryLlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=4, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                               memory_layers=[1], memory_n_keys=16, memory_heads=1, memory_topk=4, memory_k_dim=32,
+                               memory_query_norm=True, pad_token_id=tokenizer.pad_token_id,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = MemoryLlamaForCausalLM(config)
+    decay = {"model.layers.1.memory.query.weight": 0.1, "lm_head.weight": 0.1,  # the trained parameters, with
+             "model.layers.1.memory.keys": 0.0, "model.layers.1.memory.values": 0.0}  # lensbench fit's decay
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in decay)
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [named[n]], "weight_decay": wd} for n, wd in decay.items()], lr=0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small: threads only wait for each other
+    try:
+        for _ in range(800):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], use_cache=False).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    folder = tmp_path_factory.mktemp("models") / "memory_only"
+    model.save_pretrained(folder)
+    save_char_tokenizer(folder)
+    return folder
+
+
+def test_swapping_the_values_of_two_pairs_slots_swaps_their_answers(memory_only):
+    """Two memorised pairs A and B with different first answer digits: the slots each reads where it
+    predicts its first answer token (the prompt's last position), swapped slot for slot by rank
+    (A's dominant slot with B's dominant slot, A's second with B's second, ...) through the
+    registered ``swap_memory_values`` transform, one per slot pair, as one model state: A's first
+    answer token becomes B's and B's becomes A's; restoring the state gives back the original
+    logits bit for bit.
+
+    Answers are 6 digits, one token each (chars tokenizer), so only the first answer token is
+    checked: the later digits are predicted at other positions, which read other slots.
+    The whole read set (topk = 4 slots) is swapped, not the dominant slot alone: in a memory this
+    small the answer is spread over the slots read (the dominant slot carries 0.3 to 0.8 of the
+    weight), and swapping the dominant slots alone moves both answers for only 161 of the 441
+    eligible pairs. After the swap A reads B's values with A's weights, which gives B's memory
+    output exactly when the weights agree; so the pair is the one whose read sets are disjoint and
+    whose weights agree most (in this model the 80 closest of the 309 such pairs all swap, 262 of
+    the 309 do; the chosen one by about 6.5 logits)."""
+    import itertools
+
+    import torch
+
+    from lensbench.models.loading import ModelSpec
+    from lensbench.plugins import build_registries, get_plugin_manager
+    from lensbench.state import State, SubjectManager, TransformSpec
+    from lensbench.synthetic.collate import PaddedCollator
+    from lensbench.synthetic.datasets import SyntheticQA
+
+    registry = build_registries(get_plugin_manager(load_installed=False)).perturbations
+    manager = SubjectManager({"m": ModelSpec(str(memory_only))}, torch.device("cpu"), registry)
+    loaded = manager.activate(State("m"))
+    mem = loaded.model.get_submodule("model.layers.1.memory")
+    qa = SyntheticQA()
+    rows = qa.generate(0, qa.options(SWAP_PAIRS, "data.options"))["test"]
+    batch = PaddedCollator(loaded.tokenizer, "qa", 16)(rows)
+    target = batch["labels"][:, 1:]  # logits[:, p] predict token p + 1
+    answer_pos = [(t != -100).nonzero().flatten() for t in target]
+    first = torch.stack([p[0] for p in answer_pos])
+    rows_ = torch.arange(len(rows))
+
+    def forward(record: bool = False):
+        mem.record = record
+        try:
+            with torch.no_grad():
+                logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False).logits
+            return logits, mem.last_slots, mem.last_weights
+        finally:
+            mem.record = False
+            mem.last_slots = mem.last_weights = None
+
+    base, slots, weights = forward(record=True)
+    right = [b for b, p in enumerate(answer_pos) if torch.equal(base[b, p].argmax(-1), target[b, p])]
+    assert len(right) >= 28, f"the model memorises the pairs ({len(right)} of 32 right)"
+    truth = target[rows_, first]  # each pair's first answer token (its prediction, for the right ones)
+    read = {b: slots[b, first[b]].reshape(-1).tolist() for b in right}  # [heads * topk], best first per head
+    weight = {b: weights[b, first[b]].reshape(-1) for b in right}
+    candidates = [(float((weight[a] - weight[b]).abs().sum()), a, b) for a, b in itertools.combinations(right, 2)
+                  if truth[a] != truth[b] and not set(read[a]) & set(read[b])]
+    assert candidates
+    _, a, b = min(candidates)
+    swap = State("m", tuple(TransformSpec("swap_memory_values", (("a", x), ("b", y), ("layer", 1)))
+                            for x, y in zip(read[a], read[b])))
+    clean = mem.values.detach().clone()
+    manager.activate(swap)
+    assert torch.equal(mem.values[read[a]], clean[read[b]]) and torch.equal(mem.values[read[b]], clean[read[a]])
+    swapped = forward()[0]
+    decode = loaded.tokenizer.decode
+    got = {r: decode([int(swapped[r, first[r]].argmax())]) for r in (a, b)}
+    summary = (f"pairs {a} ({rows[a]['answer']}) and {b} ({rows[b]['answer']}), slots {read[a]} and {read[b]}, "
+               f"first answer tokens after the swap {got}")
+    assert swapped[a, first[a]].argmax() == truth[b], summary
+    assert swapped[b, first[b]].argmax() == truth[a], summary
+    manager.activate(State("m"))
+    restored = forward()[0]
+    assert torch.equal(restored, base)
+    assert restored[a, first[a]].argmax() == truth[a] and restored[b, first[b]].argmax() == truth[b]

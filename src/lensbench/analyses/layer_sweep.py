@@ -64,6 +64,7 @@ class LayerSweep(Analysis):
     name = "layer_sweep"
     # More checkpoints' revisions or more levels of a perturbation grid add states.
     extendable = ("revisions",) + GRID_EXTENDABLE
+    checkpoints_extendable = True  # more revisions: more checkpoints, each with its own fingerprint
 
     def __init__(
         self,

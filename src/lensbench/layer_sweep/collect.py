@@ -170,7 +170,7 @@ def _layer_task_heatmaps(scores, keys: list[str], run_dir: Path) -> list[Path]:
     for values, group in scores.groupby(keys, sort=True):
         row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
         matrix = group.pivot_table(index="task", columns="layer", values="main_score", aggfunc="first")
-        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * matrix.shape[1], 1.2 + 0.3 * matrix.shape[0]))
+        fig, ax = plt.subplots(figsize=(2.5 + 0.45 * matrix.shape[1], max(2.6, 1.2 + 0.3 * matrix.shape[0])))
         _heatmap(ax, matrix, list(matrix.columns), list(matrix.index), f"{_checkpoint_name(row, keys)}: main score")
         ax.set_xlabel("layer")
         fig.tight_layout()
@@ -187,7 +187,7 @@ def _checkpoint_layer_heatmaps(scores, keys: list[str], run_dir: Path) -> list[P
     scores = scores.assign(checkpoint=[_checkpoint_name(r, keys) for r in scores[keys].to_dict("records")])
     for task_type, group in scores.groupby("task_type", sort=True):
         matrix = group.pivot_table(index="checkpoint", columns="layer", values="main_score", aggfunc="mean")
-        fig, ax = plt.subplots(figsize=(1.5 + 0.45 * matrix.shape[1], 1.2 + 0.25 * matrix.shape[0]))
+        fig, ax = plt.subplots(figsize=(1.5 + 0.45 * matrix.shape[1], max(2.6, 1.2 + 0.25 * matrix.shape[0])))
         _heatmap(ax, matrix, list(matrix.columns), list(matrix.index), f"{task_type}: mean main score")
         ax.set_xlabel("layer")
         fig.tight_layout()
