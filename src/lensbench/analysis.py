@@ -39,6 +39,9 @@ class Analysis(pl.LightningModule):
     #: because they only choose which work items exist or how they are scheduled: a finished run
     #: is extended with the missing items. Every other setting must match to resume.
     extendable: ClassVar[tuple[str, ...]] = ()
+    #: True when the checkpoints studied may grow between runs on one folder (a setting in
+    #: ``extendable`` names them): a new checkpoint's weight fingerprint is then not a mismatch.
+    checkpoints_extendable: ClassVar[bool] = False
     #: Padding side of the tokenizers of the models ``subject_specs`` names (left for generation).
     padding_side: ClassVar[str] = "right"
 
@@ -109,13 +112,17 @@ class Analysis(pl.LightningModule):
         from .cli import is_free
 
         stored = {k: v for k, v in json.loads(path.read_text()).items() if not is_free(k, self.identity_free)}
+        current = self.run_identity
+        if self.checkpoints_extendable:  # checkpoints added or left out; a shared one must still match
+            stored, current = ({k: v for k, v in a.items() if not k.startswith("model_fingerprint.") or k in b}
+                               for a, b in ((stored, current), (current, stored)))
         if any(k.startswith(OLD_DATA_FINGERPRINTS) for k in stored):
             raise LensbenchError(
                 f"{self.run_dir} was made by an older lensbench (whole-dataset hashes, no per-record digests, "
                 "0-based prompt ids), which this one cannot extend; set another experiment name, or force_run "
                 "where the analysis has it", "model.init_args.experiment")
-        if stored != json.loads(json.dumps(self.run_identity)):
-            changed = sorted(k for k in set(stored) | set(self.run_identity) if stored.get(k) != self.run_identity.get(k))
+        if stored != json.loads(json.dumps(current)):
+            changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
             weights = [k.split(".", 1)[1] for k in changed if k.startswith("model_fingerprint.")]
             what = (f"the weights of {', '.join(weights)} changed since it started" if weights and len(weights) == len(changed)
                     else f"changed: {', '.join(changed)}")
@@ -231,22 +238,26 @@ class Analysis(pl.LightningModule):
         """Close the shard, log why the run stopped, detach the run log and unlock the folder.
         Called by ``teardown`` and, because Lightning skips ``teardown`` when a run fails, by the
         DataModule's ``on_exception``; calling it twice does nothing more."""
-        if exception is not None and self.run_log is not None and self.run_log.handler is not None:
-            reason = getattr(exception, "message", None) or str(exception) or type(exception).__name__
-            run_log.error(f"rank {self.global_rank}: run stopped: {type(exception).__name__}: {reason}")
-        if self.store is not None:
-            self.store.close()
-        if exception is not None and getattr(self, "_new_identity", False) and self.global_rank == 0:
-            # A run that failed before storing anything (a model that does not load, say) leaves no
-            # identity behind: the next run with a fixed config must not be refused as "different".
-            if self.store is None or not self.store.keys():
-                (self.run_dir / IDENTITY_FILE).unlink(missing_ok=True)
-            self._new_identity = False
-        if self.run_log is not None:
-            self.run_log.detach()
-        if self.subjects is not None:
-            self.subjects.release()
-        self.unlock_run_dir()
+        try:
+            if exception is not None and self.run_log is not None and self.run_log.handler is not None:
+                reason = getattr(exception, "message", None) or str(exception) or type(exception).__name__
+                run_log.error(f"rank {self.global_rank}: run stopped: {type(exception).__name__}: {reason}")
+            if self.store is not None:
+                self.store.close()
+            if exception is not None and getattr(self, "_new_identity", False) and self.global_rank == 0:
+                # A run that failed before storing anything (a model that does not load, say) leaves no
+                # identity behind: the next run with a fixed config must not be refused as "different".
+                self._new_identity = False
+                if self.store is None or not self.store.keys():
+                    (self.run_dir / IDENTITY_FILE).unlink(missing_ok=True)
+        finally:  # whatever failed above (a full disk, a second signal), the folder is unlocked
+            try:
+                if self.run_log is not None:
+                    self.run_log.detach()
+                if self.subjects is not None:
+                    self.subjects.release()
+            finally:
+                self.unlock_run_dir()
 
     def finalize(self) -> list[Path]:
         """Merge every stored record into tables and figures (rank 0, after all ranks finished)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LensbenchError
+from .errors import LensbenchError, RunStopped
 
 PARSER_MODE = "lensbench_yaml"
 SECTIONS = {"model": ("analyses", "lensbench.analysis.Analysis"), "data": (None, None)}
@@ -89,7 +89,7 @@ def _build_cli_class():
 
             try:
                 return super().instantiate_trainer(**kwargs)
-            except (TypeError, ValueError, MisconfigurationException) as exc:  # Lightning's argument checks
+            except (TypeError, ValueError, ImportError, MisconfigurationException) as exc:  # Lightning's checks
                 reason = str(exc).strip().rstrip(".").splitlines()[0]
                 raise LensbenchError(f"{reason}; fix the trainer section of the config", "trainer") from None
 
@@ -206,9 +206,12 @@ def run_predict(argv: list[str] | None) -> Any:
 def cmd_plugins(args: argparse.Namespace) -> int:
     import os
 
-    from .plugins import _truthy, active_registries, blocked_plugins, installed_plugins
+    from .plugins import active_registries, autoload_disabled_by, blocked_plugins, installed_plugins
 
     registries = active_registries()
+    disabled_by = autoload_disabled_by()
+    if disabled_by:
+        print(f"plugin autoload: off ({disabled_by} is set): installed plugins are not loaded")
     print("columns: name, plugin, entry point ('-': built-in or registered in-process), description")
     for kind, registry in registries.kinds().items():
         print(f"{kind}:")
@@ -227,8 +230,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for name, dist in sorted(installed.items()):
         if name in registries.entry_points:
             status = "loaded"
-        elif _truthy(os.environ.get("LENSBENCH_DISABLE_PLUGINS")):
-            status = "not loaded (LENSBENCH_DISABLE_PLUGINS)"
+        elif disabled_by:
+            status = f"not loaded ({disabled_by})"
         elif name in blocked:
             status = "not loaded (LENSBENCH_BLOCK_PLUGINS)"
         else:
@@ -291,14 +294,59 @@ def _environment_error(exc: BaseException) -> str:
 
     if isinstance(exc, MemoryError):
         return "out of memory; use a smaller model, dtype or batch size (LENSBENCH_DEBUG=1 shows the traceback)"
-    where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+    where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
     what = exc.strerror or str(exc) or type(exc).__name__
     fix = {errno.ENOSPC: "free disk space or write elsewhere (model.init_args.output_dir)",
+           errno.EFBIG: "raise the file size limit (ulimit -f), free disk space or write elsewhere "
+                        "(model.init_args.output_dir)",
            errno.EDQUOT: "free disk space or write elsewhere (model.init_args.output_dir)",
            errno.EACCES: "check the permissions of that path", errno.EPERM: "check the permissions of that path",
            errno.EROFS: "write to another folder (model.init_args.output_dir)",
            errno.ENOENT: "check that the path exists"}.get(exc.errno, "check that path and the machine")
-    return f"{what}:{where}; {fix} (LENSBENCH_DEBUG=1 shows the traceback)"
+    return f"{what}{where}; {fix} (LENSBENCH_DEBUG=1 shows the traceback)"
+
+
+#: How each command resumes after a stop (a signal, a failure of the machine, a lost rank).
+RESUME = {"predict": "the results stored so far are kept: run the same command again to resume",
+          "pipeline": "the results stored so far are kept: run the same command again to resume",
+          "fit": "run the same command again to resume from the last checkpoint (lightning/last.ckpt)"}
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGINT raise ``RunStopped`` where the run stands (once: a second signal while
+    stopping ends the process at once, as without lensbench). Returns the handlers replaced."""
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if stopping:  # a second Ctrl-C: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        stopping.append(signum)
+        raise RunStopped(signum)
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, stop)
+    return previous
+
+
+def _peer_lost(exc: BaseException) -> str | None:
+    """The first line of a torch.distributed error saying that another rank is gone or timed out."""
+    text = str(exc)
+    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+               "Socket Timeout", "DistNetworkError", "DistBackendError", "Connection refused")
+    chain: BaseException | None = exc
+    names = set()
+    while chain is not None:
+        names.add(type(chain).__name__)
+        chain = chain.__cause__ or chain.__context__
+    if not ({"DistBackendError", "DistNetworkError", "DistStoreError"} & names or
+            (isinstance(exc, RuntimeError) and any(m in text for m in markers) and "gloo" in text.lower())):
+        return None
+    line = (text.strip().splitlines() or [type(exc).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line).split(". This is typically")[0]  # gloo's source location, advice
+    return line[:160]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +354,21 @@ def main(argv: list[str] | None = None) -> int:
     if from_sys and hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `lensbench plugins | head` ends quietly
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    previous = _stop_on_signals() if from_sys and command in RESUME else {}
+    try:
+        return _main(argv, from_sys)
+    except RunStopped as exc:
+        if _debug():
+            raise
+        print(f"lensbench: error: {exc}; {RESUME[command]}", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv: list[str], from_sys: bool) -> int:
     top = argparse.ArgumentParser(
         prog="lensbench",
         description="Analyses of language-model internals. Commands: predict (run an analysis from a "
@@ -349,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lensbench: error: {_environment_error(exc)}", file=sys.stderr)
         return 1
+    except RunStopped:
+        raise
     except Exception as exc:  # jsonargparse's ArgumentError and friends
         from jsonargparse import ArgumentError
 
@@ -366,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, ArgumentError):
             print(f"lensbench: error: {_short_error(exc)}", file=sys.stderr)
             return 2
+        lost = _peer_lost(exc)
+        if lost is not None and not _debug():
+            print(f"lensbench: error: another rank of this distributed run stopped or stopped answering ({lost}); "
+                  f"{RESUME.get(argv[0] if argv else '', 'run the same command again')}", file=sys.stderr)
+            return 1
         raise
 
 

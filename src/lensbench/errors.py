@@ -26,3 +26,16 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     if choices:
         return "known: " + ", ".join(sorted(choices))
     return "none are registered"
+
+
+class RunStopped(BaseException):
+    """SIGTERM or SIGINT (Ctrl-C) received by ``lensbench``: raised where the run stands, so that it
+    stops the way a failure does (shard closed, lock released, why logged) and ends in one line.
+    A ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signame}")

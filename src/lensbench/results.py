@@ -29,20 +29,25 @@ class ResultStore:
         path = self.dir / f"rank{rank:05d}{attempt}.jsonl"
         if path.exists():
             _truncate_torn_tail(path)
-        self._fh = open(path, "ab")
+        self._fh = open(path, "ab", buffering=0)  # unbuffered: nothing is left to flush when a write fails
         return path
 
     def write(self, key: str, record: dict[str, Any]) -> None:
-        """Append one record atomically (one write of one line, flushed and fsync'ed)."""
-        line = json.dumps({"key": key, **record}, ensure_ascii=False, allow_nan=True) + "\n"
-        self._fh.write(line.encode("utf-8"))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        """Append one record (one line written whole, then fsync'ed). A write that fails midway (a
+        full disk) leaves a torn last line, which readers ignore and the next writer cuts off."""
+        line = memoryview((json.dumps({"key": key, **record}, ensure_ascii=False, allow_nan=True) + "\n")
+                          .encode("utf-8"))
+        try:
+            while line:
+                line = line[self._fh.write(line):]
+            os.fsync(self._fh.fileno())
+        except OSError as exc:  # name the shard in the one-line error
+            raise OSError(exc.errno, exc.strerror, str(self._fh.name)) from None
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            fh.close()
 
     # -- reading ------------------------------------------------------------------------------
     def shards(self) -> list[Path]:

@@ -1,9 +1,16 @@
 """The reliability catalogue: bad inputs and environments, each answered with one line naming what
 is wrong and how to fix it, a non-zero exit, no traceback, and the run folder left as it was.
 
-One table of cases, run through the real console script (concurrently). Each case: the command
-line, the expected exit code, a fragment of the expected line, and the folder whose files must be
-unchanged byte for byte.
+One table of cases (``CASES``; docs/reliability.md lists them, and a test keeps the two in sync).
+Each case: the command line, the expected exit code, a fragment of the expected line, and the
+folders whose files must be unchanged byte for byte (a finished run beside it, and for the
+``PREPARED`` cases the finished run the command meets); every other case's own run folder must
+hold nothing stored (no run.json, no record, no table).
+
+The cases run as ``sys.exit(lensbench.cli.main())`` in forks of one process that imported
+everything (``forkserver.py``): what the ``lensbench`` console script runs, without ~7 s of imports
+per case. ``test_the_fork_server_answers_like_the_console_script`` runs two cases through the real
+console script as well and checks that both answer alike.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,6 +31,37 @@ NORMS = ("predict", "--model", "activation_norms", "--data", "lensbench.data.mod
 
 def norms(model: str, *extra: str) -> tuple[str, ...]:
     return (*NORMS, "--model.init_args.models", f"[{model}]", *extra)
+
+
+PERTURBATION = ("predict", "--model", "perturbation", "--model.init_args.model", "tiny",
+                "--data", "lensbench.data.modules.PromptDataModule", "--data.init_args.prompts", "[texts.txt]",
+                "--trainer.accelerator", "cpu")
+
+
+def perturbation(*extra: str, generation: str = "{do_sample: false, max_new_tokens: 2}") -> tuple[str, ...]:
+    return (*PERTURBATION, "--model.init_args.generation", generation, *extra)
+
+
+def param_diff(other: str = "twin", *extra: str) -> tuple[str, ...]:
+    return ("predict", "--model", "param_diff", "--data", "lensbench.data.checkpoints.CheckpointPairs",
+            "--data.init_args.base", "tiny", "--data.init_args.others", f"[{other}]", "--trainer.accelerator", "cpu",
+            *extra)
+
+
+def loop_identity(*extra: str) -> tuple[str, ...]:
+    return ("predict", "--model", "loop_identity", "--model.init_args.baseline", "tiny", "--model.init_args.start", "0",
+            "--model.init_args.end", "1", "--model.init_args.loop_counts", "[0, 1]",
+            "--data", "lensbench.data.modules.TextDataModule", "--data.init_args.datasets", "[texts.txt]",
+            "--trainer.accelerator", "cpu", *extra)
+
+
+def memory_ablation(*extra: str) -> tuple[str, ...]:
+    return ("predict", "--model", "memory_ablation", "--model.init_args.model", "tiny",
+            "--data", "lensbench.data.answers.AnswerDataModule", "--data.init_args.dataset", "null",
+            "--data.init_args.facts", "texts.txt", "--trainer.accelerator", "cpu", *extra)
+
+
+FIT = ("fit", "--config", "train.yaml")
 
 
 #: id -> (arguments, exit code, fragment of the one line)
@@ -65,13 +104,144 @@ CASES = {
     "mismatched_checkpoints": (("predict", "--model", "param_diff", "--data", "lensbench.data.checkpoints.CheckpointPairs",
                                 "--data.init_args.base", "tiny", "--data.init_args.others", "[gpt2]",
                                 "--trainer.accelerator", "cpu"), 1, "compare checkpoints of one architecture"),
+    # -- every analysis's settings out of range, refused before any work ---------------------------
+    "norms_max_length_zero": (norms("tiny", "--model.init_args.max_length", "0"), 1,
+                              "model.init_args.max_length: must be a positive number of tokens"),
+    "norms_negative_perturbation_level": (norms("tiny", "--model.init_args.perturbation",
+                                                "{method: mult_gauss, levels: [-0.5]}"), 1,
+                                          "model.init_args.perturbation.levels[0]: mult_gauss level must be a finite "
+                                          "number >= 0, got -0.5"),
+    "norms_max_examples_zero": (norms("tiny", "--data.init_args.max_examples", "0"), 1,
+                                "data.init_args.max_examples: must be at least 1 or null, got 0"),
+    "norms_unknown_statistic": (norms("tiny", "--model.init_args.statistics", "[nrom]"), 1,
+                                "unknown metric 'nrom'; did you mean 'norm'?"),
+    "perturbation_negative_level": (perturbation("--model.init_args.perturbation", "{levels: [-0.1]}"), 1,
+                                    "model.init_args.perturbation.levels[0]: mult_gauss level must be a finite number"),
+    "perturbation_n_rep_zero": (perturbation("--model.init_args.perturbation", "{levels: [0.1], n_rep: 0}"), 1,
+                                "model.init_args.perturbation.n_rep: must be at least 1, got 0"),
+    "perturbation_deg_steps_zero": (perturbation("--model.init_args.perturbation", "{deg_steps: 0}"), 1,
+                                    "model.init_args.perturbation.deg_steps: must be at least 1, got 0"),
+    "perturbation_geometric_from_zero": (perturbation("--model.init_args.perturbation",
+                                                      "{min_deg: 0, spacing: geometric}"), 1,
+                                         "geometric spacing needs min_deg and max_deg > 0"),
+    "perturbation_max_new_tokens_zero": (perturbation(generation="{max_new_tokens: 0}"), 1,
+                                         "model.init_args.generation.max_new_tokens: must be at least 1, got 0"),
+    "perturbation_max_batch_size_zero": (perturbation(generation="{max_batch_size: 0}"), 1,
+                                         "model.init_args.generation.max_batch_size: must be at least 1, got 0"),
+    "perturbation_temperature_zero": (perturbation(generation="{temperature: 0}"), 1,
+                                      "model.init_args.generation.temperature: must be a positive number"),
+    "perturbation_top_p_above_one": (perturbation(generation="{top_p: 1.5}"), 1,
+                                     "model.init_args.generation.top_p: must be in (0, 1], got 1.5"),
+    "perturbation_max_prompts_zero": (perturbation("--data.init_args.max_prompts", "0"), 1,
+                                      "data.init_args.max_prompts: must be at least 1 or null, got 0"),
+    "param_diff_tol_zero": (param_diff("twin", "--model.init_args.tol", "0"), 1,
+                            "model.init_args.tol: must be a positive number, got 0.0"),
+    "param_diff_tol_negative": (param_diff("twin", "--model.init_args.tol=-1e-3"), 1,
+                                "model.init_args.tol: must be a positive number, got -0.001"),
+    "param_diff_max_iter_zero": (param_diff("twin", "--model.init_args.max_iter", "0"), 1,
+                                 "model.init_args.max_iter: must be at least 1, got 0"),
+    "param_diff_compute_dtype": (param_diff("twin", "--model.init_args.compute_dtype", "float8"), 1,
+                                 "model.init_args.compute_dtype: must be one of float32, float64, got 'float8'"),
+    "loop_identity_start_after_end": (loop_identity("--model.init_args.start", "1", "--model.init_args.end", "0"), 1,
+                                      "model.init_args.start: start 1 is after end 0"),
+    "loop_identity_end_outside_the_model": (loop_identity("--model.init_args.end", "5"), 1,
+                                            "model.init_args.end: block 5 is outside the baseline's blocks 0..1"),
+    "loop_identity_negative_start": (loop_identity("--model.init_args.start=-1"), 1,
+                                     "model.init_args.start: must be a block index >= 0, got -1"),
+    "loop_identity_negative_loop_count": (loop_identity("--model.init_args.loop_counts", "[-2]"), 1,
+                                          "model.init_args.loop_counts[0]: loop counts are numbers of passes"),
+    "loop_identity_no_loop_counts": (loop_identity("--model.init_args.loop_counts", "[]"), 1,
+                                     "model.init_args.loop_counts: is empty"),
+    "loop_identity_max_length_one": (loop_identity("--model.init_args.max_length", "1"), 1,
+                                     "model.init_args.max_length: must be at least 2, got 1"),
+    "memory_ablation_max_length_zero": (memory_ablation("--model.init_args.max_length", "0"), 1,
+                                        "model.init_args.max_length: must be at least 2, got 0"),
+    "memory_ablation_batch_size_zero": (memory_ablation("--data.init_args.batch_size", "0"), 1,
+                                        "data.init_args.batch_size: must be at least 1, got 0"),
+    "memory_ablation_unknown_transform": (memory_ablation(
+        "--model.init_args.interventions",
+        "[{transform: mask_memory_key, params: {layer: 0}, vary: slots, values: [[1]]}]"), 1,
+        "model.init_args.interventions[0].transform: unknown perturbation 'mask_memory_key'; did you mean"),
+    "fit_batch_size_zero": ((*FIT, "--data.batch_size", "0"), 1, "data.batch_size: batch_size=0 is out of range"),
+    "fit_negative_lr": ((*FIT, "--model.lr=-1"), 1, "model.lr: lr=-1.0 is out of range; use a positive learning rate"),
+    "fit_negative_warmup": ((*FIT, "--model.warmup_steps=-3"), 1, "model.warmup_steps: warmup_steps=-3 is out of range"),
+    "fit_memory_topk_above_keys": ((*FIT, "--model.config.memory_topk", "9"), 1,
+                                   "memory_topk=9 is out of range; use 1..memory_n_keys (4)"),
+    "pipeline_config_missing": (("pipeline", "--config", "nope.yaml"), 1,
+                                "config: cannot read nope.yaml: No such file or directory"),
+    "plot_folder_without_config": (("plot", "nowhere"), 1, "nowhere has no config.yaml"),
+    "plot_analysis_not_installed": (("plot", "alien"), 1, "names analysis 'some.where.Alien', which is not installed"),
+    "trainer_devices_zero": (norms("tiny", "--trainer.devices", "0"), 1,
+                             "trainer: `Trainer(devices='0')` value is not a valid input"),
+    "trainer_accelerator_missing": (norms("tiny", "--trainer.accelerator", "tpu"), 1,
+                                    "fix the trainer section of the config"),
+    # -- weights that cannot be read, or that would run code -------------------------------------
+    "bin_cut_short": (norms("bincut"), 1, "the weights of 'bincut' are not a readable PyTorch checkpoint"),
+    "bin_carrying_code": (norms("binevil"), 1, "the weights of 'binevil' hold more than tensors (it names print)"),
+    "gguf_cut_short": (norms("cut.gguf"), 1, "'cut.gguf' is not a readable GGUF file"),
+    "gguf_not_gguf": (norms("junk.gguf"), 1, "'junk.gguf' is not a readable GGUF file"),
+    "param_diff_bin_cut_short": (param_diff("bincut"), 1,
+                                 "data.init_args.others[0].source: bincut/pytorch_model.bin is not a readable PyTorch "
+                                 "checkpoint"),
+    "param_diff_bin_carrying_code": (param_diff("binevil"), 1,
+                                     "binevil/pytorch_model.bin is not a readable PyTorch checkpoint (UnpicklingError"),
+    "param_diff_gguf_cut_short": (param_diff("cut.gguf"), 1, "cut.gguf is not a readable GGUF file"),
 }
 #: Cases that run in a folder holding a finished run (made first): it must stay byte for byte.
 PREPARED = ("shard_with_a_corrupt_middle_line", "folder_of_another_analysis")
 
 
+def make_weight_files(root: Path, tiny_model: Path) -> None:
+    """Beside ``root/tiny``: ``twin`` (a copy), ``binmodel`` (its weights as pytorch_model.bin),
+    ``bincut`` (that file cut in half), ``binevil`` (a .bin whose pickle calls ``print``: code that
+    ``torch.load(weights_only=False)`` would run), ``cut.gguf`` (a GGUF file cut short) and
+    ``junk.gguf`` (GGUF magic, then garbage)."""
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_model, root / "twin")
+    state = load_file(tiny_model / "model.safetensors")
+    shutil.copytree(tiny_model, root / "binmodel", ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(state, root / "binmodel" / "pytorch_model.bin")
+    data = (root / "binmodel" / "pytorch_model.bin").read_bytes()
+    shutil.copytree(root / "binmodel", root / "bincut")
+    (root / "bincut" / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+
+    class Code:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    shutil.copytree(root / "binmodel", root / "binevil")
+    torch.save({**state, "extra": Code()}, root / "binevil" / "pytorch_model.bin")
+    writer = gguf.GGUFWriter(str(root / "whole.gguf"), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(32)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    whole = (root / "whole.gguf").read_bytes()
+    (root / "cut.gguf").write_bytes(whole[: len(whole) // 3])
+    (root / "junk.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+
+
+def stored(folder: Path) -> list[str]:
+    """What a run folder holds that a later run would take as results: its identity, records, tables."""
+    if not folder.exists():
+        return []
+    records = [str(p) for p in folder.glob("shards/*.jsonl") if p.read_bytes().count(b"\n")]
+    return sorted(records + [p.name for p in folder.iterdir() if p.name == "run.json" or p.suffix in (".csv", ".json")])
+
+
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory, tiny_model):
+def catalogue(tmp_path_factory, tiny_model, forks):
     root = tmp_path_factory.mktemp("catalogue")
     (root / "tiny").symlink_to(tiny_model)
     shutil.copytree(tiny_model, root / "notype")
@@ -82,6 +252,7 @@ def catalogue(tmp_path_factory, tiny_model):
     for name, data in (("cut", weights[: len(weights) // 2]), ("cuthead", weights[:50])):
         shutil.copytree(tiny_model, root / name)
         (root / name / "model.safetensors").write_bytes(data)
+    make_weight_files(root, tiny_model)
     (root / "texts.txt").write_text("the cat sat on the mat\nthe dog ran to a tree\n")
     (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (root / "empty.txt").write_text("\n\n")
@@ -92,16 +263,17 @@ def catalogue(tmp_path_factory, tiny_model):
         "data:\n  dataset: synthetic_qa\n  options: {num_pairs: 4, buckets: [1, 2]}\n"
         "trainer: {max_steps: 1, accelerator: cpu}\n")
     (root / "bad_pipeline.yaml").write_text("base: tiny\nother: [tiny]\n")
+    (root / "alien").mkdir()
+    (root / "alien" / "config.yaml").write_text("model:\n  class_path: some.where.Alien\n")
     shutil.copytree(tiny_model, root / "notok", ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(root / "gpt2")
-    from conftest import lensbench
-
-    for case in PREPARED:  # a finished activation_norms run in the folder each of these cases uses
-        done = lensbench(*norms("tiny", "--data.init_args.batch_size", "1", "--model.init_args.experiment", case),
-                         cwd=root, env=clean_env())
-        assert done.returncode == 0, done.stderr[-2000:]
+    # a finished activation_norms run in the folder each PREPARED case uses
+    done = forks.run({case: {"args": norms("tiny", "--data.init_args.batch_size", "1", "--model.init_args.experiment",
+                                           case), "cwd": root, "env": clean_env()} for case in PREPARED})
+    for case in PREPARED:
+        assert done[case].returncode == 0, done[case].stderr[-2000:]
     shard = root / "outputs" / "shard_with_a_corrupt_middle_line" / "shards" / "rank00000.jsonl"
     lines = shard.read_text().splitlines(keepends=True)
     shard.write_text(lines[0] + '{"key": "half a rec\n' + "".join(lines[1:]))
@@ -109,15 +281,24 @@ def catalogue(tmp_path_factory, tiny_model):
     (root / "outputs" / "kept").mkdir(parents=True)
     (root / "outputs" / "kept" / "run.json").write_text('{"kept": true}')
     before = snapshot(root / "outputs")
-    # each case in its own run folder: they run at the same time, and a run folder is locked
-    results = run_many({cid: ((*args, "--model.init_args.experiment", cid) if "--model" in args else args, root,
-                              clean_env()) for cid, (args, _, _) in CASES.items()})
-    return root, before, results
+    # the same two cases through the real console script, meanwhile (see the test using them)
+    with ThreadPoolExecutor(1) as pool:
+        real = pool.submit(run_many, {cid: ((*CASES[cid][0], "--model.init_args.experiment", f"real_{cid}")
+                                            if "--model" in CASES[cid][0] else CASES[cid][0], root, clean_env())
+                                      for cid in CONSOLE})
+        # each case in its own run folder: they run at the same time, and a run folder is locked
+        results = forks.run({cid: {"args": (*args, "--model.init_args.experiment", cid) if "--model" in args else args,
+                                   "cwd": root, "env": clean_env()} for cid, (args, _, _) in CASES.items()})
+        return root, before, results, real.result()
+
+
+#: Cases also run through the real console script, to show the fork server answers alike.
+CONSOLE = ("misspelled_analysis_flag", "bin_carrying_code")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_each_case_is_one_line_and_changes_nothing_stored(catalogue, case):
-    root, before, results = catalogue
+    root, before, results, _ = catalogue
     _, code, fragment = CASES[case]
     result = results[case]
     lines = [line for line in result.stderr.splitlines() if line.startswith("lensbench: error:")]
@@ -130,12 +311,36 @@ def test_each_case_is_one_line_and_changes_nothing_stored(catalogue, case):
     if case in PREPARED:  # the finished run it met is left byte for byte
         mine = {k: v for k, v in before.items() if k.startswith(case + "/")}
         assert mine and {k: v for k, v in after.items() if k.startswith(case + "/")} == mine
+    else:  # its own run folder, if made at all, holds nothing a later run would take as results
+        assert stored(root / "outputs" / case) == []
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    from conftest import lensbench
+def test_the_fork_server_answers_like_the_console_script(catalogue):
+    _, _, results, real = catalogue
+    for cid in CONSOLE:
+        ours, theirs = results[cid], real[cid]
+        assert theirs.returncode == ours.returncode == CASES[cid][1], theirs.stderr[-2000:]
+        line = [x for x in theirs.stderr.splitlines() if x.startswith("lensbench: error:")]
+        assert line == [x.replace(f"experiment {cid}", f"experiment real_{cid}") for x in ours.stderr.splitlines()
+                        if x.startswith("lensbench: error:")]
 
-    result = lensbench("predict", "--model", "activation_normz", cwd=tmp_path, env=clean_env(LENSBENCH_DEBUG="1"))
+
+def test_a_pickled_bin_runs_no_code(catalogue):
+    """torch.load(weights_only=True) refuses the pickle's call of print before making it."""
+    _, _, results, real = catalogue
+    for result in (results["bin_carrying_code"], results["param_diff_bin_carrying_code"], real["bin_carrying_code"]):
+        assert result.returncode == 1
+        assert "pickled code ran" not in result.stdout + result.stderr
+
+
+def test_the_docs_list_every_case():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    missing = [cid for cid in CASES if f"`{cid}`" not in doc]
+    assert not missing, f"docs/reliability.md lacks {missing}"
+
+
+def test_debug_shows_the_traceback(tmp_path, forks):
+    result = forks.one(("predict", "--model", "activation_normz"), tmp_path, clean_env(LENSBENCH_DEBUG="1"))
     assert result.returncode != 0 and "Traceback" in result.stderr and "LensbenchError" in result.stderr
 
 
@@ -158,19 +363,17 @@ def test_an_environment_failure_is_one_line(tmp_path, monkeypatch, capsys):
             cli.main(["predict", "--config", "x.yaml"])
 
 
-def test_a_run_that_stored_nothing_leaves_no_identity_behind(catalogue):
+def test_a_run_that_stored_nothing_leaves_no_identity_behind(catalogue, forks):
     """A model that does not load fails after the run folder was made: its run.json is removed, so
     the same command with the model fixed is not refused as a different configuration."""
-    root, _, results = catalogue
+    root, _, results, _ = catalogue
     for case in ("config_json_without_model_type", "safetensors_cut_short", "safetensors_header_cut"):
         folder = root / "outputs" / case
         assert results[case].returncode == 1
         assert not (folder / "run.json").exists(), case
-    from conftest import lensbench
-
     shutil.rmtree(root / "notype")
     (root / "notype").symlink_to(root / "tiny")  # the fix: a model that loads, under the same name
-    fixed = lensbench(*norms("notype", "--model.init_args.experiment", "config_json_without_model_type"), cwd=root,
-                      env=clean_env())
+    fixed = forks.one(norms("notype", "--model.init_args.experiment", "config_json_without_model_type"), root,
+                      clean_env())
     assert fixed.returncode == 0, fixed.stderr[-2000:]
     assert (root / "outputs" / "config_json_without_model_type" / "activation_norms.csv").is_file()

@@ -300,8 +300,13 @@ class _GGUFTensors:
         return torch.from_numpy(np.array(result.weights, copy=True)).reshape(self.shape(name))
 
 
-def _gguf_reader(label: str, path: Path) -> CheckpointReader:
-    tensors = _GGUFTensors(path)
+def _gguf_reader(label: str, path: Path, field: str | None = None) -> CheckpointReader:
+    try:
+        tensors = _GGUFTensors(path)
+    except Exception as exc:  # noqa: BLE001 - gguf and transformers raise several types for a bad file
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise LensbenchError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {detail}; cut short by a "
+                             "partial download?); download or convert it again", field) from None
     index = {name: ("gguf", None) for name in tensors.tensors}
     shapes = {name: tensors.shape(name) for name in tensors.tensors}
     return CheckpointReader(label, str(path), tensors.config, index, shapes, tensors)
@@ -320,7 +325,7 @@ def open_checkpoint(spec: ModelSpec, field: str = "model") -> CheckpointReader:
             res.location, f"{field}.source")
         return _folder_reader(label, Path(folder), f"{field}.source")
     if res.kind == "gguf":
-        return _gguf_reader(label, Path(res.location) / res.gguf_file)
+        return _gguf_reader(label, Path(res.location) / res.gguf_file, f"{field}.source")
     if res.kind == "safetensors":
         index, shapes = _safetensors_entries([Path(res.weights_file)])
         return CheckpointReader(label, str(res.weights_file), _read_config(Path(res.location)), index, shapes)
@@ -334,7 +339,7 @@ def open_checkpoint(spec: ModelSpec, field: str = "model") -> CheckpointReader:
             raise LensbenchError(f"cannot fetch {res.location!r} from the Hugging Face hub ({type(exc).__name__}); "
                                  "download it on a connected machine or give a local folder", f"{field}.source") from None
         if spec.gguf_file:
-            return _gguf_reader(label, Path(folder) / spec.gguf_file)
+            return _gguf_reader(label, Path(folder) / spec.gguf_file, f"{field}.source")
         return _folder_reader(label, Path(folder), f"{field}.source")
     return _folder_reader(label, Path(res.location), f"{field}.source")
 

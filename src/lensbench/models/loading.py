@@ -263,6 +263,42 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
 
 
+def _raised_in(exc: BaseException, *parts: str) -> bool:
+    """Whether a frame of ``exc``'s traceback is in a file whose path holds one of ``parts``."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename.replace("\\", "/") for part in parts):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _unreadable_weights(exc: Exception, res: ResolvedSource, field: str) -> LensbenchError | None:
+    """One line for a weights file that cannot be read (cut short, corrupt, or a pickle carrying
+    more than tensors); None for any other failure."""
+    import pickle
+
+    where = f"{field}.source"
+    if type(exc).__name__ == "SafetensorError" or "deserializing header" in str(exc):
+        return LensbenchError(f"the weights of '{res.location}' are not readable safetensors ({_first_line(exc)}; "
+                              "cut short by a partial download?); download or save them again", where)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"it names {found.group(1)}" if found else _first_line(exc)
+        return LensbenchError(f"the weights of '{res.location}' hold more than tensors ({what}); lensbench reads "
+                              ".bin files with torch.load(weights_only=True) and runs no code from them: save the "
+                              "weights again as safetensors from a copy you trust", where)
+    if _raised_in(exc, "torch/serialization.py"):
+        return LensbenchError(f"the weights of '{res.location}' are not a readable PyTorch checkpoint "
+                              f"({type(exc).__name__}: {_first_line(exc)}; cut short by a partial download?); "
+                              "download or save them again", where)
+    if res.gguf_file is not None and _raised_in(exc, "gguf"):
+        return LensbenchError(f"'{Path(res.location) / res.gguf_file}' is not a readable GGUF file "
+                              f"({type(exc).__name__}: {_first_line(exc)}; cut short by a partial download?); "
+                              "download or convert it again", where)
+    return None
+
+
 def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Module, Any, Any]:
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor, AutoTokenizer)
@@ -270,10 +306,18 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Mo
     gguf = res.gguf_file is not None
     dtype = DTYPES[spec.dtype] or (torch.float32 if gguf else "auto")
     common = _common_kwargs(res, spec)
+    if spec.trust_remote_code:
+        from ..logs import console
+
+        console.warning(f"lensbench: trust_remote_code is on for '{res.location}': Python code from that model's "
+                        "repository may run (the config sets it)")
     try:
         config = AutoConfig.from_pretrained(res.location, **common)
-    except ValueError as exc:
-        if "Unrecognized model" not in str(exc) and "model_type" not in str(exc):
+    except Exception as exc:  # noqa: BLE001 - a config (or GGUF header) that cannot be read is the user's to fix
+        unreadable = _unreadable_weights(exc, res, field)
+        if unreadable is not None:
+            raise unreadable from None
+        if not isinstance(exc, ValueError) or ("Unrecognized model" not in str(exc) and "model_type" not in str(exc)):
             raise
         raise LensbenchError(f"the config.json of '{res.location}' has no model_type transformers knows; add "
                              "\"model_type\" (e.g. \"llama\") or save the model again with save_pretrained",
@@ -294,10 +338,9 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Mo
         else:
             model = auto_cls.from_pretrained(res.location, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a weights file that cannot be read is the user's to fix
-        if type(exc).__name__ == "SafetensorError" or "deserializing header" in str(exc):
-            raise LensbenchError(f"the weights of '{res.location}' are not readable safetensors ({_first_line(exc)}; "
-                                 "cut short by a partial download?); download or save them again",
-                                 f"{field}.source") from None
+        unreadable = _unreadable_weights(exc, res, field)
+        if unreadable is not None:
+            raise unreadable from None
         if not isinstance(exc, ValueError):
             raise
         if "Unrecognized configuration class" not in str(exc):
