@@ -24,7 +24,8 @@ from lensbench.registry import Registry
 
 mteb = pytest.importorskip("mteb")
 
-FIELD = "model.init_args.tasks"
+FIELD = "data.init_args.tasks"  # the default: the tasks live in the DataModule's init args
+OTHER_FIELD = "custom.tasks"  # a field a caller gives instead
 
 
 @pytest.fixture(autouse=True)
@@ -331,9 +332,9 @@ def test_a_malformed_folder_is_one_line_naming_file_line_and_field(case, tmp_pat
     for name, content in files.items():
         (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(LensbenchError) as err:
-        T.resolve_tasks([str(folder)], "data.init_args.tasks", registry=Registry("MTEB task"))
+        T.resolve_tasks([str(folder)], OTHER_FIELD, registry=Registry("MTEB task"))
     message = str(err.value)
-    assert err.value.field == "data.init_args.tasks" and message.startswith("data.init_args.tasks: ")
+    assert err.value.field == OTHER_FIELD and message.startswith(f"{OTHER_FIELD}: ")
     assert "\n" not in message
     assert str(folder) in message, message
     for fragment in fragments:
@@ -423,13 +424,13 @@ def test_offline_hub_task_fails_fast_with_one_line():
         T.ensure_loaded(task)
     assert time.perf_counter() - begin < 20
     assert str(err.value) == (
-        "model.init_args.tasks: MTEB task Banking77Classification needs its dataset mteb/banking77 from the Hugging "
+        "data.init_args.tasks: MTEB task Banking77Classification needs its dataset mteb/banking77 from the Hugging "
         "Face Hub, which is not reachable; download it where the hub is reachable (it lands in "
         "HF_HOME/HF_DATASETS_CACHE) and copy that cache here, or use a local task folder "
         "(docs/layer_sweep.md#task-formats)")
-    with pytest.raises(LensbenchError, match=r"^data\.init_args\.tasks: MTEB task SciDocsRR needs its dataset "
+    with pytest.raises(LensbenchError, match=r"^custom\.tasks: MTEB task SciDocsRR needs its dataset "
                                              r"mteb/SciDocsRR from"):
-        T.ensure_loaded(T.resolve_tasks(["SciDocsRR"], registry=Registry("MTEB task"))[0], "data.init_args.tasks")
+        T.ensure_loaded(T.resolve_tasks(["SciDocsRR"], registry=Registry("MTEB task"))[0], OTHER_FIELD)
 
 
 # -- counts on mteb's own mock tasks (other dataset layouts) --------------------------------------
@@ -471,6 +472,16 @@ def test_the_result_cache_tells_runs_apart_by_experiment_kwargs_only(registry, t
 
 
 def test_importing_the_tasks_module_stays_light():
-    code = ("import sys, lensbench, lensbench.layer_sweep.tasks; "
+    code = ("import sys, lensbench, lensbench.layer_sweep.tasks, lensbench.layer_sweep.local_tasks; "
             "heavy = [m for m in ('mteb', 'datasets') if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_local_task_names_stay_importable_from_the_tasks_module(tmp_path):
+    from lensbench.layer_sweep import local_tasks as LT
+
+    for name in ("local_task", "is_local", "TASK_TYPES", "FIELD", "DOCS", "_rebuild_local"):
+        assert getattr(T, name) is getattr(LT, name), name
+    task = T.local_task(folder_of("STS", tmp_path))
+    assert task.__reduce__()[0] is LT._rebuild_local  # a pickle names the function where it lives
+    assert T.is_local(pickle.loads(pickle.dumps(task)))
