@@ -1,6 +1,6 @@
 """Benchmark: layer_sweep's one pass for all layers against one layer alone and one pass per layer.
 
-    python bench/layer_sweep.py [--model smollm2 --task lensbench_sts --reps 3] [--write-docs]
+    python bench/layer_sweep.py [--model smollm2 --task lensbench_sts --layers 0 5 10 --reps 3] [--write-docs]
 
 One task, one model, three ways to get MTEB scores, timed side by side in one process (the order
 rotating from one repetition to the next), each through the classes the analysis runs
@@ -77,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="an embedded alias, folder or hub id")
     parser.add_argument("--task", default="lensbench_sts", help="a registered local task or MTEB task")
+    parser.add_argument("--layers", type=int, nargs="*", default=None,
+                        help="hidden-state indices to score (default: every one)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -95,7 +97,7 @@ def main() -> None:
     backbone = getattr(loaded.model, "base_model", loaded.model).eval()
     task = ensure_loaded(resolve_tasks([args.task])[0].task)
     n_layers = backbone.config.num_hidden_layers
-    layers = list(range(n_layers + 1))
+    layers = list(range(n_layers + 1)) if args.layers is None else sorted(args.layers)
     ways = {
         "all layers (lensbench)": lambda: sweep(LayerEmbeddings, backbone, loaded.tokenizer, task, layers, False,
                                                 args.batch_size),
@@ -120,7 +122,8 @@ def main() -> None:
     med = {n: (statistics.median(t[0] for t in times[n]), statistics.median(t[1] for t in times[n])) for n in names}
     all_t, one_t, per_t = (med[n] for n in names)
     rows = {
-        "model, task": f"{args.model} ({len(layers)} hidden states), {args.task} ({task_texts(task)} texts)",
+        "model, task": (f"{args.model} (layers {', '.join(map(str, layers))} of 0..{n_layers}), "
+                        f"{args.task} ({task_texts(task)} texts)"),
         **{f"{n}: total / forward (s)": f"{t[1]:.2f} / {t[0]:.2f}" for n, t in med.items()},
         "all layers / one layer, total": f"{all_t[1] / one_t[1]:.2f} (goal <= {GOAL})",
         "all layers / one layer, forward passes": f"{all_t[0] / one_t[0]:.2f}",
