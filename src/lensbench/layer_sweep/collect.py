@@ -156,46 +156,36 @@ def _curve(scores, keys: list[str], run_dir: Path) -> Path:
     return out
 
 
-def _heatmap(ax, matrix, xlabels, ylabels, title: str) -> None:
+def _heatmap(matrix, title: str, out: Path) -> Path:
+    """Draw ``matrix`` (rows x layers) as a heatmap with a colour bar; save it to ``out``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * matrix.shape[1], max(2.6, 1.2 + 0.3 * matrix.shape[0])))
     image = ax.imshow(matrix.values, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(xlabels)), [str(x) for x in xlabels], fontsize=7)
-    ax.set_yticks(range(len(ylabels)), [str(y) for y in ylabels], fontsize=7)
+    ax.set_xticks(range(matrix.shape[1]), [str(x) for x in matrix.columns], fontsize=7)
+    ax.set_yticks(range(matrix.shape[0]), [str(y) for y in matrix.index], fontsize=7)
     ax.set_title(title, fontsize=9)
-    ax.figure.colorbar(image, ax=ax, fraction=0.04)
+    ax.set_xlabel("layer")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def _layer_task_heatmaps(scores, keys: list[str], run_dir: Path) -> list[Path]:
-    plt = pyplot()
     outputs = []
     for values, group in scores.groupby(keys, sort=True):
-        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+        name = _checkpoint_name(dict(zip(keys, values if isinstance(values, tuple) else (values,))), keys)
         matrix = group.pivot_table(index="task", columns="layer", values="main_score", aggfunc="first")
-        fig, ax = plt.subplots(figsize=(2.5 + 0.45 * matrix.shape[1], max(2.6, 1.2 + 0.3 * matrix.shape[0])))
-        _heatmap(ax, matrix, list(matrix.columns), list(matrix.index), f"{_checkpoint_name(row, keys)}: main score")
-        ax.set_xlabel("layer")
-        fig.tight_layout()
-        out = run_dir / f"heatmap_layer_task__{_safe(_checkpoint_name(row, keys))}.png"
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        outputs.append(out)
+        outputs.append(_heatmap(matrix, f"{name}: main score", run_dir / f"heatmap_layer_task__{_safe(name)}.png"))
     return outputs
 
 
 def _checkpoint_layer_heatmaps(scores, keys: list[str], run_dir: Path) -> list[Path]:
-    plt = pyplot()
-    outputs = []
     scores = scores.assign(checkpoint=[_checkpoint_name(r, keys) for r in scores[keys].to_dict("records")])
-    for task_type, group in scores.groupby("task_type", sort=True):
-        matrix = group.pivot_table(index="checkpoint", columns="layer", values="main_score", aggfunc="mean")
-        fig, ax = plt.subplots(figsize=(1.5 + 0.45 * matrix.shape[1], max(2.6, 1.2 + 0.25 * matrix.shape[0])))
-        _heatmap(ax, matrix, list(matrix.columns), list(matrix.index), f"{task_type}: mean main score")
-        ax.set_xlabel("layer")
-        fig.tight_layout()
-        out = run_dir / f"heatmap_checkpoint_layer__{_safe(task_type)}.png"
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        outputs.append(out)
-    return outputs
+    return [_heatmap(group.pivot_table(index="checkpoint", columns="layer", values="main_score", aggfunc="mean"),
+                     f"{task_type}: mean main score", run_dir / f"heatmap_checkpoint_layer__{_safe(task_type)}.png")
+            for task_type, group in scores.groupby("task_type", sort=True)]
 
 
 def _metric_curves(metrics, run_dir: Path) -> Path:
