@@ -7,7 +7,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -83,28 +83,39 @@ def _build_cli_class():
                 "trainer.enable_checkpointing": False,  # predict saves no checkpoint
                 "trainer.enable_model_summary": False,
             })
+            parser.add_argument(f"--{MATMUL_KEY}", type=Optional[str], default=None,
+                                help="torch.set_float32_matmul_precision for the run: highest, high (TF32 "
+                                     "matmuls on GPUs) or medium; default: high where CUDA is available and "
+                                     "trainer.accelerator is not cpu, else torch's own. Recorded in run.json, "
+                                     "not matched on resume.")
 
         def instantiate_trainer(self, **kwargs: Any):
             from lightning.fabric.utilities.exceptions import MisconfigurationException
 
             try:
-                return super().instantiate_trainer(**kwargs)
+                trainer = super().instantiate_trainer(**kwargs)
             except (TypeError, ValueError, ImportError, MisconfigurationException) as exc:  # Lightning's checks
                 reason = str(exc).strip().rstrip(".").splitlines()[0]
                 raise LensbenchError(f"{reason}; fix the trainer section of the config", "trainer") from None
+            _no_sigterm_broadcast(trainer)
+            return trainer
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand]
             init = cfg.model.init_args
             if getattr(init, "experiment", None) is None:
                 init.experiment = default_experiment(cfg.model.class_path, cfg.get("config") or [])
+            self.matmul_precision = apply_matmul_precision(cfg.get(MATMUL_KEY), cfg.get("trainer.accelerator"))
 
         def before_predict(self) -> None:
             parser = self._subcommand_parsers[self.subcommand]
             cfg = self.config[self.subcommand]
             text = parser.dump(cfg, skip_none=False)
             resolved = yaml.safe_load(text)
-            identity = _flatten({"model": resolved.get("model"), "data": resolved.get("data")})
+            # Placement (device_map, max_memory) never changes a result: a run resumes under another map.
+            from .models.fingerprint import without_placement
+
+            identity = _flatten(without_placement({"model": resolved.get("model"), "data": resolved.get("data")}))
             identity.update(_flatten({"data_fingerprint": self.datamodule.fingerprint(),
                                       "model_fingerprint": self.model.fingerprint(),
                                       "inputs_fingerprint": self.model.inputs_fingerprint()}))
@@ -112,6 +123,7 @@ def _build_cli_class():
             self.model.run_config = text
             self.model.run_identity = {k: v for k, v in identity.items() if not is_free(k, free)}
             self.model.identity_free = free
+            self.trainer.callbacks.append(_matmul_precision_recorder(self.matmul_precision))
 
     return LensbenchCLI
 
@@ -129,8 +141,67 @@ def default_experiment(class_path: str, configs: list) -> str:
     return f"{name}/{stem}" if stem else name
 
 
-#: Settings that never change what a stored record means (where results go, recompute-all).
-ALWAYS_FREE = ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run")
+#: torch's float32 matmul precision (a top-level config key and option): recorded in run.json by the
+#: run that makes the folder, not matched on resume (the run log says what each run used).
+MATMUL_KEY = "float32_matmul_precision"
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def apply_matmul_precision(value: str | None, accelerator: Any = None) -> str:
+    """Set ``torch.set_float32_matmul_precision`` to ``value`` (default: high where CUDA is
+    available and the trainer may use it, else torch's current setting) and return it."""
+    import torch
+
+    if value is None:
+        cpu_only = str(accelerator).lower() in ("cpu", "mps", "tpu", "xla", "hpu") if isinstance(accelerator, str) else False
+        value = "high" if torch.cuda.is_available() and not cpu_only else _matmul_precision_now() or "highest"
+    if value not in MATMUL_PRECISIONS:
+        raise LensbenchError(f"{value!r} is not a float32 matmul precision; use one of "
+                             f"{', '.join(MATMUL_PRECISIONS)}", MATMUL_KEY)
+    torch.set_float32_matmul_precision(value)
+    return value
+
+
+def _matmul_precision_now() -> str | None:
+    """torch's float32 matmul precision; None when it has none (backends set apart through the new API)."""
+    import torch
+
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
+def _matmul_precision_recorder(value: str):
+    """A callback writing ``value`` into run.json when this run made the folder (an existing
+    folder's run.json is left byte for byte), and logging it; a resume with another one warns."""
+    import json
+
+    from lightning.pytorch.callbacks import Callback
+
+    class MatmulPrecision(Callback):
+        def on_predict_start(self, trainer, pl_module) -> None:
+            from .analysis import IDENTITY_FILE, _atomic_write
+            from .logs import console, run_log
+
+            run_log.info(f"{MATMUL_KEY}: {value}")
+            path = pl_module.run_dir / IDENTITY_FILE
+            if not trainer.is_global_zero or not path.exists():
+                return
+            identity = json.loads(path.read_text())
+            if getattr(pl_module, "_new_identity", False) and MATMUL_KEY not in identity:
+                identity[MATMUL_KEY] = value
+                _atomic_write(path, json.dumps(identity, indent=1, sort_keys=True))
+            elif identity.get(MATMUL_KEY, value) != value:
+                console.warning(f"lensbench: this run computes with {MATMUL_KEY} {value}; the run that made "
+                                f"{pl_module.run_dir} used {identity[MATMUL_KEY]}")
+
+    return MatmulPrecision()
+
+
+#: Settings that never change what a stored record means (where results go, recompute-all), and
+#: the matmul precision, recorded but not matched.
+ALWAYS_FREE = ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run", MATMUL_KEY)
 
 
 def free_fields(analysis: Any, datamodule: Any) -> tuple[str, ...]:
@@ -189,18 +260,25 @@ def run_predict(argv: list[str] | None) -> Any:
         argv = _resolve_model_flag(argv, registries)
     set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))
     cli_class = _build_cli_class()
-    return cli_class(
-        Analysis,
-        WorkDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=None,
-        parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
-                       "description": "Run a lensbench analysis: lensbench predict --config X.yaml"},
-        auto_configure_optimizers=False,
-        seed_everything_default=False,
-        args=argv,
-    )
+    previous = _matmul_precision_now()  # a run in this process sets its own; the caller's comes back after
+    try:
+        return cli_class(
+            Analysis,
+            WorkDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,
+            parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
+                           "description": "Run a lensbench analysis: lensbench predict --config X.yaml"},
+            auto_configure_optimizers=False,
+            seed_everything_default=False,
+            args=argv,
+        )
+    finally:
+        if previous is not None:
+            import torch
+
+            torch.set_float32_matmul_precision(previous)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -313,11 +391,15 @@ RESUME = {"predict": "the results stored so far are kept: run the same command a
 
 
 def _stop_on_signals() -> dict[int, Any]:
-    """SIGTERM and SIGINT raise ``RunStopped`` where the run stands (once: a second signal while
-    stopping ends the process at once, as without lensbench). Returns the handlers replaced."""
+    """SIGTERM and SIGINT raise ``RunStopped`` where the run stands (once: a second Ctrl-C while
+    stopping ends the process at once, as without lensbench; a repeated SIGTERM is ignored, as
+    launchers repeat it: Lightning forwards a SIGTERM to its child ranks, which a ``kill`` of the
+    process group or ``scancel`` reached too). Returns the handlers replaced."""
     stopping: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:
+        if stopping and signum == signal.SIGTERM:  # already stopping: the same request again
+            return
         if stopping:  # a second Ctrl-C: stop now
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
@@ -329,6 +411,28 @@ def _stop_on_signals() -> dict[int, Any]:
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, stop)
     return previous
+
+
+def _no_sigterm_broadcast(trainer: Any) -> None:
+    """Keep Lightning's SIGTERM handler from broadcasting inside the handler. Lightning 2.6 makes
+    every rank that gets SIGTERM call ``dist.broadcast(..., src=0)`` there: a rank signalled alone
+    (``kill`` of one rank) waits in it for the DDP timeout (30 minutes by default), and a rank
+    signalled twice (a ``kill`` of the process group, then Lightning's forwarding) waits for a rank
+    0 that is gone. lensbench stops each signalled rank itself (``RunStopped``); a rank left running
+    stops at its next collective in one line. Lightning's forwarding of the signal to the child
+    ranks it launched is kept."""
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is None or not hasattr(connector, "_sigterm_notifier_fn"):
+        return
+
+    def notify(signum: Any, frame: Any) -> None:
+        if not connector.received_sigterm:
+            launcher = trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        connector.received_sigterm = True
+
+    connector._sigterm_notifier_fn = notify
 
 
 def _peer_lost(exc: BaseException) -> str | None:
@@ -433,6 +537,8 @@ def _main(argv: list[str], from_sys: bool) -> int:
             return 2
         lost = _peer_lost(exc)
         if lost is not None and not _debug():
+            if "timed out" in lost.lower() or "timeout" in lost.lower():  # a rank that hangs, not one that died
+                lost += ": no answer within the DDP timeout, trainer.strategy.init_args.timeout"
             print(f"lensbench: error: another rank of this distributed run stopped or stopped answering ({lost}); "
                   f"{RESUME.get(argv[0] if argv else '', 'run the same command again')}", file=sys.stderr)
             return 1

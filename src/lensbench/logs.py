@@ -32,7 +32,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Loggers whose records the run log receives (lensbench's own and Lightning's).
 CAPTURED = ("lightning.pytorch", "lightning.fabric", "lensbench.run")
 #: Messages nobody running an analysis needs: Lightning's advertisements for its cloud services,
-#: and its advice on float32 matmul precision (analyses keep full precision on purpose).
+#: and its advice on float32 matmul precision (lensbench sets it itself: float32_matmul_precision).
 NOISE = ("💡 Tip:", "set_float32_matmul_precision")
 _RANK_ZERO_LOGGERS = ("lightning_utilities.core.rank_zero", "lightning.pytorch.utilities.rank_zero",
                       "lightning.fabric.utilities.rank_zero")

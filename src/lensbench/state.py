@@ -116,7 +116,9 @@ class Transform:
     ``SubjectManager`` constructs it as ``cls(**params)`` (the state's parameters, kept in
     ``self.params``) each time a model enters a state, calls ``validate``, then ``touched``, then
     ``apply`` under ``torch.no_grad()`` with a new ``torch.Generator`` on the device of the first
-    touched parameter (the CPU when none), seeded with the state's seed. Raise
+    touched parameter (the CPU when none, and when the touched parameters of a model placed by a
+    ``device_map`` lie on several devices: they are then host copies during ``apply``), seeded
+    with the state's seed. Raise
     ``lensbench.errors.LensbenchError(message, field)`` for what a user can fix. The full contract
     is in docs/plugins.md, "Contracts".
 
@@ -218,15 +220,19 @@ class SubjectManager:
     def _restore(self) -> None:
         while self._structural:  # structure first, in reverse order; parameter names do not change
             self._structural.pop().undo(self.loaded)
-        params = self._params()
-        with torch.no_grad():
+        from .models.loading import editable_weights
+
+        names = [entry[0] for entry in self._slices] + list(self._originals)
+        with editable_weights(self.loaded.model, names), torch.no_grad():  # offloaded ones: their host values
+            params = self._params()
+            gpus = {params[n].device for n in names if params[n].device.type == "cuda"}
             while self._slices:  # in reverse order of saving: each holds what was there before it
                 name, dim, index, saved = self._slices.pop()
                 params[name].index_copy_(dim, index, saved.to(params[name].device, non_blocking=True))
             for name, original in self._originals.items():
                 params[name].copy_(original, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for gpu in gpus | ({self.device} if self.device.type == "cuda" else set()):  # every GPU of a device map
+            torch.cuda.synchronize(gpu)
         self.restores += 1
 
     def _save_slice(self, param: torch.Tensor, rows: Rows) -> None:
@@ -253,8 +259,13 @@ class SubjectManager:
 
     def weights_finite(self) -> bool:
         """Whether every tensor the current transforms touched is finite."""
-        params = self._params()
-        return all(bool(torch.isfinite(params[n]).all()) for n in self.touched_names())
+        from .models.loading import editable_weights
+
+        with editable_weights(self.loaded.model, self.touched_names()):
+            params = self._params()
+            # every check queued first, then read: one wait for a GPU, not one per tensor
+            flags = [torch.isfinite(params[n]).all() for n in self.touched_names()]
+            return all(bool(flag) for flag in flags)
 
     def _base_transforms(self, checkpoint: str) -> tuple[TransformSpec, ...]:
         """The transforms of the checkpoint's model entry (``ModelSpec.transforms``), applied first."""
@@ -285,15 +296,22 @@ class SubjectManager:
         if unknown:
             raise LensbenchError(f"transform {spec.name!r} names unknown parameters {unknown[:3]}")
         self._touched += [n for n in names if n not in self._touched]
-        with torch.no_grad():
-            for item in touched:
-                if isinstance(item, Rows):
-                    self._save_slice(params[item.name], item)
-                elif item not in self._originals:
-                    self._originals[item] = self._clean_copy(item, params[item].detach())
-        generator = torch.Generator(device=params[names[0]].device if names else "cpu")
-        generator.manual_seed(spec.seed)
-        if transform.structural:
-            self._structural.append(transform)  # undone even if apply raises part way
-        with torch.no_grad():
-            transform.apply(self.loaded, generator)
+        from .models.loading import editable_weights, on_one_device
+
+        # Offloaded weights are edited where accelerate keeps them; weights spread over several
+        # devices are transformed on the CPU (one random stream whatever the device map).
+        with editable_weights(self.loaded.model, names):
+            params = self._params()
+            with torch.no_grad():
+                for item in touched:
+                    if isinstance(item, Rows):
+                        self._save_slice(params[item.name], item)
+                    elif item not in self._originals:
+                        self._originals[item] = self._clean_copy(item, params[item].detach())
+            with on_one_device(self.loaded.model, names) as where:
+                generator = torch.Generator(device=where)
+                generator.manual_seed(spec.seed)
+                if transform.structural:
+                    self._structural.append(transform)  # undone even if apply raises part way
+                with torch.no_grad():
+                    transform.apply(self.loaded, generator)

@@ -294,12 +294,12 @@ class LoopIdentity(Analysis):
         if label == self.baseline_label:
             return None  # in the run's identity (fingerprint)
         if label not in self._weights:
-            from ..models.fingerprint import model_fingerprint
+            from ..models.fingerprint import model_fingerprint, weight_settings
 
             spec = self.specs[label]
             # Not the source: the fingerprint covers the weights' content, wherever the folder is
-            # and however its path is written (./ckpts/x, ckpts/x, /abs/ckpts/x).
-            settings = {k: v for k, v in spec.__dict__.items() if k not in ("name", "source")}
+            # and however its path is written (./ckpts/x, ckpts/x, /abs/ckpts/x); not the placement.
+            settings = weight_settings(spec)
             self._weights[label] = content_digest(model_fingerprint(spec, self.fields[label]), repr(settings))
         return self._weights[label]
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from ..analysis import Analysis
 from ..errors import LensbenchError
-from ..generation import (DEFAULT_PERPLEXITY_TEXT, GenerationSettings, PerplexitySettings, generate,
-                          perplexity_state, pooled_perplexity)
+from ..generation import (DEFAULT_PERPLEXITY_TEXT, Batching, GenerationSettings, GenerationStopped,
+                          PerplexitySettings, generate, perplexity_state, pooled_perplexity)
 from ..hookspecs import hookimpl
 from ..models.loading import EMBEDDED, ModelSpec, resolve_source, takes_images
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
@@ -42,8 +42,10 @@ class PerturbationAnalysis(Analysis):
 
     name = "perturbation"
     padding_side = "left"  # generation
-    # More levels or repetitions, and another batch size, extend a run (the DataModule adds prompts).
-    extendable = (*GRID_EXTENDABLE, "generation.max_batch_size")
+    # More levels or repetitions, and another batch size or memory threshold, extend a run (the
+    # DataModule adds prompts).
+    extendable = (*GRID_EXTENDABLE, "generation.max_batch_size", "generation.memory_grow_below",
+                  "generation.memory_warn_above", "generation.memory_stop_above")
 
     def __init__(
         self,
@@ -109,6 +111,7 @@ class PerturbationAnalysis(Analysis):
         self.items_per_step = self.generation.max_batch_size
         self._state_info: dict[str, dict[str, Any]] = {}
         self._warned_text_only = False
+        self._batching: Batching | None = None  # batch sizes kept across the run's generate calls
 
     def states(self) -> list[State]:
         return self._states
@@ -164,10 +167,25 @@ class PerturbationAnalysis(Analysis):
         shown = [self._picture(it.payload) for it in items]
         if info["weights_finite"]:
             seeds = [prompt_seed(labels["seed"], it.payload.group, it.payload.prompt_id) for it in items]
-            results = generate(loaded.model, loaded.tokenizer, [it.payload.text for it in items],
-                               self.generation, seeds, self.device, images=shown, processor=loaded.processor)
+            if self._batching is None:
+                self._batching = Batching(self.generation, self.device)
+            try:
+                results = generate(loaded.model, loaded.tokenizer, [it.payload.text for it in items],
+                                   self.generation, seeds, self.device, images=shown, processor=loaded.processor,
+                                   batching=self._batching, key=state.id)
+            except GenerationStopped as stop:  # near the end of GPU memory: store what was generated, then stop
+                done = items[: len(stop.results)]
+                for item, record in zip(done, self._records(done, stop.results, shown, info, labels)):
+                    digest = {"digest": item.digest} if item.digest is not None else {}
+                    self.store.write(item.key_str, {"state": item.state.id, **digest, **record})
+                raise
         else:
             results = [None] * len(items)
+        return self._records(items, results, shown, info, labels)
+
+    def _records(self, items: list[WorkItem], results: list, shown: list, info: dict[str, Any],
+                 labels: dict[str, Any]) -> list[dict[str, Any]]:
+        loaded = self.subjects.loaded
         stamp = utc_timestamp()
         records = []
         for item, result, picture in zip(items, results, shown):
@@ -206,7 +224,7 @@ class PerturbationAnalysis(Analysis):
                 "perplexity_state": info["perplexity_state"],
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                 "device": str(self.device),
-                "load_4bit": False,
+                "load_4bit": bool(getattr(self.spec, "load_in_4bit", False)),
                 "name_suffix": self.name_suffix,
             })
         return records
@@ -325,6 +343,10 @@ def _check_generation(g: GenerationSettings) -> None:
         raise LensbenchError(f"unknown value {g.images!r}; use one of {', '.join(IMAGES)}", f"{f}.images")
     if not 0 < g.top_p <= 1:
         raise LensbenchError(f"must be in (0, 1], got {g.top_p}", f"{f}.top_p")
+    for name in ("memory_grow_below", "memory_warn_above", "memory_stop_above"):
+        value = getattr(g, name)
+        if not 0 <= value <= 1:
+            raise LensbenchError(f"is a fraction of the GPU's memory, in [0, 1]; got {value}", f"{f}.{name}")
 
 
 def _supersede(run_dir: Path) -> None:

@@ -3,6 +3,9 @@
 A fingerprint reads a few blocks of every weight file (its size plus three 1 MiB samples), so it
 costs milliseconds for any model size, does not change when a folder is copied, and changes when
 weights are rewritten in place (a fine-tuned model saved over the old one).
+
+It reads the files, never a loaded model, so it is the same however the model is placed
+(``device_map``, ``max_memory``, offloading) or on which device it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from .loading import EMBEDDED, ModelSpec, resolve_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 BLOCK = 1 << 20
+#: ModelSpec fields that choose where the weights live, not what they are.
+PLACEMENT_FIELDS = ("device_map", "max_memory")
+#: ModelSpec fields added after run folders were made, left out of ``weight_settings`` while they
+#: hold their default, so that the digests of those folders do not change.
+_LEFT_OUT_AT_DEFAULT = {"load_in_4bit": False, "load_in_8bit": False}
 
 
 def file_fingerprint(path: Path, digest=None) -> str:
@@ -52,6 +60,31 @@ def model_fingerprint(spec: ModelSpec, field: str = "model") -> str:
     for path in files:
         file_fingerprint(path, h)
     return h.hexdigest()[:16]
+
+
+def weight_settings(spec: ModelSpec) -> dict:
+    """The settings of ``spec`` besides its source and label, for digests of what a run studies
+    (dtype, revision, head, transforms, quantization, ...): never its placement (``device_map``,
+    ``max_memory``), so that a run resumes under another device map, and the quantization fields
+    only when on, so that digests made before they existed stay valid."""
+    return {k: v for k, v in spec.__dict__.items()
+            if k not in ("name", "source", *PLACEMENT_FIELDS)
+            and not (k in _LEFT_OUT_AT_DEFAULT and v == _LEFT_OUT_AT_DEFAULT[k])}
+
+
+def without_placement(value):
+    """A resolved config (or part of it) with every model entry (a mapping with ``source`` and
+    ``device_map``) stripped of its placement fields and of the quantization fields while off: the
+    run identity of a config then matches that of run folders made before these fields existed,
+    and a run resumes under another device map."""
+    if isinstance(value, list):
+        return [without_placement(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "source" in value and "device_map" in value:
+        return {k: v for k, v in value.items()
+                if k not in PLACEMENT_FIELDS and not (k in _LEFT_OUT_AT_DEFAULT and v == _LEFT_OUT_AT_DEFAULT[k])}
+    return {k: without_placement(v) for k, v in value.items()}
 
 
 def _cached_hub_files(res, spec: ModelSpec) -> list[Path]:

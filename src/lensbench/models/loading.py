@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,26 @@ class ModelSpec:
     """Registered transforms applied to the loaded model before every state's own, in order
     ({name, params, seed}), e.g. [{name: loop_layers, params: {start: 4, end: 8, passes: 3}}]:
     the model studied is the looped one. Give the entry a ``name`` to tell it from the plain model."""
+    device_map: str | dict[str, int | str] | None = None
+    """Spread the model over devices (transformers/accelerate) instead of putting it whole on the
+    rank's device: auto, balanced, balanced_low_0 or sequential (the GPUs of this rank, then the
+    CPU, then the disk; ``max_memory`` caps each), a single device (cpu, cuda:1), or an explicit map
+    {module: device} covering every weight, devices being a GPU index (0, 1), cuda:N, cpu or disk.
+    On a GPU rank, cpu means offloaded: weights kept in host memory, computed on the GPU; disk:
+    read from the checkpoint at each forward. Inputs go to the device of the input embeddings.
+    Perturbations and restores work on every placement (disk-offloaded weights a transform changes
+    are kept in host memory from then on); the weights' fingerprint does not depend on the map.
+    See docs/distributed.md. Default: the whole model on the rank's device."""
+    max_memory: dict[int | str, int | str] | None = None
+    """With a named device_map (auto, balanced, ...): the most each device may hold, e.g.
+    {0: 20GiB, 1: 20GiB, cpu: 64GiB} (bytes or strings such as 20GiB); a device left out is not
+    used. Default: what accelerate finds free on the GPUs of this rank and the CPU."""
+    load_in_4bit: bool = False
+    """Quantize the linear layers' weights to 4 bits (NF4) while loading, through transformers'
+    BitsAndBytesConfig: needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU.
+    Quantized weights cannot be perturbed (the norms and embeddings, which stay in float, can)."""
+    load_in_8bit: bool = False
+    """Quantize the linear layers' weights to 8 bits (LLM.int8) while loading; as load_in_4bit."""
 
     def __post_init__(self) -> None:
         if self.transforms is not None:  # plain dicts (Python callers) become entries
@@ -113,6 +134,12 @@ class LoadedModel:
     processor: Any = None
     """The model's processor (images plus text) for vision-language models; None for text-only ones."""
     _anatomy: Any = field(default=None, repr=False)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (their execution device when
+        accelerate keeps them offloaded); the device of the first weight for a model without them."""
+        return input_device(self.model)
 
     @property
     def anatomy(self):
@@ -179,6 +206,7 @@ def resolve_source(spec: ModelSpec, field: str = "model") -> ResolvedSource:
         from lensbench.plugins import active_registries
 
         check_transforms(spec.transforms, active_registries().perturbations, f"{field}.transforms")
+    check_placement(spec, field)
     src = str(spec.source or "").strip()
     if not src:
         raise LensbenchError(f"source is empty; give a folder/file, a hub id, or one of the embedded models: "
@@ -248,6 +276,228 @@ def _common_kwargs(res: ResolvedSource, spec: ModelSpec) -> dict[str, Any]:
     return common
 
 
+# -- placement: device maps, offloading, quantization ------------------------------------------------
+
+#: device_map strategies of transformers/accelerate (the rest of the values are devices or maps).
+NAMED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_QUANT_FIELDS = ("load_in_4bit", "load_in_8bit")
+
+
+def _map_device(value: Any) -> int | str | None:
+    """A device of a device_map as transformers takes it (a GPU index, cuda:N, cpu, disk, ...);
+    None when ``value`` is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    if text in ("cpu", "disk"):
+        return text
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return text if kind in ("cuda", "mps", "xpu", "npu", "hpu") else None
+
+
+def _quantization(spec: ModelSpec) -> str | None:
+    """The quantization field that is on (load_in_4bit or load_in_8bit), else None."""
+    return next((name for name in _QUANT_FIELDS if getattr(spec, name, False)), None)
+
+
+def check_placement(spec: ModelSpec, field: str = "model") -> None:
+    """Refuse, before any weights are read, a device_map, max_memory or quantization that cannot work."""
+    dm = spec.device_map
+    where = f"{field}.device_map"
+    if isinstance(dm, str):
+        if dm not in NAMED_MAPS and _map_device(dm) in (None, "disk"):
+            raise LensbenchError(f"device_map {dm!r} is neither a strategy ({', '.join(NAMED_MAPS)}) nor a device "
+                                 "(cpu, cuda:1, 0, ...) nor a map {module: device}", where)
+    elif isinstance(dm, dict):
+        if not dm:
+            raise LensbenchError("device_map is an empty map; give every module a device, or use auto", where)
+        for key, value in dm.items():
+            if not isinstance(key, str):
+                raise LensbenchError(f"device_map key {key!r} is not a module name (e.g. model.layers.0)", where)
+            if _map_device(value) is None:
+                raise LensbenchError(f"device_map gives {key!r} the device {value!r}; use a GPU index (0, 1), "
+                                     "cuda:N, cpu or disk", where)
+    elif dm is not None:
+        raise LensbenchError(f"device_map must be a strategy ({', '.join(NAMED_MAPS)}), a device or a map "
+                             f"{{module: device}}, got {dm!r}", where)
+    if spec.max_memory is not None:
+        mwhere = f"{field}.max_memory"
+        if dm not in NAMED_MAPS:
+            raise LensbenchError(f"max_memory only applies with device_map {', '.join(NAMED_MAPS)}; an explicit map "
+                                 "places every module itself (set device_map: auto, or remove max_memory)", mwhere)
+        if not isinstance(spec.max_memory, dict) or not spec.max_memory:
+            raise LensbenchError("max_memory must be a map {device: size}, e.g. {0: 20GiB, cpu: 64GiB}", mwhere)
+        from accelerate.utils import convert_file_size_to_int
+
+        for key, value in spec.max_memory.items():
+            if _map_device(key) is None:
+                raise LensbenchError(f"max_memory key {key!r} is not a device; use a GPU index (0, 1), cpu or disk",
+                                     mwhere)
+            try:
+                size = convert_file_size_to_int(value) if not isinstance(value, bool) else -1
+            except (ValueError, TypeError):
+                size = -1
+            if size < 0:
+                raise LensbenchError(f"max_memory[{key!r}] = {value!r} is not a size; give bytes or a string "
+                                     "such as 20GiB or 500MB", mwhere)
+    if spec.load_in_4bit and spec.load_in_8bit:
+        raise LensbenchError("load_in_4bit and load_in_8bit are both on; choose one", f"{field}.load_in_8bit")
+    quant = _quantization(spec)
+    if quant and importlib.util.find_spec("bitsandbytes") is None:
+        raise LensbenchError(f"{quant} needs the bitsandbytes package, which is not installed, and a CUDA GPU; "
+                             "install it with: pip install bitsandbytes (or set it to false)", f"{field}.{quant}")
+
+
+def _local_ranks() -> int:
+    """How many ranks of this run share this node: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per
+    node, or the WORLD_SIZE Lightning's own launcher sets (one node); 1 outside a distributed run."""
+    if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    tasks = re.match(r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", ""))
+    if tasks and "SLURM_PROCID" in os.environ:
+        return max(1, int(tasks.group()))
+    if "LOCAL_RANK" in os.environ and os.environ.get("WORLD_SIZE", "").isdigit() \
+            and os.environ.get("NODE_RANK", "0") == "0" and "GROUP_RANK" not in os.environ:
+        return max(1, int(os.environ["WORLD_SIZE"]))
+    return 1
+
+
+def _rank_max_memory(device: torch.device | None) -> dict[int | str, int] | None:
+    """max_memory of a named device_map given none: on a CPU rank the host memory alone; on a GPU
+    rank sharing its node with others, every ``local``-th GPU from its own (cuda:1 of 2 ranks on 4
+    GPUs: 1 and 3) and its share of host memory; None (every visible GPU, then the CPU) otherwise."""
+    if device is None:
+        return None
+    local = _local_ranks()
+    if device.type == "cuda" and local <= 1:
+        return None
+    import psutil
+
+    host = int(psutil.virtual_memory().available * 0.9) // local
+    if device.type != "cuda":
+        return {"cpu": host}
+    count = torch.cuda.device_count()
+    first = device.index if device.index is not None else torch.cuda.current_device()
+    if count < local:
+        raise LensbenchError(f"{local} ranks share this node's {count} GPUs, and a named device_map gives each rank "
+                             "its own GPUs: run at most one rank per GPU (trainer.devices), one rank per node for "
+                             "models that need several GPUs", "trainer.devices")
+    group = list(range(first % local, count, local))
+    return {**{g: int(torch.cuda.mem_get_info(g)[0] * 0.9) for g in group}, "cpu": host}
+
+
+def _offload_folder(model_holder: list) -> str:
+    """A private folder for weights accelerate writes to disk, removed with the model."""
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
+    model_holder.append(folder)
+    return folder
+
+
+def _check_explicit_map(device_map: dict[str, Any], config: Any, auto_cls: Any, spec: ModelSpec, field: str) -> None:
+    """Every key a module of the model, no key inside another, every weight given a device: checked
+    on the architecture built on the meta device (transformers would put unmapped weights on the CPU)."""
+    try:
+        with torch.device("meta"):
+            skeleton = auto_cls.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built here: transformers checks what it can
+        return
+    where = f"{field}.device_map"
+    modules = [name for name, _ in skeleton.named_modules()]
+    known = set(modules)
+    for key in device_map:
+        if key and key not in known:
+            raise LensbenchError(f"device_map names {key!r}, which is not a module of {type(skeleton).__name__}; "
+                                 f"{did_you_mean(key, modules)}", where)
+    keys = sorted(device_map, key=len)
+    for i, outer in enumerate(keys):
+        for inner in keys[i + 1:]:
+            if outer == "" or inner.startswith(outer + "."):
+                raise LensbenchError(f"device_map entries {outer!r} and {inner!r} overlap; give each module one "
+                                     "device (list the modules of the rest instead of \"\")", where)
+    missing = [name for name in skeleton.state_dict()
+               if not any(k == "" or name == k or name.startswith(k + ".") for k in device_map)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise LensbenchError(f"device_map gives no device to {missing[0]}{more}; map every module "
+                             f"(e.g. {missing[0].rsplit('.', 1)[0]!r}), or use auto", where)
+
+
+def _placement(spec: ModelSpec, device: torch.device | None, config: Any, auto_cls: Any, field: str,
+               cleanup: list) -> dict[str, Any]:
+    """The from_pretrained arguments placing the model: device_map, max_memory, offload_folder and
+    quantization_config; empty for a model loaded whole and moved to the rank's device."""
+    kwargs: dict[str, Any] = {}
+    quant = _quantization(spec)
+    if quant:
+        if device is None or device.type != "cuda":
+            raise LensbenchError(f"{quant} needs a CUDA GPU (bitsandbytes quantizes on it), and this rank runs on "
+                                 f"{device}; set trainer.accelerator: gpu, or set {quant} to false", f"{field}.{quant}")
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES[spec.dtype] or torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=spec.load_in_4bit, load_in_8bit=spec.load_in_8bit, bnb_4bit_compute_dtype=compute)
+        if spec.device_map is None:  # quantized weights are placed while loading, not moved afterwards
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+    dm = spec.device_map
+    if dm is None:
+        return kwargs
+    if isinstance(dm, dict):
+        dm = {key: _map_device(value) for key, value in dm.items()}
+        _check_explicit_map(dm, config, auto_cls, spec, field)
+        disk = "disk" in dm.values()
+    elif dm in NAMED_MAPS:
+        memory = spec.max_memory or _rank_max_memory(device)
+        if memory is not None:
+            kwargs["max_memory"] = {_map_device(k): v for k, v in memory.items()}
+        disk = True  # accelerate may send what fits nowhere else to the disk
+    else:
+        dm = _map_device(dm)
+        disk = False
+    kwargs["device_map"] = dm
+    if disk:
+        kwargs["offload_folder"] = _offload_folder(cleanup)
+    return kwargs
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device inputs of ``model`` go to: its input embeddings' (their execution device when
+    accelerate keeps them offloaded), else its first weight's."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    for hook in _hooks(embed) if embed is not None else []:
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+    if weight is None or weight.device.type == "meta":
+        weight = next((p for p in model.parameters() if p.device.type != "meta"), None)
+    return weight.device if weight is not None else torch.device("cpu")
+
+
+def _align_inputs(model: torch.nn.Module, device: torch.device) -> None:
+    """A model placed by a device_map takes inputs on any device and returns outputs on theirs:
+    accelerate's top-level hook does that once the model spans devices; a model placed whole on one
+    device other than the rank's gets such a hook here."""
+    if getattr(model, "_hf_hook", None) is not None:
+        return
+    devices = {p.device for p in model.parameters()}
+    if devices == {device} or not devices:
+        return
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    add_hook_to_module(model, AlignDevicesHook(execution_device=input_device(model), io_same_device=True))
+
+
 def takes_images(spec: ModelSpec, field: str = "model") -> bool:
     """Whether ``spec`` loads as a vision-language model (with a processor), read from its config alone."""
     res = resolve_source(spec, field)
@@ -299,7 +549,8 @@ def _unreadable_weights(exc: Exception, res: ResolvedSource, field: str) -> Lens
     return None
 
 
-def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Module, Any, Any]:
+def _load(res: ResolvedSource, spec: ModelSpec, field: str,
+          device: torch.device | None = None) -> tuple[torch.nn.Module, Any, Any]:
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor, AutoTokenizer)
 
@@ -327,6 +578,8 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Mo
     kwargs: dict[str, Any] = dict(common, config=config, dtype=dtype)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
+    folders: list[str] = []  # offload folders, removed with the model
+    kwargs.update(_placement(spec, device, config, auto_cls, field, folders))
     try:
         if res.weights_file is not None and res.weights_file.name != "model.safetensors":
             from safetensors.torch import load_file
@@ -338,15 +591,24 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str) -> tuple[torch.nn.Mo
         else:
             model = auto_cls.from_pretrained(res.location, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a weights file that cannot be read is the user's to fix
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
         unreadable = _unreadable_weights(exc, res, field)
         if unreadable is not None:
             raise unreadable from None
+        if spec.device_map is not None and isinstance(exc, (AssertionError, RuntimeError, ValueError)) and any(
+                w in str(exc) for w in ("CUDA", "device ordinal", "accelerator", "offload", "meta device")):
+            raise LensbenchError(f"the model cannot be placed by this device_map ({_first_line(exc)}); name devices "
+                                 f"this machine has ({torch.cuda.device_count()} GPUs visible) and map every "
+                                 f"module once", f"{field}.device_map") from None
         if not isinstance(exc, ValueError):
             raise
         if "Unrecognized configuration class" not in str(exc):
             raise
         raise LensbenchError(f"{type(config).__name__} has no {head} model in transformers; set head to one of "
                              f"{', '.join(h for h in HEADS if h != head)}", f"{field}.head") from exc
+    for folder in folders:
+        weakref.finalize(model, shutil.rmtree, folder, True)
     processor = None
     if head == "image_text_to_text":
         try:
@@ -385,7 +647,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu", padding_side
             res.location, f"{field}.source")
         res = ResolvedSource("folder", str(folder))
     try:
-        model, tokenizer, processor = _load(res, spec, field)
+        model, tokenizer, processor = _load(res, spec, field, device)
     except OSError as exc:
         if res.kind != "hub":
             raise
@@ -395,7 +657,11 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu", padding_side
         raise LensbenchError(f"model {res.location!r} could not be loaded from the Hugging Face hub "
                              f"({text.splitlines()[0][:160]}); check the hub id and revision, or set source to a "
                              f"local folder", f"{field}.source") from exc
-    model.eval().requires_grad_(False).to(device)
+    model.eval().requires_grad_(False)
+    if spec.device_map is None and _quantization(spec) is None:
+        model.to(device)
+    else:  # placed while loading: not moved to the rank's device
+        _align_inputs(model, device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     tokenizer.padding_side = padding_side
@@ -479,3 +745,118 @@ def embedded_smollm2_folder() -> Path:
         save_serializable(model, tokenizer, tmp)
 
     return convert_once(cache_dir() / "models" / SMOLLM2_CACHE_NAME, build)
+
+
+# -- weights of a placed model: offloaded, spread over devices, quantized ------------------------------
+
+def _hooks(module: torch.nn.Module) -> list:
+    """accelerate's hooks on ``module`` (a SequentialHook's members), [] when it has none."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])
+
+
+def _split(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    module_name, _, leaf = name.rpartition(".")
+    return model.get_submodule(module_name), leaf
+
+
+def _offloaded(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, Any, str] | None:
+    """``(module, leaf, loader, key)`` of a parameter accelerate keeps offloaded (on the meta device,
+    its values in a hook's weights map: a dict in host memory (``cpu_offload``), or an
+    ``OffloadedWeightsLoader`` holding host tensors and an index of tensors on disk); None for one
+    that is on a device."""
+    module, leaf = _split(model, name)
+    param = module._parameters.get(leaf)
+    if param is None or param.device.type != "meta":
+        return None
+    parts = name.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):  # the module's own hook, else an ancestor's that places it
+        owner = model.get_submodule(".".join(parts[:depth]))
+        relative = ".".join([*parts[depth:], leaf])
+        for hook in _hooks(owner):
+            weights = getattr(hook, "weights_map", None)
+            if not getattr(hook, "offload", False) or weights is None:
+                continue
+            loader = getattr(weights, "dataset", weights)
+            key = getattr(weights, "prefix", "") + relative
+            if key in _host(loader) or key in getattr(loader, "index", {}):
+                return module, leaf, loader, key
+    raise LensbenchError(f"{name} is on the meta device and no accelerate hook holds its values; load the model "
+                         "with a device_map lensbench understands (auto, or an explicit map)")
+
+
+def _host(loader: Any) -> dict:
+    """The host-memory tensors of a weights map (what its hooks read first)."""
+    return loader if isinstance(loader, dict) else loader.state_dict
+
+
+@contextlib.contextmanager
+def editable_weights(model: torch.nn.Module, names: list[str]):
+    """While open, the parameters ``names`` can be read and changed in place wherever they are: each
+    one accelerate keeps offloaded is the very tensor its hook loads from (in host memory), so that
+    changing it changes what the model computes with; a disk-offloaded one is read once into host
+    memory and stays there (the hook reads its host copy first). Parameters on a device are left as
+    they are. Quantized ones (load_in_4bit/load_in_8bit: not floating point) are refused."""
+    for name in dict.fromkeys(names):
+        module, leaf = _split(model, name)
+        param = module._parameters.get(leaf)
+        if param is not None and not param.is_floating_point():
+            quant = "load_in_4bit" if "4bit" in type(param).__name__.lower() or param.dtype == torch.uint8 \
+                else "load_in_8bit"
+            raise LensbenchError(f"{name} is quantized ({str(param.dtype).replace('torch.', '')}, {quant}): "
+                                 "transforms cannot change it; load the model without quantization to perturb it, "
+                                 "or choose a group of float weights (norms, embeddings)")
+    swapped = []
+    try:
+        for name in dict.fromkeys(names):
+            found = _offloaded(model, name)
+            if found is None:
+                continue
+            module, leaf, loader, key = found
+            host = _host(loader)
+            if key not in host:  # on disk: from now on in host memory
+                host[key] = loader[key].detach().to("cpu", copy=True)
+            original = module._parameters[leaf]
+            module._parameters[leaf] = torch.nn.Parameter(host[key], requires_grad=False)
+            swapped.append((module, leaf, original))
+        yield
+    finally:
+        for module, leaf, original in reversed(swapped):
+            module._parameters[leaf] = original
+
+
+@contextlib.contextmanager
+def on_one_device(model: torch.nn.Module, names: list[str]):
+    """Yield the device a transform's generator goes on: the device of the parameters ``names``
+    when they share one (the CPU when there are none); else the CPU, the parameters on other
+    devices being replaced by host copies while the context lasts and written back on exit. A
+    transform thus draws one random stream whatever the device map. Open it inside
+    ``editable_weights`` (offloaded parameters are then on the CPU)."""
+    params = {}
+    for name in dict.fromkeys(names):
+        module, leaf = _split(model, name)
+        params[name] = (module, leaf, module._parameters[leaf])
+    devices = {param.device for _, _, param in params.values()}
+    if len(devices) <= 1:
+        yield next(iter(devices), torch.device("cpu"))
+        return
+    staged: dict[int, tuple[torch.Tensor, torch.nn.Parameter]] = {}
+    swapped = []
+    try:
+        for module, leaf, original in params.values():
+            if original.device.type == "cpu":
+                continue
+            if id(original) not in staged:
+                staged[id(original)] = (original, torch.nn.Parameter(original.detach().to("cpu", copy=True),
+                                                                     requires_grad=False))
+            module._parameters[leaf] = staged[id(original)][1]
+            swapped.append((module, leaf, original))
+        yield torch.device("cpu")
+    finally:
+        for module, leaf, original in reversed(swapped):
+            module._parameters[leaf] = original
+        with torch.no_grad():
+            for original, copy in staged.values():
+                original.copy_(copy)
