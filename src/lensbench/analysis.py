@@ -218,6 +218,7 @@ class Analysis(pl.LightningModule):
             self.progress.step(len(items))
 
     def teardown(self, stage: str) -> None:
+        failure: BaseException | None = None
         try:
             if self.store is None:
                 return
@@ -231,8 +232,11 @@ class Analysis(pl.LightningModule):
             trainer.strategy.barrier("lensbench-merged")
             if trainer.is_global_zero:
                 run_log.info(f"merged: {', '.join(p.name for p in self.merged_outputs)}")
+        except BaseException as exc:  # a rank lost at the barriers, a failed merge: the log says why
+            failure = exc
+            raise
         finally:
-            self.release_run()
+            self.release_run(failure)
 
     def release_run(self, exception: BaseException | None = None) -> None:
         """Close the shard, log why the run stopped, detach the run log and unlock the folder.

@@ -23,10 +23,11 @@ class ForkServer:
         assert json.loads(ready) == {"ready": True}, ready
 
     def run(self, jobs: dict[str, dict], parallel: int = 2) -> dict[str, subprocess.CompletedProcess]:
-        """``{id: {"args", "cwd", "env", "fault"}}`` -> ``{id: CompletedProcess}`` (with ``.fault``:
-        whether the fault's signal was sent)."""
+        """``{id: {"args", "cwd", "env", "fault", "gang"}}`` -> ``{id: CompletedProcess}`` (with
+        ``.fault``: whether the fault's signal was sent, ``.fired_at`` and ``.ended_at``: when it was
+        sent and when the job ended, as ``time.time()``)."""
         batch = [{"id": cid, "args": list(job["args"]), "cwd": str(job["cwd"]), "env": job["env"],
-                  "fault": job.get("fault")} for cid, job in jobs.items()]
+                  "fault": job.get("fault"), "gang": job.get("gang")} for cid, job in jobs.items()]
         self.proc.stdin.write(json.dumps({"jobs": batch, "parallel": parallel}) + "\n")
         self.proc.stdin.flush()
         answer = json.loads(self.proc.stdout.readline())
@@ -36,6 +37,7 @@ class ForkServer:
             done = subprocess.CompletedProcess(["lensbench", *jobs[cid]["args"]], res["returncode"], res["stdout"],
                                                res["stderr"])
             done.fault = res["fault"]
+            done.fired_at, done.ended_at = res.get("fired_at"), res.get("ended_at")
             out[cid] = done
         return out
 

@@ -8,8 +8,16 @@ answer ``{"results": {id: {"returncode", "stdout", "stderr", "fault"}}}`` on std
 
 - ``{"signal": "SIGKILL"|"SIGTERM"|"SIGINT", "glob": pattern, "lines": n}``: send the signal
   once the files matching ``glob`` (relative to cwd) hold at least ``n`` lines in all;
+  (any signal: SIGSTOP makes a rank that hangs without dying); with ``"then_kill": true`` the
+  child is SIGKILLed once every other job of its gang has ended (a stopped rank, cleaned up);
 - ``{"fsize": bytes}``: RLIMIT_FSIZE of the child, with SIGXFSZ ignored (a write past the limit
   then fails with EFBIG, as on a full disk).
+
+A job may name a ``"gang"``: the ranks of one DDP run (each with ``LOCAL_RANK``, ``MASTER_PORT``
+... in its env, as an external launcher such as srun or torchrun starts them). A gang's jobs are
+started together, even beyond ``parallel``, so no rank waits for a slot its peers hold. Each
+result also carries ``fired_at`` (when the fault's signal was sent, else null) and ``ended_at``
+(when the child was reaped), as ``time.time()``.
 
 A returncode is negative (-signal) when the child died of a signal, as with ``subprocess``.
 Children never run torch code in this process before the fork, so forking is safe.
@@ -42,6 +50,11 @@ import lensbench.analysis  # noqa: E402,F401
 import lensbench.cli  # noqa: E402
 import lensbench.data.modules  # noqa: E402,F401
 from lensbench.plugins import BUILTIN  # noqa: E402
+
+try:  # layer_sweep imports mteb lazily; importing it here spares each of its jobs ~3 s
+    import mteb  # noqa: F401
+except ImportError:
+    pass
 
 for _name in BUILTIN:  # the analyses and what they import; the registries are built per job
     importlib.import_module(_name)
@@ -100,29 +113,42 @@ def run_batch(jobs: list[dict], parallel: int) -> dict:
     running: dict[int, tuple[dict, str, str]] = {}
     results: dict[str, dict] = {}
     fired: dict[str, float] = {}
+    killed_after: set[str] = set()
     while pending or running:
         while pending and len(running) < parallel:
-            job = pending.pop(0)
-            out, err = (os.path.join(tmp, f"{len(results) + len(running)}-{job['id']}.{s}") for s in ("out", "err"))
-            pid = os.fork()
-            if pid == 0:
-                _child(job, out, err)
-            running[pid] = (job, out, err)
+            gang = pending[0].get("gang")
+            start = [j for j in pending if gang is not None and j.get("gang") == gang] if gang is not None \
+                else [pending[0]]
+            for job in start:
+                pending.remove(job)
+                out, err = (os.path.join(tmp, f"{len(results) + len(running)}-{job['id']}.{s}") for s in ("out", "err"))
+                pid = os.fork()
+                if pid == 0:
+                    _child(job, out, err)
+                running[pid] = (job, out, err)
         for pid, (job, _, _) in list(running.items()):
             fault = job.get("fault") or {}
             if "signal" in fault and job["id"] not in fired and _lines(job["cwd"], fault["glob"]) >= fault["lines"]:
                 os.kill(pid, getattr(signal, fault["signal"]))
                 fired[job["id"]] = time.time()
+            if fault.get("then_kill") and job["id"] in fired and job["id"] not in killed_after and not any(
+                    other.get("gang") == job.get("gang") and other["id"] != job["id"]
+                    for other, _, _ in running.values()) and not any(
+                    other.get("gang") == job.get("gang") for other in pending):
+                os.kill(pid, signal.SIGKILL)
+                killed_after.add(job["id"])
         time.sleep(0.002)
         for pid, (job, out, err) in list(running.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done == 0:
                 continue
+            ended = time.time()
             del running[pid]
             with open(out, errors="replace") as fo, open(err, errors="replace") as fe:
                 code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
                 results[job["id"]] = {"returncode": code, "stdout": fo.read(), "stderr": fe.read(),
-                                      "fault": job["id"] in fired}
+                                      "fault": job["id"] in fired, "fired_at": fired.get(job["id"]),
+                                      "ended_at": ended}
             try:  # a DDP child or a stray grandchild of the job's session
                 os.killpg(pid, signal.SIGKILL)
             except OSError:

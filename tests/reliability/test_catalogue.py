@@ -25,6 +25,8 @@ import pytest
 from conftest import clean_env
 from helpers_cli import run_many, snapshot
 
+from .sweep_tasks import write_sts
+
 NORMS = ("predict", "--model", "activation_norms", "--data", "lensbench.data.modules.TextDataModule",
          "--data.init_args.datasets", "[texts.txt]", "--trainer.accelerator", "cpu")
 
@@ -59,6 +61,12 @@ def memory_ablation(*extra: str) -> tuple[str, ...]:
     return ("predict", "--model", "memory_ablation", "--model.init_args.model", "tiny",
             "--data", "lensbench.data.answers.AnswerDataModule", "--data.init_args.dataset", "null",
             "--data.init_args.facts", "texts.txt", "--trainer.accelerator", "cpu", *extra)
+
+
+def layer_sweep(*extra: str, tasks: str = "[sts]") -> tuple[str, ...]:
+    return ("predict", "--model", "layer_sweep", "--model.init_args.models", "[tiny]", "--model.init_args.batch_size",
+            "8", "--data", "lensbench.layer_sweep.data.LayerSweepData", "--data.init_args.tasks", tasks,
+            "--trainer.accelerator", "cpu", *extra)
 
 
 FIT = ("fit", "--config", "train.yaml")
@@ -186,6 +194,37 @@ CASES = {
     "param_diff_bin_carrying_code": (param_diff("binevil"), 1,
                                      "binevil/pytorch_model.bin is not a readable PyTorch checkpoint (UnpicklingError"),
     "param_diff_gguf_cut_short": (param_diff("cut.gguf"), 1, "cut.gguf is not a readable GGUF file"),
+    # -- layer_sweep: tasks that do not resolve or load, malformed task folders, settings out of range
+    "sweep_unknown_task": (layer_sweep(tasks="[lensbench_topic]"), 1,
+                           "data.init_args.tasks: unknown task 'lensbench_topic': not a registered task, a task "
+                           "folder, a task set or an MTEB task; did you mean 'lensbench_topics'"),
+    "sweep_mteb_task_not_cached": (layer_sweep(tasks="[Banking77Classification]"), 1,
+                                   "MTEB task Banking77Classification needs its dataset mteb/banking77 from the Hugging "
+                                   "Face Hub, which is not reachable; download it where the hub is reachable"),
+    "sweep_task_set_not_cached": (layer_sweep(tasks="[skean2025_table1]"), 1,
+                                  "MTEB task AmazonCounterfactualClassification needs its dataset"),
+    "sweep_layer_outside_the_model": (layer_sweep("--model.init_args.layers", "[0, 3]"), 1,
+                                      "model.init_args.layers: layer 3 is outside tiny, whose hidden states are 0..2"),
+    "sweep_task_line_not_json": (layer_sweep(tasks="[badline]"), 1,
+                                 "data.init_args.tasks: badline/test.jsonl:2 is not valid JSON"),
+    "sweep_task_line_missing_field": (layer_sweep(tasks="[nofield]"), 1,
+                                      "data.init_args.tasks: nofield/test.jsonl:3 has no 'score' field"),
+    "sweep_task_json_unknown_type": (layer_sweep(tasks="[badtype]"), 1,
+                                     "badtype/task.json: type 'Regression' is not a local task type; use one of "
+                                     "Classification, Clustering"),
+    "sweep_last_token_on_an_encoder": (layer_sweep("--model.init_args.models", "[minilm]", "--model.init_args.pooling",
+                                                   "last"), 1,
+                                       "model.init_args.pooling: minilm is an encoder-only model"),
+    "sweep_batch_size_zero": (layer_sweep("--model.init_args.batch_size", "0"), 1,
+                              "model.init_args.batch_size: must be a positive number, got 0"),
+    "sweep_embedding_memory_zero": (layer_sweep("--model.init_args.embedding_memory_mb", "0"), 1,
+                                    "model.init_args.embedding_memory_mb: must be a positive number, got 0"),
+    "sweep_alpha_zero": (layer_sweep("--model.init_args.alpha", "0"), 1, "model.init_args.alpha: must be positive"),
+    "sweep_max_metric_texts_zero": (layer_sweep("--data.init_args.metrics_datasets", "[texts.txt]",
+                                                "--data.init_args.max_metric_texts", "0"), 1,
+                                    "data.init_args.max_metric_texts: must be at least 1 or null, got 0"),
+    "sweep_empty_metrics_dataset": (layer_sweep("--data.init_args.metrics_datasets", "[empty.txt]"), 1,
+                                    "data.init_args.metrics_datasets[0]: empty.txt holds no text"),
 }
 #: Cases that run in a folder holding a finished run (made first): it must stay byte for byte.
 PREPARED = ("shard_with_a_corrupt_middle_line", "folder_of_another_analysis")
@@ -233,11 +272,27 @@ def make_weight_files(root: Path, tiny_model: Path) -> None:
 
 
 def stored(folder: Path) -> list[str]:
-    """What a run folder holds that a later run would take as results: its identity, records, tables."""
+    """What a run folder holds that a later run would take as results: its identity, records, tables
+    (layer_sweep's progress.csv holding only its header, made before the work starts, is no table)."""
     if not folder.exists():
         return []
     records = [str(p) for p in folder.glob("shards/*.jsonl") if p.read_bytes().count(b"\n")]
-    return sorted(records + [p.name for p in folder.iterdir() if p.name == "run.json" or p.suffix in (".csv", ".json")])
+    return sorted(records + [p.name for p in folder.iterdir() if p.name == "run.json" or p.suffix in (".csv", ".json")
+                             and not (p.name == "progress.csv" and p.read_bytes().count(b"\n") <= 1)]
+                  + [str(p) for p in folder.glob("mteb/**/*.json")])
+
+
+def make_task_folders(root: Path) -> None:
+    """Local MTEB tasks: ``sts`` (whole), ``badline`` (its line 2 is not JSON), ``nofield`` (its
+    line 3 lacks ``score``), ``badtype`` (task.json names an unknown type)."""
+    lines = (write_sts(root / "sts") / "test.jsonl").read_text().splitlines(keepends=True)
+    for name in ("badline", "nofield", "badtype"):
+        shutil.copytree(root / "sts", root / name)
+    (root / "badline" / "test.jsonl").write_text(lines[0] + '{"sentence1": "a cat", \n' + "".join(lines[1:]))
+    row = json.loads(lines[2])
+    del row["score"]
+    (root / "nofield" / "test.jsonl").write_text("".join(lines[:2]) + json.dumps(row) + "\n" + "".join(lines[3:]))
+    (root / "badtype" / "task.json").write_text(json.dumps({"type": "Regression", "description": "x"}))
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +318,7 @@ def catalogue(tmp_path_factory, tiny_model, forks):
         "data:\n  dataset: synthetic_qa\n  options: {num_pairs: 4, buckets: [1, 2]}\n"
         "trainer: {max_steps: 1, accelerator: cpu}\n")
     (root / "bad_pipeline.yaml").write_text("base: tiny\nother: [tiny]\n")
+    make_task_folders(root)
     (root / "alien").mkdir()
     (root / "alien" / "config.yaml").write_text("model:\n  class_path: some.where.Alien\n")
     shutil.copytree(tiny_model, root / "notok", ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
