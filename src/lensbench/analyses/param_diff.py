@@ -1,9 +1,10 @@
 """param_diff: how much, and in how many directions, each weight matrix changed between checkpoints.
 
 For every compared matrix, with ``dW = W_other - W_base`` in float32 or better:
-``dW_fro = ||dW||_F``, ``rel_change = dW_fro / W_fro``, the spectral norm ``dW_spec = ||dW||_2`` by
-power iteration (iterations recorded) and the stable rank ``dW_stable_rank = dW_fro² / dW_spec²``
-(undefined, NaN, for an unchanged matrix);
+``dW_fro = ||dW||_F``, ``rel_change = dW_fro / W_fro``, the spectral norm ``dW_spec = ||dW||_2``
+(Lanczos on ``dWᵀdW`` with a certified error bound, or exact ``svdvals`` for small matrices:
+see ``lensbench.linalg``; method, iterations and bound recorded) and the stable rank
+``dW_stable_rank = dW_fro² / dW_spec²`` (undefined, NaN, for an unchanged matrix);
 the same statistics for the base matrix ``W``. Tensors are read one at a time from disk, so memory
 stays near a few times the largest matrix, whatever the checkpoints' size.
 """
@@ -19,7 +20,7 @@ import torch
 from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
-from ..linalg import frobenius, matrix_stats
+from ..linalg import EXACT_MAX_DIM, METHODS, frobenius, matrix_stats
 from ..state import State
 from ..tables import pyplot, read_csv, write_csv
 from ..work import WorkItem
@@ -41,17 +42,25 @@ class ParamDiff(Analysis):
 
     def __init__(
         self,
-        tol: float = 1e-6,
+        tol: float = 1e-4,
         max_iter: int = 1000,
+        spectral_method: str = "auto",
+        exact_max_dim: int = EXACT_MAX_DIM,
         compute_dtype: str = "float32",
         experiment: str | None = None,
         output_dir: str = "outputs",
     ) -> None:
         """
         Args:
-            tol: Power iteration stops when the spectral-norm estimate changes by at most this
-                (relative) between iterations.
-            max_iter: Most power iterations per matrix (``*_spec_converged`` says if tol was met).
+            tol: Relative error bound of the spectral norm: an iterative method stops (and
+                ``*_spec_converged`` is true) once its certified residual bound is at most
+                ``tol * spec`` (docs/param_diff.md says what that guarantees).
+            max_iter: Most iterations per matrix (one product with the matrix and one with its
+                transpose each); a matrix that needs more is reported with ``*_spec_converged`` false.
+            spectral_method: auto, lanczos, power or exact: how spectral norms are computed. auto:
+                exact (``svdvals``) when the matrix's smaller side is at most ``exact_max_dim``,
+                else lanczos. The method used is recorded per matrix (``*_spec_method``).
+            exact_max_dim: Largest smaller side for which auto computes the exact value.
             compute_dtype: float32 or float64: the dtype of every computation, whatever the stored dtype.
             experiment: Name of the run: results go to ``<output_dir>/<experiment>/``. Default:
                 ``<analysis>/<config file's stem>``.
@@ -65,7 +74,16 @@ class ParamDiff(Analysis):
         if compute_dtype not in DTYPES:
             raise LensbenchError(f"must be one of {', '.join(DTYPES)}, got {compute_dtype!r}",
                                  "model.init_args.compute_dtype")
+        if spectral_method not in METHODS:
+            raise LensbenchError(f"must be one of {', '.join(METHODS)}, got {spectral_method!r}",
+                                 "model.init_args.spectral_method")
+        if exact_max_dim < 0:
+            raise LensbenchError(f"must be at least 0, got {exact_max_dim}", "model.init_args.exact_max_dim")
         self.tol, self.max_iter, self.compute_dtype = tol, max_iter, DTYPES[compute_dtype]
+        self.spectral_method, self.exact_max_dim = spectral_method, exact_max_dim
+
+    def _stats(self, matrix: torch.Tensor, prefix: str) -> dict[str, Any]:
+        return matrix_stats(matrix, prefix, self.tol, self.max_iter, self.spectral_method, self.exact_max_dim)
 
     def states(self) -> list[State]:
         datamodule = self.trainer.datamodule
@@ -87,7 +105,7 @@ class ParamDiff(Analysis):
             return record
         base = self._load(item.state.checkpoint, unit.info.name)
         if unit.kind == "base":
-            record.update(matrix_stats(base, "W", self.tol, self.max_iter))
+            record.update(self._stats(base, "W"))
             return record
         record["W_fro"] = frobenius(base)
         # dW = W_other - W_base, formed in the base matrix's memory from blocks of the other's rows:
@@ -96,10 +114,11 @@ class ParamDiff(Analysis):
         for block in self.trainer.datamodule.reader(unit.other).iter_rows(unit.info.name):
             block = block.to(self.device, self.compute_dtype).reshape(-1, *base.shape[1:])
             other_sq += frobenius(block) ** 2
-            base[row : row + block.shape[0]].sub_(block).neg_()
+            rows = base[row : row + block.shape[0]]
+            torch.sub(block, rows, out=rows)  # other - base, in one pass (= -(base - other) exactly)
             row += block.shape[0]
         record["W_other_fro"] = math.sqrt(other_sq)
-        record.update(matrix_stats(base, "dW", self.tol, self.max_iter))
+        record.update(self._stats(base, "dW"))
         return record
 
     @classmethod
@@ -123,9 +142,11 @@ class ParamDiff(Analysis):
                     "dW_fro": r["dW_fro"], "W_fro": r["W_fro"],
                     "rel_change": r["dW_fro"] / r["W_fro"] if r["W_fro"] > 0 else math.nan,
                     "dW_spec": r["dW_spec"], "dW_spec_iters": r["dW_spec_iters"],
-                    "dW_spec_converged": r["dW_spec_converged"], "dW_stable_rank": r["dW_stable_rank"],
+                    "dW_spec_converged": r["dW_spec_converged"], "dW_spec_method": r.get("dW_spec_method"),
+                    "dW_spec_bound": r.get("dW_spec_bound"), "dW_stable_rank": r["dW_stable_rank"],
                     "W_spec": w["W_spec"], "W_spec_iters": w["W_spec_iters"],
-                    "W_spec_converged": w["W_spec_converged"], "W_stable_rank": w["W_stable_rank"],
+                    "W_spec_converged": w["W_spec_converged"], "W_spec_method": w.get("W_spec_method"),
+                    "W_spec_bound": w.get("W_spec_bound"), "W_stable_rank": w["W_stable_rank"],
                     "W_other_fro": r["W_other_fro"],
                 })
         run_dir = Path(run_dir)
@@ -184,8 +205,9 @@ class ParamDiff(Analysis):
 
 
 PER_MATRIX_COLUMNS = ["other", "name", "layer", "module", "expert", "shape", "numel", "dW_fro", "W_fro", "rel_change",
-                      "dW_spec", "dW_spec_iters", "dW_spec_converged", "dW_stable_rank", "W_spec",
-                      "W_spec_iters", "W_spec_converged", "W_stable_rank", "W_other_fro"]
+                      "dW_spec", "dW_spec_iters", "dW_spec_converged", "dW_spec_method", "dW_spec_bound",
+                      "dW_stable_rank", "W_spec", "W_spec_iters", "W_spec_converged", "W_spec_method",
+                      "W_spec_bound", "W_stable_rank", "W_other_fro"]
 MISMATCH_COLUMNS = ["other", "name", "reason", "base_shape", "other_shape"]
 
 
