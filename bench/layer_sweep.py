@@ -140,7 +140,8 @@ def main() -> None:
                "three ways in one process (medians over repetitions, order rotating): all layers from one forward "
                "pass per batch (what layer_sweep does), the last layer alone, and one forward pass per layer (the "
                "seed's one run per layer). Scores agree to 1e-6 before any time is reported.",
-               f"{cpu_name()}, torch {torch.__version__}, {args.reps} repetitions", rows,
+               f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), "
+               f"{args.reps} repetition(s)", rows,
                "Forward = time spent in the model's forward passes; the rest is MTEB's evaluation (for STS: cosine "
                "similarities and a correlation per layer; for classification: logistic regressions, which grow "
                "with the number of layers scored).")
