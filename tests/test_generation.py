@@ -1,5 +1,7 @@
-"""Batched generation: out-of-memory back-off and its logging, token counting, seeding and the
-seeds recorded, perplexity through torchmetrics and its pooled states."""
+"""Batched generation: out-of-memory back-off, kept for the run per (state, length class), and its
+logging; memory-aware batch sizes from an injected memory probe (grow, warn, stop); prompts
+tokenized once; token counting, seeding and the seeds recorded; perplexity through torchmetrics
+and its pooled states. Out-of-memory errors are simulated by a wrapped ``model.generate``."""
 
 from __future__ import annotations
 
@@ -9,8 +11,12 @@ import math
 import pytest
 import torch
 
-from lensbench.generation import (DEFAULT_PERPLEXITY_TEXT, GenerationSettings, PerplexitySettings, generate,
-                                  perplexity, perplexity_state, pooled_perplexity)
+import lensbench.generation as generation
+from lensbench.errors import LensbenchError
+from lensbench.generation import (DEFAULT_PERPLEXITY_TEXT, Batching, GenerationSettings, GenerationStopped,
+                                  PerplexitySettings, generate, length_class, perplexity, perplexity_state,
+                                  pooled_perplexity)
+from lensbench.testing import WORDS
 from lensbench.models.loading import ModelSpec, load_model
 
 CPU = torch.device("cpu")
@@ -71,6 +77,162 @@ def test_out_of_memory_halves_the_batch_and_records_it(tiny, monkeypatch, messag
     calls = [m.getMessage() for m in messages if m.name == "lensbench.run" and m.levelno == logging.INFO]
     assert len(calls) == 3 and all("generated 2 prompts (batch size 2)" in m for m in calls), calls
     assert not any("GiB" in m for m in calls)  # memory is reported on CUDA only
+
+
+def words(n: int, count: int, seed: int = 0) -> list[str]:
+    """``count`` prompts of ``n`` words each (``n`` tokens: the tiny tokenizer is word-level)."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(n)) for _ in range(count)]
+
+
+class Capped:
+    """``model.generate`` that raises torch.OutOfMemoryError above a budget: at more than ``cap``
+    prompts, or at more than ``tokens`` padded prompt tokens in a call; records each call's size."""
+
+    def __init__(self, model, cap: int = 10**9, tokens: int = 10**9) -> None:
+        self.real, self.cap, self.tokens = model.generate, cap, tokens
+        self.sizes: list[int] = []
+        self.failed: list[int] = []
+
+    def __call__(self, **kwargs):
+        n, width = kwargs["input_ids"].shape
+        self.sizes.append(n)
+        if n > self.cap or n * width > self.tokens:
+            self.failed.append(n)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.real(**kwargs)
+
+
+def steps(prompts: list[str], size: int):
+    """The prompts in steps of ``size``, as the perturbation analysis hands them to generate."""
+    return [(i, prompts[i : i + size]) for i in range(0, len(prompts), size)]
+
+
+def test_an_out_of_memory_back_off_is_kept_for_the_rest_of_the_run(tiny, monkeypatch, messages):
+    prompts = words(6, 150)  # one length class (6 tokens -> 8)
+    seeds = list(range(1000, 1150))
+    sampled = GenerationSettings(max_new_tokens=4, do_sample=True, temperature=1.5, max_batch_size=64)
+    at16 = GenerationSettings(max_new_tokens=4, do_sample=True, temperature=1.5, max_batch_size=16)
+    reference = [r for i, chunk in steps(prompts, 64)
+                 for r in generate(tiny.model, tiny.tokenizer, chunk, at16, seeds[i : i + 64], CPU)]
+    capped = Capped(tiny.model, cap=16)
+    monkeypatch.setattr(tiny.model, "generate", capped)
+    messages.clear()
+    run = Batching(sampled, CPU)
+    results = [r for i, chunk in steps(prompts, 64)
+               for r in generate(tiny.model, tiny.tokenizer, chunk, sampled, seeds[i : i + 64], CPU,
+                                 batching=run, key="state A")]
+    # Two failures in the whole run (64, then 32), not two per step: the three steps of 64 prompts
+    # all run at the 16 that worked.
+    assert capped.failed == [64, 32] and run.out_of_memory == 2
+    assert capped.sizes == [64, 32] + [16] * 4 + [16] * 4 + [16, 6]
+    assert [r.batch_size for r in results] == [16] * 144 + [6] * 6
+    # ... and the outputs are those of a run at batch size 16 throughout (same batches, same seeds).
+    assert [(r.output, r.tokens, r.seed) for r in results] == [(r.output, r.tokens, r.seed) for r in reference]
+    backoffs = [m.getMessage() for m in messages if m.name == "lightning.pytorch.lensbench"]
+    assert backoffs == ["lensbench: batch size 64 -> 32 after CUDA out-of-memory (64 prompts in the failed call)",
+                        "lensbench: batch size 32 -> 16 after CUDA out-of-memory (32 prompts in the failed call)"]
+    # Kept per model state: another state learns its own size (a transform may change the memory needed).
+    generate(tiny.model, tiny.tokenizer, prompts[:64], sampled, 0, CPU, batching=run, key="state B")
+    assert capped.failed == [64, 32, 64, 32]
+    generate(tiny.model, tiny.tokenizer, prompts[:64], sampled, 0, CPU, batching=run, key="state A")
+    assert capped.failed == [64, 32, 64, 32] and capped.sizes[-4:] == [16] * 4
+
+
+def test_only_a_shorter_length_class_tries_larger_sizes_again(tiny, monkeypatch):
+    assert [length_class(n) for n in (1, 2, 3, 4, 5, 8, 9, 12)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    settings = GenerationSettings(max_new_tokens=3, do_sample=False, max_batch_size=8)
+    long, short = words(12, 16, seed=1), words(3, 24, seed=2)  # classes 16 and 4
+    capped = Capped(tiny.model, tokens=64)  # 8 x 12 fails, 4 x 12 fits; 8 x 3 fits
+    monkeypatch.setattr(tiny.model, "generate", capped)
+    run = Batching(settings, CPU)  # no memory probe (CPU): grows after every full batch
+    generate(tiny.model, tiny.tokenizer, long[:8], settings, 0, CPU, batching=run, key="s")
+    assert capped.sizes == [8, 4, 4]
+    capped.sizes.clear()
+    generate(tiny.model, tiny.tokenizer, short, settings, 0, CPU, batching=run, key="s")
+    # shorter prompts: from the 4 that worked for the longer class, doubled up to max_batch_size
+    assert capped.sizes == [4, 8, 8, 4]
+    capped.sizes.clear()
+    generate(tiny.model, tiny.tokenizer, long[8:], settings, 0, CPU, batching=run, key="s")
+    assert capped.sizes == [4, 4]  # the longer class keeps its size: no failure again
+    assert capped.failed == [8] and run.out_of_memory == 1
+
+
+def fake_probe(readings: list[float], total: int = 80 * 2**30):
+    """A memory probe returning ``(free, total)`` for each used fraction in turn (the last repeated)."""
+    calls = []
+
+    def probe():
+        used = readings[min(len(calls), len(readings) - 1)]
+        calls.append(used)
+        return int(total * (1 - used)), total
+
+    probe.calls = calls
+    return probe
+
+
+@pytest.mark.parametrize("used, grows", [(0.10, True), (0.55, False)])
+def test_batches_grow_only_while_memory_use_stays_low(tiny, monkeypatch, used, grows):
+    settings = GenerationSettings(max_new_tokens=3, do_sample=False, max_batch_size=8)
+    long, short = words(12, 8, seed=1), words(3, 24, seed=2)
+    capped = Capped(tiny.model, tokens=64)
+    monkeypatch.setattr(tiny.model, "generate", capped)
+    probe = fake_probe([used])
+    run = Batching(settings, CPU, memory_probe=probe)
+    generate(tiny.model, tiny.tokenizer, long, settings, 0, CPU, batching=run, key="s")
+    capped.sizes.clear()
+    generate(tiny.model, tiny.tokenizer, short, settings, 0, CPU, batching=run, key="s")
+    # below memory_grow_below (0.40) the batch doubles after each full batch; above, it stays
+    assert capped.sizes == ([4, 8, 8, 4] if grows else [4] * 6)
+    assert len(probe.calls) == 2 + len(capped.sizes)  # one reading after every call that worked
+
+
+def test_high_memory_warns_once_and_near_full_memory_stops_with_the_results_so_far(tiny, monkeypatch, messages):
+    settings = GenerationSettings(max_new_tokens=3, do_sample=False, max_batch_size=2)
+    prompts = words(4, 12)
+    reference = generate(tiny.model, tiny.tokenizer, prompts, settings, 0, CPU)
+    run = Batching(settings, CPU, memory_probe=fake_probe([0.5, 0.92, 0.93, 0.5, 0.96, 0.5]))
+    messages.clear()
+    with pytest.raises(GenerationStopped) as stop:
+        generate(tiny.model, tiny.tokenizer, prompts, settings, 0, CPU, batching=run, key="s")
+    err = stop.value
+    assert isinstance(err, LensbenchError) and err.field == "model.init_args.generation.max_batch_size"
+    assert "\n" not in str(err) and "96%" in err.message and "80.0 GiB" in err.message
+    assert "lower max_batch_size" in err.message and "saved" in err.message
+    # the five calls made before the stop, the fifth included: their results, for the caller to store
+    assert [r.output for r in err.results] == [r.output for r in reference[:10]]
+    warnings = [m.getMessage() for m in messages if m.name == "lensbench.run" and m.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "92%" in warnings[0] and "memory_warn_above" in warnings[0]
+    calls = [m.getMessage() for m in messages if m.name == "lensbench.run" and m.levelno == logging.INFO]
+    assert len(calls) == 5 and "50% of 80.00 GiB in use at its peak" in calls[0], calls
+    assert all(r.peak_memory is None for r in err.results)  # peak memory is CUDA's (max_memory_allocated)
+    # memory_stop_above: 1 never stops
+    never = GenerationSettings(max_new_tokens=3, do_sample=False, max_batch_size=2, memory_stop_above=1.0)
+    done = generate(tiny.model, tiny.tokenizer, prompts, never, 0, CPU,
+                    batching=Batching(never, CPU, memory_probe=fake_probe([0.99])))
+    assert [r.output for r in done] == [r.output for r in reference]
+
+
+def test_prompts_are_tokenized_once_per_run(tiny, monkeypatch):
+    settings = GenerationSettings(max_new_tokens=3, do_sample=False, max_batch_size=4)
+    encoded = []
+    real = generation.build_inputs
+    monkeypatch.setattr(generation, "build_inputs", lambda tok, prompts, *a, **k: encoded.append(len(prompts))
+                        or real(tok, prompts, *a, **k))
+    capped = Capped(tiny.model, cap=2)
+    monkeypatch.setattr(tiny.model, "generate", capped)
+    run = Batching(settings, CPU)
+    first = generate(tiny.model, tiny.tokenizer, PROMPTS, settings, 0, CPU, batching=run, key="a")
+    again = generate(tiny.model, tiny.tokenizer, PROMPTS, settings, 0, CPU, batching=run, key="b")
+    assert encoded == [6]  # once, not again after the back-off nor for the second state
+    assert [r.output for r in first] == [r.output for r in again]
+    # the batch padded from the stored ids is the tokenizer's own left-padded batch
+    ours = generation._pad_left(generation._token_rows(tiny.tokenizer, None, PROMPTS, [None] * 6, settings, {}),
+                                tiny.tokenizer.pad_token_id)
+    theirs = generation._encode(tiny.tokenizer, None, PROMPTS, None, settings, CPU, torch.float32)
+    assert ours.keys() == set(theirs.keys()) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_each_result_carries_the_seed_its_generate_call_used(tiny):

@@ -63,11 +63,19 @@ def manager(tiny_model, registry):
 
 # -- each method's exact semantics -----------------------------------------------------------------
 
+def n1(shape, level: float, g: torch.Generator) -> torch.Tensor:
+    """``1 + level * e``, ``e ~ N(0, 1)``, as mult_gauss draws it: ``normal_(mean=1, std=level)``."""
+    return torch.empty(shape).normal_(1.0, level, generator=g)
+
+
 def test_mult_gauss_is_w_times_one_plus_level_randn():
     w = big()
     got = MultGauss(level=0.3).perturb(w, gen(5))
-    expected = w * (1 + 0.3 * torch.randn(w.shape, generator=gen(5)))
+    expected = w * n1(w.shape, 0.3, gen(5))
     assert torch.equal(got, expected)
+    # the same stream as 1 + level * randn (the draw fuses the scaling: at most float32 rounding apart)
+    torch.testing.assert_close(n1(w.shape, 0.3, gen(5)), 1 + 0.3 * torch.randn(w.shape, generator=gen(5)),
+                               rtol=0, atol=2.5e-7)
     assert not torch.equal(got, MultGauss(level=0.3).perturb(w, gen(6)))  # the noise comes from the generator
     rel = got / w - 1
     assert abs(rel.std().item() - 0.3) < 0.01 and abs(rel.mean().item()) < 0.01
@@ -160,8 +168,70 @@ def test_the_model_is_perturbed_tensor_by_tensor_from_one_generator_seeded_seed(
     g = gen(7)  # one generator for the whole group, drawn in the group's (model) order
     for name in MLP:
         w = fresh[name]
-        assert torch.equal(now[name], w * (1 + 0.3 * torch.randn(w.shape, generator=g))), name
+        assert torch.equal(now[name], w * n1(w.shape, 0.3, g)), name
     assert changed(now, fresh) == MLP
+
+
+@pytest.mark.parametrize("chunk", [64, 80, 1 << 22])
+def test_noise_drawn_in_chunks_in_place_is_that_of_one_whole_draw(manager, fresh, monkeypatch, chunk):
+    """Chunks of NOISE_CHUNK elements (a multiple of 16) draw the CPU generator's numbers of one
+    whole draw; the [64, 32] MLP tensors leave pieces of 0 (64), 48 (80) and 2048 (4 Mi) elements,
+    and a last piece under 16 joins the one before."""
+    import lensbench.perturbations as perturbations
+
+    monkeypatch.setattr(perturbations, "NOISE_CHUNK", chunk)
+    n = 3 * chunk + 3 if chunk < 2048 else 2051
+    spans = list(perturbations._spans(n))
+    assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[-1][1] - spans[-1][0] == (chunk + 3 if chunk < 2048 else 2051)
+    for method, level, expect in (
+            ("mult_gauss", 0.3, lambda w, g: w * n1(w.shape, 0.3, g)),
+            ("add_gauss", 0.2, lambda w, g: w + 0.2 * w.std() * torch.randn(w.shape, generator=g)),
+            ("ablation", 0.5, lambda w, g: w * (torch.rand(w.shape, generator=g) >= 0.5))):
+        now = weights(manager.activate(state(method, level, group="mlp_only", seed=9)).model)
+        g = gen(9)
+        for name in MLP:
+            assert torch.equal(now[name], expect(fresh[name], g)), (method, name)
+    w = big(n=100_003)  # not a multiple of the chunk: the last piece is 3 (+ 16 or more) elements
+    assert torch.equal(MultGauss(level=0.3).perturb(w, gen(2)), w * n1(w.shape, 0.3, gen(2)))
+
+
+def test_the_group_is_looked_up_once_per_model_not_per_state(manager, monkeypatch):
+    loaded = manager.activate(state("mult_gauss", 0.1, group="mlp_only[1]", seed=1))
+    anatomy = type(loaded.anatomy)
+    calls = []
+    real = anatomy.parameter_group
+    monkeypatch.setattr(anatomy, "parameter_group", lambda self, *a, **k: calls.append(a[1]) or real(self, *a, **k))
+    for seed in (2, 3, 4):
+        manager.activate(state("mult_gauss", 0.1, group="mlp_only[1]", seed=seed))
+        manager.activate(state("ablation", 0.5, group="mlp_only[1]", seed=seed))
+    assert calls == []  # known since the first state
+    manager.activate(state("mult_gauss", 0.1, group="attn_only", seed=5))
+    manager.activate(state("mult_gauss", 0.1, group="attn_only", seed=6))
+    assert calls == ["attn_only"]
+    assert manager.touched_names() == V_PROJ
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_are_perturbed_in_float32_and_rounded_once(dtype):
+    """In place in the tensor's dtype, as ``(w.float() * (1 + level * e)).to(dtype)``."""
+
+    class Subject:
+        def __init__(self, w):
+            self.model = torch.nn.Module()
+            self.model.w = torch.nn.Parameter(w, requires_grad=False)
+
+    for cls, expect in ((MultGauss, lambda w, g: (w.float() * n1(w.shape, 0.3, g)).to(dtype)),
+                        (AddGauss, lambda w, g: (w.float() + 0.3 * w.float().std()
+                                                 * torch.randn(w.shape, generator=g)).to(dtype))):
+        w = big(n=4096).reshape(64, 64).to(dtype)
+        subject = Subject(w.clone())
+        perturbation = cls(level=0.3, group="w")
+        perturbation._selected = (subject.model, [type("Sel", (), {"name": "w", "index": None})()])
+        with torch.no_grad():
+            perturbation.apply(subject, gen(3))
+        assert subject.model.w.dtype == dtype
+        assert torch.equal(subject.model.w, expect(w, gen(3))), cls.name
 
 
 def test_add_gauss_and_ablation_through_the_manager_match_their_formulas(manager, fresh):
@@ -314,6 +384,51 @@ def test_perplexity_scores_the_text_the_file_or_the_default_sentence(tiny_model,
     assert _analysis(tiny_model, None)._ppl_text is None  # perplexity off
     err = _error(_analysis, tiny_model, PerplexitySettings(text="  "))
     assert err.field == "model.init_args.perplexity.text" and "is empty" in err.message
+
+
+def test_near_full_gpu_memory_stores_the_prompts_done_then_stops_in_one_line(tiny_model, registry):
+    """The analysis stores the records of the calls made before the stop, then raises the one-line
+    error (memory readings from an injected probe: 50%, then 97% of the device in use)."""
+    from lensbench.analyses.perturbation import PerturbationAnalysis
+    from lensbench.data.modules import Prompt
+    from lensbench.generation import Batching, GenerationSettings, GenerationStopped
+
+    settings = GenerationSettings(max_new_tokens=3, do_sample=False, max_batch_size=2)
+    analysis = PerturbationAnalysis(model=str(tiny_model), generation=settings,
+                                    perturbation=PerturbationGrid(levels=[0.1], include_baseline=False))
+    (st,) = analysis.states()
+    analysis.subjects = SubjectManager(analysis.subject_specs(), CPU, registry, padding_side="left")
+
+    class Store:
+        written: dict = {}
+
+        def write(self, key, record):
+            self.written[key] = record
+
+    analysis.store = Store()
+    total = 24 * 2**30
+    readings = iter([0.5, 0.97])
+    analysis._batching = Batching(settings, CPU, memory_probe=lambda: (int(total * (1 - next(readings))), total))
+    items = [WorkItem((st.id, "p", i), st, Prompt("p", i, f"the sun and the moon {i}", "p"), f"d{i}")
+             for i in range(1, 6)]
+    with pytest.raises(GenerationStopped) as stop:
+        analysis.process_batch(items)
+    assert stop.value.field == "model.init_args.generation.max_batch_size" and "\n" not in str(stop.value)
+    assert "97% of its 24.0 GiB" in stop.value.message
+    assert list(Store.written) == [it.key_str for it in items[:4]]  # the two calls made: 2 + 2 prompts
+    for item in items[:4]:
+        record = Store.written[item.key_str]
+        assert record["state"] == st.id and record["digest"] == item.digest and record["prompt_id"] == item.key[2]
+        assert record["output"] is not None and record["batch_size_effective"] == 2
+
+
+def test_memory_fractions_outside_zero_to_one_are_refused(tiny_model):
+    from lensbench.analyses.perturbation import PerturbationAnalysis
+    from lensbench.generation import GenerationSettings
+
+    for name in ("memory_grow_below", "memory_warn_above", "memory_stop_above"):
+        err = _error(PerturbationAnalysis, str(tiny_model), None, GenerationSettings(**{name: 1.5}))
+        assert err.field == f"model.init_args.generation.{name}" and "[0, 1]" in err.message, str(err)
 
 
 def test_utc_timestamps_have_the_seeds_form():

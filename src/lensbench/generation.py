@@ -1,4 +1,5 @@
-"""Batched generation with left padding and out-of-memory back-off, and perplexity (torchmetrics)."""
+"""Batched generation with left padding, out-of-memory back-off kept for the run and memory-aware
+batch sizes (``Batching``), and perplexity (torchmetrics)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .errors import LensbenchError
 from .logs import run_log
 
 # A child of Lightning's logger, so that its messages print like Lightning's own, on every rank.
@@ -33,7 +36,8 @@ class GenerationSettings:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest token set with this probability mass (0 < top_p <= 1)."""
     max_batch_size: int = 8
-    """Most prompts per generate call; halved and retried on a CUDA out-of-memory error."""
+    """Most prompts per generate call; halved and retried on a CUDA out-of-memory error, and the size
+    that worked kept for the rest of the run (per state and prompt length class)."""
     chat_template: bool | None = None
     """Wrap prompts in the tokenizer's chat template; default: when the tokenizer has one."""
     max_input_length: int = 512
@@ -42,6 +46,16 @@ class GenerationSettings:
     """Pictures of prompts that have one: auto (shown to a vision-language model; a text-only model
     gets the text alone, recorded as image_used false), always (a text-only model is an error) or
     never (text alone for every model)."""
+    memory_grow_below: float = 0.40
+    """GPU only: after an out-of-memory back-off, a shorter length class starts at the size that
+    worked for the longer one and doubles (up to max_batch_size) after each batch that kept memory
+    use below this fraction of the GPU's memory (the seed's 40%; 0: never grows)."""
+    memory_warn_above: float = 0.90
+    """GPU only: warn once in the run log when a batch's peak memory use passes this fraction (the
+    seed's 90%)."""
+    memory_stop_above: float = 0.95
+    """GPU only: stop the run, results saved, when a batch's peak memory use passes this fraction
+    (the seed's 95%; 1: never stops)."""
 
 
 @dataclass
@@ -100,20 +114,146 @@ class Generated:
     duration: float  # seconds of the generate call that produced it
     batch_size: int  # prompts in that call
     seed: int  # the seed every generator was given before that call (its first prompt's)
+    peak_memory: int | None = None  # bytes of CUDA memory allocated at that call's peak (None off CUDA)
+
+
+class GenerationStopped(LensbenchError):
+    """Generation stopped before the GPU ran out of memory; ``results`` holds those of the prompts
+    done before the stop (the first ``len(results)`` prompts), for the caller to save."""
+
+    def __init__(self, message: str, field: str | None, results: list[Generated]) -> None:
+        super().__init__(message, field)
+        self.results = results
+
+
+MemoryProbe = Callable[[], tuple[int, int]]
+"""A function returning ``(free, total)`` bytes of the generating device's memory."""
+
+_DEFAULT = object()
+
+
+def default_memory_probe(device: torch.device) -> MemoryProbe | None:
+    """``(free, total)`` of a CUDA device as this process can use it: ``torch.cuda.mem_get_info``'s
+    free memory plus the blocks PyTorch holds cached but unallocated, within the cap of
+    ``torch.cuda.set_per_process_memory_fraction`` when one is set. None on other devices."""
+    if device.type != "cuda":
+        return None
+
+    def probe() -> tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        cached = reserved - torch.cuda.memory_allocated(device)
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        fraction = get_fraction(device) if get_fraction is not None else 1.0
+        if fraction < 1:
+            total = int(fraction * total)
+            free = min(free, max(0, total - reserved))
+        return free + cached, total
+
+    return probe
+
+
+def length_class(tokens: int) -> int:
+    """Prompts' padded length rounded up to a power of two: batch sizes are remembered per class."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
+class Batching:
+    """Batch sizes of ``generate`` for a whole run, keyed by (model state, length class, max_new_tokens).
+
+    - **Out-of-memory memory.** A call that fails with an out-of-memory error is retried with half
+      the batch size; the size is then kept for that key for the rest of the run, so later batches
+      start there (``max_batch_size: 64`` capped by memory at 16 fails twice in a run, not twice per
+      batch). It also bounds longer length classes. Larger sizes are tried again only for a shorter
+      class: starting from the size of the nearest longer class, doubled after each full batch that
+      kept memory use below ``memory_grow_below`` (every full batch when there is no memory probe),
+      up to ``max_batch_size``.
+    - **Memory readings** (``memory_probe``, by default on CUDA: :func:`default_memory_probe`):
+      after each call, the fraction of the device's memory in use at the call's peak (the
+      probe's used memory plus what the call allocated at its peak above what stays allocated).
+      Above ``memory_warn_above`` the run log warns once; above ``memory_stop_above``
+      :class:`GenerationStopped` is raised, carrying the results so far.
+
+    ``key`` of :meth:`size` and friends is the model state (any hashable). :meth:`encodings`
+    keeps each prompt's token ids across calls (the same prompts are generated in every state).
+    """
+
+    def __init__(self, settings: GenerationSettings, device: torch.device | str = "cpu",
+                 memory_probe: MemoryProbe | None = _DEFAULT) -> None:  # type: ignore[assignment]
+        self.settings = settings
+        self.max = max(1, settings.max_batch_size)
+        self.device = torch.device(device)
+        self.probe = default_memory_probe(self.device) if memory_probe is _DEFAULT else memory_probe
+        self._limits: dict[tuple, dict[int, int]] = {}  # (key, new tokens) -> {class: size kept after OOM}
+        self._grown: dict[tuple, dict[int, int]] = {}  # (key, new tokens) -> {class: size reached}
+        self._encodings: dict[tuple, dict[str, list[int]]] = {}
+        self._encoder: tuple = (None, None)  # the (tokenizer, processor) the encodings are theirs
+        self.out_of_memory = 0  # out-of-memory errors caught in the run
+        self.warned = False
+
+    def size(self, key, new_tokens: int, lclass: int) -> int:
+        """The batch size to use for prompts of length class ``lclass``."""
+        limits = self._limits.get((key, new_tokens), {})
+        if lclass in limits:
+            return limits[lclass]
+        cap = min([s for c, s in limits.items() if c < lclass], default=self.max)  # longer needs no less
+        grown = self._grown.get((key, new_tokens), {}).get(lclass)
+        if grown is not None:
+            return min(grown, cap)
+        longer = [c for c in limits if c > lclass]
+        return min(cap, limits[min(longer)]) if longer else cap
+
+    def failed(self, key, new_tokens: int, lclass: int, size: int) -> int:
+        """Record an out-of-memory error at ``size``; the size to retry with."""
+        self.out_of_memory += 1
+        new = max(1, size // 2)
+        limits = self._limits.setdefault((key, new_tokens), {})
+        limits[lclass] = min(limits.get(lclass, new), new)
+        self._grown.get((key, new_tokens), {}).pop(lclass, None)
+        return new
+
+    def worked(self, key, new_tokens: int, lclass: int, size: int, full: bool, used: float | None) -> None:
+        """After a call that worked at ``size`` (``full``: it had that many prompts), with memory
+        use ``used`` (a fraction at its peak, None without a probe): grow where allowed."""
+        if lclass in self._limits.get((key, new_tokens), {}):
+            return  # a size that failed for this class is never tried again
+        low = used is None if self.probe is None else (used is not None and used < self.settings.memory_grow_below)
+        grown = self._grown.setdefault((key, new_tokens), {})
+        grown[lclass] = 2 * size if full and low else size
+
+    def encodings(self, tokenizer, processor) -> dict[tuple, dict[str, list[int]]]:
+        """Prompt -> token ids of this tokenizer and processor (emptied when they change)."""
+        if self._encoder[0] is not tokenizer or self._encoder[1] is not processor:
+            self._encoder, self._encodings = (tokenizer, processor), {}
+        return self._encodings
+
+    def reading(self) -> tuple[float, int] | None:
+        """``(used fraction, total bytes)`` at the peak of the call just made, or None without a probe."""
+        if self.probe is None:
+            return None
+        free, total = self.probe()
+        used = total - free
+        if self.device.type == "cuda":  # what the call held at its peak beyond what stays allocated
+            used += max(0, torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device))
+        return used / max(total, 1), total
 
 
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int | list[int],
-             device: torch.device, images: list | None = None, processor=None) -> list[Generated]:
-    """Generate for every prompt in chunks of ``max_batch_size``, halving on CUDA OOM.
+             device: torch.device, images: list | None = None, processor=None,
+             batching: Batching | None = None, key=None) -> list[Generated]:
+    """Generate for every prompt in chunks of at most ``max_batch_size``, backing off on out-of-memory.
 
     ``seed`` seeds every generator before each generate call: one int for all calls, or one per
     prompt (a call is seeded with its first prompt's), so that with ``max_batch_size: 1`` every
     prompt's sample depends only on its own seed, however the run was batched, sharded or resumed.
     Each result carries the seed its call really used (``Generated.seed``).
 
-    Each out-of-memory back-off is logged at INFO on the console logger (``lightning.pytorch.lensbench``),
-    each call at INFO in the run log only (``lensbench.run``: its batch size and, on CUDA, the
-    memory allocated).
+    ``batching`` holds the batch sizes across calls (a run's :class:`Batching`; a fresh one for
+    this call when None), ``key`` the model state they are kept for. Each out-of-memory back-off
+    is logged at INFO on the console logger (``lightning.pytorch.lensbench``), each call at INFO in
+    the run log only (``lensbench.run``: its batch size and, on CUDA, its peak memory). When memory
+    use passes ``memory_stop_above``, :class:`GenerationStopped` is raised after the call, with the
+    results so far.
 
     ``images`` gives each prompt a picture (a PIL image) or None; pictures go through ``processor``
     (a vision-language model's), and a chunk holds consecutive prompts showing the same picture.
@@ -122,37 +262,109 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     images = list(images) if images is not None else [None] * len(prompts)
     if any(img is not None for img in images) and processor is None:
         raise ValueError("prompts with pictures need the model's processor")
-    size = max(1, settings.max_batch_size)
+    batching = batching if batching is not None else Batching(settings, device)
+    rows = _token_rows(tokenizer, processor, prompts, images, settings, batching.encodings(tokenizer, processor))
+    lengths = [len(r["input_ids"]) for r in rows]
+    new_tokens = settings.max_new_tokens
+    dtype = next(model.parameters()).dtype
+    eos = _eos_ids(model, tokenizer)
+    cuda = device.type == "cuda"
     out: list[Generated] = []
     start = 0
     while start < len(prompts):
-        end = start + 1
-        while end < len(prompts) and end - start < size and images[end] is images[start]:
-            end += 1
+        group_end = start + 1  # a chunk shows one picture (or none)
+        while group_end < len(prompts) and images[group_end] is images[start]:
+            group_end += 1
+        size, end, lclass = batching.max, start, 0
+        while True:  # the largest chunk its own length class allows
+            end = min(start + size, group_end)
+            lclass = length_class(max(lengths[start:end]))
+            allowed = batching.size(key, new_tokens, lclass)
+            if allowed >= end - start:
+                size = allowed
+                break
+            size = allowed
+        if images[start] is None:
+            batch = _pad_left(rows[start:end], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+        else:
+            batch = _encode(tokenizer, processor, prompts[start:end], images[start], settings, device, dtype)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         try:
-            chunk = _generate_chunk(model, tokenizer, prompts[start:end], settings, seeds[start], device,
-                                    processor, images[start])
-        except torch.cuda.OutOfMemoryError:
-            if size == 1:
+            chunk = _generate_chunk(model, tokenizer, batch, settings, seeds[start], end - start, eos)
+        except torch.OutOfMemoryError:
+            if end - start == 1:
                 raise
-            torch.cuda.empty_cache()
-            log.info(f"lensbench: batch size {size} -> {max(1, size // 2)} after CUDA out-of-memory "
+            chunk = None
+        if chunk is None:  # out of the except block: the failed call's tensors are freed
+            del batch
+            if cuda:
+                torch.cuda.empty_cache()
+            new = batching.failed(key, new_tokens, lclass, size)
+            log.info(f"lensbench: batch size {size} -> {new} after CUDA out-of-memory "
                      f"({end - start} prompts in the failed call)")
-            size = max(1, size // 2)
             continue
-        run_log.info(f"generated {end - start} prompts (batch size {size}) in {chunk[0].duration:.2f} s"
-                     f"{_cuda_memory(device)}")
+        reading = batching.reading()
+        batching.worked(key, new_tokens, lclass, size, full=end - start == size,
+                        used=None if reading is None else reading[0])
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        for g in chunk:
+            g.peak_memory = peak
+        memory = ""
+        if peak is not None:
+            memory += f", peak {peak / 2**30:.2f} GiB allocated"
+        if reading is not None:
+            memory += f", {reading[0]:.0%} of {reading[1] / 2**30:.2f} GiB in use at its peak"
+        run_log.info(f"generated {end - start} prompts (batch size {size}) of length class {lclass} in "
+                     f"{chunk[0].duration:.2f} s{memory}")
         out += chunk
         start = end
+        if reading is None:
+            continue
+        used, total = reading
+        s = settings
+        if used > s.memory_stop_above and s.memory_stop_above < 1:
+            raise GenerationStopped(
+                f"stopped before the GPU runs out of memory: {used:.0%} of its {total / 2**30:.1f} GiB was in use at "
+                f"the peak of a batch of {end - start} prompts (memory_stop_above: {s.memory_stop_above}); the results "
+                "so far are saved: rerun to resume, with a lower max_batch_size or more free GPU memory",
+                "model.init_args.generation.max_batch_size", out)
+        if used > s.memory_warn_above and s.memory_warn_above < 1 and not batching.warned:
+            batching.warned = True
+            run_log.warning(f"GPU memory high: {used:.0%} of {total / 2**30:.1f} GiB in use at the peak of a batch "
+                            f"of {end - start} prompts (memory_warn_above: {s.memory_warn_above}; the run stops above "
+                            f"memory_stop_above: {s.memory_stop_above})")
     return out
 
 
-def _cuda_memory(device: torch.device) -> str:
-    if device.type != "cuda":
-        return ""
-    gib = 2**30
-    return (f", {torch.cuda.memory_allocated(device) / gib:.2f} GiB allocated "
-            f"(peak {torch.cuda.max_memory_allocated(device) / gib:.2f} GiB)")
+def _token_rows(tokenizer, processor, prompts, images, settings: GenerationSettings, cache: dict):
+    """Each prompt's token ids (and the other fields the tokenizer gives), unpadded, tokenized once
+    per run (``cache``); for a prompt with a picture, those of its text (for its length class:
+    the processor encodes it with the picture when its chunk is generated)."""
+    keys = [(p, img is not None, settings.chat_template, settings.max_input_length) for p, img in zip(prompts, images)]
+    for image in (False, True):
+        todo = [i for i, k in enumerate(keys) if k[1] == image and k not in cache]
+        if not todo:
+            continue
+        texts, chat = build_inputs(tokenizer, [prompts[i] for i in todo], settings.chat_template, processor, image)
+        enc = tokenizer(texts, truncation=not image, max_length=settings.max_input_length if not image else None,
+                        add_special_tokens=not chat)
+        for j, i in enumerate(todo):
+            cache[keys[i]] = {k: list(v[j]) for k, v in enc.items()}
+    return [cache[k] for k in keys]
+
+
+def _pad_left(rows: list[dict[str, list[int]]], pad_id: int | None) -> dict[str, torch.Tensor]:
+    """The rows as one left-padded batch, as ``tokenizer(texts, padding=True)`` with left padding."""
+    width = max(len(r["input_ids"]) for r in rows)
+    if pad_id is None and any(len(r["input_ids"]) < width for r in rows):
+        raise ValueError("prompts of different lengths need a padding token; the tokenizer has none")
+    batch = {}
+    for name in rows[0]:
+        fill = pad_id if name == "input_ids" else 0
+        batch[name] = torch.tensor([[fill] * (width - len(r[name])) + r[name] for r in rows], dtype=torch.long)
+    return batch
 
 
 def _encode(tokenizer, processor, prompts: list[str], image, settings: GenerationSettings, device, dtype):
@@ -168,8 +380,8 @@ def _encode(tokenizer, processor, prompts: list[str], image, settings: Generatio
             for k, v in batch.items()}
 
 
-def _generate_chunk(model, tokenizer, prompts, settings, seed, device, processor=None, image=None) -> list[Generated]:
-    batch = _encode(tokenizer, processor, prompts, image, settings, device, next(model.parameters()).dtype)
+def _generate_chunk(model, tokenizer, batch, settings: GenerationSettings, seed: int, n: int,
+                    eos: set[int]) -> list[Generated]:
     set_all_seeds(seed)
     kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
               "pad_token_id": tokenizer.pad_token_id}
@@ -177,23 +389,18 @@ def _generate_chunk(model, tokenizer, prompts, settings, seed, device, processor
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    width = batch["input_ids"].shape[1]
     begin = time.perf_counter()
     with torch.inference_mode():
         sequences = model.generate(**batch, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    new = sequences[:, width:].cpu()  # the one wait for the device (it ends the timing, as a synchronize would)
     duration = time.perf_counter() - begin
-    new = sequences[:, batch["input_ids"].shape[1] :].cpu()
-    eos = _eos_ids(model, tokenizer)
-    results = []
-    for row in new.tolist():
-        n = len(row)
-        for i, token in enumerate(row):
-            if token in eos:
-                n = i + 1
-                break
-        results.append(Generated(tokenizer.decode(row[:n], skip_special_tokens=True), n, duration, len(prompts), seed))
-    return results
+    # tokens up to and including the first end-of-sequence token, found for all rows at once
+    no_eos = torch.zeros_like(new, dtype=torch.bool)
+    hits = torch.isin(new, torch.tensor(sorted(eos), dtype=new.dtype)) if eos else no_eos
+    counts = torch.where(hits.any(1), hits.int().argmax(1) + 1, new.shape[1]).tolist()
+    texts = tokenizer.batch_decode([row[:k] for row, k in zip(new.tolist(), counts)], skip_special_tokens=True)
+    return [Generated(text, k, duration, n, seed) for text, k in zip(texts, counts)]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

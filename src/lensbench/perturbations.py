@@ -11,12 +11,17 @@ With ``w`` a tensor of the group (the value slice of a fused projection counts a
   ``s = (hi - lo) / (level - 1)``: uniform quantization to ``level`` values on the tensor's own
   min-max grid (``level`` an integer >= 2; fewer levels = more damage).
 
-Computation is in float32 and the result is cast back to the tensor's dtype.
+Computation is in float32 and the result is cast back to the tensor's dtype. The elementwise
+methods (``mult_gauss``, ``add_gauss``, ``ablation``) change the tensor in place: the noise is drawn
+``NOISE_CHUNK`` elements at a time, in float32, into one reusable buffer, and each chunk of the
+tensor is multiplied (or added to) in place, so a state change costs about one pass over the
+weights besides drawing the noise, with no float32 copy of the tensor.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,7 +44,11 @@ class Perturbation(Transform):
         check_level(self.name, self.level, "level")
 
     def selections(self, subject) -> list:
-        return subject.anatomy.parameter_group(subject.model, self.group, field="model.init_args.perturbation.param_group")
+        # validate, touched and apply ask in turn, state after state: looked up once per model
+        cached = self.__dict__.get("_selected")
+        if cached is None or cached[0] is not subject.model:
+            cached = self._selected = (subject.model, parameter_group(subject, self.group))
+        return cached[1]
 
     def validate(self, subject) -> None:
         self.selections(subject)  # at level 0 too: a group that matches nothing fails before any work
@@ -52,47 +61,132 @@ class Perturbation(Transform):
     def apply(self, subject, generator: torch.Generator) -> None:
         if self.level == 0:
             return
+        buffers: dict[torch.device, torch.Tensor] = {}  # one float32 noise buffer per device, reused
         for sel in self.selections(subject):
             param = subject.model.get_parameter(sel.name)
-            if sel.index is None:
-                param.copy_(self.perturb(param.float(), generator).to(param.dtype))
+            if not self.elementwise:
+                if sel.index is None:
+                    param.copy_(self.perturb(param.float(), generator).to(param.dtype))
+                else:
+                    index = sel.index.to(param.device)
+                    part = param.index_select(sel.dim, index).float()
+                    param.index_copy_(sel.dim, index, self.perturb(part, generator).to(param.dtype))
+                continue
+            if sel.index is None and param.is_contiguous():
+                self._perturb_flat(param.view(-1), buffers, generator)
+                continue
+            # a slice (the value rows of a fused projection) or a strided tensor: on a contiguous copy
+            index = None if sel.index is None else sel.index.to(param.device)
+            part = param.contiguous() if index is None else param.index_select(sel.dim, index)
+            self._perturb_flat(part.view(-1), buffers, generator)
+            if index is None:
+                param.copy_(part)
             else:
-                index = sel.index.to(param.device)
-                part = param.index_select(sel.dim, index).float()
-                param.index_copy_(sel.dim, index, self.perturb(part, generator).to(param.dtype))
+                param.index_copy_(sel.dim, index, part)
 
     def perturb(self, w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The perturbed copy of a float32 tensor."""
+        """The perturbed copy of a float32 tensor (for elementwise methods, ``perturb_chunk`` on a
+        copy: the values ``apply`` writes)."""
+        if not self.elementwise:
+            raise NotImplementedError
+        out = w.contiguous().clone()
+        if self.level != 0:
+            self._perturb_flat(out.view(-1), {}, generator)
+        return out
+
+    #: True for methods that perturb each element from its own value and its own draw (they
+    #: implement ``perturb_chunk``): ``apply`` then changes the tensor in place, a chunk at a time.
+    elementwise: ClassVar[bool] = False
+
+    def prepare(self, w: torch.Tensor):
+        """What ``perturb_chunk`` needs of the whole (flattened) tensor, computed once per tensor."""
+        return None
+
+    def perturb_chunk(self, w: torch.Tensor, noise: torch.Tensor, generator: torch.Generator, stat) -> None:
+        """Perturb ``w`` (a contiguous 1-d piece of the tensor, in its dtype) in place; ``noise`` is a
+        float32 buffer of the same length to draw into, ``stat`` what ``prepare`` returned."""
         raise NotImplementedError
 
+    def _perturb_flat(self, flat: torch.Tensor, buffers: dict, generator: torch.Generator) -> None:
+        n = flat.numel()
+        if n == 0:
+            return
+        need = min(n, NOISE_CHUNK + 15)
+        buf = buffers.get(flat.device)
+        if buf is None or buf.numel() < need:
+            buf = buffers[flat.device] = torch.empty(need, dtype=torch.float32, device=flat.device)
+        stat = self.prepare(flat)
+        for start, end in _spans(n):
+            self.perturb_chunk(flat[start:end], buf[: end - start], generator, stat)
 
-def _randn(w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32)
+
+#: Elements of noise drawn at a time into the reusable float32 buffer: 4 Mi (16 MiB), a multiple
+#: of 16 (the CPU generator's block: chunked draws on the CPU give the numbers of one whole draw),
+#: small enough to stay in a GPU's L2 cache between the draw and its use.
+NOISE_CHUNK = 1 << 22
+
+
+def _spans(n: int):
+    """``(start, end)`` pieces of ``range(n)``, NOISE_CHUNK elements each; a last piece under 16
+    elements joins the one before (the CPU generator draws pieces under 16 another way)."""
+    start = 0
+    while start < n:
+        end = min(start + NOISE_CHUNK, n)
+        if 0 < n - end < 16:
+            end = n
+        yield start, end
+        start = end
+
+
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(group, names): (anatomy, selections)}
+
+
+def parameter_group(subject, group: str) -> list:
+    """``subject.anatomy.parameter_group(model, group)``, kept per model while its parameter names
+    (its structure: a looped model lists more) and its anatomy stay the same: the lookup matches
+    every name against every prefix of the group, several milliseconds for each state otherwise."""
+    model = subject.model
+    names = tuple(name for name, _ in model.named_parameters(remove_duplicate=False))
+    known = _GROUPS.setdefault(model, {})
+    hit = known.get((group, names))
+    if hit is not None and hit[0] is subject.anatomy:
+        return hit[1]
+    selections = subject.anatomy.parameter_group(model, group, field="model.init_args.perturbation.param_group")
+    known[(group, names)] = (subject.anatomy, selections)
+    return selections
 
 
 class MultGauss(Perturbation):
     name = "mult_gauss"
     description = "w <- w * N(1, level): multiplicative Gaussian noise"
+    elementwise = True
 
-    def perturb(self, w, generator):
-        return w * (1 + self.level * _randn(w, generator))
+    def perturb_chunk(self, w, noise, generator, stat):
+        noise.normal_(1.0, self.level, generator=generator)  # 1 + level * e, drawn in one pass
+        w.mul_(noise)  # computed in float32, rounded once to w's dtype
 
 
 class AddGauss(Perturbation):
     name = "add_gauss"
     description = "w <- w + N(0, level * std(w)): additive Gaussian noise"
+    elementwise = True
 
-    def perturb(self, w, generator):
-        return w + self.level * w.std() * _randn(w, generator)
+    def prepare(self, w):
+        return self.level * (w if w.dtype == torch.float32 else w.float()).std()
+
+    def perturb_chunk(self, w, noise, generator, stat):
+        noise.normal_(generator=generator).mul_(stat)
+        w.add_(noise)
 
 
 class Ablation(Perturbation):
     name = "ablation"
     description = "each weight zeroed with probability level"
+    elementwise = True
 
-    def perturb(self, w, generator):
-        keep = torch.rand(w.shape, generator=generator, device=w.device) >= self.level
-        return w * keep
+    def perturb_chunk(self, w, noise, generator, stat):
+        noise.uniform_(generator=generator)
+        w.mul_(noise >= self.level)
 
 
 class UniQuant(Perturbation):
