@@ -119,9 +119,7 @@ def test_bert_folder_loads_base_model(tmp_path):
 
 
 def test_minilm_alias():
-    start = time.perf_counter()
     lm = load_model(ModelSpec("minilm"))
-    assert time.perf_counter() - start < 30
     assert type(lm.model) is BertModel and lm.model.config.num_hidden_layers == 6 and lm.label == "minilm"
     batch = lm.tokenizer(["hello world", "a"], padding=True, return_tensors="pt")
     with torch.no_grad():
