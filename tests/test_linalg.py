@@ -213,11 +213,25 @@ def test_frobenius_accumulates_in_float64():
         spectral_norm(torch.ones(3, 3), method="svd")
 
 
-@pytest.mark.gpu
-def test_on_the_device_lanczos_and_exact_match_float64():
-    a = _gauss(2048, 512, seed=16)
-    exact = _exact(a)
-    for method in ("lanczos", "exact"):
-        result = spectral_norm(a.cuda(), method=method)
-        assert result.converged and result.method == method
-        assert abs(result.sigma - exact) <= 1e-4 * exact
+@pytest.mark.parametrize("method", ["lanczos", "power", "exact"])
+def test_products_are_full_float32_whatever_the_matmul_precision(method):
+    a = _gauss(300, 200, seed=21)
+    full = spectral_norm(a, method=method)
+    previous = torch.get_float32_matmul_precision()
+    seen = []
+    real = linalg._lanczos if method == "lanczos" else linalg._power if method == "power" else linalg._exact
+
+    def spy(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return real(*args)
+
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(linalg, f"_{method}", spy)
+            reduced = spectral_norm(a, method=method)
+        assert torch.get_float32_matmul_precision() == "medium"  # given back as it was
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == ["highest"]
+    assert reduced == full

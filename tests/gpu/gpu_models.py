@@ -1,12 +1,14 @@
 """Models of the GPU suite, built from configs (never downloaded): Llama-shaped models of a chosen
-size with the embedded SmolLM2's tokenizer when its package is installed (else
-``lensbench.testing``'s word-level tokenizer), and the tiny vision-language models of
-``lensbench.testing``. Importable without CUDA."""
+size with the embedded SmolLM2's tokenizer when its package is installed, else the tokenizer files
+in the folder ``LENSBENCH_GPU_TOKENIZER`` names (SmolLM2's ``tokenizer.json`` and its config, a
+few MB, where the model's package is too large to bring), else ``lensbench.testing``'s word-level
+tokenizer; and the tiny vision-language models of ``lensbench.testing``. Importable without CUDA."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,14 @@ needs_smollm2 = pytest.mark.skipif(not SMOLLM2, reason="the embedded SmolLM2 (pa
 
 @functools.lru_cache(maxsize=1)
 def suite_tokenizer():
-    """The embedded SmolLM2's tokenizer (read from its GGUF file) if installed, else the tiny one."""
-    if SMOLLM2:
+    """The embedded SmolLM2's tokenizer (read from its GGUF file) if installed, else the one in
+    ``LENSBENCH_GPU_TOKENIZER``, else the tiny one."""
+    folder = os.environ.get("LENSBENCH_GPU_TOKENIZER")
+    if folder and not SMOLLM2:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif SMOLLM2:
         from transformers import AutoTokenizer
 
         from lensbench.models.loading import EMBEDDED

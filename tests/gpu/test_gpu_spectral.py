@@ -45,3 +45,19 @@ def test_spectral_norm_on_cuda_is_within_its_bound_of_the_exact_value(cuda, prec
         assert abs(rel) <= 1e-5, result
     else:  # a Ritz value: never above the largest singular value (up to rounding), within tol below it
         assert -1e-6 <= rel <= 1e-4 + 1e-6, result
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_a_gaussian_matrix_on_cuda_meets_the_default_tolerance(cuda, precision):
+    """The hard case (close leading singular values), against float64 on the CPU."""
+    a = torch.randn(2048, 512, generator=torch.Generator().manual_seed(16))
+    exact = float(torch.linalg.matrix_norm(a.double(), ord=2))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        results = {method: spectral_norm(a.to(cuda), method=method) for method in ("lanczos", "exact")}
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for method, result in results.items():
+        assert result.converged and result.method == method
+        assert abs(result.sigma - exact) <= 1e-4 * exact, result
