@@ -199,6 +199,7 @@ def test_quantized_weights_are_not_perturbed(tiny_model):
     proj = model.get_submodule("model.layers.0.self_attn.v_proj")
     proj._parameters["weight"] = torch.nn.Parameter(torch.zeros(proj.weight.shape, dtype=torch.uint8),
                                                     requires_grad=False)  # as bitsandbytes stores 4-bit weights
+    model.hf_quantizer = object()  # as transformers marks a model it quantized while loading
     with pytest.raises(LensbenchError, match="quantized"):
         manager.activate(State("m", (TransformSpec("mult_gauss", (("group", "attn_only"), ("level", 0.1)), 0),)))
 

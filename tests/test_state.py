@@ -237,3 +237,17 @@ def test_a_row_index_out_of_range_is_an_error(manager):
     with pytest.raises(LensbenchError, match="out of range"):
         manager.activate(State("a", (rows([10_000]),)))
     assert_same(weights(manager.loaded), clean)
+
+
+def test_parameters_are_walked_once_per_structure_and_every_time_for_a_placed_model(tiny_model):
+    from lensbench.models.loading import load_model
+
+    loaded = load_model(ModelSpec(str(tiny_model)))
+    first = loaded.params_by_name()
+    assert loaded.params_by_name() is first  # kept: the structure is the same
+    assert first == dict(loaded.model.named_parameters())
+    assert loaded.parameter_names() == tuple(n for n, _ in loaded.model.named_parameters(remove_duplicate=False))
+    loaded.structure_changed()
+    assert loaded.params_by_name() is not first
+    loaded.model.hf_device_map = {"": "cpu"}  # placed: offloaded weights are swapped in and out
+    assert loaded.params_by_name() is not loaded.params_by_name()

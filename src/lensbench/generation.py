@@ -138,6 +138,8 @@ def default_memory_probe(device: torch.device) -> MemoryProbe | None:
     ``torch.cuda.set_per_process_memory_fraction`` when one is set. None on other devices."""
     if device.type != "cuda":
         return None
+    if device.index is None:  # "cuda": the current device (the per-process cap is read per index)
+        device = torch.device("cuda", torch.cuda.current_device())
 
     def probe() -> tuple[int, int]:
         free, total = torch.cuda.mem_get_info(device)

@@ -62,8 +62,9 @@ class Perturbation(Transform):
         if self.level == 0:
             return
         buffers: dict[torch.device, torch.Tensor] = {}  # one float32 noise buffer per device, reused
+        params = _params_by_name(subject)  # not one module walk per tensor
         for sel in self.selections(subject):
-            param = subject.model.get_parameter(sel.name)
+            param = params[sel.name]
             if not self.elementwise:
                 if sel.index is None:
                     param.copy_(self.perturb(param.float(), generator).to(param.dtype))
@@ -138,6 +139,13 @@ def _spans(n: int):
         start = end
 
 
+def _params_by_name(subject) -> dict[str, torch.nn.Parameter]:
+    """The subject's parameters by name (kept by a ``LoadedModel``; walked for any other subject)."""
+    if hasattr(subject, "params_by_name"):
+        return subject.params_by_name()
+    return dict(subject.model.named_parameters())
+
+
 _GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(group, names): (anatomy, selections)}
 
 
@@ -146,7 +154,8 @@ def parameter_group(subject, group: str) -> list:
     (its structure: a looped model lists more) and its anatomy stay the same: the lookup matches
     every name against every prefix of the group, several milliseconds for each state otherwise."""
     model = subject.model
-    names = tuple(name for name, _ in model.named_parameters(remove_duplicate=False))
+    names = (subject.parameter_names() if hasattr(subject, "parameter_names")
+             else tuple(name for name, _ in model.named_parameters(remove_duplicate=False)))
     known = _GROUPS.setdefault(model, {})
     hit = known.get((group, names))
     if hit is not None and hit[0] is subject.anatomy:

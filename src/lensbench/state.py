@@ -215,11 +215,12 @@ class SubjectManager:
                      f"(memory: {memory_summary(self.device)})")
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
-        return dict(self.loaded.model.named_parameters())
+        return self.loaded.params_by_name()
 
     def _restore(self) -> None:
         while self._structural:  # structure first, in reverse order; parameter names do not change
             self._structural.pop().undo(self.loaded)
+            self.loaded.structure_changed()
         from .models.loading import editable_weights
 
         names = [entry[0] for entry in self._slices] + list(self._originals)
@@ -313,5 +314,6 @@ class SubjectManager:
                 generator.manual_seed(spec.seed)
                 if transform.structural:
                     self._structural.append(transform)  # undone even if apply raises part way
+                    self.loaded.structure_changed()  # before apply: it may fail part way
                 with torch.no_grad():
                     transform.apply(self.loaded, generator)

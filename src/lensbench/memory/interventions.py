@@ -231,7 +231,8 @@ class _ZeroSlices(Transform):
 
     def apply(self, subject, generator) -> None:
         rows = self._cols(subject)
-        subject.model.get_parameter(rows.name).index_fill_(rows.dim, torch.tensor(rows.index), 0.0)
+        param = subject.model.get_parameter(rows.name)
+        param.index_fill_(rows.dim, torch.tensor(rows.index, device=param.device), 0.0)
 
 
 class AblateAttentionHead(_ZeroSlices):

@@ -134,6 +134,29 @@ class LoadedModel:
     processor: Any = None
     """The model's processor (images plus text) for vision-language models; None for text-only ones."""
     _anatomy: Any = field(default=None, repr=False)
+    _walk: Any = field(default=None, repr=False)  # (model, params by name, every name): see params_by_name
+
+    def params_by_name(self) -> dict[str, torch.nn.Parameter]:
+        """``dict(model.named_parameters())``, walked once while the structure stays the same for a
+        model that is not placed by a device map (offloaded parameters are swapped in and out by
+        ``editable_weights``: a placed model is walked at every call). Whoever changes the model's
+        structure (``SubjectManager``, for structural transforms) calls ``structure_changed``."""
+        return self._walked()[0]
+
+    def parameter_names(self) -> tuple[str, ...]:
+        """Every parameter name, a shared parameter under each of its names (a looped model lists more)."""
+        return self._walked()[1]
+
+    def structure_changed(self) -> None:
+        self._walk = None
+
+    def _walked(self) -> tuple[dict[str, torch.nn.Parameter], tuple[str, ...]]:
+        if self._walk is not None and self._walk[0] is self.model and not is_placed(self.model):
+            return self._walk[1], self._walk[2]
+        params = dict(self.model.named_parameters())
+        names = tuple(name for name, _ in self.model.named_parameters(remove_duplicate=False))
+        self._walk = None if is_placed(self.model) else (self.model, params, names)
+        return params, names
 
     @property
     def input_device(self) -> torch.device:
@@ -792,6 +815,14 @@ def _host(loader: Any) -> dict:
     return loader if isinstance(loader, dict) else loader.state_dict
 
 
+def is_placed(model: torch.nn.Module) -> bool:
+    """Whether transformers or accelerate placed ``model`` (a device map, ``cpu_offload``: weights
+    possibly offloaded or spread over devices) or quantized it; a model that is neither has every weight, in floating point, on
+    the one device it was moved to, and the helpers below have nothing to do for it."""
+    return (getattr(model, "hf_device_map", None) is not None or getattr(model, "hf_quantizer", None) is not None
+            or getattr(model, "_hf_hook", None) is not None)  # accelerate's own cpu_offload/dispatch_model
+
+
 @contextlib.contextmanager
 def editable_weights(model: torch.nn.Module, names: list[str]):
     """While open, the parameters ``names`` can be read and changed in place wherever they are: each
@@ -799,6 +830,9 @@ def editable_weights(model: torch.nn.Module, names: list[str]):
     changing it changes what the model computes with; a disk-offloaded one is read once into host
     memory and stays there (the hook reads its host copy first). Parameters on a device are left as
     they are. Quantized ones (load_in_4bit/load_in_8bit: not floating point) are refused."""
+    if not is_placed(model):
+        yield
+        return
     for name in dict.fromkeys(names):
         module, leaf = _split(model, name)
         param = module._parameters.get(leaf)
@@ -834,6 +868,9 @@ def on_one_device(model: torch.nn.Module, names: list[str]):
     devices being replaced by host copies while the context lasts and written back on exit. A
     transform thus draws one random stream whatever the device map. Open it inside
     ``editable_weights`` (offloaded parameters are then on the CPU)."""
+    if not is_placed(model):  # every weight on one device
+        yield model.get_parameter(names[0]).device if names else torch.device("cpu")
+        return
     params = {}
     for name in dict.fromkeys(names):
         module, leaf = _split(model, name)
