@@ -16,8 +16,8 @@ reported as TIMEOUT, and the steps after it are skipped when too little time is 
 3. ``bench/activation_norms.py --device cuda`` (lensbench against a bare loop, each side a process).
 
 The benchmarks' model is the embedded SmolLM2 when its package is installed, else a Llama of the
-same shape built from its config with random weights (``tests/gpu/gpu_models.py``): nothing comes
-from the hub. The other benchmarks of bench/ (param_diff, loop_identity, layer_sweep, memory_layer,
+same shape built from its config with random weights (``tests/gpu/gpu_models.py``), with the
+tokenizer files in ``LENSBENCH_GPU_TOKENIZER`` when that package is absent: nothing comes from the hub. The other benchmarks of bench/ (param_diff, loop_identity, layer_sweep, memory_layer,
 memory_ablation) measure CPU work and take no device; ``--cpu-bench`` adds their quick settings.
 
 Outputs, under ``--out``: ``summary.json`` (device, steps, status, seconds, figures),

@@ -148,17 +148,17 @@ class ActivationNorms(Analysis):
         with torch.inference_mode():
             out = backbone(**batch, output_hidden_states=True)
         mask = batch["attention_mask"].bool()  # [B, T]
-        stats = {s.name: {"mean": [], "m2": [], "min": [], "max": []} for s in self.statistics}
+        where = mask.flatten().nonzero().squeeze(1)  # the kept tokens' positions, found once
+        moments = []  # per layer and statistic: mean, m2, min, max (on the device: read back once)
         for hidden in out.hidden_states:  # L+1 tensors [B, T, D]
-            tokens = hidden[mask].float()  # [N, D]
+            tokens = hidden.flatten(0, 1).index_select(0, where).float()  # [N, D], as hidden[mask]
             for stat in self.statistics:
                 values = stat(tokens).double()  # [N]
                 mean = values.mean()
-                acc = stats[stat.name]
-                acc["mean"].append(mean.item())
-                acc["m2"].append(((values - mean) ** 2).sum().item())
-                acc["min"].append(values.min().item())
-                acc["max"].append(values.max().item())
+                moments.append(torch.stack([mean, ((values - mean) ** 2).sum(), values.min(), values.max()]))
+        table = torch.stack(moments).view(len(out.hidden_states), len(self.statistics), 4).tolist()
+        stats = {stat.name: {key: [layer[j][k] for layer in table] for k, key in enumerate(("mean", "m2", "min", "max"))}
+                 for j, stat in enumerate(self.statistics)}
         kept = mask.sum(dim=1).tolist()
         dropped = [0] * len(kept) if full_lengths is None else [max(0, f - k) for f, k in zip(full_lengths, kept)]
         return {
