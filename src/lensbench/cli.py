@@ -68,26 +68,23 @@ def _make_loader(registries):
     return load
 
 
-def _build_cli_class():
+def cli_base_class():
+    """LightningCLI with what every lensbench command shares: the ``float32_matmul_precision``
+    option (set before any class is built), Lightning's trainer errors as one line naming the
+    trainer section, and Lightning's SIGTERM handler kept from broadcasting (``_no_sigterm_broadcast``)."""
     from lightning.pytorch.cli import LightningCLI
 
-    class LensbenchCLI(LightningCLI):
-        @staticmethod
-        def subcommands() -> dict[str, set[str]]:
-            return {"predict": {"model", "dataloaders", "datamodule"}}
-
+    class LensbenchCLIBase(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
-            parser.set_defaults({
-                "trainer.use_distributed_sampler": False,
-                "trainer.logger": False,
-                "trainer.enable_checkpointing": False,  # predict saves no checkpoint
-                "trainer.enable_model_summary": False,
-            })
             parser.add_argument(f"--{MATMUL_KEY}", type=Optional[str], default=None,
                                 help="torch.set_float32_matmul_precision for the run: highest, high (TF32 "
                                      "matmuls on GPUs) or medium; default: high where CUDA is available and "
                                      "trainer.accelerator is not cpu, else torch's own. Recorded in run.json, "
                                      "not matched on resume.")
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand]
+            self.matmul_precision = apply_matmul_precision(cfg.get(MATMUL_KEY), cfg.get("trainer.accelerator"))
 
         def instantiate_trainer(self, **kwargs: Any):
             from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -100,12 +97,43 @@ def _build_cli_class():
             _no_sigterm_broadcast(trainer)
             return trainer
 
+    return LensbenchCLIBase
+
+
+def run_cli(cli_class: Any, *args: Any, **kwargs: Any) -> Any:
+    """``cli_class(*args, **kwargs)``, torch's float32 matmul precision given back afterwards (a run
+    in this process sets its own)."""
+    previous = _matmul_precision_now()
+    try:
+        return cli_class(*args, **kwargs)
+    finally:
+        if previous is not None:
+            import torch
+
+            torch.set_float32_matmul_precision(previous)
+
+
+def _build_cli_class():
+    class LensbenchCLI(cli_base_class()):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {"predict": {"model", "dataloaders", "datamodule"}}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            super().add_arguments_to_parser(parser)
+            parser.set_defaults({
+                "trainer.use_distributed_sampler": False,
+                "trainer.logger": False,
+                "trainer.enable_checkpointing": False,  # predict saves no checkpoint
+                "trainer.enable_model_summary": False,
+            })
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand]
             init = cfg.model.init_args
             if getattr(init, "experiment", None) is None:
                 init.experiment = default_experiment(cfg.model.class_path, cfg.get("config") or [])
-            self.matmul_precision = apply_matmul_precision(cfg.get(MATMUL_KEY), cfg.get("trainer.accelerator"))
+            super().before_instantiate_classes()
 
         def before_predict(self) -> None:
             parser = self._subcommand_parsers[self.subcommand]
@@ -259,26 +287,19 @@ def run_predict(argv: list[str] | None) -> Any:
     else:
         argv = _resolve_model_flag(argv, registries)
     set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))
-    cli_class = _build_cli_class()
-    previous = _matmul_precision_now()  # a run in this process sets its own; the caller's comes back after
-    try:
-        return cli_class(
-            Analysis,
-            WorkDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=None,
-            parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
-                           "description": "Run a lensbench analysis: lensbench predict --config X.yaml"},
-            auto_configure_optimizers=False,
-            seed_everything_default=False,
-            args=argv,
-        )
-    finally:
-        if previous is not None:
-            import torch
-
-            torch.set_float32_matmul_precision(previous)
+    return run_cli(
+        _build_cli_class(),
+        Analysis,
+        WorkDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
+                       "description": "Run a lensbench analysis: lensbench predict --config X.yaml"},
+        auto_configure_optimizers=False,
+        seed_everything_default=False,
+        args=argv,
+    )
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -32,10 +32,12 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Loggers whose records the run log receives (lensbench's own and Lightning's).
 CAPTURED = ("lightning.pytorch", "lightning.fabric", "lensbench.run")
 #: Messages nobody running an analysis needs: Lightning's advertisements for its cloud services,
-#: and its advice on float32 matmul precision (lensbench sets it itself: float32_matmul_precision).
-NOISE = ("💡 Tip:", "set_float32_matmul_precision")
+#: its advice on float32 matmul precision (lensbench sets it itself: float32_matmul_precision), and
+#: its "Seed set to" line (the seed is in the run's config.yaml; on stderr before a config error it
+#: made that error two lines).
+NOISE = ("💡 Tip:", "set_float32_matmul_precision", "Seed set to")
 _RANK_ZERO_LOGGERS = ("lightning_utilities.core.rank_zero", "lightning.pytorch.utilities.rank_zero",
-                      "lightning.fabric.utilities.rank_zero")
+                      "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed")
 
 
 class _DropNoise(logging.Filter):

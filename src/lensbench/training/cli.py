@@ -1,7 +1,8 @@
 """``lensbench fit``: Lightning's own ``fit`` subcommand for ``CausalLMTraining`` and a DataModule.
 
 The run folder ``<output_dir>/<experiment>/`` (default experiment ``fit/<config stem>``) holds
-``config.yaml``, ``run.json`` (the settings that must match to resume), ``metrics.csv``
+``config.yaml``, ``run.json`` (the settings that must match to resume, and the
+``float32_matmul_precision`` of the run that made the folder, recorded only), ``metrics.csv``
 (Lightning's CSVLogger), ``memory_usage.csv``, ``logs/rank<r>.log``, ``lightning/last.ckpt`` and
 the Hugging Face folders ``checkpoint-<step>/``. Running the same config again resumes from
 ``lightning/last.ckpt`` (optimizer, scheduler, step and data position included); a larger
@@ -25,16 +26,15 @@ FREE = ("model.experiment", "model.output_dir", "model.save_every", "model.track
 
 
 def _build_fit_cli():
-    from lightning.pytorch.cli import LightningCLI
+    from ..cli import MATMUL_KEY, _flatten, cli_base_class, default_experiment, is_free
 
-    from ..cli import _flatten, default_experiment, is_free
-
-    class LensbenchFitCLI(LightningCLI):
+    class LensbenchFitCLI(cli_base_class()):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
 
         def add_arguments_to_parser(self, parser) -> None:
+            super().add_arguments_to_parser(parser)
             parser.set_defaults({"trainer.gradient_clip_val": 1.0, "trainer.enable_model_summary": False,
                                  "trainer.max_steps": 1000, "trainer.log_every_n_steps": 10})
 
@@ -42,9 +42,9 @@ def _build_fit_cli():
             cfg = self.config[self.subcommand]
             if cfg.model.get("experiment") is None:
                 cfg.model.experiment = default_experiment("fit", cfg.get("config") or [])
+            super().before_instantiate_classes()
 
         def instantiate_trainer(self, **kwargs: Any):
-            from lightning.fabric.utilities.exceptions import MisconfigurationException
             from lightning.pytorch.callbacks import ModelCheckpoint
             from lightning.pytorch.loggers import CSVLogger
 
@@ -61,11 +61,7 @@ def _build_fit_cli():
             if cfg.get("logger") in (None, True):
                 # one metrics/version_<n>/metrics.csv per (resumed) run: a resumed run never overwrites
                 self.config_init[self.subcommand].trainer.logger = CSVLogger(str(run_dir), name="metrics")
-            try:
-                return super().instantiate_trainer(**kwargs)
-            except (TypeError, ValueError, MisconfigurationException) as exc:
-                reason = str(exc).strip().rstrip(".").splitlines()[0]
-                raise LensbenchError(f"{reason}; fix the trainer section of the config", "trainer") from None
+            return super().instantiate_trainer(**kwargs)
 
         def before_fit(self) -> None:
             parser = self._subcommand_parsers[self.subcommand]
@@ -77,8 +73,10 @@ def _build_fit_cli():
             run_dir = self.model.run_dir
             ident_path = run_dir / "run.json"
             last = run_dir / "lightning" / "last.ckpt"
+            made_with = self.matmul_precision  # the float32 matmul precision: recorded, not matched
             if ident_path.exists():
                 stored = json.loads(ident_path.read_text())
+                made_with = stored.pop(MATMUL_KEY, None)
                 identity = json.loads(json.dumps(identity))
                 if stored != identity:
                     changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
@@ -86,13 +84,17 @@ def _build_fit_cli():
                         f"{run_dir} holds a training run with other settings ({', '.join(changed[:3])}"
                         f"{', ...' if len(changed) > 3 else ''}); set another experiment name, or delete the folder",
                         "model.experiment")
+            from ..logs import console
+
+            if made_with not in (None, self.matmul_precision):
+                console.warning(f"lensbench: this run computes with {MATMUL_KEY} {self.matmul_precision}; the run "
+                                f"that made {run_dir} used {made_with}")
             if self.trainer.global_rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "config.yaml").write_text(text)
-                ident_path.write_text(json.dumps(identity, indent=1, sort_keys=True))
+                record = identity if made_with is None else {**identity, MATMUL_KEY: made_with}
+                ident_path.write_text(json.dumps(record, indent=1, sort_keys=True))
             if last.exists() and not cfg.get("ckpt_path"):
-                from ..logs import console
-
                 console.info(f"resuming from {last}")
                 self.config_init[self.subcommand].ckpt_path = str(last)
 
@@ -105,7 +107,7 @@ def run_fit(argv: list[str] | None) -> Any:
 
     from jsonargparse import set_loader
 
-    from ..cli import PARSER_MODE, QUIET, _make_loader
+    from ..cli import PARSER_MODE, QUIET, _make_loader, run_cli
     from ..logs import quiet_lightning
     from ..plugins import active_registries
     from .data import SyntheticTextData
@@ -116,8 +118,8 @@ def run_fit(argv: list[str] | None) -> Any:
         warnings.filterwarnings("ignore", message=pattern)
     quiet_lightning()
     set_loader(PARSER_MODE, _make_loader(active_registries()), exceptions=(yaml.YAMLError,))
-    cli_class = _build_fit_cli()
-    return cli_class(
+    return run_cli(
+        _build_fit_cli(),
         CausalLMTraining,
         SyntheticTextData,
         subclass_mode_model=False,
