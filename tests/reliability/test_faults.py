@@ -385,6 +385,22 @@ def faults(tmp_path_factory, tiny_model, forks):
     return out
 
 
+def resumed_to_the_full_result(faults, experiment: str, stored: dict[str, bytes] | None = None, *,
+                               name: str = "activation_norms", rtol: float = 1e-9, resumed: list | None = None) -> None:
+    """The resume of ``experiment`` exited 0 (every rank of it: ``resumed``), each shard still starts
+    with what the interruption left stored (``stored``: shard -> bytes), every item is stored once,
+    and the tables equal the uninterrupted run's (``full_<name>``)."""
+    root = faults["root"]
+    run_dir = root / "outputs" / experiment
+    for result in resumed if resumed is not None else [faults["resume"][experiment]]:
+        assert result.returncode == 0, result.stderr[-3000:]
+    for shard, data in (stored or {}).items():
+        assert (run_dir / "shards" / shard).read_bytes().startswith(data), shard
+    found = keys(run_dir)
+    assert len(found) == len(set(found)) == faults["analyses"][name]["total"]  # nothing duplicated, nothing missing
+    same_tables(run_dir, root / "outputs" / f"full_{name}", faults["analyses"][name]["tables"], rtol=rtol)
+
+
 def _whole_json(data: bytes) -> bool:
     try:
         json.loads(data)
@@ -405,7 +421,6 @@ ANALYSES = ("activation_norms", "perturbation", "param_diff", "loop_identity", "
 @pytest.mark.parametrize("name", ANALYSES)
 def test_sigkill_at_seeded_points_loses_nothing_and_resumes_to_the_uninterrupted_result(faults, name):
     root, spec = faults["root"], faults["analyses"][name]
-    run_dir = root / "outputs" / f"killed_{name}"
     before = 0
     for step, point in (("1", spec["points"][0]), ("2", spec["points"][1])):
         killed = faults[f"kill{step}"][f"kill{step}_{name}"]
@@ -420,29 +435,18 @@ def test_sigkill_at_seeded_points_loses_nothing_and_resumes_to_the_uninterrupted
     # what the first kill left stored is still there, byte for byte, after the second and the resume
     for shard, data in faults["kept1"][name].items():
         assert faults["kept2"][name][shard].startswith(data)
-        assert (run_dir / "shards" / shard).read_bytes().startswith(data)
     for path, data in faults["mteb_after_kill1"].items() if "glob" in spec else ():
         if _whole_json(data):  # a file the kill tore mid-write is written again, rightly
             assert (root / path).read_bytes() == data, f"{path}: a layer MTEB wrote before the kill was rewritten"
-    resumed = faults["resume"][f"killed_{name}"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == spec["total"]  # nothing duplicated, nothing missing
-    same_tables(run_dir, root / "outputs" / f"full_{name}", spec["tables"])
+    resumed_to_the_full_result(faults, f"killed_{name}", faults["kept1"][name], name=name)
 
 
 def test_a_ddp_run_killed_whole_resumes_with_one_rank(faults):
     root, ddp = faults["root"], faults["ddp_killed"]
     assert ddp["returncode"] == -signal.SIGKILL, ddp["stderr"][-3000:]
     assert 0 < ddp["lines"] < 120, "the kill must land mid-run"
-    run_dir = root / "outputs" / "ddp_killed"
-    for shard, data in ddp["stored"].items():
-        assert (run_dir / "shards" / shard).read_bytes().startswith(data)
-    assert faults["resume"]["ddp_killed"].returncode == 0, faults["resume"]["ddp_killed"].stderr[-3000:]
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == 120
     # rank 1 of the DDP run computed its items in another process: float32 sums may round differently
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"], rtol=1e-5)
+    resumed_to_the_full_result(faults, "ddp_killed", ddp["stored"], rtol=1e-5)
 
 
 def test_a_rank_that_dies_stops_the_others_in_one_line(faults):
@@ -464,10 +468,7 @@ def test_a_rank_that_dies_stops_the_others_in_one_line(faults):
         assert "another rank of this distributed run stopped" in found[0]
         assert "run the same command again to resume" in found[0]
     assert lock_is_free(run_dir)
-    assert faults["resume"]["ddp_rank_died"].returncode == 0, faults["resume"]["ddp_rank_died"].stderr[-3000:]
-    found_keys = keys(run_dir)
-    assert len(found_keys) == len(set(found_keys)) == 120
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"], rtol=1e-5)
+    resumed_to_the_full_result(faults, "ddp_rank_died", rtol=1e-5)
 
 
 def test_a_rank_that_dies_under_an_external_launcher_stops_the_other_in_one_line(faults):
@@ -483,13 +484,7 @@ def test_a_rank_that_dies_under_an_external_launcher_stops_the_other_in_one_line
     assert "run the same command again to resume" in line and "DDP timeout" not in line
     assert rank0.ended_at - state["mtime"]["rank00000.jsonl"] < 20, "no wait for a timeout"
     assert state["lock_free"] and "run stopped" in state["logs"]["rank0.log"]
-    run_dir = root / "outputs" / "ddp_rank_killed"
-    assert faults["resume"]["ddp_rank_killed"].returncode == 0, faults["resume"]["ddp_rank_killed"].stderr[-3000:]
-    for shard, data in state["stored"].items():
-        assert (run_dir / "shards" / shard).read_bytes().startswith(data)
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == 120
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"], rtol=1e-5)
+    resumed_to_the_full_result(faults, "ddp_rank_killed", state["stored"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
@@ -503,14 +498,7 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(faults, sig):
     assert state["lock_free"]
     assert state["raw"] == state["stored"] and sum(d.count(b"\n") for d in state["raw"].values()) > 0  # no torn line
     assert f"run stopped: RunStopped: stopped by {sig}" in state["log"]
-    run_dir = root / "outputs" / f"signal_{sig}"
-    resumed = faults["resume"][f"signal_{sig}"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for shard, data in state["stored"].items():
-        assert (run_dir / "shards" / shard).read_bytes().startswith(data)
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == 120
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"])
+    resumed_to_the_full_result(faults, f"signal_{sig}", state["stored"])
 
 
 def test_a_write_that_fails_midway_is_one_line_and_resumes(faults):
@@ -525,12 +513,7 @@ def test_a_write_that_fails_midway_is_one_line_and_resumes(faults):
     assert 0 < shard.count(b"\n") < 120
     assert not shard.endswith(b"\n"), "the failed write leaves a torn last line"
     assert lock_is_free(run_dir)
-    resumed = faults["resume"]["disk_full"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (run_dir / "shards" / "rank00000.jsonl").read_bytes().startswith(shard[: shard.rfind(b"\n") + 1])
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == 120
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"])
+    resumed_to_the_full_result(faults, "disk_full", {"rank00000.jsonl": shard[: shard.rfind(b"\n") + 1]})
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
@@ -544,16 +527,8 @@ def test_read_only_shards_midway_are_one_line_unchanged_and_resume(faults):
     assert line.startswith("lensbench: error: Permission denied: ") and "read_only/shards/rank00000.jsonl" in line
     assert "check the permissions of that path" in line
     assert faults["read_only_after"] == faults["read_only_before"]  # byte for byte
-    run_dir = root / "outputs" / "read_only"
-    resumed = faults["resume"]["read_only"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == 120
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"])
-
-
-def _tables_of(name: str) -> list[str]:
-    return {"activation_norms": ["activation_norms.csv"], "param_diff": ["per_matrix.csv", "per_layer.csv"]}[name]
+    resumed_to_the_full_result(faults, "read_only", {n: d[: d.rfind(b"\n") + 1]  # the kill's torn line aside
+                                                     for n, d in faults["read_only_before"].items()})
 
 
 @pytest.mark.parametrize("experiment", sorted(RERANKED))
@@ -569,17 +544,10 @@ def test_sigkill_then_a_resume_with_another_rank_count_gives_the_uninterrupted_r
         assert result.fault and result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert faults["reranked_points"][experiment] <= state["lines"] < total, "the kill must land mid-run"
     assert state["lock_free"]
-    run_dir = root / "outputs" / experiment
     resumed = [faults["resume"][cid] for cid in faults["resume"] if cid.startswith(experiment)]
     assert len(resumed) == resumed_ranks
-    for result in resumed:
-        assert result.returncode == 0, result.stderr[-3000:]
-    for shard, data in state["stored"].items():  # what the kill left is kept byte for byte
-        assert (run_dir / "shards" / shard).read_bytes().startswith(data)
-    assert len(list(run_dir.glob("shards/rank*.jsonl"))) == 2  # both rank counts wrote
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == total
-    same_tables(run_dir, root / "outputs" / f"full_{name}", _tables_of(name), rtol=1e-5)
+    resumed_to_the_full_result(faults, experiment, state["stored"], name=name, rtol=1e-5, resumed=resumed)
+    assert len(list((root / "outputs" / experiment).glob("shards/rank*.jsonl"))) == 2  # both rank counts wrote
 
 
 def test_a_rank_that_hangs_stops_the_others_at_the_ddp_timeout(faults):
@@ -600,14 +568,7 @@ def test_a_rank_that_hangs_stops_the_others_at_the_ddp_timeout(faults):
     assert rank0.ended_at - rank1.fired_at < HANG_TIMEOUT + 60
     assert state["lock_free"]
     assert "run stopped" in state["logs"]["rank0.log"]
-    run_dir = root / "outputs" / "ddp_hang"
-    resumed = faults["resume"]["ddp_hang"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for shard, data in state["stored"].items():
-        assert (run_dir / "shards" / shard).read_bytes().startswith(data)
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == 120
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"], rtol=1e-5)
+    resumed_to_the_full_result(faults, "ddp_hang", state["stored"], rtol=1e-5)
 
 
 def test_sigterm_to_a_ddp_run_stops_every_rank_cleanly_and_resumes(faults):
@@ -622,14 +583,7 @@ def test_sigterm_to_a_ddp_run_stops_every_rank_cleanly_and_resumes(faults):
         assert "run stopped: RunStopped: stopped by SIGTERM" in state["logs"][f"rank{rank}.log"]
     assert state["lock_free"]
     assert state["raw"] == state["stored"] and 0 < state["lines"] < 120  # no torn line, stopped mid-run
-    run_dir = root / "outputs" / "ddp_SIGTERM"
-    resumed = faults["resume"]["ddp_SIGTERM"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for shard, data in state["stored"].items():
-        assert (run_dir / "shards" / shard).read_bytes().startswith(data)
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == 120
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"], rtol=1e-5)
+    resumed_to_the_full_result(faults, "ddp_SIGTERM", state["stored"], rtol=1e-5)
 
 
 def test_sigterm_to_one_rank_stops_it_cleanly_and_the_other_at_its_next_collective(faults):
@@ -649,12 +603,7 @@ def test_sigterm_to_one_rank_stops_it_cleanly_and_the_other_at_its_next_collecti
     assert rank0.ended_at - state["mtime"]["rank00000.jsonl"] < 20, "no wait for the DDP timeout"
     assert state["lock_free"] and state["raw"] == state["stored"]
     assert "run stopped: RunStopped: stopped by SIGTERM" in state["logs"]["rank1.log"]
-    run_dir = root / "outputs" / "ddp_SIGTERM_rank1"
-    resumed = faults["resume"]["ddp_SIGTERM_rank1"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    found = keys(run_dir)
-    assert len(found) == len(set(found)) == 120
-    same_tables(run_dir, root / "outputs" / "full_activation_norms", ["activation_norms.csv"], rtol=1e-5)
+    resumed_to_the_full_result(faults, "ddp_SIGTERM_rank1", state["stored"], rtol=1e-5)
 
 
 @pytest.mark.slow
