@@ -57,6 +57,22 @@ class Broken(Transform):
         raise AssertionError("must not be applied")
 
 
+class AddGate(Transform):
+    """Structural: gives layer 0's MLP a new parameter ``gate`` (removed again by ``undo``)."""
+
+    name = "add_gate"
+    structural = True
+
+    def touched(self, subject):
+        return []
+
+    def apply(self, subject, generator):
+        subject.model.get_submodule("model.layers.0.mlp").gate = torch.nn.Parameter(torch.ones(3))
+
+    def undo(self, subject):
+        del subject.model.get_submodule("model.layers.0.mlp").gate
+
+
 def expected(original: torch.Tensor, scale: float, sigma: float, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(original.shape, generator=gen, dtype=original.dtype)
@@ -79,6 +95,7 @@ def registry():
     reg.add(ScaleNoise, "tests")
     reg.add(Broken, "tests")
     reg.add(AddRows, "tests")
+    reg.add(AddGate, "tests")
     return reg
 
 
@@ -251,3 +268,16 @@ def test_parameters_are_walked_once_per_structure_and_every_time_for_a_placed_mo
     assert loaded.params_by_name() is not first
     loaded.model.hf_device_map = {"": "cpu"}  # placed: offloaded weights are swapped in and out
     assert loaded.params_by_name() is not loaded.params_by_name()
+
+
+def test_the_parameters_kept_by_name_follow_structural_transforms(manager):
+    gate = "model.layers.0.mlp.gate"
+    plain = manager.activate(State("a"))
+    assert gate not in plain.params_by_name()
+    gated = manager.activate(State("a", (TransformSpec("add_gate", (), 0),)))
+    assert gate in gated.params_by_name() and gate in gated.parameter_names()
+    # a transform after the structural one sees the new structure
+    both = State("a", (TransformSpec("add_gate", (), 0), TransformSpec("scale_noise", (("sigma", 0.1),), 1)))
+    assert gate in manager.activate(both).params_by_name()
+    assert gate not in manager.activate(State("a")).params_by_name()  # undone: walked again
+

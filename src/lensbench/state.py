@@ -314,6 +314,9 @@ class SubjectManager:
                 generator.manual_seed(spec.seed)
                 if transform.structural:
                     self._structural.append(transform)  # undone even if apply raises part way
-                    self.loaded.structure_changed()  # before apply: it may fail part way
-                with torch.no_grad():
-                    transform.apply(self.loaded, generator)
+                try:
+                    with torch.no_grad():
+                        transform.apply(self.loaded, generator)
+                finally:
+                    if transform.structural:  # the parameters are walked again (also after a failure part way)
+                        self.loaded.structure_changed()

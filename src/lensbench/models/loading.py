@@ -817,8 +817,9 @@ def _host(loader: Any) -> dict:
 
 def is_placed(model: torch.nn.Module) -> bool:
     """Whether transformers or accelerate placed ``model`` (a device map, ``cpu_offload``: weights
-    possibly offloaded or spread over devices) or quantized it; a model that is neither has every weight, in floating point, on
-    the one device it was moved to, and the helpers below have nothing to do for it."""
+    possibly offloaded or spread over devices) or quantized it. A model that is neither has every
+    weight, in floating point, on the one device it was moved to: the helpers below have nothing
+    to do for it."""
     return (getattr(model, "hf_device_map", None) is not None or getattr(model, "hf_quantizer", None) is not None
             or getattr(model, "_hf_hook", None) is not None)  # accelerate's own cpu_offload/dispatch_model
 
