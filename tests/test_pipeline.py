@@ -76,3 +76,16 @@ def test_print_steps_and_bad_keys(pipeline, monkeypatch, capsys):
     assert run(pipeline, monkeypatch) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key 'activation_norm'; did you mean 'activation_norms'" in err[0]
+
+
+def test_the_float32_matmul_precision_reaches_both_steps(pipeline, monkeypatch):
+    import json
+
+    config = yaml.safe_load((pipeline / "pipeline.yaml").read_text())
+    config["float32_matmul_precision"] = "medium"
+    (pipeline / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    assert run(pipeline, monkeypatch) == 0
+    for step in ("param_diff", "activation_norms"):
+        run_json = json.loads((pipeline / "outputs" / "diff" / step / "run.json").read_text())
+        assert run_json["float32_matmul_precision"] == "medium", step
+

@@ -37,6 +37,8 @@ class PipelineConfig:
     """activation_norms' settings (statistics, max_length) and the texts (datasets, batch_size, max_examples)."""
     trainer: dict[str, Any] = field(default_factory=lambda: {"accelerator": "auto", "devices": 1})
     """Lightning Trainer settings of both steps."""
+    float32_matmul_precision: str | None = None
+    """torch's float32 matmul precision of both steps (highest, high, medium); default: as ``predict``'s."""
 
 
 TEXT_KEYS = ("datasets", "batch_size", "max_examples")
@@ -89,7 +91,7 @@ def step_configs(config: PipelineConfig) -> dict[str, dict[str, Any]]:
     diff_args = {k: v for k, v in config.param_diff.items() if k not in PAIR_KEYS}
     text_args = {k: config.activation_norms[k] for k in TEXT_KEYS if k in config.activation_norms}
     norm_args = {k: v for k, v in config.activation_norms.items() if k not in TEXT_KEYS}
-    return {
+    steps = {
         "param_diff": {
             "model": {"class_path": "param_diff",
                       "init_args": {**diff_args, "experiment": f"{run}/param_diff", "output_dir": config.output_dir}},
@@ -106,6 +108,12 @@ def step_configs(config: PipelineConfig) -> dict[str, dict[str, Any]]:
             "trainer": dict(config.trainer),
         },
     }
+    if config.float32_matmul_precision is not None:
+        from .cli import MATMUL_KEY
+
+        for step in steps.values():
+            step[MATMUL_KEY] = config.float32_matmul_precision
+    return steps
 
 
 def summary(run_dir: Path) -> Path:
@@ -138,13 +146,15 @@ def run_pipeline(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lensbench pipeline",
                                      description="Parameter statistics and activation norms of one base and "
                                                  "other models, then a summary: lensbench pipeline --config X.yaml. "
-                                                 "Extra --trainer.* flags go to both steps.")
+                                                 "Extra --trainer.* and --float32_matmul_precision flags go to both "
+                                                 "steps.")
     parser.add_argument("--config", required=True, help="a pipeline config (configs/model_diff/pipeline.yaml)")
     parser.add_argument("--print_steps", action="store_true", help="print the two run configs and exit")
     args, extra = parser.parse_known_args(argv)
-    wrong = [a for a in extra if a.startswith("--") and not a.startswith("--trainer.")]
+    wrong = [a for a in extra if a.startswith("--") and not a.startswith(("--trainer.", "--float32_matmul_precision"))]
     if wrong:
-        raise LensbenchError(f"unknown option {wrong[0]}; a pipeline takes --config and --trainer.* overrides", "pipeline")
+        raise LensbenchError(f"unknown option {wrong[0]}; a pipeline takes --config, --trainer.* overrides and "
+                             "--float32_matmul_precision", "pipeline")
     config = load_config(Path(args.config))
     if args.print_steps:
         print(yaml.safe_dump(step_configs(config), sort_keys=False), end="")
