@@ -101,6 +101,11 @@ CASES = {
                                         "--data.init_args.dataset", "null", "--data.init_args.facts", "texts.txt",
                                         "--trainer.accelerator", "cpu"), 1, "layer 0 is not a memory layer"),
     "pipeline_unknown_key": (("pipeline", "--config", "bad_pipeline.yaml"), 1, "unknown key 'other'; did you mean 'others'"),
+    "norms_unknown_matmul_precision": (norms("tiny", "--float32_matmul_precision", "fast"), 1,
+                                       "float32_matmul_precision: 'fast' is not a float32 matmul precision; use one "
+                                       "of highest, high, medium"),
+    "fit_unknown_matmul_precision": ((*FIT, "--float32_matmul_precision", "tf32"), 1,
+                                     "float32_matmul_precision: 'tf32' is not a float32 matmul precision"),
     "tokenizer_missing": (norms("notok"), 1, "no usable tokenizer"),
     "shard_with_a_corrupt_middle_line": (norms("tiny", "--data.init_args.batch_size", "1"), 1,
                                          "rank00000.jsonl:2 is corrupt (not a torn last line)"),
