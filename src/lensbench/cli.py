@@ -100,12 +100,19 @@ def cli_base_class():
     return LensbenchCLIBase
 
 
-def run_cli(cli_class: Any, *args: Any, **kwargs: Any) -> Any:
-    """``cli_class(*args, **kwargs)``, torch's float32 matmul precision given back afterwards (a run
-    in this process sets its own)."""
+def run_cli(cli_class: Any, model: Any, data: Any, registries: Any, description: str, **kwargs: Any) -> Any:
+    """``cli_class(model, data, **kwargs)`` with what every lensbench command shares: the YAML
+    loader resolving registered names, one-line errors (no exit inside the parser), no
+    config-saving callback; torch's float32 matmul precision given back afterwards (a run in this
+    process sets its own)."""
+    from jsonargparse import set_loader
+
+    set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))
     previous = _matmul_precision_now()
     try:
-        return cli_class(*args, **kwargs)
+        return cli_class(model, data, save_config_callback=None,
+                         parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False, "description": description},
+                         **kwargs)
     finally:
         if previous is not None:
             import torch
@@ -263,11 +270,8 @@ QUIET = (
 
 
 def run_predict(argv: list[str] | None) -> Any:
-    import warnings
-
-    from jsonargparse import set_loader
-
     import os
+    import warnings
 
     from .logs import quiet_lightning
 
@@ -286,16 +290,14 @@ def run_predict(argv: list[str] | None) -> Any:
         sys.argv[1:] = _resolve_model_flag(sys.argv[1:], registries)
     else:
         argv = _resolve_model_flag(argv, registries)
-    set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))
     return run_cli(
         _build_cli_class(),
         Analysis,
         WorkDataModule,
+        registries,
+        "Run a lensbench analysis: lensbench predict --config X.yaml",
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_callback=None,
-        parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
-                       "description": "Run a lensbench analysis: lensbench predict --config X.yaml"},
         auto_configure_optimizers=False,
         seed_everything_default=False,
         args=argv,

@@ -105,9 +105,7 @@ def run_fit(argv: list[str] | None) -> Any:
     import os
     import warnings
 
-    from jsonargparse import set_loader
-
-    from ..cli import PARSER_MODE, QUIET, _make_loader, run_cli
+    from ..cli import QUIET, run_cli
     from ..logs import quiet_lightning
     from ..plugins import active_registries
     from .data import SyntheticTextData
@@ -117,16 +115,14 @@ def run_fit(argv: list[str] | None) -> Any:
     for pattern in (*QUIET, r".*when logging on epoch level in distributed setting.*"):
         warnings.filterwarnings("ignore", message=pattern)
     quiet_lightning()
-    set_loader(PARSER_MODE, _make_loader(active_registries()), exceptions=(yaml.YAMLError,))
     return run_cli(
         _build_fit_cli(),
         CausalLMTraining,
         SyntheticTextData,
+        active_registries(),
+        "Train a model (a memory model by default): lensbench fit --config X.yaml",
         subclass_mode_model=False,
         subclass_mode_data=False,
-        save_config_callback=None,
-        parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False,
-                       "description": "Train a model (a memory model by default): lensbench fit --config X.yaml"},
         seed_everything_default=0,
         args=argv,
     )
