@@ -196,6 +196,96 @@ def test_noise_drawn_in_chunks_in_place_is_that_of_one_whole_draw(manager, fresh
     assert torch.equal(MultGauss(level=0.3).perturb(w, gen(2)), w * n1(w.shape, 0.3, gen(2)))
 
 
+class _Sel:
+    def __init__(self, name, index=None, dim=0):
+        self.name, self.index, self.dim = name, index, dim
+
+
+def _subject(tensors: dict[str, torch.Tensor]):
+    class Subject:
+        model = torch.nn.Module()
+
+    for name, w in tensors.items():
+        Subject.model.register_parameter(name, torch.nn.Parameter(w.clone(), requires_grad=False))
+    return Subject()
+
+
+def _apply(perturbation, subject, selections, seed):
+    perturbation._selected = (subject.model, selections)
+    with torch.no_grad():
+        perturbation.apply(subject, gen(seed))
+    return {name: p.detach().clone() for name, p in subject.model.named_parameters()}
+
+
+#: Sizes the CPU generator draws differently alone and after others (under 16, not a multiple of
+#: 16), a strided tensor, and tensors over the chunk (64 here): each must get the numbers of its own
+#: whole draw, in order, however the tensors are packed into draws.
+AWKWARD = {"a": (5,), "b": (4, 8), "c": (17,), "d": (3, 16), "e": (3,), "f": (10, 13), "g": (200,),
+           "h": (48,), "i": (8, 8), "j": (33,)}
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 22])
+def test_tensors_packed_into_one_draw_get_the_numbers_of_their_own_draws(monkeypatch, chunk):
+    import lensbench.perturbations as perturbations
+
+    monkeypatch.setattr(perturbations, "NOISE_CHUNK", chunk)
+    tensors = {name: big(i, n=math.prod(shape)).reshape(shape) for i, (name, shape) in enumerate(AWKWARD.items())}
+    tensors["t"] = big(20, n=96).reshape(8, 12).t()  # strided: perturbed as a contiguous copy
+    draws = []  # every draw the methods make, to see that tensors share them
+    real = torch.Tensor.normal_
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda self, *a, **k: draws.append(self.numel()) or real(self, *a, **k))
+    for cls, level, expect in (
+            (MultGauss, 0.3, lambda w, g: w * n1(w.shape, 0.3, g)),
+            (AddGauss, 0.2, lambda w, g: w + 0.2 * w.std() * torch.randn(w.shape, generator=g)),
+            (Ablation, 0.5, lambda w, g: w * (torch.rand(w.shape, generator=g) >= 0.5))):
+        draws.clear()
+        now = _apply(cls(level=level, group="x"), _subject(tensors), [_Sel(n) for n in tensors], seed=4)
+        made, g = list(draws), gen(4)
+        for name, w in tensors.items():  # in the selections' order, each from its own whole draw
+            assert torch.equal(now[name], expect(w, g)), (cls.name, name)
+        if cls is not Ablation:  # ablation draws uniform_
+            assert sum(made) == sum(w.numel() for w in tensors.values())
+            if chunk > 1000:  # packed: b + c, d, h + i + j each one draw
+                assert made == [5, 32 + 17, 48, 3, 130, 200, 48 + 64 + 33, 96], cls.name
+
+
+def test_a_tensor_selected_twice_is_perturbed_twice_in_order():
+    """Two slices of one fused weight and a whole tensor twice: each selection reads what the one
+    before it wrote, as when every selection is perturbed alone."""
+    w, v = big(1, n=64 * 32).reshape(64, 32), big(2, n=256)
+    rows_a, rows_b = torch.arange(0, 32), torch.arange(16, 48)  # overlapping rows
+    selections = [_Sel("w", rows_a), _Sel("v"), _Sel("w", rows_b), _Sel("v")]
+    now = _apply(MultGauss(level=0.25, group="x"), _subject({"w": w, "v": v}), selections, seed=6)
+    g, w_, v_ = gen(6), w.clone(), v.clone()
+    w_[rows_a] = w_[rows_a] * n1((32, 32), 0.25, g)
+    v_ = v_ * n1(v_.shape, 0.25, g)
+    w_[rows_b] = w_[rows_b] * n1((32, 32), 0.25, g)
+    v_ = v_ * n1(v_.shape, 0.25, g)
+    assert torch.equal(now["w"], w_) and torch.equal(now["v"], v_)
+
+
+def test_a_plugin_method_with_only_perturb_chunk_gets_flat_pieces_in_order(monkeypatch):
+    import lensbench.perturbations as perturbations
+
+    monkeypatch.setattr(perturbations, "NOISE_CHUNK", 64)
+    seen = []
+
+    class Shift(Perturbation):
+        name = "shift"
+        elementwise = True
+
+        def perturb_chunk(self, w, noise, generator, stat):
+            seen.append((w.dim(), w.numel(), noise.numel()))
+            w.add_(noise.uniform_(generator=generator))
+
+    tensors = {"a": big(1, n=40).reshape(5, 8), "b": big(2, n=150).reshape(10, 15)}
+    now = _apply(Shift(level=1.0, group="x"), _subject(tensors), [_Sel("a"), _Sel("b")], seed=2)
+    assert seen == [(1, 40, 40), (1, 64, 64), (1, 64, 64), (1, 22, 22)]  # b in pieces of NOISE_CHUNK
+    g = gen(2)
+    assert torch.equal(now["a"], tensors["a"] + torch.rand((5, 8), generator=g))
+    assert torch.equal(now["b"], tensors["b"] + torch.rand((10, 15), generator=g))
+
+
 def test_the_group_is_looked_up_once_per_model_not_per_state(manager, monkeypatch):
     loaded = manager.activate(state("mult_gauss", 0.1, group="mlp_only[1]", seed=1))
     anatomy = type(loaded.anatomy)

@@ -13,9 +13,10 @@ With ``w`` a tensor of the group (the value slice of a fused projection counts a
 
 Computation is in float32 and the result is cast back to the tensor's dtype. The elementwise
 methods (``mult_gauss``, ``add_gauss``, ``ablation``) change the tensor in place: the noise is drawn
-``NOISE_CHUNK`` elements at a time, in float32, into one reusable buffer, and each chunk of the
-tensor is multiplied (or added to) in place, so a state change costs about one pass over the
-weights besides drawing the noise, with no float32 copy of the tensor.
+in float32 into one reusable buffer of at most ``NOISE_CHUNK`` elements, several tensors to a draw
+(``_Packs``), and each pack of tensors is multiplied (or added to) in place by one fused call, so a
+state change costs about one pass over the weights besides drawing the noise, with no float32 copy
+of a tensor and a few calls per pack rather than several per tensor.
 """
 
 from __future__ import annotations
@@ -61,38 +62,32 @@ class Perturbation(Transform):
     def apply(self, subject, generator: torch.Generator) -> None:
         if self.level == 0:
             return
-        buffers: dict[torch.device, torch.Tensor] = {}  # one float32 noise buffer per device, reused
         params = _params_by_name(subject)  # not one module walk per tensor
-        for sel in self.selections(subject):
-            param = params[sel.name]
-            if not self.elementwise:
+        if not self.elementwise:
+            for sel in self.selections(subject):
+                param = params[sel.name]
                 if sel.index is None:
                     param.copy_(self.perturb(param.float(), generator).to(param.dtype))
                 else:
                     index = sel.index.to(param.device)
                     part = param.index_select(sel.dim, index).float()
                     param.index_copy_(sel.dim, index, self.perturb(part, generator).to(param.dtype))
-                continue
-            if sel.index is None and param.is_contiguous():
-                self._perturb_flat(param.view(-1), buffers, generator)
-                continue
-            # a slice (the value rows of a fused projection) or a strided tensor: on a contiguous copy
-            index = None if sel.index is None else sel.index.to(param.device)
-            part = param.contiguous() if index is None else param.index_select(sel.dim, index)
-            self._perturb_flat(part.view(-1), buffers, generator)
-            if index is None:
-                param.copy_(part)
-            else:
-                param.index_copy_(sel.dim, index, part)
+            return
+        packs = _Packs(self, generator)
+        for sel in self.selections(subject):
+            packs.add(params[sel.name], sel)
+        packs.flush()
 
     def perturb(self, w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The perturbed copy of a float32 tensor (for elementwise methods, ``perturb_chunk`` on a
-        copy: the values ``apply`` writes)."""
+        """The perturbed copy of a float32 tensor (for elementwise methods, the values ``apply``
+        writes into a tensor that is perturbed alone)."""
         if not self.elementwise:
             raise NotImplementedError
         out = w.contiguous().clone()
         if self.level != 0:
-            self._perturb_flat(out.view(-1), {}, generator)
+            packs = _Packs(self, generator)
+            packs.add(out)
+            packs.flush()
         return out
 
     #: True for methods that perturb each element from its own value and its own draw (they
@@ -108,17 +103,78 @@ class Perturbation(Transform):
         float32 buffer of the same length to draw into, ``stat`` what ``prepare`` returned."""
         raise NotImplementedError
 
-    def _perturb_flat(self, flat: torch.Tensor, buffers: dict, generator: torch.Generator) -> None:
-        n = flat.numel()
-        if n == 0:
-            return
-        need = min(n, NOISE_CHUNK + 15)
-        buf = buffers.get(flat.device)
-        if buf is None or buf.numel() < need:
-            buf = buffers[flat.device] = torch.empty(need, dtype=torch.float32, device=flat.device)
-        stat = self.prepare(flat)
-        for start, end in _spans(n):
-            self.perturb_chunk(flat[start:end], buf[: end - start], generator, stat)
+    def perturb_pack(self, ws: list[torch.Tensor], noise: torch.Tensor, noises: list[torch.Tensor],
+                     generator: torch.Generator, stats: list) -> None:
+        """Perturb several pieces at once, in place: ``ws[i]`` (a whole tensor or a contiguous 1-d
+        piece of one) with ``noises[i]``, a float32 view of the same shape into ``noise``, the one
+        buffer span that holds them all, in order (so one draw into ``noise`` draws every piece's
+        numbers, as drawing them piece by piece would on the CPU); ``stats[i]`` is what ``prepare``
+        returned for the piece's tensor. The built-in methods draw once and apply with one
+        ``torch._foreach_*`` call; by default each piece goes through ``perturb_chunk``."""
+        for w, piece, stat in zip(ws, noises, stats):
+            self.perturb_chunk(w.view(-1), piece.view(-1), generator, stat)
+
+
+class _Packs:
+    """The pieces of a method's tensors, gathered in order into packs that share one float32 noise
+    buffer of at most ``NOISE_CHUNK`` (+15) elements per device: each pack's noise is one draw and it is
+    applied by one call (``perturb_pack``), so a state change costs a few calls per pack, not
+    several per tensor (what limits it on a GPU, where a launch costs more than a small tensor's
+    work). A pack ends where the CPU generator would draw other numbers for the concatenation than
+    for the pieces one by one (after a piece whose size is not a multiple of 16, before one under
+    16 elements), at a device change, and before a tensor it already holds is read again."""
+
+    def __init__(self, method: Perturbation, generator: torch.Generator) -> None:
+        self.method, self.generator = method, generator
+        self.buffers: dict[torch.device, torch.Tensor] = {}  # reused by every pack on the device
+        self.pieces: list[tuple[torch.Tensor, int, object]] = []  # (piece, size, stat), in buffer order
+        self.write_back: list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = []
+        self.holds: set[int] = set()  # ids of the tensors the pack writes
+        self.used, self.aligned, self.device = 0, True, None
+        self.prepares = type(method).prepare is not Perturbation.prepare  # a statistic of each tensor
+
+    def add(self, param: torch.Tensor, sel=None) -> None:
+        """Queue ``param`` (or its selected slice: the value rows of a fused projection) for perturbation."""
+        if id(param) in self.holds or param.device != self.device:
+            self.flush()
+            self.device = param.device
+        self.holds.add(id(param))
+        index = None if sel is None or sel.index is None else sel.index.to(param.device)
+        if index is None and param.is_contiguous():
+            target = param
+        else:  # a slice or a strided tensor: perturbed as a contiguous copy, written back after its pack
+            target = param.contiguous() if index is None else param.index_select(sel.dim, index)
+            self.write_back.append((target, param, None if index is None else sel.dim, index))
+        n = target.numel()
+        pieces = n > NOISE_CHUNK + 15  # several pieces (else the whole tensor: no view to make)
+        flat = target.view(-1) if pieces or (self.prepares and n) else target
+        stat = self.method.prepare(flat) if self.prepares and n else None
+        for start, end in _spans(n) if pieces else ((0, n),) if n else ():
+            size = end - start
+            if self.pieces and (self.used + size > NOISE_CHUNK + 15 or not self.aligned or size < 16):
+                self.flush(keep_holds=True)
+            self.pieces.append((flat[start:end] if pieces else target, size, stat))
+            self.used += size
+            self.aligned = size % 16 == 0
+
+    def flush(self, keep_holds: bool = False) -> None:
+        if self.pieces:
+            buf = self.buffers.get(self.device)
+            if buf is None or buf.numel() < self.used:  # as large as the largest pack so far
+                size = min(max(self.used, 0 if buf is None else 2 * buf.numel()), NOISE_CHUNK + 15)
+                buf = self.buffers[self.device] = torch.empty(size, dtype=torch.float32, device=self.device)
+            ws = [piece for piece, _, _ in self.pieces]
+            noises = buf[:self.used].split_with_sizes([size for _, size, _ in self.pieces])
+            noises = [noise if w.dim() == 1 else noise.view(w.shape) for noise, w in zip(noises, ws)]
+            self.method.perturb_pack(ws, buf[:self.used], noises, self.generator, [p[2] for p in self.pieces])
+            self.pieces, self.used, self.aligned = [], 0, True
+        if not keep_holds:  # a tensor still being added keeps its slices' write-back for the next pack
+            for target, param, dim, index in self.write_back:
+                if index is None:
+                    param.copy_(target)
+                else:
+                    param.index_copy_(dim, index, target)
+            self.write_back, self.holds = [], set()
 
 
 #: Elements of noise drawn at a time into the reusable float32 buffer: 4 Mi (16 MiB), a multiple
@@ -174,6 +230,10 @@ class MultGauss(Perturbation):
         noise.normal_(1.0, self.level, generator=generator)  # 1 + level * e, drawn in one pass
         w.mul_(noise)  # computed in float32, rounded once to w's dtype
 
+    def perturb_pack(self, ws, noise, noises, generator, stats):
+        noise.normal_(1.0, self.level, generator=generator)
+        torch._foreach_mul_(ws, noises)
+
 
 class AddGauss(Perturbation):
     name = "add_gauss"
@@ -187,6 +247,11 @@ class AddGauss(Perturbation):
         noise.normal_(generator=generator).mul_(stat)
         w.add_(noise)
 
+    def perturb_pack(self, ws, noise, noises, generator, stats):
+        noise.normal_(generator=generator)
+        torch._foreach_mul_(noises, stats)
+        torch._foreach_add_(ws, noises)
+
 
 class Ablation(Perturbation):
     name = "ablation"
@@ -196,6 +261,10 @@ class Ablation(Perturbation):
     def perturb_chunk(self, w, noise, generator, stat):
         noise.uniform_(generator=generator)
         w.mul_(noise >= self.level)
+
+    def perturb_pack(self, ws, noise, noises, generator, stats):
+        noise.uniform_(generator=generator).ge_(self.level)  # the mask as 1.0/0.0: w * 1 is w exactly
+        torch._foreach_mul_(ws, noises)
 
 
 class UniQuant(Perturbation):

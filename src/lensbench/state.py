@@ -230,8 +230,9 @@ class SubjectManager:
             while self._slices:  # in reverse order of saving: each holds what was there before it
                 name, dim, index, saved = self._slices.pop()
                 params[name].index_copy_(dim, index, saved.to(params[name].device, non_blocking=True))
-            for name, original in self._originals.items():
-                params[name].copy_(original, non_blocking=True)
+            if self._originals:  # one fused copy on a GPU, not one launch per tensor
+                torch._foreach_copy_([params[name] for name in self._originals], list(self._originals.values()),
+                                     non_blocking=True)
         for gpu in gpus | ({self.device} if self.device.type == "cuda" else set()):  # every GPU of a device map
             torch.cuda.synchronize(gpu)
         self.restores += 1
