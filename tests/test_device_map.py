@@ -175,22 +175,26 @@ def test_an_explicit_map_must_name_modules_once_and_cover_every_weight(tiny_mode
     assert info.value.field == "model.device_map"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
 @pytest.mark.parametrize("quant", ["load_in_4bit", "load_in_8bit"])
-def test_quantization_without_bitsandbytes_is_one_line(tiny_model, quant):
+def test_quantization_without_bitsandbytes_is_one_line(tiny_model, quant, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(LensbenchError) as info:
         resolve_source(ModelSpec(str(tiny_model), **{quant: True}), "model.init_args.model")
     assert info.value.field == f"model.init_args.model.{quant}"
-    assert "pip install bitsandbytes" in info.value.message and "CUDA GPU" in info.value.message
+    assert "pip install 'bitsandbytes>=0.46'" in info.value.message
     assert "\n" not in str(info.value)
 
 
-def test_quantization_on_a_cpu_rank_is_one_line(tiny_model, monkeypatch):
+def test_bitsandbytes_without_cpu_kernels_is_one_line_on_a_cpu_rank(tiny_model, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(LensbenchError, match="needs a CUDA GPU") as info:
-        load_model(ModelSpec(str(tiny_model), load_in_4bit=True))
+    monkeypatch.setattr(loading, "_bitsandbytes_version", lambda: "0.45.5")
+    with pytest.raises(LensbenchError) as info:
+        load_model(ModelSpec(str(tiny_model), load_in_4bit=True), device=torch.device("cpu"))
     assert info.value.field == "model.load_in_4bit"
+    assert "0.46 or newer on a CPU" in info.value.message and "0.45.5" in info.value.message
+    assert "\n" not in info.value.message
 
 
 def test_quantized_weights_are_not_perturbed(tiny_model):
@@ -244,7 +248,7 @@ def test_activation_norms_through_the_cli_with_a_device_map_gives_the_same_table
         err = capsys.readouterr().err
         line = last_line(err)
         assert line.startswith("lensbench: error: model.init_args.models[0].load_in_4bit: ")
-        assert "pip install bitsandbytes" in line and "Traceback" not in err
+        assert "pip install 'bitsandbytes" in line and "Traceback" not in err
 
 
 def _gpu_suite():

@@ -46,12 +46,32 @@ class _DropNoise(logging.Filter):
         return not any(pattern in message for pattern in NOISE)
 
 
+#: Loggers of bitsandbytes that repeat one warning at every quantized matrix product (8-bit inputs
+#: cast to float16) or at every load (no optimised CPU kernel): each message is shown once.
+_REPEATING_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
+
+
+class _Once(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def quiet_lightning() -> None:
-    """Filter Lightning's advertisements and precision advice out of every output (idempotent)."""
-    for name in _RANK_ZERO_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise())
+    """Filter Lightning's advertisements and precision advice out of every output, and show
+    bitsandbytes' repeated warnings once (idempotent)."""
+    for names, kind in ((_RANK_ZERO_LOGGERS, _DropNoise), (_REPEATING_LOGGERS, _Once)):
+        for name in names:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
 
 
 def memory_summary(device: torch.device | None = None) -> str:

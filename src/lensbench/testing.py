@@ -137,13 +137,14 @@ def save_char_tokenizer(folder: Path) -> Path:
     return Path(folder)
 
 
-def save_tiny_llama(folder: Path, seed: int = 0, layers: int = 2) -> Path:
-    """A 2-layer, width-32 Llama with a word-level tokenizer, saved as safetensors."""
+def save_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    """A 2-layer, width-32 Llama (MLP width twice ``hidden``) with a word-level tokenizer, saved as
+    safetensors. bitsandbytes' 4-bit CPU kernels need ``hidden`` of 64 or more (its block)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config)

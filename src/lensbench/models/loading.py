@@ -102,8 +102,10 @@ class ModelSpec:
     used. Default: what accelerate finds free on the GPUs of this rank and the CPU."""
     load_in_4bit: bool = False
     """Quantize the linear layers' weights to 4 bits (NF4) while loading, through transformers'
-    BitsAndBytesConfig: needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU.
-    Quantized weights cannot be perturbed (the norms and embeddings, which stay in float, can)."""
+    BitsAndBytesConfig: needs the bitsandbytes package (pip install bitsandbytes), on a CUDA GPU or
+    (bitsandbytes 0.46 or newer) on the CPU. Layers compute in the model's dtype (default bfloat16 on
+    a GPU, float32 on the CPU). Quantized weights cannot be perturbed (the norms and embeddings,
+    which stay in float, can)."""
     load_in_8bit: bool = False
     """Quantize the linear layers' weights to 8 bits (LLM.int8) while loading; as load_in_4bit."""
 
@@ -327,6 +329,28 @@ def _map_device(value: Any) -> int | str | None:
     return text if kind in ("cuda", "mps", "xpu", "npu", "hpu") else None
 
 
+#: The first bitsandbytes release that quantizes and multiplies on a CPU (its torch-operator backends).
+BNB_CPU = "0.46"
+
+
+def _bitsandbytes_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _bitsandbytes_on_cpu() -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(_bitsandbytes_version()) >= Version(BNB_CPU)
+    except InvalidVersion:
+        return False
+
+
 def _quantization(spec: ModelSpec) -> str | None:
     """The quantization field that is on (load_in_4bit or load_in_8bit), else None."""
     return next((name for name in _QUANT_FIELDS if getattr(spec, name, False)), None)
@@ -376,8 +400,8 @@ def check_placement(spec: ModelSpec, field: str = "model") -> None:
         raise LensbenchError("load_in_4bit and load_in_8bit are both on; choose one", f"{field}.load_in_8bit")
     quant = _quantization(spec)
     if quant and importlib.util.find_spec("bitsandbytes") is None:
-        raise LensbenchError(f"{quant} needs the bitsandbytes package, which is not installed, and a CUDA GPU; "
-                             "install it with: pip install bitsandbytes (or set it to false)", f"{field}.{quant}")
+        raise LensbenchError(f"{quant} needs the bitsandbytes package, which is not installed; install it with: "
+                             f"pip install 'bitsandbytes>={BNB_CPU}' (or set it to false)", f"{field}.{quant}")
 
 
 def _local_ranks() -> int:
@@ -463,16 +487,20 @@ def _placement(spec: ModelSpec, device: torch.device | None, config: Any, auto_c
     kwargs: dict[str, Any] = {}
     quant = _quantization(spec)
     if quant:
-        if device is None or device.type != "cuda":
-            raise LensbenchError(f"{quant} needs a CUDA GPU (bitsandbytes quantizes on it), and this rank runs on "
-                                 f"{device}; set trainer.accelerator: gpu, or set {quant} to false", f"{field}.{quant}")
+        device = device or torch.device("cpu")
+        if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not _bitsandbytes_on_cpu()):
+            raise LensbenchError(f"{quant} needs a CUDA GPU, or bitsandbytes {BNB_CPU} or newer on a CPU, and this "
+                                 f"rank runs on {device} with bitsandbytes {_bitsandbytes_version()}; set "
+                                 f"trainer.accelerator: gpu, upgrade bitsandbytes, or set {quant} to false",
+                                 f"{field}.{quant}")
         from transformers import BitsAndBytesConfig
 
-        compute = DTYPES[spec.dtype] or torch.bfloat16
+        compute = DTYPES[spec.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=spec.load_in_4bit, load_in_8bit=spec.load_in_8bit, bnb_4bit_compute_dtype=compute)
         if spec.device_map is None:  # quantized weights are placed while loading, not moved afterwards
-            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+            kwargs["device_map"] = {"": "cpu" if device.type == "cpu" else
+                                    device.index if device.index is not None else torch.cuda.current_device()}
     dm = spec.device_map
     if dm is None:
         return kwargs

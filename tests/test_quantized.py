@@ -1,0 +1,112 @@
+"""Quantized loading (load_in_4bit / load_in_8bit through bitsandbytes) on the CPU: the weights are
+really quantized, analyses run on them and agree with the float model to the quantization's
+precision, float weights of a quantized model are perturbed and restored bit-exactly, quantized
+ones are refused in one line. (Without bitsandbytes, or with one too old for the CPU: tests/test_device_map.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from helpers_cli import last_line, make_workdir
+
+from lensbench.errors import LensbenchError
+from lensbench.models.loading import ModelSpec, load_model
+from lensbench.plugins import active_registries
+from lensbench.state import State, SubjectManager, TransformSpec
+from lensbench.testing import save_tiny_llama
+
+pytestmark = pytest.mark.requires("bitsandbytes")
+CPU = torch.device("cpu")
+QUANT = {"load_in_4bit": ("Params4bit", torch.uint8), "load_in_8bit": ("Int8Params", torch.int8)}
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """The tiny Llama at width 64: bitsandbytes' 4-bit CPU kernels quantize in blocks of 64."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny64") / "tiny", hidden=64)
+
+
+def _state(group: str, level: float = 0.5) -> State:
+    return State("m", (TransformSpec("mult_gauss", (("group", group), ("level", level)), 3),))
+
+
+@pytest.mark.parametrize("quant", sorted(QUANT))
+def test_the_linear_weights_are_quantized_and_the_rest_stay_float(tiny64, quant):
+    model = load_model(ModelSpec(str(tiny64), **{quant: True}), device=CPU).model
+    kind, dtype = QUANT[quant]
+    weight = model.get_parameter("model.layers.1.mlp.down_proj.weight")
+    assert type(weight).__name__ == kind and weight.dtype == dtype
+    assert model.get_parameter("model.embed_tokens.weight").dtype == torch.float32
+    assert model.get_parameter("model.norm.weight").dtype == torch.float32
+    assert getattr(model, "hf_quantizer", None) is not None
+
+
+@pytest.mark.parametrize("quant", sorted(QUANT))
+def test_float_weights_of_a_quantized_model_are_perturbed_and_restored_and_quantized_ones_refused(tiny64, quant):
+    manager = SubjectManager({"m": ModelSpec(str(tiny64), **{quant: True})}, CPU, active_registries().perturbations)
+    model = manager.activate(State("m")).model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    manager.activate(_state("embed_only"))
+    now = dict(model.named_parameters())
+    assert [n for n in before if not torch.equal(before[n], now[n])] == ["model.embed_tokens.weight"]
+    with pytest.raises(LensbenchError, match=rf"v_proj.weight is quantized \(.*{quant}\)") as info:
+        manager.activate(_state("attn_only"))
+    assert "\n" not in info.value.message
+    manager.activate(State("m"))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # bit-exact, packed bytes too
+
+
+def test_activation_norms_of_quantized_models_follow_the_float_model(tmp_path, tiny64, monkeypatch):
+    from lensbench.cli import main
+
+    folder = make_workdir(tmp_path / "work", tiny64)
+    run = (folder / "run.yaml").read_text()
+    for quant in QUANT:
+        (folder / f"{quant}.yaml").write_text(run.replace("models: [tiny]", f"models: [{{source: tiny, {quant}: true}}]"))
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr("sys.argv", ["lensbench"])
+    tables = {}
+    for name in ("run", *QUANT):
+        assert main(["predict", "--config", f"{name}.yaml"]) == 0
+        tables[name] = pd.read_csv(folder / f"outputs/activation_norms/{name}/activation_norms.csv")
+    plain = tables["run"]
+    for quant, tolerance in (("load_in_8bit", 5e-3), ("load_in_4bit", 5e-2)):
+        table = tables[quant]
+        assert table[["model", "dataset", "layer", "n_tokens"]].equals(plain[["model", "dataset", "layer", "n_tokens"]])
+        embedded = table["layer"] == 0  # the embeddings' output: float weights, the same numbers
+        assert table.loc[embedded, "mean_norm"].tolist() == plain.loc[embedded, "mean_norm"].tolist()
+        deeper = table.loc[~embedded, "mean_norm"].to_numpy()
+        relative = abs(deeper / plain.loc[~embedded, "mean_norm"].to_numpy() - 1)
+        assert relative.max() < tolerance, (quant, relative.max())
+        assert relative.max() > 0, quant  # the layers computed from quantized weights
+    for quant in QUANT:  # quantization is part of a run's identity (placement is not)
+        identity = json.loads((folder / f"outputs/activation_norms/{quant}/run.json").read_text())
+        assert identity["model.init_args.models"][0][quant] is True
+        assert not [key for key in identity["model.init_args.models"][0] if key.startswith("load_in_") and key != quant]
+
+
+def test_a_perturbation_run_on_a_4bit_model_records_load_4bit_and_refuses_quantized_groups(tmp_path, tiny64,
+                                                                                           monkeypatch, capsys):
+    from test_perturbation_runs import perturbation_yaml
+
+    from lensbench.cli import main
+
+    (tmp_path / "tiny").symlink_to(tiny64)
+    (tmp_path / "prompts.txt").write_text("what is the capital of france\nname a color\n")
+    model = "{source: tiny, load_in_4bit: true}"
+    (tmp_path / "embed.yaml").write_text(perturbation_yaml(group="embed_only", levels="[0.5]", n_rep=1, model=model))
+    (tmp_path / "attn.yaml").write_text(perturbation_yaml(group="attn_only", levels="[0.5]", n_rep=1, model=model))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lensbench"])
+    assert main(["predict", "--config", "embed.yaml"]) == 0
+    records = json.loads((tmp_path / "outputs/perturbation/embed/outputs_mult_gauss_tiny.json").read_text())
+    assert {r["load_4bit"] for r in records} == {True}
+    assert {tuple(r["touched_tensors"]) for r in records if not r["is_baseline"]} == {("model.embed_tokens.weight",)}
+    capsys.readouterr()
+    assert main(["predict", "--config", "attn.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert last_line(err).startswith("lensbench: error: model.layers.0.self_attn.v_proj.weight is quantized")
