@@ -166,9 +166,21 @@ def test_a_smollm2_like_model_gets_a_memory_layer_and_every_other_weight(tmp_pat
 def test_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, fragment):
     write_config(tmp_path)
     assert fit(tmp_path, monkeypatch, *args) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lensbench: error: ") and fragment in err[0], err
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lensbench: error: ")]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err and "Logging error" not in err, err
+    # no checkpoint, and no run.json claiming the folder for the bad settings
     assert not list((tmp_path / "outputs" / "fit").glob("*/checkpoint-*"))
+    assert not list((tmp_path / "outputs" / "fit").glob("*/run.json"))
+
+
+def test_a_run_stopped_by_bad_data_leaves_the_folder_to_the_corrected_run(tmp_path, monkeypatch, capsys):
+    write_config(tmp_path, trainer={"max_steps": 2})
+    assert fit(tmp_path, monkeypatch, "--data.options", "{num_pairz: 4}") == 1
+    assert fit(tmp_path, monkeypatch) == 0  # the same experiment, the typo fixed
+    identity = json.loads((tmp_path / "outputs/fit/train/run.json").read_text())
+    assert identity["data.options.num_pairs"] == 16 and "data.options.num_pairz" not in identity
+    assert (tmp_path / "outputs/fit/train/checkpoint-2").is_dir()
 
 
 def test_a_layer_mapping_between_shapes_is_refused(tmp_path, monkeypatch, capsys):

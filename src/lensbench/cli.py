@@ -100,13 +100,33 @@ def cli_base_class():
     return LensbenchCLIBase
 
 
-def run_cli(cli_class: Any, model: Any, data: Any, registries: Any, description: str, **kwargs: Any) -> Any:
-    """``cli_class(model, data, **kwargs)`` with what every lensbench command shares: the YAML
-    loader resolving registered names, one-line errors (no exit inside the parser), no
-    config-saving callback; torch's float32 matmul precision given back afterwards (a run in this
-    process sets its own)."""
+#: Warning messages of Lightning that say nothing to a lensbench user.
+QUIET = (
+    r".*predict returned None.*",
+    r".*overridden `transfer_batch_to_device`.*",
+    r".*isinstance\(treespec, LeafSpec\)",
+    r".*does not have many workers which may be a bottleneck.*",
+)
+
+
+def run_cli(cli_class: Any, model: Any, data: Any, registries: Any, description: str,
+            quiet: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """``cli_class(model, data, **kwargs)`` with what every lensbench command shares: Lightning's
+    and jsonargparse's advice kept off the console (``QUIET`` and ``quiet``: warning messages to
+    ignore), the YAML loader resolving registered names, one-line errors (no exit inside the
+    parser), no config-saving callback; torch's float32 matmul precision given back afterwards (a
+    run in this process sets its own)."""
+    import os
+    import warnings
+
     from jsonargparse import set_loader
 
+    from .logs import quiet_lightning
+
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's calls, not the user's
+    for pattern in (*QUIET, *quiet):
+        warnings.filterwarnings("ignore", message=pattern)
+    quiet_lightning()
     set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))
     previous = _matmul_precision_now()
     try:
@@ -261,26 +281,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-QUIET = (
-    r".*predict returned None.*",
-    r".*overridden `transfer_batch_to_device`.*",
-    r".*isinstance\(treespec, LeafSpec\)",
-    r".*does not have many workers which may be a bottleneck.*",
-)
-
-
 def run_predict(argv: list[str] | None) -> Any:
-    import os
-    import warnings
-
-    from .logs import quiet_lightning
-
-    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's calls, not the user's
-
-    for pattern in QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
-    quiet_lightning()
-
     from .analysis import Analysis
     from .data.modules import WorkDataModule
     from .plugins import active_registries

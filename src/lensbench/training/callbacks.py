@@ -14,6 +14,22 @@ import torch
 from ..logs import console
 
 
+class WriteAtFitStart(pl.Callback):
+    """Files rank 0 writes once the run has passed its set-up (data generated and read, every text
+    encoded, the model built), so that a run stopped by bad input leaves no ``run.json`` claiming
+    the folder for its settings."""
+
+    def __init__(self) -> None:
+        self.files: dict[Path, str] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        for path, text in self.files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
 class HuggingFaceCheckpoints(pl.Callback):
     """``<run>/checkpoint-<step>/``: ``save_pretrained`` of the model and its tokenizer every
     ``every`` optimizer steps and at the end, written to a temporary folder and renamed, so a

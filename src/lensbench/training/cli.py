@@ -1,7 +1,8 @@
 """``lensbench fit``: Lightning's own ``fit`` subcommand for ``CausalLMTraining`` and a DataModule.
 
 The run folder ``<output_dir>/<experiment>/`` (default experiment ``fit/<config stem>``) holds
-``config.yaml``, ``run.json`` (the settings that must match to resume, and the
+``config.yaml`` and ``run.json`` (written once the data and the model have passed their set-up, so
+that a run stopped by bad input claims no folder: the settings that must match to resume, and the
 ``float32_matmul_precision`` of the run that made the folder, recorded only), ``metrics.csv``
 (Lightning's CSVLogger), ``memory_usage.csv``, ``logs/rank<r>.log``, ``lightning/last.ckpt`` and
 the Hugging Face folders ``checkpoint-<step>/``. Running the same config again resumes from
@@ -48,10 +49,11 @@ def _build_fit_cli():
             from lightning.pytorch.callbacks import ModelCheckpoint
             from lightning.pytorch.loggers import CSVLogger
 
-            from .callbacks import HuggingFaceCheckpoints, MemoryUsage
+            from .callbacks import HuggingFaceCheckpoints, MemoryUsage, WriteAtFitStart
 
             run_dir = self.model.run_dir
-            extra = [HuggingFaceCheckpoints(run_dir, self.model.save_every),
+            self.at_start = WriteAtFitStart()  # config.yaml and run.json, filled in by before_fit
+            extra = [self.at_start, HuggingFaceCheckpoints(run_dir, self.model.save_every),
                      ModelCheckpoint(dirpath=run_dir / "lightning", filename="step{step}", save_last=True,
                                      save_top_k=0, every_n_train_steps=self.model.save_every)]
             if self.model.track_memory_every:
@@ -89,11 +91,9 @@ def _build_fit_cli():
             if made_with not in (None, self.matmul_precision):
                 console.warning(f"lensbench: this run computes with {MATMUL_KEY} {self.matmul_precision}; the run "
                                 f"that made {run_dir} used {made_with}")
-            if self.trainer.global_rank == 0:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "config.yaml").write_text(text)
-                record = identity if made_with is None else {**identity, MATMUL_KEY: made_with}
-                ident_path.write_text(json.dumps(record, indent=1, sort_keys=True))
+            record = identity if made_with is None else {**identity, MATMUL_KEY: made_with}
+            self.at_start.files = {run_dir / "config.yaml": text,  # written once set-up has passed
+                                   ident_path: json.dumps(record, indent=1, sort_keys=True)}
             if last.exists() and not cfg.get("ckpt_path"):
                 console.info(f"resuming from {last}")
                 self.config_init[self.subcommand].ckpt_path = str(last)
@@ -102,25 +102,18 @@ def _build_fit_cli():
 
 
 def run_fit(argv: list[str] | None) -> Any:
-    import os
-    import warnings
-
-    from ..cli import QUIET, run_cli
-    from ..logs import quiet_lightning
+    from ..cli import run_cli
     from ..plugins import active_registries
     from .data import SyntheticTextData
     from .module import CausalLMTraining
 
-    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    for pattern in (*QUIET, r".*when logging on epoch level in distributed setting.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    quiet_lightning()
     return run_cli(
         _build_fit_cli(),
         CausalLMTraining,
         SyntheticTextData,
         active_registries(),
         "Train a model (a memory model by default): lensbench fit --config X.yaml",
+        quiet=(r".*when logging on epoch level in distributed setting.*",),
         subclass_mode_model=False,
         subclass_mode_data=False,
         seed_everything_default=0,
