@@ -264,6 +264,26 @@ def test_a_tensor_selected_twice_is_perturbed_twice_in_order():
     assert torch.equal(now["w"], w_) and torch.equal(now["v"], v_)
 
 
+def test_slices_are_written_back_once_their_pack_is_applied_not_kept_to_the_end(monkeypatch):
+    """Value slices of fused projections (one per layer) are copies: each is written back by the
+    flush that applies it, so at most a pack's worth of copies is alive at once."""
+    import lensbench.perturbations as perturbations
+
+    monkeypatch.setattr(perturbations, "NOISE_CHUNK", 64)
+    tensors = {f"qkv{i}": big(i, n=12 * 8).reshape(12, 8) for i in range(6)}  # value rows 8..11: 32 elements
+    pending = []
+    real = perturbations._Packs.flush
+    monkeypatch.setattr(perturbations._Packs, "flush", lambda self: pending.append(len(self.write_back)) or real(self))
+    now = _apply(MultGauss(level=0.3, group="x"), _subject(tensors),
+                 [_Sel(n, torch.arange(8, 12)) for n in tensors], seed=5)
+    assert max(pending) <= 2  # two 32-element slices fill a 64-element pack
+    g = gen(5)
+    for name, w in tensors.items():
+        expect = w.clone()
+        expect[8:] = w[8:] * n1((4, 8), 0.3, g)
+        assert torch.equal(now[name], expect), name
+
+
 def test_a_plugin_method_with_only_perturb_chunk_gets_flat_pieces_in_order(monkeypatch):
     import lensbench.perturbations as perturbations
 
@@ -284,6 +304,22 @@ def test_a_plugin_method_with_only_perturb_chunk_gets_flat_pieces_in_order(monke
     g = gen(2)
     assert torch.equal(now["a"], tensors["a"] + torch.rand((5, 8), generator=g))
     assert torch.equal(now["b"], tensors["b"] + torch.rand((10, 15), generator=g))
+
+
+def test_a_subclass_of_a_builtin_method_overriding_perturb_chunk_is_called_chunk_by_chunk():
+    class Clipped(MultGauss):  # the factor clipped to [0.5, 1.5]: MultGauss's packed path would skip it
+        name = "clipped"
+
+        def perturb_chunk(self, w, noise, generator, stat):
+            w.mul_(noise.normal_(1.0, self.level, generator=generator).clamp_(0.5, 1.5))
+
+    tensors = {"a": big(1, n=64).reshape(8, 8), "b": big(2, n=48)}
+    now = _apply(Clipped(level=5.0, group="x"), _subject(tensors), [_Sel("a"), _Sel("b")], seed=8)
+    g = gen(8)
+    for name, w in tensors.items():
+        assert torch.equal(now[name], w * n1(w.shape, 5.0, g).clamp(0.5, 1.5)), name
+    ratio = now["a"] / tensors["a"]
+    assert float(ratio.min()) >= 0.5 - 1e-6 and float(ratio.max()) <= 1.5 + 1e-6
 
 
 def test_the_group_is_looked_up_once_per_model_not_per_state(manager, monkeypatch):

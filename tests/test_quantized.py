@@ -10,15 +10,18 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import installed
 from helpers_cli import last_line, make_workdir
 
 from lensbench.errors import LensbenchError
-from lensbench.models.loading import ModelSpec, load_model
+from lensbench.models.loading import ModelSpec, _bitsandbytes_on_cpu, load_model
 from lensbench.plugins import active_registries
 from lensbench.state import State, SubjectManager, TransformSpec
 from lensbench.testing import save_tiny_llama
 
-pytestmark = pytest.mark.requires("bitsandbytes")
+pytestmark = [pytest.mark.requires("bitsandbytes"),
+              pytest.mark.skipif(installed("bitsandbytes") and not _bitsandbytes_on_cpu(),
+                                 reason="bitsandbytes quantizes on the CPU from 0.46: pip install 'bitsandbytes>=0.46'")]
 CPU = torch.device("cpu")
 QUANT = {"load_in_4bit": ("Params4bit", torch.uint8), "load_in_8bit": ("Int8Params", torch.int8)}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from functools import partial
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -122,7 +123,9 @@ class _Packs:
     several per tensor (what limits it on a GPU, where a launch costs more than a small tensor's
     work). A pack ends where the CPU generator would draw other numbers for the concatenation than
     for the pieces one by one (after a piece whose size is not a multiple of 16, before one under
-    16 elements), at a device change, and before a tensor it already holds is read again."""
+    16 elements), at a device change, and before a tensor it already holds is read again. A slice
+    (or a strided tensor) is perturbed as a contiguous copy and written back when the pack holding
+    its last piece has been applied."""
 
     def __init__(self, method: Perturbation, generator: torch.Generator) -> None:
         self.method, self.generator = method, generator
@@ -131,20 +134,24 @@ class _Packs:
         self.write_back: list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = []
         self.holds: set[int] = set()  # ids of the tensors the pack writes
         self.used, self.aligned, self.device = 0, True, None
-        self.prepares = type(method).prepare is not Perturbation.prepare  # a statistic of each tensor
+        cls = type(method)
+        self.prepares = cls.prepare is not Perturbation.prepare  # a statistic of each tensor
+        # A subclass that overrides perturb_chunk below the class giving perturb_pack (a plugin
+        # deriving from MultGauss, say) is called chunk by chunk, as it expects.
+        packs_itself = _defined_at(cls, "perturb_chunk") in _defined_at(cls, "perturb_pack").__mro__
+        self.apply_pack = method.perturb_pack if packs_itself else partial(Perturbation.perturb_pack, method)
 
     def add(self, param: torch.Tensor, sel=None) -> None:
         """Queue ``param`` (or its selected slice: the value rows of a fused projection) for perturbation."""
         if id(param) in self.holds or param.device != self.device:
             self.flush()
             self.device = param.device
-        self.holds.add(id(param))
         index = None if sel is None or sel.index is None else sel.index.to(param.device)
         if index is None and param.is_contiguous():
-            target = param
-        else:  # a slice or a strided tensor: perturbed as a contiguous copy, written back after its pack
+            target, back = param, None
+        else:  # a slice or a strided tensor: perturbed as a contiguous copy, written back afterwards
             target = param.contiguous() if index is None else param.index_select(sel.dim, index)
-            self.write_back.append((target, param, None if index is None else sel.dim, index))
+            back = (target, param, None if index is None else sel.dim, index)
         n = target.numel()
         pieces = n > NOISE_CHUNK + 15  # several pieces (else the whole tensor: no view to make)
         flat = target.view(-1) if pieces or (self.prepares and n) else target
@@ -152,12 +159,15 @@ class _Packs:
         for start, end in _spans(n) if pieces else ((0, n),) if n else ():
             size = end - start
             if self.pieces and (self.used + size > NOISE_CHUNK + 15 or not self.aligned or size < 16):
-                self.flush(keep_holds=True)
+                self.flush()  # the pieces of this tensor queued so far are applied, not yet written back
             self.pieces.append((flat[start:end] if pieces else target, size, stat))
             self.used += size
             self.aligned = size % 16 == 0
+        self.holds.add(id(param))
+        if back is not None:  # every piece queued: written back by the flush that applies the last
+            self.write_back.append(back)
 
-    def flush(self, keep_holds: bool = False) -> None:
+    def flush(self) -> None:
         if self.pieces:
             buf = self.buffers.get(self.device)
             if buf is None or buf.numel() < self.used:  # as large as the largest pack so far
@@ -166,15 +176,19 @@ class _Packs:
             ws = [piece for piece, _, _ in self.pieces]
             noises = buf[:self.used].split_with_sizes([size for _, size, _ in self.pieces])
             noises = [noise if w.dim() == 1 else noise.view(w.shape) for noise, w in zip(noises, ws)]
-            self.method.perturb_pack(ws, buf[:self.used], noises, self.generator, [p[2] for p in self.pieces])
+            self.apply_pack(ws, buf[:self.used], noises, self.generator, [p[2] for p in self.pieces])
             self.pieces, self.used, self.aligned = [], 0, True
-        if not keep_holds:  # a tensor still being added keeps its slices' write-back for the next pack
-            for target, param, dim, index in self.write_back:
-                if index is None:
-                    param.copy_(target)
-                else:
-                    param.index_copy_(dim, index, target)
-            self.write_back, self.holds = [], set()
+        for target, param, dim, index in self.write_back:
+            if index is None:
+                param.copy_(target)
+            else:
+                param.index_copy_(dim, index, target)
+        self.write_back, self.holds = [], set()
+
+
+def _defined_at(cls: type, name: str) -> type:
+    """The class of ``cls``'s method resolution order that defines ``name``."""
+    return next(k for k in cls.__mro__ if name in k.__dict__)
 
 
 #: Elements of noise drawn at a time into the reusable float32 buffer: 4 Mi (16 MiB), a multiple

@@ -103,9 +103,9 @@ class ModelSpec:
     load_in_4bit: bool = False
     """Quantize the linear layers' weights to 4 bits (NF4) while loading, through transformers'
     BitsAndBytesConfig: needs the bitsandbytes package (pip install bitsandbytes), on a CUDA GPU or
-    (bitsandbytes 0.46 or newer) on the CPU. Layers compute in the model's dtype (default bfloat16 on
-    a GPU, float32 on the CPU). Quantized weights cannot be perturbed (the norms and embeddings,
-    which stay in float, can)."""
+    (bitsandbytes 0.46 or newer) on the CPU. 4-bit layers compute in ``dtype`` when it is set, else
+    in bfloat16 on a GPU and float32 on the CPU; the weights left in float (norms, embeddings) take
+    ``dtype`` as usual. Quantized weights cannot be perturbed (the float ones can)."""
     load_in_8bit: bool = False
     """Quantize the linear layers' weights to 8 bits (LLM.int8) while loading; as load_in_4bit."""
 
