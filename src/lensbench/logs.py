@@ -32,10 +32,13 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Loggers whose records the run log receives (lensbench's own and Lightning's).
 CAPTURED = ("lightning.pytorch", "lightning.fabric", "lensbench.run")
 #: Messages nobody running an analysis needs: Lightning's advertisements for its cloud services,
-#: its advice on float32 matmul precision (lensbench sets it itself: float32_matmul_precision), and
-#: its "Seed set to" line (the seed is in the run's config.yaml; on stderr before a config error it
-#: made that error two lines).
-NOISE = ("💡 Tip:", "set_float32_matmul_precision", "Seed set to")
+#: its advice on float32 matmul precision (lensbench sets it itself: float32_matmul_precision), its
+#: "Seed set to" line (the seed is in the run's config.yaml), and its list of the devices it found
+#: ("GPU available: ..., used: ...": lensbench's own lines name the device a model is loaded on,
+#: and Lightning still warns about a GPU left unused). Printed when the trainer is made, before
+#: the run checks its settings and loads its model, they made a bad-input error several lines.
+NOISE = ("💡 Tip:", "set_float32_matmul_precision", "Seed set to", "GPU available: ", "TPU available: ",
+         "HPU available: ")
 _RANK_ZERO_LOGGERS = ("lightning_utilities.core.rank_zero", "lightning.pytorch.utilities.rank_zero",
                       "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed")
 

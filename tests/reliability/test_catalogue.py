@@ -371,6 +371,8 @@ def test_each_case_is_one_line_and_changes_nothing_stored(catalogue, case):
     assert result.returncode == code, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+    # nor Lightning's device list, made with the trainer before the run checks anything
+    assert not [line for line in result.stderr.splitlines() if "available: " in line], result.stderr[-2000:]
     after = snapshot(root / "outputs")
     assert {k: v for k, v in after.items() if k.startswith("kept/")} == {k: v for k, v in before.items()
                                                                           if k.startswith("kept/")}

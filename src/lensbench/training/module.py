@@ -125,7 +125,8 @@ class CausalLMTraining(pl.LightningModule):
         if self.global_rank == 0:
             n = sum(p.numel() for p in self.model.parameters())
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            console.info(f"model: {type(self.model).__name__}, {n:,} parameters, {trainable:,} trained")
+            console.info(f"model: {type(self.model).__name__}, {n:,} parameters, {trainable:,} trained, "
+                         f"on {self.device}")
             if self.load_report is not None:
                 console.info(self.load_report.summary())
             if self.freeze_report is not None:
