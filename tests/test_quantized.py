@@ -112,4 +112,9 @@ def test_a_perturbation_run_on_a_4bit_model_records_load_4bit_and_refuses_quanti
     assert main(["predict", "--config", "attn.yaml"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert last_line(err).startswith("lensbench: error: model.layers.0.self_attn.v_proj.weight is quantized")
+    assert last_line(err).startswith("lensbench: error: model.init_args.perturbation.param_group: "
+                                     "model.layers.0.self_attn.v_proj.weight is quantized (uint8, load_in_4bit)")
+    # refused with the baseline, before any prompt is generated: nothing stored
+    shards = tmp_path / "outputs/perturbation/attn/shards"
+    assert not [p for p in shards.glob("*.jsonl") if p.read_text().strip()] if shards.exists() else True
+    assert not (tmp_path / "outputs/perturbation/attn/run.json").exists()

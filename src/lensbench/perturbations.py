@@ -53,7 +53,11 @@ class Perturbation(Transform):
         return cached[1]
 
     def validate(self, subject) -> None:
-        self.selections(subject)  # at level 0 too: a group that matches nothing fails before any work
+        # at level 0 too: a group that matches nothing, or quantized weights, fail before any work
+        from .models.loading import check_not_quantized
+
+        check_not_quantized(subject.model, [sel.name for sel in self.selections(subject)],
+                            "model.init_args.perturbation.param_group")
 
     def touched(self, subject) -> list[str]:
         if self.level == 0:

@@ -852,6 +852,22 @@ def is_placed(model: torch.nn.Module) -> bool:
             or getattr(model, "_hf_hook", None) is not None)  # accelerate's own cpu_offload/dispatch_model
 
 
+def check_not_quantized(model: torch.nn.Module, names: list[str], field: str | None = None) -> None:
+    """Refuse, in one line, parameters ``names`` that are quantized (load_in_4bit/load_in_8bit: not
+    floating point): transforms cannot change them."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    for name in dict.fromkeys(names):
+        module, leaf = _split(model, name)
+        param = module._parameters.get(leaf)
+        if param is not None and not param.is_floating_point():
+            quant = "load_in_4bit" if "4bit" in type(param).__name__.lower() or param.dtype == torch.uint8 \
+                else "load_in_8bit"
+            raise LensbenchError(f"{name} is quantized ({str(param.dtype).replace('torch.', '')}, {quant}): "
+                                 "transforms cannot change it; load the model without quantization to perturb it, "
+                                 "or choose a group of float weights (norms, embeddings)", field)
+
+
 @contextlib.contextmanager
 def editable_weights(model: torch.nn.Module, names: list[str]):
     """While open, the parameters ``names`` can be read and changed in place wherever they are: each
@@ -862,15 +878,7 @@ def editable_weights(model: torch.nn.Module, names: list[str]):
     if not is_placed(model):
         yield
         return
-    for name in dict.fromkeys(names):
-        module, leaf = _split(model, name)
-        param = module._parameters.get(leaf)
-        if param is not None and not param.is_floating_point():
-            quant = "load_in_4bit" if "4bit" in type(param).__name__.lower() or param.dtype == torch.uint8 \
-                else "load_in_8bit"
-            raise LensbenchError(f"{name} is quantized ({str(param.dtype).replace('torch.', '')}, {quant}): "
-                                 "transforms cannot change it; load the model without quantization to perturb it, "
-                                 "or choose a group of float weights (norms, embeddings)")
+    check_not_quantized(model, names)
     swapped = []
     try:
         for name in dict.fromkeys(names):
