@@ -89,7 +89,7 @@ def test_every_intervention_changes_the_model_and_restores_bit_exactly(manager):
 def test_value_interventions_touch_rows_not_the_table(manager):
     manager.activate(State("m"))
     manager.activate(State("m", (spec("swap_memory_values", layer=1, a=3, b=40),)))
-    assert manager._originals == {} and [(n, i.tolist()) for n, _, i, _ in manager._slices] == [(f"{LAYER}.values", [3, 40])]
+    assert manager._originals == {} and [(n, i.tolist()) for _, n, _, i, _ in manager._slices] == [(f"{LAYER}.values", [3, 40])]
     mem = manager.loaded.model.get_submodule(LAYER)
     manager.activate(State("m", (spec("swap_memory_values", layer=1, a=3, b=40),
                                  spec("swap_memory_values", layer=1, a=40, b=3))))

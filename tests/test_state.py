@@ -221,7 +221,7 @@ def test_row_transforms_save_and_restore_only_their_rows(manager):
     changed = weights(loaded)
     assert torch.equal(changed[DOWN][[1, 3]], clean[DOWN][[1, 3]] + 1) and torch.equal(changed[DOWN][0], clean[DOWN][0])
     assert manager._originals == {}  # no whole copy of the tensor was kept
-    assert [(n, d, i.tolist(), c.shape) for n, d, i, c in manager._slices] == [(DOWN, 0, [1, 3], (2, clean[DOWN].shape[1]))]
+    assert [(n, d, i.tolist(), c.shape) for _, n, d, i, c in manager._slices] == [(DOWN, 0, [1, 3], (2, clean[DOWN].shape[1]))]
     manager.activate(State("a", (rows([2], delta=-2.0, dim=1),)))  # columns now
     after = weights(manager.loaded)
     assert torch.equal(after[DOWN][:, 2], clean[DOWN][:, 2] - 2) and torch.equal(after[DOWN][:, 1], clean[DOWN][:, 1])
@@ -281,3 +281,22 @@ def test_the_parameters_kept_by_name_follow_structural_transforms(manager):
     assert gate in manager.activate(both).params_by_name()
     assert gate not in manager.activate(State("a")).params_by_name()  # undone: walked again
 
+
+
+def test_a_parameter_a_structural_transform_made_is_restored_before_the_structure_is_undone(manager):
+    """A transform may change a parameter that a structural transform before it created: the copy is
+    put back while that structure still stands, then the structure is undone."""
+    gate = "model.layers.0.mlp.gate"
+    plain = weights(manager.activate(State("a")))
+    scaled = State("a", (TransformSpec("add_gate", (), 0),
+                         TransformSpec("scale_noise", (("scale", 3.0), ("sigma", 0.5), ("target", gate)), 4)))
+    first = weights(manager.activate(scaled))
+    assert torch.equal(first[gate], expected(torch.ones(3), 3.0, 0.5, 4))
+    assert_same({n: first[n] for n in plain}, plain)
+    with_down = State("a", (TransformSpec("add_gate", (), 0), TransformSpec("scale_noise", (("sigma", 0.1),), 5),
+                            TransformSpec("add_rows", (("delta", 1.0), ("index", (0, 2)), ("target", gate)), 6)))
+    after = weights(manager.activate(with_down))  # gate made afresh, its rows changed; down_proj noised
+    assert torch.equal(after[gate], torch.tensor([2.0, 1.0, 2.0]))
+    assert_same(weights(manager.activate(State("a"))), plain)  # no KeyError: every level restored
+    assert torch.equal(weights(manager.activate(scaled))[gate], first[gate])
+    assert_same(weights(manager.activate(State("a"))), plain)

@@ -173,7 +173,10 @@ class SubjectManager:
         self.loaded = None  # lensbench.models.loading.LoadedModel
         self.state: State | None = None
         self._originals: dict[str, torch.Tensor] = {}  # whole tensors, copied before their first change
-        self._slices: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []  # (name, dim, index, copy) of this state
+        # Copies made while structural transforms were applied (depth: how many), restored before the
+        # structure they may depend on is undone: whole tensors of this state, and slices.
+        self._structured: list[tuple[int, str, torch.Tensor]] = []  # (depth, name, copy)
+        self._slices: list[tuple[int, str, int, torch.Tensor, torch.Tensor]] = []  # (depth, name, dim, index, copy)
         self._touched: list[str] = []
         self._structural: list[Transform] = []  # structural transforms applied, in order (undone in reverse)
         self.loads = 0
@@ -188,7 +191,8 @@ class SubjectManager:
         if self.loaded is None or self.state.checkpoint != state.checkpoint:
             self._load(state.checkpoint)
         else:
-            run_log.info(f"restore {len(self._originals)} tensors and {len(self._slices)} slices of {self.state.id}")
+            run_log.info(f"restore {len(self._originals) + len(self._structured)} tensors and {len(self._slices)} "
+                         f"slices of {self.state.id}")
             self._restore()
         self.state = _Bare(state.checkpoint)  # until every transform has been applied
         try:
@@ -202,6 +206,7 @@ class SubjectManager:
 
     def release(self) -> None:
         self.loaded, self.state, self._originals, self._structural, self._slices = None, None, {}, [], []
+        self._structured = []
 
     def _load(self, label: str) -> None:
         from .logs import console, memory_summary
@@ -218,39 +223,62 @@ class SubjectManager:
         return self.loaded.params_by_name()
 
     def _restore(self) -> None:
-        while self._structural:  # structure first, in reverse order; parameter names do not change
+        """Every touched tensor back, level by level: what was saved under ``d`` structural transforms
+        is copied back while they are applied (a parameter one of them made exists only then), then
+        the last of them is undone, and so on down to the plain model."""
+        gpus: set[torch.device] = set()
+        while self._structural:
+            self._restore_level(len(self._structural), gpus)
             self._structural.pop().undo(self.loaded)
             self.loaded.structure_changed()
-        from .models.loading import editable_weights
-
-        names = [entry[0] for entry in self._slices] + list(self._originals)
-        with editable_weights(self.loaded.model, names), torch.no_grad():  # offloaded ones: their host values
-            params = self._params()
-            gpus = {params[n].device for n in names if params[n].device.type == "cuda"}
-            while self._slices:  # in reverse order of saving: each holds what was there before it
-                name, dim, index, saved = self._slices.pop()
-                params[name].index_copy_(dim, index, saved.to(params[name].device, non_blocking=True))
-            if self._originals:  # one fused copy on a GPU, not one launch per tensor
-                torch._foreach_copy_([params[name] for name in self._originals], list(self._originals.values()),
-                                     non_blocking=True)
+        self._restore_level(0, gpus)
         for gpu in gpus | ({self.device} if self.device.type == "cuda" else set()):  # every GPU of a device map
             torch.cuda.synchronize(gpu)
         self.restores += 1
 
-    def _save_slice(self, param: torch.Tensor, rows: Rows) -> None:
-        if rows.name in self._originals:
+    def _restore_level(self, depth: int, gpus: set) -> None:
+        from .models.loading import editable_weights
+
+        slices = []
+        while self._slices and self._slices[-1][0] == depth:  # in reverse order of saving: each holds
+            slices.append(self._slices.pop())  # what was there before it
+        wholes = []
+        while self._structured and self._structured[-1][0] == depth:
+            wholes.append(self._structured.pop())
+        if depth == 0:
+            wholes = list(self._originals.items())  # kept: the next state changes the same ones
+        else:
+            wholes = [(name, copy) for _, name, copy in wholes]  # dropped with the structure
+        names = [entry[1] for entry in slices] + [name for name, _ in wholes]
+        if not names:
+            return
+        with editable_weights(self.loaded.model, names), torch.no_grad():  # offloaded ones: their host values
+            params = self._params()
+            gpus.update(params[n].device for n in names if params[n].device.type == "cuda")
+            for _, name, dim, index, saved in slices:
+                params[name].index_copy_(dim, index, saved.to(params[name].device, non_blocking=True))
+            if wholes:  # one fused copy on a GPU, not one launch per tensor
+                torch._foreach_copy_([params[name] for name, _ in wholes], [copy for _, copy in wholes],
+                                     non_blocking=True)
+
+    def _kept_whole(self, name: str) -> bool:
+        """Whether a clean copy of the whole tensor ``name`` is kept (restored at its level or below)."""
+        return name in self._originals or any(n == name for _, n, _ in self._structured)
+
+    def _save_slice(self, param: torch.Tensor, rows: Rows, depth: int) -> None:
+        if self._kept_whole(rows.name):
             return  # a clean copy of the whole tensor is kept already
         dim = rows.dim % param.dim()
         index = torch.as_tensor(rows.index, dtype=torch.long, device=param.device).unique()
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= param.shape[dim]):
             raise LensbenchError(f"{rows.name} has {param.shape[dim]} slices along dim {dim}; index "
                                  f"{int(index.max()) if int(index.max()) >= 0 else int(index.min())} is out of range")
-        self._slices.append((rows.name, dim, index, param.detach().index_select(dim, index)))
+        self._slices.append((depth, rows.name, dim, index, param.detach().index_select(dim, index)))
 
     def _clean_copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A whole copy as it was before this state: slices changed earlier in it are put back."""
         copy = _keep_copy(tensor)
-        for sname, dim, index, saved in reversed(self._slices):
+        for _, sname, dim, index, saved in reversed(self._slices):
             if sname == name:
                 copy.index_copy_(dim, index.to(copy.device), saved.to(copy.device))
         return copy
@@ -304,12 +332,17 @@ class SubjectManager:
         # devices are transformed on the CPU (one random stream whatever the device map).
         with editable_weights(self.loaded.model, names):
             params = self._params()
+            depth = len(self._structural)
             with torch.no_grad():
                 for item in touched:
                     if isinstance(item, Rows):
-                        self._save_slice(params[item.name], item)
-                    elif item not in self._originals:
-                        self._originals[item] = self._clean_copy(item, params[item].detach())
+                        self._save_slice(params[item.name], item, depth)
+                    elif not self._kept_whole(item):
+                        copy = self._clean_copy(item, params[item].detach())
+                        if depth == 0:
+                            self._originals[item] = copy
+                        else:  # restored before the structure is undone, then dropped
+                            self._structured.append((depth, item, copy))
             with on_one_device(self.loaded.model, names) as where:
                 generator = torch.Generator(device=where)
                 generator.manual_seed(spec.seed)
