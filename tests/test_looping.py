@@ -263,6 +263,28 @@ def test_a_failed_state_leaves_the_plain_structure(models):
     assert len(subjects.activate(State("m")).model.model.layers) == 8 and subjects.loads == 1
 
 
+def test_perturbations_of_a_looped_model_keep_their_clean_copies_across_states(models, monkeypatch):
+    """A loop shares the blocks' parameters: what a perturbation changes under it is a parameter of
+    the plain model, copied once and restored by name after the loop is undone, not copied again
+    at every state change."""
+    import lensbench.state as state_module
+
+    entry = {"name": "loop_layers", "params": {"start": START, "end": END, "passes": 3}}
+    subjects = SubjectManager({"m": ModelSpec(str(models["llama"]), transforms=[entry])}, torch.device("cpu"),
+                              active_registries().perturbations)
+    plain = {n: p.detach().clone() for n, p in subjects.activate(State("m")).model.named_parameters()}
+    copies = []
+    real = state_module._keep_copy
+    monkeypatch.setattr(state_module, "_keep_copy", lambda t: copies.append(t.shape) or real(t))
+    for seed in (1, 2, 1, 3):
+        noisy = State("m", (TransformSpec("mult_gauss", (("group", "mlp_only"), ("level", 0.2)), seed),))
+        assert len(subjects.activate(noisy).model.model.layers) == 8
+    assert len(copies) == len(subjects.touched_names()) > 0  # made by the first state only
+    assert subjects._structured == [] and set(subjects._originals) == set(subjects.touched_names())
+    restored = subjects.activate(State("m")).model
+    assert all(torch.equal(plain[n], p) for n, p in restored.named_parameters())
+
+
 ZEROED = "model.layers.{1-2}.{self_attn.o_proj,mlp.down_proj}.weight"
 
 

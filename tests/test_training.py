@@ -177,10 +177,12 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, ar
 def test_bad_data_through_the_console_script_prints_only_its_error_line(tmp_path):
     """Errors found while the data is set up come after the trainer is made: Lightning's lines about
     the devices it found are not printed before them (``logs.NOISE``)."""
-    from conftest import lensbench
+    from conftest import clean_env, lensbench
 
     write_config(tmp_path)
-    result = lensbench("fit", "--config", "train.yaml", "--data.options", "{num_pairz: 4}", cwd=tmp_path)
+    # no GPU in sight: with one, Lightning's hint "GPU available but not used" (accelerator: cpu) comes first
+    result = lensbench("fit", "--config", "train.yaml", "--data.options", "{num_pairz: 4}", cwd=tmp_path,
+                       env=clean_env(CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "lensbench: error: data.options.num_pairz: synthetic_qa has no option 'num_pairz'; did you mean 'num_pairs'?"]

@@ -176,6 +176,8 @@ class SubjectManager:
         # Copies made while structural transforms were applied (depth: how many), restored before the
         # structure they may depend on is undone: whole tensors of this state, and slices.
         self._structured: list[tuple[int, str, torch.Tensor]] = []  # (depth, name, copy)
+        self._structured_names: set[str] = set()
+        self._plain: dict[str, torch.nn.Parameter] = {}  # the parameters before this state's transforms
         self._slices: list[tuple[int, str, int, torch.Tensor, torch.Tensor]] = []  # (depth, name, dim, index, copy)
         self._touched: list[str] = []
         self._structural: list[Transform] = []  # structural transforms applied, in order (undone in reverse)
@@ -206,7 +208,7 @@ class SubjectManager:
 
     def release(self) -> None:
         self.loaded, self.state, self._originals, self._structural, self._slices = None, None, {}, [], []
-        self._structured = []
+        self._structured, self._structured_names, self._plain = [], set(), {}
 
     def _load(self, label: str) -> None:
         from .logs import console, memory_summary
@@ -245,6 +247,7 @@ class SubjectManager:
         wholes = []
         while self._structured and self._structured[-1][0] == depth:
             wholes.append(self._structured.pop())
+            self._structured_names.discard(wholes[-1][1])
         if depth == 0:
             wholes = list(self._originals.items())  # kept: the next state changes the same ones
         else:
@@ -263,7 +266,7 @@ class SubjectManager:
 
     def _kept_whole(self, name: str) -> bool:
         """Whether a clean copy of the whole tensor ``name`` is kept (restored at its level or below)."""
-        return name in self._originals or any(n == name for _, n, _ in self._structured)
+        return name in self._originals or name in self._structured_names
 
     def _save_slice(self, param: torch.Tensor, rows: Rows, depth: int) -> None:
         if self._kept_whole(rows.name):
@@ -304,6 +307,7 @@ class SubjectManager:
 
     def _apply(self, state: State) -> None:
         self._touched = []
+        self._plain = self._params()  # kept as it is: structural transforms make a new one
         base = self._base_transforms(state.checkpoint)
         for i, spec in enumerate(base + state.transforms):
             if i >= len(base):
@@ -339,10 +343,13 @@ class SubjectManager:
                         self._save_slice(params[item.name], item, depth)
                     elif not self._kept_whole(item):
                         copy = self._clean_copy(item, params[item].detach())
-                        if depth == 0:
+                        if depth == 0 or self._plain.get(item) is params[item]:
+                            # a parameter of the plain model (one a loop shares, say): restored by
+                            # name once the structure is undone, its copy kept for the next states
                             self._originals[item] = copy
-                        else:  # restored before the structure is undone, then dropped
+                        else:  # made or replaced by the structure: restored before it is undone, then dropped
                             self._structured.append((depth, item, copy))
+                            self._structured_names.add(item)
             with on_one_device(self.loaded.model, names) as where:
                 generator = torch.Generator(device=where)
                 generator.manual_seed(spec.seed)
