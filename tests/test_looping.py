@@ -280,7 +280,7 @@ def test_perturbations_of_a_looped_model_keep_their_clean_copies_across_states(m
         noisy = State("m", (TransformSpec("mult_gauss", (("group", "mlp_only"), ("level", 0.2)), seed),))
         assert len(subjects.activate(noisy).model.model.layers) == 8
     assert len(copies) == len(subjects.touched_names()) > 0  # made by the first state only
-    assert subjects._structured == [] and set(subjects._originals) == set(subjects.touched_names())
+    assert subjects._structured == {} and set(subjects._originals) == set(subjects.touched_names())
     restored = subjects.activate(State("m")).model
     assert all(torch.equal(plain[n], p) for n, p in restored.named_parameters())
 

@@ -175,8 +175,7 @@ class SubjectManager:
         self._originals: dict[str, torch.Tensor] = {}  # whole tensors, copied before their first change
         # Copies made while structural transforms were applied (depth: how many), restored before the
         # structure they may depend on is undone: whole tensors of this state, and slices.
-        self._structured: list[tuple[int, str, torch.Tensor]] = []  # (depth, name, copy)
-        self._structured_names: set[str] = set()
+        self._structured: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (depth, copy), depths ascending
         self._plain: dict[str, torch.nn.Parameter] = {}  # the parameters before this state's transforms
         self._slices: list[tuple[int, str, int, torch.Tensor, torch.Tensor]] = []  # (depth, name, dim, index, copy)
         self._touched: list[str] = []
@@ -208,7 +207,7 @@ class SubjectManager:
 
     def release(self) -> None:
         self.loaded, self.state, self._originals, self._structural, self._slices = None, None, {}, [], []
-        self._structured, self._structured_names, self._plain = [], set(), {}
+        self._structured, self._plain = {}, {}
 
     def _load(self, label: str) -> None:
         from .logs import console, memory_summary
@@ -244,14 +243,11 @@ class SubjectManager:
         slices = []
         while self._slices and self._slices[-1][0] == depth:  # in reverse order of saving: each holds
             slices.append(self._slices.pop())  # what was there before it
-        wholes = []
-        while self._structured and self._structured[-1][0] == depth:
-            wholes.append(self._structured.pop())
-            self._structured_names.discard(wholes[-1][1])
         if depth == 0:
             wholes = list(self._originals.items())  # kept: the next state changes the same ones
-        else:
-            wholes = [(name, copy) for _, name, copy in wholes]  # dropped with the structure
+        else:  # dropped with the structure
+            wholes = [(name, self._structured.pop(name)[1]) for name, (d, _) in list(self._structured.items())
+                      if d == depth]
         names = [entry[1] for entry in slices] + [name for name, _ in wholes]
         if not names:
             return
@@ -266,7 +262,7 @@ class SubjectManager:
 
     def _kept_whole(self, name: str) -> bool:
         """Whether a clean copy of the whole tensor ``name`` is kept (restored at its level or below)."""
-        return name in self._originals or name in self._structured_names
+        return name in self._originals or name in self._structured
 
     def _save_slice(self, param: torch.Tensor, rows: Rows, depth: int) -> None:
         if self._kept_whole(rows.name):
@@ -348,8 +344,7 @@ class SubjectManager:
                             # name once the structure is undone, its copy kept for the next states
                             self._originals[item] = copy
                         else:  # made or replaced by the structure: restored before it is undone, then dropped
-                            self._structured.append((depth, item, copy))
-                            self._structured_names.add(item)
+                            self._structured[item] = (depth, copy)
             with on_one_device(self.loaded.model, names) as where:
                 generator = torch.Generator(device=where)
                 generator.manual_seed(spec.seed)

@@ -138,8 +138,8 @@ def save_char_tokenizer(folder: Path) -> Path:
 
 
 def save_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
-    """A 2-layer, width-32 Llama (MLP width twice ``hidden``) with a word-level tokenizer, saved as
-    safetensors. bitsandbytes' 4-bit CPU kernels need ``hidden`` of 64 or more (its block)."""
+    """A Llama of ``layers`` blocks of width ``hidden`` (MLP width twice that) with a word-level
+    tokenizer, saved as safetensors. bitsandbytes' 4-bit CPU kernels need ``hidden`` of 64 or more."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
