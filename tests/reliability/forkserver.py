@@ -122,6 +122,8 @@ def run_batch(jobs: list[dict], parallel: int) -> dict:
             for job in start:
                 pending.remove(job)
                 out, err = (os.path.join(tmp, f"{len(results) + len(running)}-{job['id']}.{s}") for s in ("out", "err"))
+                for path in (out, err):  # made here: a fault may kill the child before it opens them
+                    open(path, "w").close()
                 pid = os.fork()
                 if pid == 0:
                     _child(job, out, err)

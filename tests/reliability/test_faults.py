@@ -361,6 +361,10 @@ def faults(tmp_path_factory, tiny_model, forks):
         if "glob" in spec:  # layer_sweep: within the evaluations this run has left to do (3 per item)
             left = spec["evaluations"] - 3 * out["after_kill1"][name]["tasks"]
             spec["points"][1] = 1 + more.randrange(max(1, left - 1))
+        elif spec["points"][1] <= out["after_kill1"][name]["lines"]:  # the first kill overshot the second point
+            low = out["after_kill1"][name]["lines"] + 1
+            assert low < spec["total"], f"{name}: the first kill stored {low - 1} of {spec['total']} lines"
+            spec["points"][1] = low + more.randrange(max(1, (spec["total"] - low) // 2))
     out["kill2"] = forks.run({f"kill2_{name}": kill_at(name, f"killed_{name}", spec["points"][1])
                               for name, spec in analyses.items()}, parallel=3)
     out["kept2"] = {name: whole_lines(root / "outputs" / f"killed_{name}") for name in analyses}
