@@ -7,7 +7,9 @@ one core; running independent calls concurrently keeps every core busy and the t
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,3 +51,18 @@ def last_line(text: str) -> str:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative path -> bytes)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sigkill_when_stored(args: list[str], cwd: Path, shard: Path, lines: int, env: dict | None = None) -> int:
+    """Start ``lensbench *args``, SIGKILL it once ``shard`` holds ``lines`` lines (or after 240 s),
+    and return the lines the shard holds then. Fails when the run ended before the kill."""
+    proc = subprocess.Popen(["lensbench", *args], cwd=cwd, env=env or clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (
+            shard.exists() and shard.read_bytes().count(b"\n") >= lines):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended (exit {proc.returncode}) before the kill"
+    return shard.read_bytes().count(b"\n")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 from conftest import clean_env, lensbench
+from helpers_cli import sigkill_when_stored
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lensbench.data.sources import read_texts
@@ -202,16 +200,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir):
     assert full.returncode == 0, full.stderr
 
     run_dir = workdir / "outputs" / "killed"
-    proc = subprocess.Popen(["lensbench", *args, "--model.init_args.experiment", "killed"], cwd=workdir,
-                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = run_dir / "shards" / "rank00000.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 20):
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    stored = shard.read_bytes().count(b"\n")
+    stored = sigkill_when_stored([*args, "--model.init_args.experiment", "killed"], workdir, shard, 20)
     assert 20 <= stored < 400, "the kill must land mid-run"
     assert not (run_dir / "activation_norms.csv").exists()
 

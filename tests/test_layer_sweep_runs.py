@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import clean_env, lensbench
-from helpers_cli import last_line, run_many
+from helpers_cli import last_line, run_many, sigkill_when_stored
 
 WORDS = ("the a of and to in is was on for with as by at it from this that be are "
          "cat dog tree house river garden mat day we what").split()
@@ -174,16 +171,9 @@ def test_sigkill_then_resume_and_two_ranks_equal_one(sweepdir):
     full = lensbench("predict", "--config", "run.yaml", *grid, "--model.init_args.experiment", "grid", cwd=sweepdir, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
     run_dir = sweepdir / "outputs" / "killed"
-    proc = subprocess.Popen(["lensbench", "predict", "--config", "run.yaml", *grid,
-                             "--model.init_args.experiment", "killed"], cwd=sweepdir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = run_dir / "shards" / "rank00000.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 3):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stored = shard.read_bytes().count(b"\n")
+    stored = sigkill_when_stored(["predict", "--config", "run.yaml", *grid, "--model.init_args.experiment", "killed"],
+                                 sweepdir, shard, 3, env)
     assert 3 <= stored < 12, "the kill must land mid-run"  # 4 states x (2 tasks + 1 metrics dataset)
     resumed, two = run_many({
         "resumed": (("predict", "--config", "run.yaml", *grid, "--model.init_args.experiment", "killed"), sweepdir, env),

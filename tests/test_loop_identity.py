@@ -4,18 +4,14 @@ console script (tables, plots, extension, DDP, kill and resume, an exact identit
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import clean_env, lensbench
-from helpers_cli import last_line, run_many, snapshot
+from conftest import lensbench
+from helpers_cli import last_line, run_many, sigkill_when_stored, snapshot
 from tiny import save_tiny_llama, tiny_tokenizer, write_texts
 from transformers import AutoModelForCausalLM
 
@@ -365,16 +361,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(loopdir):
     full = lensbench(*args, "--model.init_args.experiment", "full", cwd=loopdir)
     assert full.returncode == 0, full.stderr[-3000:]
     run_dir = loopdir / "outputs" / "killed"
-    proc = subprocess.Popen(["lensbench", *args, "--model.init_args.experiment", "killed"], cwd=loopdir,
-                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = run_dir / "shards" / "rank00000.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 30):
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    stored = shard.read_bytes().count(b"\n")
+    stored = sigkill_when_stored([*args, "--model.init_args.experiment", "killed"], loopdir, shard, 30)
     total = 2 * 200 * 4
     assert 30 <= stored < total, "the kill must land mid-run"
     assert not (run_dir / "loop_metrics.csv").exists()

@@ -189,12 +189,8 @@ def test_facts_take_their_last_word_as_the_answer(tmp_path):
 
 
 def test_a_killed_sweep_resumes_to_the_uninterrupted_result(trained):
-    import os
-    import signal
-    import subprocess
-    import time
-
     from conftest import clean_env, lensbench
+    from helpers_cli import sigkill_when_stored
 
     sweep = [{"name": "slot", "transform": "ablate_memory_values", "params": {"layer": 1}, "vary": "slots",
               "every": True, "limit": 120}]
@@ -202,15 +198,8 @@ def test_a_killed_sweep_resumes_to_the_uninterrupted_result(trained):
         analysis(trained, name, sweep)
     assert lensbench("predict", "--config", "whole.yaml", cwd=trained, env=clean_env()).returncode == 0
     run_dir = trained / "outputs" / "killed"
-    proc = subprocess.Popen(["lensbench", "predict", "--config", "killed.yaml"], cwd=trained, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = run_dir / "shards" / "rank00000.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 40):
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stored = shard.read_bytes().count(b"\n")
+    stored = sigkill_when_stored(["predict", "--config", "killed.yaml"], trained, shard, 40)
     assert 40 <= stored < 121 * 4, "the kill must land mid-sweep"
     assert not (run_dir / "accuracy.csv").exists()
     resumed = lensbench("predict", "--config", "killed.yaml", cwd=trained, env=clean_env())

@@ -10,11 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import clean_env, lensbench
-from helpers_cli import last_line, run_many
+from helpers_cli import last_line, run_many, sigkill_when_stored
 from tiny import write_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -501,20 +497,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_and_force_run_recompute
     args = ["predict", "--config", "resume.yaml"]
     killed_dir, full_dir = tmp_path / "outputs" / "killed", tmp_path / "outputs" / "full"
 
-    proc = subprocess.Popen(["lensbench", *args, "--model.init_args.experiment", "killed"], cwd=tmp_path,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = killed_dir / "shards" / "rank00000.jsonl"
     with ThreadPoolExecutor(1) as pool:  # the uninterrupted reference runs meanwhile
         future = pool.submit(lensbench, *args, "--model.init_args.experiment", "full", cwd=tmp_path, env=ENV)
-        shard = killed_dir / "shards" / "rank00000.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 12):
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stored = sigkill_when_stored([*args, "--model.init_args.experiment", "killed"], tmp_path, shard, 12, ENV)
         full = future.result()
     assert full.returncode == 0, full.stderr[-3000:]
-    assert proc.returncode == -signal.SIGKILL
-    stored = shard.read_bytes().count(b"\n")
     assert 12 <= stored < total, "the kill must land mid-run"
     assert not list(killed_dir.glob("outputs_*.json")) and not (killed_dir / "summary.csv").exists()
     reference = by_key(merged(full_dir))

@@ -54,7 +54,7 @@ import torch
 import yaml
 from conftest import clean_env, installed
 from safetensors.torch import load_file, save_file
-from tiny import save_tiny_llama, write_texts
+from tiny import write_texts
 
 from .sweep_tasks import write_sts
 
@@ -446,7 +446,7 @@ def test_sigkill_at_seeded_points_loses_nothing_and_resumes_to_the_uninterrupted
 
 
 def test_a_ddp_run_killed_whole_resumes_with_one_rank(faults):
-    root, ddp = faults["root"], faults["ddp_killed"]
+    ddp = faults["ddp_killed"]
     assert ddp["returncode"] == -signal.SIGKILL, ddp["stderr"][-3000:]
     assert 0 < ddp["lines"] < 120, "the kill must land mid-run"
     # rank 1 of the DDP run computed its items in another process: float32 sums may round differently
@@ -479,7 +479,7 @@ def test_a_rank_that_dies_under_an_external_launcher_stops_the_other_in_one_line
     """Rank 1 of a fork-DDP run (ranks started as srun starts them) is SIGKILLed at a drawn point:
     rank 0 exits 1 in one line at its next collective (gloo: the connection closed), within
     seconds of its last record; unlocked; 1 rank resumes to the uninterrupted tables."""
-    root, state = faults["root"], faults["ddp_rank_killed_state"]
+    state = faults["ddp_rank_killed_state"]
     rank0, rank1 = faults["kill1"]["ddp_rank_killed_rank0"], faults["kill1"]["ddp_rank_killed_rank1"]
     assert rank1.fault and rank1.returncode == -signal.SIGKILL
     assert rank0.returncode == 1, rank0.stderr[-3000:]
@@ -493,7 +493,7 @@ def test_a_rank_that_dies_under_an_external_launcher_stops_the_other_in_one_line
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(faults, sig):
-    root, state = faults["root"], faults[f"{sig}_state"]
+    state = faults[f"{sig}_state"]
     stopped = faults["kill1"][sig]
     assert stopped.fault and stopped.returncode == 128 + getattr(signal, sig), stopped.stderr[-3000:]
     line = one_error_line(stopped)
@@ -522,7 +522,6 @@ def test_a_write_that_fails_midway_is_one_line_and_resumes(faults):
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_read_only_shards_midway_are_one_line_unchanged_and_resume(faults):
-    root = faults["root"]
     partial = faults["kill1"]["partial_read_only"]
     assert partial.returncode == -signal.SIGKILL
     refused = faults["read_only"]
@@ -558,7 +557,7 @@ def test_a_rank_that_hangs_stops_the_others_at_the_ddp_timeout(faults):
     """Rank 1 is stopped (SIGSTOP) mid-run: rank 0 finishes its items, waits at the merge barrier
     for the DDP timeout (``--trainer.strategy.init_args.timeout 0:00:08``), then exits 1 in one
     line. The stopped rank is then SIGKILLed, and the folder resumes."""
-    root, state = faults["root"], faults["ddp_hang_state"]
+    state = faults["ddp_hang_state"]
     rank0, rank1 = faults["kill1"]["ddp_hang_rank0"], faults["kill1"]["ddp_hang_rank1"]
     assert rank1.fault and rank1.returncode == -signal.SIGKILL  # stopped, then killed once rank 0 was gone
     assert rank0.returncode == 1, rank0.stderr[-3000:]
@@ -578,7 +577,7 @@ def test_a_rank_that_hangs_stops_the_others_at_the_ddp_timeout(faults):
 def test_sigterm_to_a_ddp_run_stops_every_rank_cleanly_and_resumes(faults):
     """SIGTERM sent to both ranks of a 2-rank run (as scancel does): each exits 143 with one line,
     no torn line, the lock free, the reason in each rank's log; one rank resumes to the result."""
-    root, state = faults["root"], faults["ddp_SIGTERM_state"]
+    state = faults["ddp_SIGTERM_state"]
     for rank in (0, 1):
         stopped = faults["kill1"][f"ddp_SIGTERM_rank{rank}"]
         assert stopped.fault and stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
@@ -595,7 +594,7 @@ def test_sigterm_to_one_rank_stops_it_cleanly_and_the_other_at_its_next_collecti
     finishes its items and exits 1 in one line at the merge barrier (the connection closed), long
     before the run's 45 s DDP timeout (Lightning's own SIGTERM handler broadcasts from rank 0 inside
     the handler, where rank 1 would wait for that timeout; lensbench drops that broadcast)."""
-    root, state = faults["root"], faults["ddp_SIGTERM_rank1_state"]
+    state = faults["ddp_SIGTERM_rank1_state"]
     rank0, rank1 = faults["kill1"]["ddp_SIGTERM_rank1_rank0"], faults["kill1"]["ddp_SIGTERM_rank1_rank1"]
     assert rank1.fault and rank1.returncode == 128 + signal.SIGTERM, rank1.stderr[-3000:]
     assert rank1.ended_at - rank1.fired_at < 20

@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import LensbenchError, did_you_mean
 from ..hookspecs import hookimpl
 # ``_rebuild_local`` stays importable here: local tasks pickled before the split name it in this module.
-from .local_tasks import DOCS, FIELD, TASK_TYPES, _fail, _rebuild_local, _show, is_local, local_task
+from .local_tasks import DOCS, FIELD, TASK_TYPES, _fail, _rebuild_local, _show, is_local, local_task  # noqa: F401
 
 __all__ = ["DOCS", "FIELD", "SCORED_TYPES", "TASK_SETS", "TASK_TYPES", "ResolvedTask", "TaskEntry", "ensure_loaded",
            "is_local", "lensbench_register_mteb_tasks", "local_task", "resolve_tasks", "task_texts"]

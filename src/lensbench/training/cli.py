@@ -13,8 +13,6 @@ the Hugging Face folders ``checkpoint-<step>/``. Running the same config again r
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
