@@ -39,7 +39,6 @@ rewritten.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -49,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cpu_name, write_section  # noqa: E402
-from memory_layer import cpu_busy, own_cpu, wait_quiet  # noqa: E402
+from memory_layer import cpu_busy, own_cpu, shape_args, shape_parser, wait_quiet  # noqa: E402
 
 SECTION = "## Memory ablation sweep"
 GOAL = 0.05  # the issue's goal: per-state overhead / evaluation
@@ -59,26 +58,9 @@ QUICK = dict(hidden=64, n_keys=32, heads=2, topk=4, k_dim=32, layers=2, states=8
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small shape, a smoke run (writes no docs)")
-    for name in FULL:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"default {FULL[name]} ({QUICK[name]} with --quick)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = shape_parser(__doc__, FULL, QUICK, "the sweep", "the sweep's wall time", 30.0)
     parser.add_argument("--warmup", type=int, default=3, help="untimed forward passes before the sweep")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="times the sweep is run again when other processes disturbed it (default 2)")
-    parser.add_argument("--disturbed", type=float, default=0.10,
-                        help="others' CPU, as a fraction of the sweep's wall time, above which the sweep counts as "
-                             "disturbed (default 0.10)")
-    parser.add_argument("--quiet-wait", type=float, default=30.0,
-                        help="seconds to wait at most, before the sweep, for the machine to be quiet (default 30)")
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for name, value in base.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    args = shape_args(parser, argv, FULL, QUICK)
     if not 0 <= LAYER < args.layers:
         parser.error(f"--layers must be at least {LAYER + 1} (the memory is in layer {LAYER})")
     return args

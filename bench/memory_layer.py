@@ -47,30 +47,43 @@ FULL = dict(hidden=512, n_keys=256, heads=4, topk=32, k_dim=256, batch=8, tokens
 QUICK = dict(hidden=128, n_keys=64, heads=2, topk=8, k_dim=64, batch=2, tokens=32, reps=5)
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def shape_parser(doc: str, full: dict, quick: dict, what: str, span: str, quiet_wait: float) -> argparse.ArgumentParser:
+    """The options the memory benchmarks share: ``--quick``, one integer option per shape field of
+    ``full`` (default: ``full``'s value, ``quick``'s with --quick; see ``shape_args``), and the
+    disturbance handling of ``what`` (a comparison, the sweep) measured over ``span``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small shape, a smoke run (writes no docs)")
-    for name in FULL:
+    for name in full:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"default {FULL[name]} ({QUICK[name]} with --quick)")
-    parser.add_argument("--v-dim", type=int, default=None, help="default: hidden")
-    parser.add_argument("--gated", action="store_true", help="the memory+ variant (gate and out projections)")
-    parser.add_argument("--warmup", type=int, default=2)
+                            help=f"default {full[name]} ({quick[name]} with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retries", type=int, default=2,
-                        help="times a comparison is run again when other processes disturbed it (default 2)")
+                        help=f"times {what} is run again when other processes disturbed it (default 2)")
     parser.add_argument("--disturbed", type=float, default=0.10,
-                        help="others' CPU, as a fraction of a side's wall time, above which a comparison "
-                             "counts as disturbed (default 0.10)")
-    parser.add_argument("--quiet-wait", type=float, default=60.0,
-                        help="seconds to wait at most, before each attempt, for the machine to be quiet (default 60)")
+                        help=f"others' CPU, as a fraction of {span}, above which {what} counts as disturbed "
+                             "(default 0.10)")
+    parser.add_argument("--quiet-wait", type=float, default=quiet_wait,
+                        help=f"seconds to wait at most, before each attempt, for the machine to be quiet "
+                             f"(default {quiet_wait:g})")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    return parser
+
+
+def shape_args(parser: argparse.ArgumentParser, argv, full: dict, quick: dict) -> argparse.Namespace:
+    """Parse ``argv``; shape fields not given take ``quick``'s value with --quick, else ``full``'s."""
     args = parser.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for name, value in base.items():
+    for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def parse(argv):
+    parser = shape_parser(__doc__, FULL, QUICK, "a comparison", "a side's wall time", 60.0)
+    parser.add_argument("--v-dim", type=int, default=None, help="default: hidden")
+    parser.add_argument("--gated", action="store_true", help="the memory+ variant (gate and out projections)")
+    parser.add_argument("--warmup", type=int, default=2)
+    return shape_args(parser, argv, FULL, QUICK)
 
 
 def cpu_busy() -> float:

@@ -11,7 +11,8 @@ import torch
 from lensbench.data.modules import group_steps
 from lensbench.errors import LensbenchError
 from lensbench.models.loading import ModelSpec, load_model
-from lensbench.perturbations import METHODS, Ablation, AddGauss, MultGauss, Perturbation, PerturbationGrid, UniQuant
+from lensbench.perturbations import (METHODS, Ablation, AddGauss, MultGauss, Perturbation, PerturbationGrid, UniQuant,
+                                     grid_states)
 from lensbench.plugins import active_registries
 from lensbench.registry import Registry
 from lensbench.state import State, SubjectManager, Transform, TransformSpec
@@ -389,6 +390,20 @@ def test_linear_grid_gets_the_baseline_inserted_first():
     assert PerturbationGrid(min_deg=0.2, max_deg=0.6, deg_steps=3, include_baseline=False).level_values("p") == \
         pytest.approx([0.2, 0.4, 0.6], abs=1e-12)
     assert PerturbationGrid(min_deg=0.3, max_deg=0.9, deg_steps=1).level_values("p") == [0.0, 0.3]
+
+
+def test_grid_states_run_every_checkpoint_through_the_grid_or_leave_it_plain():
+    registry = active_registries().perturbations
+    grid = PerturbationGrid(levels=[0.0, 0.5], n_rep=2, seed=7)
+    states = grid_states(["a", "b"], grid, registry)
+    assert [s.checkpoint for s in states] == ["a"] * 4 + ["b"] * 4
+    assert [(dict(s.labels)["level_value"], s.transforms[0].seed) for s in states[:4]] == \
+        [(0.0, 7), (0.0, 8), (0.5, 7), (0.5, 8)]
+    assert states[4:] == grid.states("b", registry, "model.init_args.perturbation")
+    assert grid_states(["a", "b"], None, registry) == [State("a"), State("b")]
+    with pytest.raises(LensbenchError) as info:  # the grid's own checks, blamed on its field
+        grid_states(["a"], PerturbationGrid(levels=[0.5], n_rep=0), registry)
+    assert info.value.field == "model.init_args.perturbation.n_rep"
 
 
 def test_geometric_grid():

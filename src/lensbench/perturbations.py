@@ -405,6 +405,14 @@ class PerturbationGrid:
         return states
 
 
+def grid_states(checkpoints, grid: PerturbationGrid | None, registry,
+                field: str = "model.init_args.perturbation") -> list[State]:
+    """The states of a run over ``checkpoints``: each checkpoint's grid states, or the checkpoint as it
+    is when the run has no perturbation grid."""
+    return [state for checkpoint in checkpoints
+            for state in (grid.states(checkpoint, registry, field) if grid else [State(checkpoint)])]
+
+
 def check_group_spec(spec: str, field: str) -> None:
     """Refuse an unknown named group before any model is loaded (globs are checked on the model)."""
     import re

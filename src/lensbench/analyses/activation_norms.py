@@ -25,7 +25,7 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..logs import console
 from ..models.loading import ModelSpec, resolve_source
-from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
+from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from ..state import State
 from ..stats import chan_merge
 from ..tables import pyplot, read_csv, write_csv
@@ -105,12 +105,7 @@ class ActivationNorms(Analysis):
         self._limits: dict[str, tuple[int | None, str]] = {}  # checkpoint -> (limit, "max_length"|"context")
         self.perturbations = registries.perturbations
         self.grid = perturbation
-        self._states = [
-            state
-            for label in self.specs
-            for state in (perturbation.states(label, self.perturbations, "model.init_args.perturbation")
-                          if perturbation else [State(label)])
-        ]
+        self._states = grid_states(self.specs, perturbation, self.perturbations)
 
     def states(self) -> list[State]:
         return self._states

@@ -27,7 +27,7 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..logs import console, run_log
 from ..models.loading import ModelSpec, resolve_source
-from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
+from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from ..state import State
 from ..work import WorkItem
 
@@ -138,9 +138,7 @@ class LayerSweep(Analysis):
                 self.checkpoints[spec.label()] = (base.label(), rev)
         registries = active_registries()
         self.grid = perturbation
-        self._states = [state for label in self.specs
-                        for state in (perturbation.states(label, registries.perturbations, "model.init_args.perturbation")
-                                      if perturbation else [State(label)])]
+        self._states = grid_states(self.specs, perturbation, registries.perturbations)
         self._layers: dict[str, list[int]] = {}  # checkpoint -> resolved layer indices
 
     # -- what the base class asks ----------------------------------------------------------------

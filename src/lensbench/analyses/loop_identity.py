@@ -38,7 +38,7 @@ from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
-from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
+from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from ..state import State
 from ..stats import chan_merge
 from ..tables import pyplot, read_csv, write_csv
@@ -258,12 +258,7 @@ class LoopIdentity(Analysis):
         self.max_length = max_length
         self.perturbations = active_registries().perturbations
         self.grid = perturbation
-        self._states = [
-            state
-            for label in self.specs
-            for state in (perturbation.states(label, self.perturbations, "model.init_args.perturbation")
-                          if perturbation else [State(label)])
-        ]
+        self._states = grid_states(self.specs, perturbation, self.perturbations)
         # The loop counts of one batch are computed together (one forward, then pass after pass);
         # ``step_group`` keeps them on one rank and in one step.
         self.items_per_step = len(self.loop_counts)
