@@ -192,3 +192,29 @@ def test_mixture_of_experts_matrices_are_compared_with_their_expert_index(tmp_pa
     assert len(experts) == 2 * 4 * 3 and set(experts["expert"]) == {0, 1, 2, 3}
     assert (per_matrix.loc[per_matrix["name"] != expert, "dW_fro"].drop(
         per_matrix.index[per_matrix["name"] == router]) == 0).all()
+
+
+@pytest.mark.parametrize("side", ["base", "other"])
+def test_a_checkpoint_saved_quantized_is_refused_before_any_work(tmp_path, tiny_model, side):
+    """Its config names a quantization_config (GPTQ here): its tensors are packed values and scales."""
+    import json
+
+    from lensbench.data.checkpoints import CheckpointPairs
+    from lensbench.errors import LensbenchError
+
+    quantized = tmp_path / "gptq"
+    shutil.copytree(tiny_model, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (quantized / "config.json").write_text(json.dumps(config))
+    base, other = (quantized, tiny_model) if side == "base" else (tiny_model, quantized)
+    pairs = CheckpointPairs(base=str(base), others=[str(other)])
+    with pytest.raises(LensbenchError) as info:
+        pairs.units()
+    assert info.value.field == ("data.init_args.base" if side == "base" else "data.init_args.others[0]")
+    assert info.value.message == (f"{quantized} holds quantized weights (gptq): param_diff compares float weights; "
+                                  "give the checkpoint before quantization (or its de-quantized copy)")
+    # the same folders without the quantization_config are compared
+    config.pop("quantization_config")
+    (quantized / "config.json").write_text(json.dumps(config))
+    assert any(u.payload.kind == "diff" for u in CheckpointPairs(base=str(base), others=[str(other)]).units())

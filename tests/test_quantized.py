@@ -6,6 +6,7 @@ ones are refused in one line. (Without bitsandbytes, or with one too old for the
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -118,3 +119,61 @@ def test_a_perturbation_run_on_a_4bit_model_records_load_4bit_and_refuses_quanti
     shards = tmp_path / "outputs/perturbation/attn/shards"
     assert not [p for p in shards.glob("*.jsonl") if p.read_text().strip()] if shards.exists() else True
     assert not (tmp_path / "outputs/perturbation/attn/run.json").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_4bit(tmp_path_factory, tiny64):
+    """The tiny Llama saved already quantized to 4 bits, its packed values stored as float32
+    (``bnb_4bit_quant_storage``, as checkpoints prepared for sharded fine-tuning do): its config.json
+    carries the ``quantization_config`` that quantizes it again on every load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    folder = tmp_path_factory.mktemp("saved_4bit") / "tiny4"
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.float32,
+                                bnb_4bit_compute_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(tiny64, quantization_config=config, device_map="cpu").save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny64).save_pretrained(folder)
+    return folder
+
+
+def test_a_checkpoint_saved_in_4bit_with_float_storage_is_refused_and_recorded_as_4bit(saved_4bit, tiny64):
+    """Its packed values are float32 tensors: the test on the dtype alone would let noise in."""
+    from lensbench.models.loading import loaded_in_4bit
+
+    manager = SubjectManager({"m": ModelSpec(str(saved_4bit))}, CPU, active_registries().perturbations)
+    model = manager.activate(State("m")).model
+    weight = model.get_parameter("model.layers.0.mlp.up_proj.weight")
+    assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.float32  # packed, in float32
+    assert loaded_in_4bit(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(LensbenchError, match=r"layers.0.mlp.gate_proj.weight is quantized \(float32, load_in_4bit\)"):
+        manager.activate(_state("mlp_only"))
+    # refused before any change (compared as bytes: packed values read as float32 include NaNs)
+    assert [n for n, p in model.named_parameters()
+            if not torch.equal(p.data.view(torch.uint8), before[n].view(torch.uint8))] == []
+    manager.activate(_state("embed_only"))  # its float weights are still perturbed
+    assert not loaded_in_4bit(load_model(ModelSpec(str(tiny64)), device=CPU).model)
+    assert not loaded_in_4bit(load_model(ModelSpec(str(tiny64), load_in_8bit=True), device=CPU).model)
+
+
+@pytest.mark.parametrize("side", ["base", "other"])
+def test_param_diff_refuses_a_checkpoint_saved_quantized_in_one_line(tmp_path, tiny64, saved_4bit, side,
+                                                                     monkeypatch, capsys):
+    from lensbench.cli import main
+
+    base, other = (saved_4bit, tiny64) if side == "base" else (tiny64, saved_4bit)
+    (tmp_path / "diff.yaml").write_text(
+        "model:\n  class_path: param_diff\n"
+        "data:\n  class_path: lensbench.data.checkpoints.CheckpointPairs\n  init_args:\n"
+        f"    base: {base}\n    others: [{other}]\n"
+        "trainer: {accelerator: cpu, devices: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lensbench"])
+    assert main(["predict", "--config", "diff.yaml"]) == 1
+    err = capsys.readouterr().err
+    field = "data.init_args.base" if side == "base" else r"data.init_args.others\[0\]"
+    assert re.fullmatch(rf"lensbench: error: {field}: \S*tiny4 holds quantized weights \(bitsandbytes\): param_diff "
+                        r"compares float weights; give the checkpoint before quantization \(or its de-quantized copy\)",
+                        last_line(err)), err[-2000:]
+    assert "Traceback" not in err
+    assert not list((tmp_path / "outputs").rglob("*.jsonl")) if (tmp_path / "outputs").exists() else True

@@ -162,6 +162,8 @@ def test_a_smollm2_like_model_gets_a_memory_layer_and_every_other_weight(tmp_pat
     (("--model.lr", "-1"), "model.lr: lr=-1.0 is out of range"),
     (("--model.decay", "cosinus"), "did you mean 'cosine'"),
     (("--data.max_length", "4"), "max_length"),
+    (("--data.path", "words"), "data.dataset: give either dataset (a registered name) or path (a folder of JSONL "
+                               "splits), not both; dataset defaults to synthetic_qa: set it to null beside path"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, fragment):
     write_config(tmp_path)

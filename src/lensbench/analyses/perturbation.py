@@ -25,7 +25,7 @@ from ..errors import LensbenchError
 from ..generation import (DEFAULT_PERPLEXITY_TEXT, Batching, GenerationSettings, GenerationStopped,
                           PerplexitySettings, generate, perplexity_state, pooled_perplexity)
 from ..hookspecs import hookimpl
-from ..models.loading import EMBEDDED, ModelSpec, resolve_source, takes_images
+from ..models.loading import EMBEDDED, ModelSpec, loaded_in_4bit, resolve_source, takes_images
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
 from ..state import State
 from ..tables import pyplot, read_csv, write_csv
@@ -224,7 +224,7 @@ class PerturbationAnalysis(Analysis):
                 "perplexity_state": info["perplexity_state"],
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                 "device": str(self.device),
-                "load_4bit": bool(getattr(self.spec, "load_in_4bit", False)),
+                "load_4bit": loaded_in_4bit(loaded.model),
                 "name_suffix": self.name_suffix,
             })
         return records

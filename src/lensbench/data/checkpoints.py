@@ -154,6 +154,7 @@ class CheckpointPairs(WorkDataModule):
 
     def units(self) -> list[Unit]:
         base = self.reader(self.base_label)
+        check_float_weights(base, "data.init_args.base")
         matrices, skipped = select_matrices(base.names(), base.shapes(), base.config, self.include, self.exclude)
         if not matrices:
             raise LensbenchError(f"no tensor of {base.location} matches; check include/exclude",
@@ -173,6 +174,7 @@ class CheckpointPairs(WorkDataModule):
                            f"skipping {len(skipped)} ({why}): listed in skipped.csv")
         for i, spec in enumerate(self.others):
             other = self.reader(spec.label())
+            check_float_weights(other, f"data.init_args.others[{i}]")
             _check_architecture(base, other, f"data.init_args.others[{i}]")
             theirs = {m.name: m for m in linear_matrices(other.names(), other.shapes(), other.config,
                                                          self.include, self.exclude)}
@@ -207,6 +209,17 @@ class CheckpointPairs(WorkDataModule):
 def _of_field(entry: PerturbedCheckpoint, base: ModelSpec, field: str) -> str:
     """The config field naming the model ``entry`` perturbs."""
     return "data.init_args.base" if entry.of is base else f"{field}.of"
+
+
+def check_float_weights(reader: CheckpointReader, field: str) -> None:
+    """Refuse, in one line, a checkpoint saved quantized (its config names a ``quantization_config``:
+    bitsandbytes, GPTQ, AWQ, FP8 with scales, ...): its tensors are packed values and scales, not the
+    weights, so their differences and norms would mean nothing."""
+    quant = (reader.config or {}).get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+        raise LensbenchError(f"{reader.location} holds quantized weights ({method}): param_diff compares float "
+                             "weights; give the checkpoint before quantization (or its de-quantized copy)", field)
 
 
 def _check_architecture(base: CheckpointReader, other: CheckpointReader, field: str) -> None:

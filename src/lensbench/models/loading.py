@@ -852,15 +852,30 @@ def is_placed(model: torch.nn.Module) -> bool:
             or getattr(model, "_hf_hook", None) is not None)  # accelerate's own cpu_offload/dispatch_model
 
 
+def _quantized(param: torch.Tensor) -> bool:
+    """Whether ``param`` holds quantized values rather than weights: an integer tensor, or a
+    bitsandbytes parameter (``Params4bit`` packs its 4-bit values into whatever dtype
+    ``bnb_4bit_quant_storage`` names, float32 or bfloat16 included)."""
+    return not param.is_floating_point() or hasattr(param, "quant_state") or \
+        type(param).__name__ in ("Params4bit", "Int8Params")
+
+
+def loaded_in_4bit(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s weights are quantized to 4 bits: loaded with ``load_in_4bit`` or from a
+    checkpoint saved in 4 bits (its config's ``quantization_config``)."""
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    return bool(getattr(config, "load_in_4bit", False))
+
+
 def check_not_quantized(model: torch.nn.Module, names: list[str], field: str | None = None) -> None:
-    """Refuse, in one line, parameters ``names`` that are quantized (load_in_4bit/load_in_8bit: not
-    floating point): transforms cannot change them."""
+    """Refuse, in one line, parameters ``names`` that are quantized (load_in_4bit/load_in_8bit, or a
+    checkpoint saved quantized): transforms cannot change them."""
     if getattr(model, "hf_quantizer", None) is None:
         return
     for name in dict.fromkeys(names):
         module, leaf = _split(model, name)
         param = module._parameters.get(leaf)
-        if param is not None and not param.is_floating_point():
+        if param is not None and _quantized(param):
             quant = "load_in_4bit" if "4bit" in type(param).__name__.lower() or param.dtype == torch.uint8 \
                 else "load_in_8bit"
             raise LensbenchError(f"{name} is quantized ({str(param.dtype).replace('torch.', '')}, {quant}): "

@@ -3,9 +3,10 @@
 The run folder ``<output_dir>/<experiment>/`` (default experiment ``fit/<config stem>``) holds
 ``config.yaml`` and ``run.json`` (written once the data and the model have passed their set-up, so
 that a run stopped by bad input claims no folder: the settings that must match to resume, and the
-``float32_matmul_precision`` of the run that made the folder, recorded only), ``metrics.csv``
-(Lightning's CSVLogger), ``memory_usage.csv``, ``logs/rank<r>.log``, ``lightning/last.ckpt`` and
-the Hugging Face folders ``checkpoint-<step>/``. Running the same config again resumes from
+``float32_matmul_precision`` of the run that made the folder, recorded only),
+``metrics/version_<n>/metrics.csv`` (Lightning's CSVLogger, one version per run or resumed run),
+``memory_usage.csv``, ``logs/rank<r>.log``, ``lightning/last.ckpt`` and the Hugging Face folders
+``checkpoint-<step>/``. Running the same config again resumes from
 ``lightning/last.ckpt`` (optimizer, scheduler, step and data position included); a larger
 ``trainer.max_steps`` trains further.
 """

@@ -60,7 +60,8 @@ class SyntheticTextData(pl.LightningDataModule):
         super().__init__()
         if (dataset is None) == (path is None):  # before anything is generated
             raise LensbenchError("give either dataset (a registered name) or path (a folder of JSONL splits), not "
-                                 f"{'both' if dataset else 'neither'}", f"{FIELD}.dataset")
+                                 + ("both; dataset defaults to synthetic_qa: set it to null beside path" if dataset
+                                    else "neither"), f"{FIELD}.dataset")
         for name, value, low in (("max_length", max_length, 2), ("batch_size", batch_size, 1)):
             if value < low:
                 raise LensbenchError(f"{name}={value} is out of range; use {low} or more", f"{FIELD}.{name}")
