@@ -186,6 +186,23 @@ def test_quantization_without_bitsandbytes_is_one_line(tiny_model, quant, monkey
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("optimum") is not None, reason="optimum is installed: GPTQ may load")
+def test_a_checkpoint_saved_quantized_whose_library_is_missing_is_one_line(tmp_path, tiny_model):
+    """transformers raises ImportError (GPTQ needs optimum): one line naming the source and the package."""
+    import shutil
+
+    folder = tmp_path / "gptq"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LensbenchError) as info:
+        load_model(ModelSpec(str(folder)), device=torch.device("cpu"))
+    assert info.value.field == "model.source"
+    assert info.value.message.startswith(f"'{folder}' cannot be loaded here: ")
+    assert "optimum" in info.value.message and "\n" not in str(info.value)
+
+
 def test_bitsandbytes_without_cpu_kernels_is_one_line_on_a_cpu_rank(tiny_model, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))

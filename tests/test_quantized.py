@@ -156,12 +156,15 @@ def test_a_checkpoint_saved_in_4bit_with_float_storage_is_refused_and_recorded_a
     assert not loaded_in_4bit(load_model(ModelSpec(str(tiny64), load_in_8bit=True), device=CPU).model)
 
 
-@pytest.mark.parametrize("side", ["base", "other"])
+@pytest.mark.parametrize("side", ["base", "other", "perturbed"])
 def test_param_diff_refuses_a_checkpoint_saved_quantized_in_one_line(tmp_path, tiny64, saved_4bit, side,
                                                                      monkeypatch, capsys):
+    """Base, other, or the model a perturbed other perturbs (its float embeddings only)."""
     from lensbench.cli import main
 
     base, other = (saved_4bit, tiny64) if side == "base" else (tiny64, saved_4bit)
+    if side == "perturbed":
+        other = f"{{perturbation: mult_gauss, level: 0.1, param_group: embed_only, of: {saved_4bit}}}"
     (tmp_path / "diff.yaml").write_text(
         "model:\n  class_path: param_diff\n"
         "data:\n  class_path: lensbench.data.checkpoints.CheckpointPairs\n  init_args:\n"
@@ -172,7 +175,8 @@ def test_param_diff_refuses_a_checkpoint_saved_quantized_in_one_line(tmp_path, t
     assert main(["predict", "--config", "diff.yaml"]) == 1
     err = capsys.readouterr().err
     field = "data.init_args.base" if side == "base" else r"data.init_args.others\[0\]"
-    assert re.fullmatch(rf"lensbench: error: {field}: \S*tiny4 holds quantized weights \(bitsandbytes\): param_diff "
+    assert re.fullmatch(rf"lensbench: error: {field}: \S*tiny4( perturbed in memory by .*)? holds quantized weights "
+                        r"\(bitsandbytes\): param_diff "
                         r"compares float weights; give the checkpoint before quantization \(or its de-quantized copy\)",
                         last_line(err)), err[-2000:]
     assert "Traceback" not in err

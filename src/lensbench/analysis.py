@@ -93,6 +93,11 @@ class Analysis(pl.LightningModule):
         ``SubjectManager`` in ``self.subjects`` while the run lasts (none when empty)."""
         return {}
 
+    def subject_fields(self) -> dict[str, str]:
+        """Label -> the config field that names the model (``model.init_args.models[0]``): an error
+        found when it is loaded names that field. Labels left out are named ``model``."""
+        return {}
+
     def inputs_fingerprint(self) -> dict[str, Any]:
         """Hashes of other inputs whose content the config names only by path (a scored text file)."""
         return {}
@@ -195,7 +200,8 @@ class Analysis(pl.LightningModule):
             from .plugins import active_registries
             from .state import SubjectManager
 
-            self.subjects = SubjectManager(specs, self.device, active_registries().perturbations, self.padding_side)
+            self.subjects = SubjectManager(specs, self.device, active_registries().perturbations, self.padding_side,
+                                           self.subject_fields())
 
     def on_predict_start(self) -> None:
         path = self.store.open_shard(self.global_rank)

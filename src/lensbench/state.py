@@ -165,8 +165,10 @@ def _keep_copy(tensor: torch.Tensor) -> torch.Tensor:
 class SubjectManager:
     """Holds at most one loaded model and moves it to the state each work item needs."""
 
-    def __init__(self, specs: dict[str, Any], device: torch.device, registry, padding_side: str = "right") -> None:
+    def __init__(self, specs: dict[str, Any], device: torch.device, registry, padding_side: str = "right",
+                 fields: dict[str, str] | None = None) -> None:
         self.specs = specs  # checkpoint label -> lensbench.models.loading.ModelSpec
+        self.fields = fields or {}  # checkpoint label -> its config field, named by errors at load ("model")
         self.device = device
         self.registry = registry  # the perturbations registry
         self.padding_side = padding_side
@@ -215,7 +217,8 @@ class SubjectManager:
 
         self.release()
         begin = time.perf_counter()
-        self.loaded = load_model(self.specs[label], device=self.device, padding_side=self.padding_side)
+        self.loaded = load_model(self.specs[label], device=self.device, padding_side=self.padding_side,
+                                 field=self.fields.get(label, "model"))
         self.loads += 1
         console.info(f"lensbench: loaded {label} on {self.device} in {time.perf_counter() - begin:.1f} s "
                      f"(memory: {memory_summary(self.device)})")

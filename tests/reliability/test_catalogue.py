@@ -74,8 +74,8 @@ FIT = ("fit", "--config", "train.yaml")
 
 #: id -> (arguments, exit code, fragment of the one line)
 CASES = {
-    "config_json_without_model_type": (norms("notype"), 1,
-                                       "model.source: the config.json of 'notype' has no model_type transformers knows"),
+    "config_json_without_model_type": (norms("notype"), 1, "model.init_args.models[0].source: the config.json of "
+                                                            "'notype' has no model_type transformers knows"),
     "safetensors_cut_short": (norms("cut"), 1, "are not readable safetensors"),
     "safetensors_header_cut": (norms("cuthead"), 1, "invalid header length"),
     "output_dir_not_creatable": (norms("tiny", "--model.init_args.output_dir", "/proc/lensbench/nope"), 1,

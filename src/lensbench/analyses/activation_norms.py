@@ -92,6 +92,7 @@ class ActivationNorms(Analysis):
                                  f"got {max_length!r}", "model.init_args.max_length")
         registries = active_registries()
         self.specs: dict[str, ModelSpec] = {}
+        self.fields: dict[str, str] = {}  # label -> its entry's field
         for i, entry in enumerate(models or ["smollm2"]):
             spec = ModelSpec(entry) if isinstance(entry, str) else entry
             field = f"model.init_args.models[{i}]"
@@ -99,6 +100,7 @@ class ActivationNorms(Analysis):
             if spec.label() in self.specs:
                 raise LensbenchError(f"model label {spec.label()!r} is used twice; give one a `name`", field)
             self.specs[spec.label()] = spec
+            self.fields[spec.label()] = field
         names = statistics or ["norm"]
         self.statistics = [registries.metrics.get(n, f"model.init_args.statistics[{i}]") for i, n in enumerate(names)]
         self.max_length = max_length
@@ -113,11 +115,13 @@ class ActivationNorms(Analysis):
     def fingerprint(self) -> dict[str, Any]:
         from ..models.fingerprint import model_fingerprint
 
-        return {label: model_fingerprint(spec, f"model.init_args.models[{i}]")
-                for i, (label, spec) in enumerate(self.specs.items())}
+        return {label: model_fingerprint(spec, self.fields[label]) for label, spec in self.specs.items()}
 
     def subject_specs(self) -> dict[str, ModelSpec]:
         return self.specs
+
+    def subject_fields(self) -> dict[str, str]:
+        return self.fields
 
     def _limit(self, checkpoint: str, loaded) -> tuple[int | None, str]:
         """The truncation length for ``checkpoint`` and what sets it ("max_length" or "context")."""

@@ -124,6 +124,7 @@ class LayerSweep(Analysis):
         self.layer_request = None if layers is None else [int(x) for x in layers]
         self.specs: dict[str, ModelSpec] = {}
         self.checkpoints: dict[str, tuple[str, str | None]] = {}  # label -> (model, revision)
+        self.fields: dict[str, str] = {}  # label -> its entry's field
         for i, entry in enumerate(models or ["minilm"]):
             base = ModelSpec(entry) if isinstance(entry, str) else entry
             field = f"model.init_args.models[{i}]"
@@ -136,6 +137,7 @@ class LayerSweep(Analysis):
                     raise LensbenchError(f"model label {spec.label()!r} is used twice; give one a `name`", field)
                 self.specs[spec.label()] = spec
                 self.checkpoints[spec.label()] = (base.label(), rev)
+                self.fields[spec.label()] = field
         registries = active_registries()
         self.grid = perturbation
         self._states = grid_states(self.specs, perturbation, registries.perturbations)
@@ -148,10 +150,13 @@ class LayerSweep(Analysis):
     def fingerprint(self) -> dict[str, Any]:
         from ..models.fingerprint import model_fingerprint
 
-        return {label: model_fingerprint(spec, "model.init_args.models") for label, spec in self.specs.items()}
+        return {label: model_fingerprint(spec, self.fields[label]) for label, spec in self.specs.items()}
 
     def subject_specs(self) -> dict[str, ModelSpec]:
         return self.specs
+
+    def subject_fields(self) -> dict[str, str]:
+        return self.fields
 
     def prepare_run_dir(self) -> None:
         from ..layer_sweep import progress

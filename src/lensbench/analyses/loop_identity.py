@@ -328,6 +328,9 @@ class LoopIdentity(Analysis):
     def subject_specs(self) -> dict[str, ModelSpec]:
         return self.specs
 
+    def subject_fields(self) -> dict[str, str]:
+        return self.fields
+
     # -- the work ---------------------------------------------------------------------------------
     def process(self, item: WorkItem) -> dict[str, Any]:
         return self.process_batch([item])[0]

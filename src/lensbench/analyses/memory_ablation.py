@@ -145,6 +145,9 @@ class MemoryAblation(Analysis):
     def subject_specs(self) -> dict[str, ModelSpec]:
         return {self.label: self.spec}
 
+    def subject_fields(self) -> dict[str, str]:
+        return {self.label: f"{FIELD}.model"}
+
     def fingerprint(self) -> dict[str, Any]:
         from ..models.fingerprint import model_fingerprint
 
@@ -273,7 +276,7 @@ class MemoryAblation(Analysis):
         if not rows:
             groups = sorted({group_of(r) for rows in self.trainer.datamodule.rows.values() for r in rows})
             raise LensbenchError(f"no row is in group {top.group!r}; groups: {', '.join(groups)}", f"{where}.top.group")
-        loaded = load_model(self.spec, device=self.device)
+        loaded = load_model(self.spec, device=self.device, field=f"{FIELD}.model")
         counts = torch.zeros(n_slots, dtype=torch.long)
         collate = self._collator(loaded.tokenizer)
         mem = loaded.model.get_submodule(loaded.anatomy.memory_names[layer][0])

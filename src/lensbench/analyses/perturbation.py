@@ -142,6 +142,9 @@ class PerturbationAnalysis(Analysis):
     def subject_specs(self) -> dict[str, ModelSpec]:
         return {self.spec.label(): self.spec}
 
+    def subject_fields(self) -> dict[str, str]:
+        return {self.spec.label(): "model.init_args.model"}
+
     def _enter(self, state: State) -> dict[str, Any]:
         """Move the model to ``state``; its touched tensors, finiteness and perplexity (once per state)."""
         loaded = self.subjects.activate(state)

@@ -218,6 +218,7 @@ def check_float_weights(reader: CheckpointReader, field: str) -> None:
     quant = (reader.config or {}).get("quantization_config")
     if quant:
         method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+        method = getattr(method, "value", method)  # a loaded model's config holds the enum
         raise LensbenchError(f"{reader.location} holds quantized weights ({method}): param_diff compares float "
                              "weights; give the checkpoint before quantization (or its de-quantized copy)", field)
 

@@ -359,7 +359,7 @@ def perturbed_reader(label: str, spec: ModelSpec, transform, registry, field: st
     from ..state import State, SubjectManager
 
     model_field = model_field or f"{field}.of"
-    manager = SubjectManager({spec.label(): spec}, torch.device("cpu"), registry)
+    manager = SubjectManager({spec.label(): spec}, torch.device("cpu"), registry, fields={spec.label(): model_field})
     try:
         try:
             manager.activate(State(spec.label(), (transform,)))
@@ -375,8 +375,7 @@ def perturbed_reader(label: str, spec: ModelSpec, transform, registry, field: st
                              f"{spec.label()} non-finite (inf or nan), whose change cannot be measured; "
                              "choose another level", f"{field}.level")
     model = loaded_model.model
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
+    config = model.config.to_dict()  # a quantization_config stays: param_diff refuses quantized weights
     index, shapes, seen = {}, {}, set()
     named = dict(model.named_parameters())
     for name, tensor in model.state_dict().items():

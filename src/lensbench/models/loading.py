@@ -652,6 +652,9 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str,
             raise LensbenchError(f"the model cannot be placed by this device_map ({_first_line(exc)}); name devices "
                                  f"this machine has ({torch.cuda.device_count()} GPUs visible) and map every "
                                  f"module once", f"{field}.device_map") from None
+        if isinstance(exc, ImportError):  # e.g. a checkpoint saved quantized, whose library is not installed
+            raise LensbenchError(f"'{res.location}' cannot be loaded here: {_first_line(exc)}; install that, or give "
+                                 "a checkpoint that does not need it", f"{field}.source") from None
         if not isinstance(exc, ValueError):
             raise
         if "Unrecognized configuration class" not in str(exc):
