@@ -62,7 +62,8 @@ def sigkill_when_stored(args: list[str], cwd: Path, shard: Path, lines: int, env
     while time.time() < deadline and proc.poll() is None and not (
             shard.exists() and shard.read_bytes().count(b"\n") >= lines):
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the run ended (exit {proc.returncode}) before the kill"
     return shard.read_bytes().count(b"\n")

@@ -199,7 +199,7 @@ def test_a_checkpoint_saved_quantized_whose_library_is_missing_is_one_line(tmp_p
     with pytest.raises(LensbenchError) as info:
         load_model(ModelSpec(str(folder)), device=torch.device("cpu"))
     assert info.value.field == "model.source"
-    assert info.value.message.startswith(f"'{folder}' cannot be loaded here: ")
+    assert info.value.message.startswith(f"'{folder}' is saved quantized and cannot be loaded here: ")
     assert "optimum" in info.value.message and "\n" not in str(info.value)
 
 

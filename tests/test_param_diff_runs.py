@@ -218,3 +218,20 @@ def test_a_checkpoint_saved_quantized_is_refused_before_any_work(tmp_path, tiny_
     config.pop("quantization_config")
     (quantized / "config.json").write_text(json.dumps(config))
     assert any(u.payload.kind == "diff" for u in CheckpointPairs(base=str(base), others=[str(other)]).units())
+
+
+@pytest.mark.parametrize("where", ["base", "other", "of"])
+def test_quantizing_on_load_is_refused_for_the_models_param_diff_compares(tiny_model, where):
+    from lensbench.data.checkpoints import CheckpointPairs, PerturbedCheckpoint
+    from lensbench.errors import LensbenchError
+    from lensbench.models.loading import ModelSpec
+
+    quantized = ModelSpec(str(tiny_model), load_in_8bit=True)
+    base = quantized if where == "base" else str(tiny_model)
+    other = {"base": str(tiny_model), "other": quantized,
+             "of": PerturbedCheckpoint("mult_gauss", 0.1, param_group="mlp_only", of=quantized)}[where]
+    with pytest.raises(LensbenchError) as info:
+        CheckpointPairs(base=base, others=[other])
+    assert info.value.field == {"base": "data.init_args.base", "other": "data.init_args.others[0]",
+                                "of": "data.init_args.others[0].of"}[where] + ".load_in_8bit"
+    assert info.value.message.startswith("param_diff compares float weights; remove it")

@@ -343,3 +343,46 @@ def test_embedded_smollm2_generates_paris():
         out = lm.model.generate(**inputs, max_new_tokens=30, do_sample=False)
     reply = lm.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+def test_a_gguf_model_perturbed_in_memory_is_compared_not_refused_as_quantized(tiny_gguf):
+    """A model loaded from a GGUF file has transformers' gguf quantization_config, but its weights are
+    de-quantized floats: param_diff compares them (as base, and as the model a perturbed other perturbs)."""
+    from lensbench.data.checkpoints import CheckpointPairs, PerturbedCheckpoint
+
+    path, _ = tiny_gguf
+    pairs = CheckpointPairs(base=str(path), others=[PerturbedCheckpoint("mult_gauss", 0.1, param_group="mlp_only")])
+    diffs = [u.payload for u in pairs.units() if u.payload.kind == "diff"]
+    assert diffs and {d.info.name for d in diffs} >= {"model.layers.0.mlp.up_proj.weight"}
+
+
+@pytest.mark.parametrize("attn,words", [
+    ("flash_attention_2", "flash_attention_2 cannot be used here: "),
+    ("sdpa_nope", 'Specified `attn_implementation="sdpa_nope"` is not supported'),
+])
+def test_an_attention_implementation_that_cannot_load_is_one_line_naming_its_field(llama_dir, attn, words):
+    if attn.startswith("flash") and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed")
+    folder, _ = llama_dir
+    with pytest.raises(LensbenchError) as info:
+        load_model(ModelSpec(str(folder), attn_implementation=attn), device=torch.device("cpu"))
+    assert info.value.field == "model.attn_implementation"
+    assert info.value.message.startswith(words) and "\n" not in str(info.value)
+
+
+def test_float8_weights_are_refused_as_quantized():
+    """An FP8 checkpoint's float8 weights come with scales kept elsewhere: noise on them is refused."""
+    from types import SimpleNamespace
+
+    from lensbench.models.loading import check_not_quantized
+
+    model = tiny_llama()
+    name = "model.layers.0.mlp.up_proj.weight"
+    module = model.get_submodule("model.layers.0.mlp.up_proj")
+    module.weight = torch.nn.Parameter(module.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    check_not_quantized(model, [name], "f")  # not a quantized model (no hf_quantizer): nothing to refuse
+    model.hf_quantizer = SimpleNamespace(pre_quantized=True)
+    with pytest.raises(LensbenchError) as info:
+        check_not_quantized(model, ["model.embed_tokens.weight", name], "f")
+    assert info.value.message.startswith(f"{name} is quantized (float8_e4m3fn, saved in float8): transforms cannot "
+                                         "change it; perturb a float checkpoint of the model")

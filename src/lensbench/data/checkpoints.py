@@ -92,6 +92,10 @@ class CheckpointPairs(WorkDataModule):
             raise LensbenchError("is empty; name at least one checkpoint to compare with the base",
                                  "data.init_args.others")
         self.base = ModelSpec(base) if isinstance(base, str) else base
+        _not_quantized_on_load(self.base, "data.init_args.base")
+        for i, o in enumerate(others):
+            if isinstance(o, ModelSpec):
+                _not_quantized_on_load(o, f"data.init_args.others[{i}]")
         resolve_source(self.base, "data.init_args.base")
         self.others = [self._perturbed(o, f"data.init_args.others[{i}]") if isinstance(o, PerturbedCheckpoint)
                        else ModelSpec(o) if isinstance(o, str) else o for i, o in enumerate(others)]
@@ -133,6 +137,7 @@ class CheckpointPairs(WorkDataModule):
                                  f"{field}.perturbation") from None
         of = self.base if entry.of is None else ModelSpec(entry.of) if isinstance(entry.of, str) else entry.of
         if entry.of is not None:
+            _not_quantized_on_load(of, f"{field}.of")
             resolve_source(of, f"{field}.of")
         return replace(entry, level=level, of=of, name=entry.label(of))
 
@@ -211,6 +216,15 @@ def _of_field(entry: PerturbedCheckpoint, base: ModelSpec, field: str) -> str:
     return "data.init_args.base" if entry.of is base else f"{field}.of"
 
 
+def _not_quantized_on_load(spec: ModelSpec, field: str) -> None:
+    """Refuse ``load_in_4bit``/``load_in_8bit`` on a model param_diff compares: its weights would be
+    packed values (and a checkpoint read from its files would silently ignore the setting)."""
+    for name in ("load_in_4bit", "load_in_8bit"):
+        if getattr(spec, name, False):
+            raise LensbenchError("param_diff compares float weights; remove it (weights quantized while loading are "
+                                 "packed values, not weights)", f"{field}.{name}")
+
+
 def check_float_weights(reader: CheckpointReader, field: str) -> None:
     """Refuse, in one line, a checkpoint saved quantized (its config names a ``quantization_config``:
     bitsandbytes, GPTQ, AWQ, FP8 with scales, ...): its tensors are packed values and scales, not the
@@ -219,6 +233,8 @@ def check_float_weights(reader: CheckpointReader, field: str) -> None:
     if quant:
         method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
         method = getattr(method, "value", method)  # a loaded model's config holds the enum
+        if method == "gguf":  # a model loaded from a GGUF file: transformers de-quantized its weights
+            return
         raise LensbenchError(f"{reader.location} holds quantized weights ({method}): param_diff compares float "
                              "weights; give the checkpoint before quantization (or its de-quantized copy)", field)
 
