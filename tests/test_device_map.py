@@ -203,6 +203,42 @@ def test_a_checkpoint_saved_quantized_whose_library_is_missing_is_one_line(tmp_p
     assert "optimum" in info.value.message and "\n" not in str(info.value)
 
 
+def test_a_quantized_checkpoint_whose_library_mentions_kernels_is_not_blamed_on_the_attention(tmp_path, tiny_model):
+    """EETQ's ImportError names the kernels package: with attn_implementation set, the line still names the
+    source (the checkpoint), not attn_implementation."""
+    import shutil
+
+    if importlib.util.find_spec("kernels") is not None:
+        pytest.skip("kernels is installed: EETQ may load")
+    folder = tmp_path / "eetq"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "eetq"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LensbenchError) as info:
+        load_model(ModelSpec(str(folder), attn_implementation="sdpa"), device=torch.device("cpu"))
+    assert info.value.field == "model.source"
+    assert info.value.message.startswith(f"'{folder}' is saved quantized and cannot be loaded here: ")
+
+
+def test_remote_code_that_needs_a_missing_package_is_one_line(tmp_path, tiny_model):
+    import shutil
+
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_model, folder)
+    (folder / "modeling_remote.py").write_text(
+        "import nosuchpkg_lensbench_test\nfrom transformers import LlamaForCausalLM\n\n\n"
+        "class RemoteForCausalLM(LlamaForCausalLM):\n    pass\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LensbenchError) as info:
+        load_model(ModelSpec(str(folder), trust_remote_code=True), device=torch.device("cpu"))
+    assert info.value.field == "model.source"
+    assert info.value.message.startswith(f"'{folder}' cannot be loaded here: ")
+    assert "nosuchpkg_lensbench_test" in info.value.message and "\n" not in str(info.value)
+
+
 def test_bitsandbytes_without_cpu_kernels_is_one_line_on_a_cpu_rank(tiny_model, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))

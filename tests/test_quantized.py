@@ -146,7 +146,7 @@ def test_a_checkpoint_saved_in_4bit_with_float_storage_is_refused_and_recorded_a
     assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.float32  # packed, in float32
     assert loaded_in_4bit(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(LensbenchError, match=r"layers.0.mlp.gate_proj.weight is quantized \(float32, saved in 4 bits\): "
+    with pytest.raises(LensbenchError, match=r"layers.0.mlp.gate_proj.weight is quantized \(float32, saved quantized: bitsandbytes\): "
                                              r".*perturb a float checkpoint of the model"):
         manager.activate(_state("mlp_only"))
     # refused before any change (compared as bytes: packed values read as float32 include NaNs)

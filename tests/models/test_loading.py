@@ -381,8 +381,8 @@ def test_float8_weights_are_refused_as_quantized():
     module = model.get_submodule("model.layers.0.mlp.up_proj")
     module.weight = torch.nn.Parameter(module.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
     check_not_quantized(model, [name], "f")  # not a quantized model (no hf_quantizer): nothing to refuse
-    model.hf_quantizer = SimpleNamespace(pre_quantized=True)
+    model.hf_quantizer = SimpleNamespace(pre_quantized=True, quantization_config=SimpleNamespace(quant_method="fp8"))
     with pytest.raises(LensbenchError) as info:
         check_not_quantized(model, ["model.embed_tokens.weight", name], "f")
-    assert info.value.message.startswith(f"{name} is quantized (float8_e4m3fn, saved in float8): transforms cannot "
-                                         "change it; perturb a float checkpoint of the model")
+    assert info.value.message.startswith(f"{name} is quantized (float8_e4m3fn, saved quantized: fp8): transforms "
+                                         "cannot change it; perturb a float checkpoint of the model")

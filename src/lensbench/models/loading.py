@@ -560,6 +560,15 @@ def takes_images(spec: ModelSpec, field: str = "model") -> bool:
     return _head(config, spec.head, False) == "image_text_to_text"
 
 
+def _about_attention(requested: str | None, message: str) -> bool:
+    """Whether an error ``message`` of a load with ``attn_implementation=requested`` is about that
+    implementation (flash_attention_2 missing its package, say) rather than something else."""
+    if not requested:
+        return False
+    text, want = message.lower(), requested.lower()
+    return want in text or ("flash" in want and "flash" in text)
+
+
 def _first_line(exc: Exception, limit: int | None = 120) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:limit]
 
@@ -652,14 +661,17 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str,
             raise LensbenchError(f"the model cannot be placed by this device_map ({_first_line(exc)}); name devices "
                                  f"this machine has ({torch.cuda.device_count()} GPUs visible) and map every "
                                  f"module once", f"{field}.device_map") from None
-        if isinstance(exc, ImportError):  # a package the attention or the saved quantization needs
+        if isinstance(exc, ImportError):  # a package the attention, the saved quantization or remote code needs
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-            if spec.attn_implementation and any(w in message.lower() for w in ("flash", "attention", "kernels")):
+            if _about_attention(spec.attn_implementation, message):
                 raise LensbenchError(f"{spec.attn_implementation} cannot be used here: {message}; use sdpa or eager, "
                                      "or install what it names", f"{field}.attn_implementation") from None
             if getattr(config, "quantization_config", None) is not None:
                 raise LensbenchError(f"'{res.location}' is saved quantized and cannot be loaded here: {message}; "
                                      "install what it names, or give a float checkpoint", f"{field}.source") from None
+            if isinstance(exc, ModuleNotFoundError) or any(w in message.lower() for w in ("requires", "install")):
+                raise LensbenchError(f"'{res.location}' cannot be loaded here: {message}; install what it names",
+                                     f"{field}.source") from None
         if not isinstance(exc, ValueError):
             raise
         if spec.attn_implementation and "attn_implementation" in str(exc):  # one transformers does not know
@@ -862,16 +874,12 @@ def is_placed(model: torch.nn.Module) -> bool:
             or getattr(model, "_hf_hook", None) is not None)  # accelerate's own cpu_offload/dispatch_model
 
 
-#: 8-bit float dtypes: weights stored in them come with scales kept elsewhere (FP8 checkpoints).
-FLOAT8 = {d for d in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                                          "float8_e5m2fnuz")) if d is not None}
-
-
 def _quantized(param: torch.Tensor) -> bool:
-    """Whether ``param`` holds quantized values rather than weights: an integer or float8 tensor, or a
-    bitsandbytes parameter (``Params4bit`` packs its 4-bit values into whatever dtype
-    ``bnb_4bit_quant_storage`` names, float32 or bfloat16 included)."""
-    return not param.is_floating_point() or param.dtype in FLOAT8 or hasattr(param, "quant_state") or \
+    """Whether ``param`` holds quantized values rather than weights: an integer tensor, a float of
+    fewer than 16 bits (float8 and float4 kinds, whose scales are kept elsewhere), or a bitsandbytes
+    parameter (``Params4bit`` packs its 4-bit values into whatever dtype ``bnb_4bit_quant_storage``
+    names, float32 or bfloat16 included)."""
+    return not param.is_floating_point() or param.dtype.itemsize < 2 or hasattr(param, "quant_state") or \
         type(param).__name__ in ("Params4bit", "Int8Params")
 
 
@@ -891,12 +899,13 @@ def check_not_quantized(model: torch.nn.Module, names: list[str], field: str | N
         module, leaf = _split(model, name)
         param = module._parameters.get(leaf)
         if param is not None and _quantized(param):
-            bits = "4" if "4bit" in type(param).__name__.lower() or param.dtype == torch.uint8 else "8"
             dtype = str(param.dtype).replace("torch.", "")
             if getattr(model.hf_quantizer, "pre_quantized", False):  # the checkpoint itself is quantized
-                how, fix = ("saved in float8" if param.dtype in FLOAT8 else f"saved in {bits} bits"), \
-                    "perturb a float checkpoint of the model"
+                method = getattr(getattr(model.hf_quantizer, "quantization_config", None), "quant_method", None)
+                how = f"saved quantized: {getattr(method, 'value', method) or 'quantized'}"
+                fix = "perturb a float checkpoint of the model"
             else:
+                bits = "4" if "4bit" in type(param).__name__.lower() or param.dtype == torch.uint8 else "8"
                 how, fix = f"load_in_{bits}bit", "load the model without quantization to perturb it"
             raise LensbenchError(f"{name} is quantized ({dtype}, {how}): transforms cannot change it; {fix}, or "
                                  "choose a group of float weights (norms, embeddings)", field)
