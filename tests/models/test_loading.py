@@ -386,3 +386,16 @@ def test_float8_weights_are_refused_as_quantized():
         check_not_quantized(model, ["model.embed_tokens.weight", name], "f")
     assert info.value.message.startswith(f"{name} is quantized (float8_e4m3fn, saved quantized: fp8): transforms "
                                          "cannot change it; perturb a float checkpoint of the model")
+
+
+@pytest.mark.parametrize("requested,message,about", [
+    ("flash_attention_2", "FlashAttention2 has been toggled on, but it cannot be used due to the following error: "
+                          "the package for FlashAttention2 doesn't seem to be installed", True),
+    ("kernels-community/flash-attn2", "`kernels` is either not installed or uses an incompatible version", True),
+    ("flex_attention", "PyTorch Flex Attention is not supported on TPU", True),
+    ("sdpa", "Loading an EETQ quantized model requires kernels (`pip install kernels`)", False),
+    ("flash_attention_2", "Loading a GPTQ quantized model requires optimum (`pip install optimum`)", False),
+    (None, "FlashAttention2 has been toggled on", False),
+])
+def test_an_import_error_is_blamed_on_the_attention_only_when_it_is_about_the_one_asked_for(requested, message, about):
+    assert loading._about_attention(requested, message) is about

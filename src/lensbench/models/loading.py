@@ -565,8 +565,9 @@ def _about_attention(requested: str | None, message: str) -> bool:
     implementation (flash_attention_2 missing its package, say) rather than something else."""
     if not requested:
         return False
-    text, want = message.lower(), requested.lower()
-    return want in text or ("flash" in want and "flash" in text)
+    text, want = message.lower().replace("_", " "), requested.lower().replace("_", " ")
+    return want in text or any(w in want and w in text for w in ("flash", "flex")) or (
+        "/" in want and "kernels" in text)  # a hub kernel (kernels-community/...) needs the kernels package
 
 
 def _first_line(exc: Exception, limit: int | None = 120) -> str:
