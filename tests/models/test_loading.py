@@ -370,21 +370,29 @@ def test_an_attention_implementation_that_cannot_load_is_one_line_naming_its_fie
     assert info.value.message.startswith(words) and "\n" not in str(info.value)
 
 
-def test_float8_weights_are_refused_as_quantized():
-    """An FP8 checkpoint's float8 weights come with scales kept elsewhere: noise on them is refused."""
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e8m0fnu", "float4_e2m1fn_x2"])
+def test_floats_of_fewer_than_16_bits_are_refused_as_quantized(dtype):
+    """Float8 and float4 weights come with scales kept elsewhere: noise on them is refused; float16,
+    bfloat16 and float32 weights of the same model are not."""
     from types import SimpleNamespace
 
     from lensbench.models.loading import check_not_quantized
 
+    if getattr(torch, dtype, None) is None:
+        pytest.skip(f"this torch has no {dtype}")
     model = tiny_llama()
     name = "model.layers.0.mlp.up_proj.weight"
     module = model.get_submodule("model.layers.0.mlp.up_proj")
-    module.weight = torch.nn.Parameter(module.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    module.weight = torch.nn.Parameter(torch.empty(module.weight.shape, dtype=getattr(torch, dtype)),
+                                       requires_grad=False)
     check_not_quantized(model, [name], "f")  # not a quantized model (no hf_quantizer): nothing to refuse
     model.hf_quantizer = SimpleNamespace(pre_quantized=True, quantization_config=SimpleNamespace(quant_method="fp8"))
+    for other, half in (("model.embed_tokens.weight", torch.float16), ("model.norm.weight", torch.bfloat16)):
+        model.get_parameter(other).data = model.get_parameter(other).data.to(half)
+    check_not_quantized(model, ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"], "f")
     with pytest.raises(LensbenchError) as info:
         check_not_quantized(model, ["model.embed_tokens.weight", name], "f")
-    assert info.value.message.startswith(f"{name} is quantized (float8_e4m3fn, saved quantized: fp8): transforms "
+    assert info.value.message.startswith(f"{name} is quantized ({dtype}, saved quantized: fp8): transforms "
                                          "cannot change it; perturb a float checkpoint of the model")
 
 
