@@ -353,6 +353,23 @@ def test_a_block_outside_the_model_is_refused_on_load(tiny_model, params, field,
     assert err.value.field == f"transforms[0].params.{field}" and message in err.value.message
     with pytest.raises(LensbenchError, match=r"end=2 is outside"):  # named in a state, the same check
         manager(tiny_model).activate(State("m", (loop(2, start=0, end=2),)))
+    # a manager that knows the model's config field (an analysis's subject_fields) names the whole path
+    subjects = SubjectManager({"m": ModelSpec(str(tiny_model), transforms=[entry])}, torch.device("cpu"),
+                              active_registries().perturbations, fields={"m": "model.init_args.models[1]"})
+    with pytest.raises(LensbenchError) as err:
+        subjects.activate(State("m"))
+    assert err.value.field == f"model.init_args.models[1].transforms[0].params.{field}"
+
+
+def test_errors_of_a_loaded_model_name_its_config_field(tiny_model):
+    """The anatomy of a model loaded for one config entry is blamed on that entry."""
+    from lensbench.models.anatomy import AnatomyOverrides
+
+    loaded = load_model(ModelSpec(str(tiny_model), anatomy=AnatomyOverrides(blocks="nothing.*")),
+                        field="model.init_args.models[1]")
+    with pytest.raises(LensbenchError) as err:
+        loaded.anatomy
+    assert err.value.field == "model.init_args.models[1].anatomy" and "fix anatomy.blocks" in err.value.message
 
 
 def test_param_diff_refuses_a_model_entry_with_transforms(tiny_model):

@@ -316,7 +316,8 @@ class SubjectManager:
                 self._apply_one(spec)
             except LensbenchError as exc:
                 key = exc.field if exc.field in dict(spec.params) else None
-                where = f"transforms[{i}]" + (f".params.{key}" if key else "")
+                entry = f"{self.fields[state.checkpoint]}." if state.checkpoint in self.fields else ""
+                where = f"{entry}transforms[{i}]" + (f".params.{key}" if key else "")
                 raise LensbenchError(f"{exc.message} (model {state.checkpoint!r})", where) from None
 
     def _apply_one(self, spec: TransformSpec) -> None:

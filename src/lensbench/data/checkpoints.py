@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import LensbenchError
 from ..models.checkpoint import CheckpointReader, open_checkpoint, perturbed_reader, pin_mmap_threshold
-from ..models.loading import ModelSpec, resolve_source
+from ..models.loading import ModelSpec, quant_method, resolve_source
 from ..models.matrices import MatrixInfo, linear_matrices, select_matrices
 from ..work import Unit
 from .modules import WorkDataModule
@@ -229,12 +229,8 @@ def check_float_weights(reader: CheckpointReader, field: str) -> None:
     """Refuse, in one line, a checkpoint saved quantized (its config names a ``quantization_config``:
     bitsandbytes, GPTQ, AWQ, FP8 with scales, ...): its tensors are packed values and scales, not the
     weights, so their differences and norms would mean nothing."""
-    quant = (reader.config or {}).get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
-        method = getattr(method, "value", method)  # a loaded model's config holds the enum
-        if method == "gguf":  # a model loaded from a GGUF file: transformers de-quantized its weights
-            return
+    method = quant_method((reader.config or {}).get("quantization_config"))
+    if method is not None and method != "gguf":  # GGUF: transformers de-quantized the weights it loaded
         raise LensbenchError(f"{reader.location} holds quantized weights ({method}): param_diff compares float "
                              "weights; give the checkpoint before quantization (or its de-quantized copy)", field)
 

@@ -364,7 +364,7 @@ def perturbed_reader(label: str, spec: ModelSpec, transform, registry, field: st
         try:
             manager.activate(State(spec.label(), (transform,)))
         except LensbenchError as exc:
-            raise _refield(exc, field, model_field) from None
+            raise _refield(exc, field) from None
         touched = manager.touched_names()
         finite = manager.weights_finite()
     finally:
@@ -391,13 +391,10 @@ def perturbed_reader(label: str, spec: ModelSpec, transform, registry, field: st
     return CheckpointReader(label, location, config, index, shapes)
 
 
-def _refield(exc: LensbenchError, field: str, model_field: str) -> LensbenchError:
-    """The error of loading or of the transform, naming the config entry it comes from."""
+def _refield(exc: LensbenchError, field: str) -> LensbenchError:
+    """The error of loading or of the transform, naming the config entry it comes from (the manager
+    names the model's own entry, ``model_field``, in errors of loading it)."""
     where = exc.field or ""
     if where.endswith("param_group"):  # the perturbation's own field name
         return LensbenchError(exc.message, f"{field}.param_group")
-    if where == "model" or where.startswith("model."):  # load_model's field names
-        return LensbenchError(exc.message, model_field + where[len("model"):])
-    if where.startswith("anatomy"):
-        return LensbenchError(exc.message, f"{model_field}.{where}")
     return LensbenchError(exc.message, where or field)

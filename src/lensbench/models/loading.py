@@ -135,6 +135,8 @@ class LoadedModel:
     label: str
     processor: Any = None
     """The model's processor (images plus text) for vision-language models; None for text-only ones."""
+    config_field: str = "model"
+    """The config field that names the model (``model.init_args.models[0]``): errors found later name it."""
     _anatomy: Any = field(default=None, repr=False)
     _walk: Any = field(default=None, repr=False)  # (model, params by name, every name): see params_by_name
 
@@ -172,7 +174,7 @@ class LoadedModel:
         if self._anatomy is None:
             from .anatomy import find_anatomy
 
-            self._anatomy = find_anatomy(self.model, self.spec.anatomy, field="anatomy")
+            self._anatomy = find_anatomy(self.model, self.spec.anatomy, field=f"{self.config_field}.anatomy")
         return self._anatomy
 
 
@@ -663,7 +665,7 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str,
                                  f"this machine has ({torch.cuda.device_count()} GPUs visible) and map every "
                                  f"module once", f"{field}.device_map") from None
         if isinstance(exc, ImportError):  # a package the attention, the saved quantization or remote code needs
-            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+            message = _first_line(exc, None).rstrip(".")
             if _about_attention(spec.attn_implementation, message):
                 raise LensbenchError(f"{spec.attn_implementation} cannot be used here: {message}; use sdpa or eager, "
                                      "or install what it names", f"{field}.attn_implementation") from None
@@ -742,7 +744,8 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu", padding_side
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, label=spec.label(), processor=processor)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, label=spec.label(), processor=processor,
+                       config_field=field)
 
 
 def save_serializable(model: torch.nn.Module, tokenizer: Any, dest: str | Path) -> Path:
@@ -884,6 +887,16 @@ def _quantized(param: torch.Tensor) -> bool:
         type(param).__name__ in ("Params4bit", "Int8Params")
 
 
+def quant_method(quantization_config: Any) -> str | None:
+    """The ``quant_method`` of a ``quantization_config`` (a config.json's mapping or transformers'
+    object, whose value is an enum) as a string: bitsandbytes, gptq, gguf, ...; None without one."""
+    if not quantization_config:
+        return None
+    method = quantization_config.get("quant_method") if isinstance(quantization_config, dict) else \
+        getattr(quantization_config, "quant_method", None)
+    return str(getattr(method, "value", method) or "quantized")
+
+
 def loaded_in_4bit(model: torch.nn.Module) -> bool:
     """Whether ``model``'s weights are quantized to 4 bits: loaded with ``load_in_4bit`` or from a
     checkpoint saved in 4 bits (its config's ``quantization_config``)."""
@@ -902,8 +915,7 @@ def check_not_quantized(model: torch.nn.Module, names: list[str], field: str | N
         if param is not None and _quantized(param):
             dtype = str(param.dtype).replace("torch.", "")
             if getattr(model.hf_quantizer, "pre_quantized", False):  # the checkpoint itself is quantized
-                method = getattr(getattr(model.hf_quantizer, "quantization_config", None), "quant_method", None)
-                how = f"saved quantized: {getattr(method, 'value', method) or 'quantized'}"
+                how = f"saved quantized: {quant_method(getattr(model.hf_quantizer, 'quantization_config', None))}"
                 fix = "perturb a float checkpoint of the model"
             else:
                 bits = "4" if "4bit" in type(param).__name__.lower() or param.dtype == torch.uint8 else "8"
