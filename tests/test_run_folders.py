@@ -183,3 +183,32 @@ def test_a_run_folder_of_an_older_lensbench_is_named_as_such(workdir):
     line = last_line(old.stderr)
     assert line.startswith("lensbench: error: model.init_args.experiment:") and "older lensbench" in line, line
     assert snapshot(run_dir) == before
+
+
+def test_a_folder_holding_no_record_takes_the_settings_of_the_next_run(workdir):
+    """A run killed before its first record (an OOM kill while loading, say) left run.json and a
+    shard with at most a torn line: the same command with corrected settings is not refused, and
+    once a record is stored other settings are refused again."""
+    run_dir = workdir / "outputs" / "activation_norms" / "run"
+    args = ("predict", "--config", "run.yaml", "--data.init_args.datasets", "[beta.txt]")
+    assert lensbench(*args, cwd=workdir).returncode == 0
+    for table in run_dir.glob("*.csv"):
+        table.unlink()
+    shard = run_dir / "shards" / "rank00000.jsonl"
+    shard.write_bytes(b'{"key": "[\\"tiny\\", \\"be')  # a torn first line: no record
+    corrected = lensbench(*args, "--model.init_args.max_length", "7", cwd=workdir)
+    assert corrected.returncode == 0, corrected.stderr[-2000:]
+    assert json.loads((run_dir / "run.json").read_text())["model.init_args.max_length"] == 7
+    assert "held no result: it takes this run's settings" in (run_dir / "logs" / "rank0.log").read_text()
+    assert len(_stored_keys(run_dir)) == 3
+    before = snapshot(run_dir)
+    refused = lensbench(*args, "--model.init_args.max_length", "9", cwd=workdir)
+    assert refused.returncode == 1 and "changed: model.init_args.max_length" in last_line(refused.stderr)
+    assert snapshot(run_dir) == before
+
+    # a run.json left damaged, with no record stored, is replaced too
+    shard.write_bytes(b"")
+    (run_dir / "run.json").write_text('{"model.init_args.max')
+    again = lensbench(*args, cwd=workdir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((run_dir / "run.json").read_text())["model.init_args.max_length"] != 7

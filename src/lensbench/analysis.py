@@ -19,12 +19,11 @@ import yaml
 from .errors import LensbenchError
 from .logs import Progress, RunLog, run_log
 from .results import ResultStore
+from .run_folders import IDENTITY_FILE, LOCK_FILE, DamagedRunFile, check_is_run_folder, read_identity, run_folder
 from .state import State
 from .work import WorkItem, changed_items, plan_items
 
 CONFIG_FILE = "config.yaml"
-IDENTITY_FILE = "run.json"
-LOCK_FILE = ".lock"
 #: run.json keys of run folders made before per-record content digests.
 OLD_DATA_FINGERPRINTS = tuple(f"data_fingerprint.{k}" for k in ("datasets_sha256", "prompts_sha256", "images_sha256"))
 
@@ -105,18 +104,34 @@ class Analysis(pl.LightningModule):
     # -- the run folder ------------------------------------------------------------------------
     @property
     def run_dir(self) -> Path:
-        if not self.experiment:
-            raise LensbenchError("no experiment name; set model.init_args.experiment", "experiment")
-        return Path(self.output_dir) / self.experiment
+        """``<output_dir>/<experiment>``; an experiment that is absolute or climbs out with ``..`` is refused."""
+        return run_folder(self.output_dir, self.experiment)
+
+    @classmethod
+    def holds_results(cls, run_dir: Path) -> bool:
+        """Whether ``run_dir`` holds a result of an earlier run: a stored record (an analysis that
+        keeps results elsewhere too, such as partial MTEB scores, says so here). A folder that holds
+        none takes the settings of the next run: a run killed before its first record (an OOM kill
+        while loading) can be repeated with corrected settings."""
+        return ResultStore(run_dir).has_records()
 
     def check_run_dir(self) -> None:
-        """Refuse to mix results of a different configuration into an existing run folder."""
+        """Refuse to mix results of a different configuration into an existing run folder; a folder
+        holding no result takes this run's settings (its run.json is rewritten by rank 0)."""
         path = self.run_dir / IDENTITY_FILE
+        self._replace_identity = False
         if self.run_identity is None or not path.exists():
             return
         from .cli import is_free
 
-        stored = {k: v for k, v in json.loads(path.read_text()).items() if not is_free(k, self.identity_free)}
+        try:
+            stored = read_identity(path)
+        except DamagedRunFile:
+            if type(self).holds_results(self.run_dir):
+                raise
+            self._replace_identity = True  # nothing stored that it could describe
+            return
+        stored = {k: v for k, v in stored.items() if not is_free(k, self.identity_free)}
         current = self.run_identity
         if self.checkpoints_extendable:  # checkpoints added or left out; a shared one must still match
             stored, current = ({k: v for k, v in a.items() if not k.startswith("model_fingerprint.") or k in b}
@@ -128,6 +143,9 @@ class Analysis(pl.LightningModule):
                 "where the analysis has it", "model.init_args.experiment")
         if stored != json.loads(json.dumps(current)):
             changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            if not type(self).holds_results(self.run_dir):  # nothing stored under the old settings
+                self._replace_identity = True
+                return
             weights = [k.split(".", 1)[1] for k in changed if k.startswith("model_fingerprint.")]
             what = (f"the weights of {', '.join(weights)} changed since it started" if weights and len(weights) == len(changed)
                     else f"changed: {', '.join(changed)}")
@@ -141,7 +159,10 @@ class Analysis(pl.LightningModule):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.run_config is not None:
             _atomic_write(self.run_dir / CONFIG_FILE, self.run_config)
-        if self.run_identity is not None and not (self.run_dir / IDENTITY_FILE).exists():
+        if self.run_identity is not None and (getattr(self, "_replace_identity", False)
+                                              or not (self.run_dir / IDENTITY_FILE).exists()):
+            if getattr(self, "_replace_identity", False):
+                run_log.info(f"{self.run_dir} held no result: it takes this run's settings")
             _atomic_write(self.run_dir / IDENTITY_FILE, json.dumps(self.run_identity, indent=1, sort_keys=True))
             self._new_identity = True  # this run made the folder's identity (undone if it stores nothing)
 
@@ -149,19 +170,28 @@ class Analysis(pl.LightningModule):
         """Rank 0, once the folder is locked and its identity checked, before any rank reads it."""
 
     def lock_run_dir(self) -> None:
-        """Rank 0 holds ``run_dir/.lock`` for the whole run: a second run on the folder is refused."""
-        locked = True
+        """Rank 0 holds ``run_dir/.lock`` for the whole run: a second run on the folder is refused,
+        and so is a folder lensbench did not make (a user's files are never taken over)."""
+        failure: LensbenchError | None = None
         if self.global_rank == 0:
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise LensbenchError(f"cannot create the run folder {self.run_dir} ({exc.strerror}); set output_dir "
-                                     "to a folder you can write", "model.init_args.output_dir") from None
-            self._lock = _try_lock(self.run_dir / LOCK_FILE)
-            locked = self._lock is not None
-        if not self.trainer.strategy.broadcast(locked, src=0):
-            raise LensbenchError(f"another lensbench run is writing {self.run_dir}; wait for it to finish, "
-                                 "or set another experiment name", "model.init_args.experiment")
+                check_is_run_folder(self.run_dir)
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise LensbenchError(f"cannot create the run folder {self.run_dir} ({exc.strerror}); set "
+                                         "output_dir to a folder you can write", "model.init_args.output_dir") from None
+                self._lock = _try_lock(self.run_dir / LOCK_FILE)
+                if self._lock is None:
+                    raise LensbenchError(f"another lensbench run is writing {self.run_dir}; wait for it to finish, "
+                                         "or set another experiment name", "model.init_args.experiment")
+            except LensbenchError as exc:
+                failure = exc
+        message = self.trainer.strategy.broadcast(None if failure is None else str(failure), src=0)
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise LensbenchError(message)
 
     def unlock_run_dir(self) -> None:
         if self._lock is not None:
@@ -307,7 +337,18 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved config a run folder holds; a missing or damaged one is one line."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise LensbenchError(f"{run_dir} has no {CONFIG_FILE}; give the output folder of a lensbench run")
-    return yaml.safe_load(path.read_text())
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise LensbenchError(f"{path} is damaged (not YAML{where}); restore it, or repeat the run into another "
+                             "folder") from None
+    if not isinstance(value, dict):
+        raise LensbenchError(f"{path} is damaged (a YAML {type(value).__name__}, not a mapping of settings); "
+                             "restore it, or repeat the run into another folder")
+    return value

@@ -348,7 +348,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     config = load_run_config(run_dir)
-    class_path = (config.get("model") or {}).get("class_path", "")
+    model = config.get("model")
+    class_path = model.get("class_path", "") if isinstance(model, dict) else ""
+    if not class_path or not isinstance(class_path, str):
+        if (run_dir / "lightning").is_dir() or isinstance(model, dict) and "config" in model:
+            raise LensbenchError(f"{run_dir} is a training run (lensbench fit), which has no figures to redraw; "
+                                 "give the folder of an analysis run (lensbench predict)")
+        raise LensbenchError(f"{run_dir}/config.yaml names no analysis (model.class_path); give the output folder "
+                             "of a lensbench predict run")
     registries = active_registries()
     for entry in registries.analyses:
         cls = entry.obj

@@ -62,6 +62,16 @@ class ResultStore:
         for key in sorted(seen):
             yield seen[key]
 
+    def has_records(self) -> bool:
+        """Whether any shard holds a complete line (a record, or a corrupt line that reading names):
+        reads each shard only up to its first complete line."""
+        for path in self.shards():
+            with open(path, "rb") as fh:
+                for line in fh:
+                    if line.endswith(b"\n") and line.strip():
+                        return True
+        return False
+
     def keys(self) -> set[str]:
         return {r["key"] for path in self.shards() for r in _read_shard(path)}
 
@@ -81,11 +91,15 @@ def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise LensbenchError(
                 f"{path}:{lineno} is corrupt (not a torn last line); delete that line or the shard to recompute it"
             ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+            raise LensbenchError(
+                f"{path}:{lineno} is corrupt (not a record with a key); delete that line or the shard to recompute it")
+        yield record
 
 
 def _truncate_torn_tail(path: Path) -> None:

@@ -247,8 +247,10 @@ KEEPS: dict[str, tuple[str, ...]] = {}
 
 def _topic_modules() -> list:
     """The case modules beside this one (``cases_<topic>.py``): each adds ``CASES`` and, where it
-    needs them, ``NEEDS``, ``ENV``, ``KEEPS`` and ``prepare(root, tiny_model, forks)``, which makes
-    the files its cases name inside ``root`` before any case runs."""
+    needs them, ``NEEDS``, ``ENV``, ``KEEPS``, ``PREPARED`` (cases meeting a finished activation_norms
+    run made first, with ``--data.init_args.batch_size 1``) and ``prepare(root, tiny_model, forks)``,
+    which makes the files its cases name inside ``root`` (and may damage its prepared runs) before
+    any case runs."""
     import importlib
 
     return [importlib.import_module(f"{__package__}.{path.stem}")
@@ -263,6 +265,7 @@ for _topic in TOPICS:
     NEEDS.update(getattr(_topic, "NEEDS", {}))
     ENV.update(getattr(_topic, "ENV", {}))
     KEEPS.update(getattr(_topic, "KEEPS", {}))
+    PREPARED = (*PREPARED, *getattr(_topic, "PREPARED", ()))
 
 
 def make_weight_files(root: Path, tiny_model: Path) -> None:

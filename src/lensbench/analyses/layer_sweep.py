@@ -158,6 +158,11 @@ class LayerSweep(Analysis):
     def subject_fields(self) -> dict[str, str]:
         return self.fields
 
+    @classmethod
+    def holds_results(cls, run_dir: Path) -> bool:
+        """Stored records, or MTEB scores of a work item cut short (kept under ``mteb/``)."""
+        return super().holds_results(run_dir) or any((Path(run_dir) / MTEB_DIR).rglob("*.json"))
+
     def prepare_run_dir(self) -> None:
         from ..layer_sweep import progress
 

@@ -115,11 +115,14 @@ class CausalLMTraining(pl.LightningModule):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.experiment
+        from ..run_folders import run_folder
+
+        return run_folder(self.output_dir, self.experiment, "model.experiment")
 
     def setup(self, stage: str) -> None:
         from ..logs import RunLog
 
+        self.lock_run_dir()
         self.run_log = RunLog(self.run_dir, self.global_rank)
         self.run_log.attach()
         if self.global_rank == 0:
