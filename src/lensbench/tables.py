@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -12,9 +13,34 @@ def write_csv(table, path: Path) -> Path:
     """Write a pandas table atomically (temporary file, then rename); floats with 10 digits."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_csv(tmp, index=False, float_format="%.10g")
-    tmp.replace(path)
+    with _naming(path, tmp):
+        table.to_csv(tmp, index=False, float_format="%.10g")
+        tmp.replace(path)
     return path
+
+
+def save_figure(fig, path: Path, **kwargs) -> Path:
+    """``fig.savefig(path, **kwargs)`` atomically (temporary file, then rename): a write that fails
+    (a full disk, a file size limit) leaves no half figure and names ``path`` in its error."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    with _naming(path, tmp):
+        fig.savefig(tmp, **kwargs)
+        tmp.replace(path)
+    return path
+
+
+@contextlib.contextmanager
+def _naming(path: Path, tmp: Path):
+    """Re-raise an OSError of writing ``path`` (through ``tmp``) with ``path`` as its file name, and
+    remove ``tmp``: the one-line error then names the file being written."""
+    try:
+        yield
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def read_csv(run_dir: Path, name: str):
