@@ -119,7 +119,7 @@ def test_without_placement_gives_the_identity_of_a_config_without_the_new_fields
     from lensbench.models.fingerprint import without_placement
 
     old = {k: v for k, v in asdict(ModelSpec("tiny")).items()
-           if k not in ("device_map", "max_memory", "load_in_4bit", "load_in_8bit")}
+           if k not in ("device_map", "max_memory", "load_in_4bit", "load_in_8bit", "allow_missing_weights")}
     config = {"model": {"init_args": {"models": [asdict(ModelSpec("tiny", device_map=DISK_MAP)), "smollm2"],
                                       "model": asdict(ModelSpec("tiny", max_memory={"cpu": "1GiB"},
                                                                 device_map="auto"))}}}

@@ -134,7 +134,14 @@ def model_shape(spec: ModelSpec, field: str) -> tuple[int, int]:
             config = AutoConfig.from_pretrained(embedded_smollm2_folder())
         else:
             config = AutoConfig.from_pretrained(res.location, **_common_kwargs(res, spec))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a config transformers rejects is the user's to fix
+        from ..models.integrity import config_refusal
+
+        refused = config_refusal(exc, res.location, field)
+        if refused is not None:
+            raise refused from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         raise LensbenchError(f"cannot read the config of {spec.source!r} ({str(exc).splitlines()[0][:120]})",
                              f"{field}.source") from exc
     model_type = getattr(config, "model_type", None)

@@ -21,7 +21,7 @@ BLOCK = 1 << 20
 PLACEMENT_FIELDS = ("device_map", "max_memory")
 #: ModelSpec fields added after run folders were made, left out of ``weight_settings`` while they
 #: hold their default, so that the digests of those folders do not change.
-_LEFT_OUT_AT_DEFAULT = {"load_in_4bit": False, "load_in_8bit": False}
+_LEFT_OUT_AT_DEFAULT = {"load_in_4bit": False, "load_in_8bit": False, "allow_missing_weights": False}
 
 
 def file_fingerprint(path: Path, digest=None) -> str:

@@ -22,6 +22,8 @@ import torch
 
 from lensbench.errors import LensbenchError, did_you_mean
 from lensbench.models.anatomy import AnatomyOverrides
+from lensbench.models.integrity import (check_loaded, config_refusal, link_refusal, load_refusal, load_report_held,
+                                        safetensors_files)
 from lensbench.state import TransformEntry, check_transforms
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -108,6 +110,10 @@ class ModelSpec:
     ``dtype`` as usual. Quantized weights cannot be perturbed (the float ones can)."""
     load_in_8bit: bool = False
     """Quantize the linear layers' weights to 8 bits (LLM.int8) while loading; as load_in_4bit."""
+    allow_missing_weights: bool | list[str] = False
+    """Load a checkpoint that lacks some of the model's weights, these starting random (a head you
+    mean to train): true, or globs of the parameter names allowed to be missing (``score.*``).
+    Off: a checkpoint missing a weight is refused, naming it (see models/integrity.py)."""
 
     def __post_init__(self) -> None:
         if self.transforms is not None:  # plain dicts (Python callers) become entries
@@ -262,6 +268,9 @@ def resolve_source(spec: ModelSpec, field: str = "model") -> ResolvedSource:
             return ResolvedSource("safetensors", str(path.parent), weights_file=path)
         raise LensbenchError(f"file '{path}' is neither a .safetensors nor a .gguf file; give a model folder, "
                              f"a .safetensors or .gguf file, or a hub id", f"{field}.source")
+    linked = link_refusal(path, f"{field}.source")
+    if linked is not None:
+        raise linked
     looks_like_path = src.startswith(("/", ".", "~")) or "\\" in src or src.count("/") > 1 \
         or path.suffix in (".gguf", ".safetensors")
     if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", src):
@@ -612,6 +621,30 @@ def _unreadable_weights(exc: Exception, res: ResolvedSource, field: str) -> Lens
     return None
 
 
+def _check_weights(model: torch.nn.Module, info: dict[str, Any], res: ResolvedSource, spec: ModelSpec, config: Any,
+                   field: str) -> None:
+    """Refuse a checkpoint that does not fit its model (``integrity.check_loaded``): missing,
+    unexpected or mismatched tensors, integer data declared for float weights. The dtypes are read
+    from safetensors headers: not for GGUF files (de-quantized by transformers) nor for checkpoints
+    saved quantized (whose integer tensors are packed values)."""
+    files: list[Path] = []
+    if res.gguf_file is None and quant_method(getattr(config, "quantization_config", None)) is None:
+        if res.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            files = safetensors_files(hub=lambda name: try_to_load_from_cache(
+                res.location, name, cache_dir=res.cache_dir, revision=spec.revision))
+        else:
+            files = safetensors_files(Path(res.location), res.weights_file)
+    allowed = check_loaded(model, info, files, res.location, spec.allow_missing_weights, field)
+    if allowed:
+        from ..logs import console
+
+        more = f" and {len(allowed) - 3} more" if len(allowed) > 3 else ""
+        console.warning(f"lensbench: '{res.location}' lacks {', '.join(allowed[:3])}{more}, which "
+                        f"{'starts' if len(allowed) == 1 else 'start'} random (allow_missing_weights is set on {field})")
+
+
 def _load(res: ResolvedSource, spec: ModelSpec, field: str,
           device: torch.device | None = None) -> tuple[torch.nn.Module, Any, Any]:
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
@@ -628,7 +661,7 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str,
     try:
         config = AutoConfig.from_pretrained(res.location, **common)
     except Exception as exc:  # noqa: BLE001 - a config (or GGUF header) that cannot be read is the user's to fix
-        unreadable = _unreadable_weights(exc, res, field)
+        unreadable = _unreadable_weights(exc, res, field) or config_refusal(exc, res.location, field)
         if unreadable is not None:
             raise unreadable from None
         if not isinstance(exc, ValueError) or ("Unrecognized model" not in str(exc) and "model_type" not in str(exc)):
@@ -638,25 +671,31 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str,
                              f"{field}.source") from None
     head = _head(config, spec.head, gguf)
     auto_cls = {"causal_lm": AutoModelForCausalLM, "image_text_to_text": AutoModelForImageTextToText}.get(head, AutoModel)
-    kwargs: dict[str, Any] = dict(common, config=config, dtype=dtype)
+    # the loading info is read (missing, unexpected, mismatched tensors) and refused in one line
+    kwargs: dict[str, Any] = dict(common, config=config, dtype=dtype, output_loading_info=True,
+                                  ignore_mismatched_sizes=True)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     folders: list[str] = []  # offload folders, removed with the model
     kwargs.update(_placement(spec, device, config, auto_cls, field, folders))
     try:
-        if res.weights_file is not None and res.weights_file.name != "model.safetensors":
-            from safetensors.torch import load_file
-            from transformers.models.auto.auto_factory import _get_model_class
+        with load_report_held():
+            if res.weights_file is not None and res.weights_file.name != "model.safetensors":
+                from safetensors.torch import load_file
+                from transformers.models.auto.auto_factory import _get_model_class
 
-            kwargs.pop("gguf_file", None)
-            cls = _get_model_class(config, auto_cls._model_mapping)
-            model = cls.from_pretrained(None, state_dict=load_file(str(res.weights_file)), **kwargs)
-        else:
-            model = auto_cls.from_pretrained(res.location, **kwargs)
+                kwargs.pop("gguf_file", None)
+                cls = _get_model_class(config, auto_cls._model_mapping)
+                model, info = cls.from_pretrained(None, state_dict=load_file(str(res.weights_file)), **kwargs)
+            else:
+                model, info = auto_cls.from_pretrained(res.location, **kwargs)
+            _check_weights(model, info, res, spec, config, field)
     except Exception as exc:  # noqa: BLE001 - a weights file that cannot be read is the user's to fix
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
-        unreadable = _unreadable_weights(exc, res, field)
+        if isinstance(exc, LensbenchError):
+            raise
+        unreadable = _unreadable_weights(exc, res, field) or load_refusal(exc, res.location, field)
         if unreadable is not None:
             raise unreadable from None
         if spec.device_map is not None and isinstance(exc, (AssertionError, RuntimeError, ValueError)) and any(
