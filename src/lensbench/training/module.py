@@ -122,7 +122,6 @@ class CausalLMTraining(pl.LightningModule):
     def setup(self, stage: str) -> None:
         from ..logs import RunLog
 
-        self.lock_run_dir()
         self.run_log = RunLog(self.run_dir, self.global_rank)
         self.run_log.attach()
         if self.global_rank == 0:
