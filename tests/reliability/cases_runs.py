@@ -31,7 +31,7 @@ CASES = {
     "run_json_cut_short": (PREPARED_RUN, 1, "run_json_cut_short/run.json is damaged (cut short)"),
     "run_json_a_list": (PREPARED_RUN, 1, "run_json_a_list/run.json is damaged (a JSON list, not an object)"),
     "shard_line_without_key": (PREPARED_RUN, 1, "rank00000.jsonl:2 is corrupt (not a record with a key)"),
-    "plot_config_malformed": (("plot", "badyaml"), 1, "badyaml/config.yaml is damaged (not YAML at line 2)"),
+    "plot_config_malformed": (("plot", "badyaml"), 1, "badyaml/config.yaml is damaged (not YAML at line 3)"),
     "plot_config_a_list": (("plot", "listyaml"), 1, "listyaml/config.yaml is damaged (a YAML list"),
     "plot_a_fit_folder": (("plot", "fitrun"), 1, "fitrun is a training run (lensbench fit), which has no figures"),
 }
