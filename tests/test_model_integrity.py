@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 from lensbench.errors import LensbenchError
 from lensbench.models.fingerprint import weight_settings
 from lensbench.models.integrity import allowed_missing
-from lensbench.models.loading import ModelSpec, load_model
+from lensbench.models.loading import ModelSpec, load_model, takes_images
 
 FIELD = "model.init_args.models[0]"
 
@@ -152,6 +152,9 @@ def test_a_config_transformers_rejects_is_one_line(tmp_path, tiny_model):
     with pytest.raises(LensbenchError) as excinfo:
         model_shape(ModelSpec(source=str(folder)), "model.init_args.baseline")
     assert excinfo.value.field == "model.init_args.baseline.source" and "(640)" in excinfo.value.message
+    with pytest.raises(LensbenchError) as excinfo:
+        takes_images(ModelSpec(source=str(folder)), "model.init_args.model")
+    assert excinfo.value.field == "model.init_args.model.source" and "(640)" in excinfo.value.message
 
 
 def test_model_code_is_refused_naming_trust_remote_code(tmp_path, tiny_model):
@@ -189,3 +192,30 @@ def test_the_config_json_is_untouched(tmp_path, tiny_model):
     refusal(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert json.loads((folder / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_the_dtypes_are_read_from_every_shard_and_from_the_hub_cache(tmp_path, tiny_model, monkeypatch):
+    """A sharded folder (its index names the shards) and a hub id in the Hugging Face cache are
+    checked like a folder holding model.safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(sharded, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((tiny_model / name).read_bytes())
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2
+    load_model(ModelSpec(source=str(sharded)), field=FIELD)  # whole: loads
+    relabel(sharded / index[UP], UP, "I32")
+    assert f"{UP} (I32, a float32 weight)" in refusal(sharded).message
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = copy_with(tiny_model, repo / "snapshots" / commit)
+    relabel(snapshot / "model.safetensors", UP, "I32")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    assert f"header of 'someorg/tiny' declares integer data for floating-point weights: {UP}" in \
+        refusal("someorg/tiny").message

@@ -567,7 +567,13 @@ def takes_images(spec: ModelSpec, field: str = "model") -> bool:
         return False  # the embedded models and GGUF files are text-only
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(res.location, **_common_kwargs(res, spec))
+    try:
+        config = AutoConfig.from_pretrained(res.location, **_common_kwargs(res, spec))
+    except Exception as exc:  # noqa: BLE001 - a config transformers rejects is the user's to fix
+        refused = config_refusal(exc, res.location, field)
+        if refused is None:
+            raise
+        raise refused from None
     return _head(config, spec.head, False) == "image_text_to_text"
 
 
