@@ -49,17 +49,41 @@ def _resolve_model_flag(argv: list[str], registries) -> list[str]:
     return out
 
 
+def _config_file_shown(path: str = "") -> str | None:
+    """The config file jsonargparse is reading (as given on the command line), else ``path``."""
+    try:
+        from jsonargparse._util import config_load_stack  # private; jsonargparse is pinned <5
+
+        stack = config_load_stack.get()
+    except (ImportError, AttributeError):
+        stack = ()
+    return stack[-1][1] if stack else (path or None)
+
+
 def _make_loader(registries):
-    def load(text: str) -> Any:
+    def load(text: str, path: str = "") -> Any:
+        """``path``: given by jsonargparse when ``text`` is a whole config file (``--config``)."""
+        from .yamlio import DuplicateKeyError, safe_load
+
+        shown = _config_file_shown(path)
         try:
-            value = yaml.safe_load(text)
+            value = safe_load(text)
+        except DuplicateKeyError as exc:
+            where = shown or f"the value {text.strip()[:60]!r}"
+            raise LensbenchError(exc.describe(where), "config") from None
         except yaml.YAMLError as exc:
             if "\n" not in text.strip() and ": " not in text:
                 raise  # one value, such as the glob "*.mlp.*": jsonargparse takes it as a string
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            where += f" of {shown}" if shown else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise LensbenchError(f"malformed YAML{where}: {problem}; fix the file's syntax", "config") from None
+        if path and not isinstance(value, dict):  # a whole --config file
+            held = "nothing (it is empty or only comments)" if value is None else \
+                f"{'a list' if isinstance(value, list) else 'a single value'}, not a mapping of sections"
+            raise LensbenchError(f"{shown} holds {held}; write a config with its sections (model:, data:, "
+                                 "trainer:): the command's --print_config shows them", "config")
         # A whole run config (not, say, an analysis's own ``model:`` argument).
         if isinstance(value, dict) and "model" in value and ({"data", "trainer"} & value.keys()):
             _resolve_short_names(value, registries)
@@ -369,20 +393,52 @@ def cmd_plot(args: argparse.Namespace) -> int:
 _NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
 
 
+def _string_given(inner: list[str]) -> str | None:
+    """What is wrong when a string was given where a list or a mapping is expected, from the lines of
+    jsonargparse's error below the innermost key (its "Expected a path but X either not accessible or
+    invalid" says only that X is not a file to read the value from)."""
+    def first(pattern: str) -> str | None:
+        return next((m.group(1) for m in (re.match(pattern, line) for line in inner) if m), None)
+
+    given = first(r"Given value: (.*)$")
+    if first(r"Given value type: <class '([\w.]+)'>") != "str" or given is None:
+        return None
+    shown = given if len(given) <= 60 else given[:57] + "..."
+    subtypes = first(r"Subtypes: \[(.*)\]$") or ""
+    expected = {m.group(1) for m in (re.match(r"Expected a <class '([\w.]+)'>", line) for line in inner) if m}
+    if "list" in expected or re.match(r"(list|tuple|set|Sequence|Iterable)\[", subtypes):
+        return f"expected a list, got the string {shown!r}; write [{shown}]"
+    cls = re.search(r"<class '((?!NoneType)[\w.]+\.\w+)'>", subtypes)
+    if cls or any(line.startswith("Expected a dot import path") for line in inner):
+        what = cls.group(1).rsplit(".", 1)[-1] if cls else "a class"
+        return (f"expected a mapping ({what} settings), got the string {shown!r}; write {{key: value, ...}} "
+                "(--print_config shows the keys)")
+    return None
+
+
 def _short_error(exc: BaseException) -> str:
     """One line out of a nested jsonargparse error: the innermost field and its problem."""
     path: list[str] = []
     problem = ""
+    inner: list[str] = []  # the lines indented below the innermost key
+    key_indent = -1
     for raw in str(exc).splitlines():
         line = raw.strip().lstrip("- ").strip()
+        indent = len(raw) - len(raw.lstrip())
         match = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
         if match:
             path.append(match.group(1))
             problem = match.group(2)
+            inner, key_indent = [], indent
         elif line.startswith("Problem with given class_path"):
             path.append("init_args")
         elif line and not line.startswith(_NOISE) and not problem:
             problem = line
+        if line and not match and indent <= key_indent:
+            key_indent = 1 << 30  # the innermost key's lines have ended
+        elif line and not match:
+            inner.append(line)
+    problem = _string_given(inner) or problem
     problem = re.sub(r"<class '([\w.]+)'>", r"\1", problem or str(exc).splitlines()[0])
     if "is not accepted" in problem:
         problem += "; check its spelling against `lensbench predict --print_config`"

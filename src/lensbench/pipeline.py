@@ -47,7 +47,9 @@ PAIR_KEYS = ("include", "exclude")
 
 def load_config(path: Path) -> PipelineConfig:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        from .yamlio import load_config as load_yaml  # refuses a key given twice, naming it and its line
+
+        raw = load_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}
     except OSError as exc:
         raise LensbenchError(f"cannot read {path}: {exc.strerror}", "config") from None
     except yaml.YAMLError as exc:

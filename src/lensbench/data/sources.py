@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
+from .textio import read_lines
 
 
 @dataclass(frozen=True)
@@ -56,40 +57,43 @@ def resolve_dataset(spec: TextDataset, registry, field: str) -> tuple[str, Path,
     return spec.name or path.stem, path, spec.text_field
 
 
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+
+def _examples(path: Path, text_field: str, field: str) -> list[tuple[int, dict | None, str]]:
+    """(line number, JSONL object or None, text) of every non-blank example of ``path``, read as
+    ``textio`` reads text files: a byte-order mark dropped, lines ending at "\\n" only (a form feed
+    or U+2028 inside a line is part of it)."""
+    jsonl = Path(path).suffix in JSONL_SUFFIXES
+    examples: list[tuple[int, dict | None, str]] = []
+    for lineno, line in enumerate(read_lines(path, field), 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            examples.append((lineno, None, line))
+            continue
+        try:
+            obj = json.loads(line)
+            text = obj[text_field]
+        except json.JSONDecodeError:
+            raise LensbenchError(f"{path}:{lineno} is not valid JSON; fix that line", field) from None
+        except (KeyError, TypeError):
+            raise LensbenchError(
+                f"{path}:{lineno} has no {text_field!r} field; set text_field to the field holding the text",
+                field,
+            ) from None
+        if not isinstance(text, str):
+            raise LensbenchError(f"{path}:{lineno}: {text_field!r} is not a string", field)
+        if text.strip():
+            examples.append((lineno, obj, text))
+    if not examples:
+        raise LensbenchError(f"{path} holds no text; add at least one non-empty example", field)
+    return examples
+
+
 def read_texts(path: Path, text_field: str = "text", field: str = "dataset") -> list[str]:
     """The non-empty examples of a .txt (one per line) or .jsonl file, in file order."""
-    try:
-        raw = Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LensbenchError(
-            f"{path} is not UTF-8 text (byte {exc.start} is invalid); re-encode it as UTF-8", field
-        ) from None
-    except OSError as exc:
-        raise LensbenchError(f"cannot read {path}: {exc.strerror}", field) from None
-    texts: list[str] = []
-    if Path(path).suffix in {".jsonl", ".ndjson"}:
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                text = obj[text_field]
-            except json.JSONDecodeError:
-                raise LensbenchError(f"{path}:{lineno} is not valid JSON; fix that line", field) from None
-            except (KeyError, TypeError):
-                raise LensbenchError(
-                    f"{path}:{lineno} has no {text_field!r} field; set text_field to the field holding the text",
-                    field,
-                ) from None
-            if not isinstance(text, str):
-                raise LensbenchError(f"{path}:{lineno}: {text_field!r} is not a string", field)
-            if text.strip():
-                texts.append(text)
-    else:
-        texts = [line for line in raw.splitlines() if line.strip()]
-    if not texts:
-        raise LensbenchError(f"{path} holds no text; add at least one non-empty example", field)
-    return texts
+    return [text for _, _, text in _examples(path, text_field, field)]
 
 
 def read_records(path: Path, text_field: str = "text", field: str = "dataset") -> list[dict]:
@@ -98,18 +102,14 @@ def read_records(path: Path, text_field: str = "text", field: str = "dataset") -
     vision-language models) becomes an absolute path, relative names being relative to the file."""
     from .images import resolve_image
 
-    texts = read_texts(path, text_field, field)
-    if Path(path).suffix not in {".jsonl", ".ndjson"}:
-        return [{"text": t, "index": i} for i, t in enumerate(texts)]
-    lines = [(n, json.loads(line)) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
-             if line.strip()]
     rows = []
-    for lineno, row in lines:
-        if not row[text_field].strip():
+    for lineno, row, text in _examples(path, text_field, field):
+        if row is None:
+            rows.append({"text": text, "index": len(rows)})
             continue
         if row.get("image") is not None:
             row["image"] = resolve_image(row["image"], Path(path).parent, field, f"{path}:{lineno}")
-        rows.append({**row, "text": row[text_field], "index": len(rows)})
+        rows.append({**row, "text": text, "index": len(rows)})
     return rows
 
 

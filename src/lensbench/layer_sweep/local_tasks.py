@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data.textio import read_text, split_lines
 from ..errors import LensbenchError, did_you_mean
 
 FIELD = "data.init_args.tasks"
@@ -58,16 +59,9 @@ def _fail(message: str, field: str) -> LensbenchError:
 
 
 def _read_text(path: Path, field: str, what: str) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _fail(f"{path} is not UTF-8 text (byte {exc.start} is invalid); re-encode it as UTF-8", field) from None
-    except FileNotFoundError:
-        raise _fail(f"{path} is missing; {what} ({DOCS})", field) from None
-    except IsADirectoryError:
-        raise _fail(f"{path} is a folder; {what} ({DOCS})", field) from None
-    except OSError as exc:
-        raise _fail(f"cannot read {path}: {exc.strerror}", field) from None
+    """The text of ``path`` as every user file is read (``lensbench.data.textio``: no byte-order
+    mark); missing, a folder or unreadable is one line saying ``what`` is needed."""
+    return read_text(path, field, f"{what} ({DOCS})")
 
 
 def _loads(text: str, path: Path, field: str, lineno: int | None = None) -> Any:
@@ -78,6 +72,19 @@ def _loads(text: str, path: Path, field: str, lineno: int | None = None) -> Any:
     except json.JSONDecodeError as exc:
         raise _fail(f"{path}:{lineno or exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}); "
                     "fix that line", field) from None
+
+
+def _no_duplicate_keys(text: str, path: Path, field: str) -> None:
+    """Refuse a JSON object of ``text`` naming one key twice (``json.loads`` keeps the last silently)."""
+    def check(pairs: list[tuple[str, Any]]) -> dict:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _fail(f"{path}: key {key!r} is given twice; keep one", field)
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=check)
 
 
 def _is_int(value: Any) -> bool:
@@ -155,7 +162,7 @@ def _read_jsonl(path: Path, task_type: str, fields: tuple[_Field, ...], field: s
     example = _example(task_type, path.name, fields)
     raw = _read_text(path, field, f"a {task_type} task folder needs {path.name} with lines like {example}")
     rows: list[tuple[int, dict]] = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
+    for lineno, line in enumerate(split_lines(raw), 1):
         if not line.strip():
             continue
         obj = _loads(line, path, field, lineno)
@@ -188,6 +195,7 @@ def _read_task_json(folder: Path, field: str) -> dict[str, Any]:
     need = 'task.json with "type" and "description"'
     raw = _read_text(path, field, f"a task folder needs {need}")
     spec = _loads(raw, path, field)
+    _no_duplicate_keys(raw, path, field)
     if not isinstance(spec, dict):
         raise _fail(f"{path} holds {_kind_of(spec)}, not a JSON object; write {{\"type\": ..., "
                     f"\"description\": ...}} ({DOCS})", field)

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..data.textio import read_lines
 from ..errors import LensbenchError, did_you_mean
 from ..hookspecs import hookimpl
 
@@ -486,10 +487,7 @@ def read_splits(folder: str | Path, field: str | None = None) -> Splits:
     splits: Splits = {}
     for name in names:
         path = folder / f"{name}.jsonl"
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise LensbenchError(f"{path} is missing; delete the folder to regenerate it", field) from None
+        lines = read_lines(path, field, "delete the folder to regenerate it")
         rows = []
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
