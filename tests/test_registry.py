@@ -351,3 +351,66 @@ def test_a_plugin_with_a_misspelled_hook_is_refused(monkeypatch):
     message = str(err.value)
     assert "typo_plugin" in message and "lensbench_register_metric" in message and "\n" not in message
     assert "LENSBENCH_BLOCK_PLUGINS" not in message  # registered in-process: no entry point to block
+
+
+# -- an installed plugin that fails to import ------------------------------------------------------
+
+def write_broken_distribution(site: Path, error: str = "import lensbench_missing_dependency\n") -> Path:
+    """``site``, a folder for sys.path holding the distribution ``lensbench-broken`` 0.1: its
+    entry point ``broken`` (group ``lensbench``) names a module whose import runs ``error``."""
+    info = site / "lensbench_broken-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lensbench-broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[lensbench]\nbroken = lensbench_broken_plugin\n")
+    (site / "lensbench_broken_plugin.py").write_text(error)
+    return site
+
+
+BROKEN_LINE = ("plugin 'broken' (distribution lensbench-broken==0.1) failed to import: ModuleNotFoundError: No module "
+               "named 'lensbench_missing_dependency'; fix or uninstall it, or set LENSBENCH_BLOCK_PLUGINS=broken to "
+               "run without it")
+
+
+def test_a_plugin_failing_to_import_is_one_line_naming_the_switch(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(write_broken_distribution(tmp_path)))
+    with pytest.raises(LensbenchError) as err:
+        get_plugin_manager()
+    assert str(err.value) == BROKEN_LINE
+    reg = build_registries(get_plugin_manager(keep_going=True))  # the others load
+    assert reg.failed == {"broken": "ModuleNotFoundError: No module named 'lensbench_missing_dependency'"}
+    assert reg.entry_points == {"example": EXAMPLE} and "max_abs" in reg.metrics
+    monkeypatch.setenv("LENSBENCH_BLOCK_PLUGINS", "broken")
+    reg = build_registries(get_plugin_manager())
+    assert reg.failed == {} and reg.entry_points == {"example": EXAMPLE}
+
+
+def test_a_plugin_with_a_syntax_error_names_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(write_broken_distribution(tmp_path, "def broken(:\n")))
+    with pytest.raises(LensbenchError, match=r"plugin 'broken' \(distribution lensbench-broken==0.1\) failed to "
+                                             r"import: SyntaxError: .*; fix or uninstall it, or set "
+                                             r"LENSBENCH_BLOCK_PLUGINS=broken to run without it$"):
+        get_plugin_manager()
+
+
+def test_the_console_script_with_a_broken_plugin(tmp_path):
+    """Through the real console script: ``lensbench plugins`` lists the rest and the failure; any
+    other command is the one line; blocking the plugin runs without it."""
+    from conftest import clean_env
+    from helpers_cli import run_many
+
+    env = clean_env(PYTHONPATH=str(write_broken_distribution(tmp_path / "site")))
+    results = run_many({"plugins": (("plugins",), tmp_path, env),
+                        "predict": (("predict", "--model", "activation_norms"), tmp_path, env),
+                        "blocked": (("plugins",), tmp_path, {**env, "LENSBENCH_BLOCK_PLUGINS": "broken"})})
+    listing = results["plugins"]
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stderr[-2000:]
+    rows = {line.split()[0]: line for line in listing.stdout.split("installed plugins")[1].splitlines()[1:]}
+    assert "lensbench-broken==0.1" in rows["broken"]
+    assert ("failed to import: ModuleNotFoundError: No module named 'lensbench_missing_dependency' "
+            "(LENSBENCH_BLOCK_PLUGINS=broken skips it)") in rows["broken"]
+    assert rows["example"].endswith("loaded") and "max_abs" in listing.stdout
+    predict = results["predict"]
+    assert predict.returncode == 1 and predict.stderr.strip() == f"lensbench: error: {BROKEN_LINE}"
+    blocked = results["blocked"]
+    assert blocked.returncode == 0 and blocked.stderr == "", blocked.stderr[-2000:]
+    assert "not loaded (LENSBENCH_BLOCK_PLUGINS)" in blocked.stdout

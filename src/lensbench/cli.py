@@ -334,7 +334,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     from .plugins import active_registries, autoload_disabled_by, blocked_plugins, installed_plugins
 
-    registries = active_registries()
+    registries = active_registries(keep_going=True)  # a plugin failing to import is listed, not fatal
     disabled_by = autoload_disabled_by()
     if disabled_by:
         print(f"plugin autoload: off ({disabled_by} is set): installed plugins are not loaded")
@@ -356,6 +356,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for name, dist in sorted(installed.items()):
         if name in registries.entry_points:
             status = "loaded"
+        elif name in registries.failed:
+            status = f"failed to import: {registries.failed[name]} (LENSBENCH_BLOCK_PLUGINS={name} skips it)"
         elif disabled_by:
             status = f"not loaded ({disabled_by})"
         elif name in blocked:

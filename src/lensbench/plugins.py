@@ -10,6 +10,10 @@ Environment variables:
   packages' entry points; ``lensbench plugins`` says which variable turned loading off.
 - ``LENSBENCH_BLOCK_PLUGINS=a,b``: skip the installed plugins listed, each by its entry-point name
   or its distribution name (a name matching neither is reported on stderr).
+
+An installed plugin that fails to import (a missing dependency, a syntax error) stops every command
+with one line naming it and the ``LENSBENCH_BLOCK_PLUGINS`` value that skips it; ``lensbench
+plugins`` lists the others and shows it as "failed to import".
 - ``LENSBENCH_TRACE_HOOKS=1``: print every hook call and what each plugin returned to stderr.
 """
 
@@ -97,9 +101,45 @@ def describe_installed(installed: dict[str, str]) -> str:
     return ", ".join(f"{ep} ({dist})" for ep, dist in sorted(installed.items())) or "none"
 
 
-def get_plugin_manager(load_installed: bool | None = None) -> pluggy.PluginManager:
-    """A new plugin manager with the built-in plugins and, unless disabled, installed ones."""
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def failed_plugin_message(name: str, dist: str, reason: str) -> str:
+    """The one line for an installed plugin whose import failed, naming the switch that skips it."""
+    return (f"plugin {name!r} (distribution {dist}) failed to import: {reason}; fix or uninstall it, or set "
+            f"LENSBENCH_BLOCK_PLUGINS={name} to run without it")
+
+
+def _load_installed(pm: pluggy.PluginManager, installed: dict[str, str]) -> dict[str, str]:
+    """Load every installed plugin not blocked, one entry point at a time, so that one failing to
+    import (a missing dependency, a syntax error) leaves the others loaded; returns entry-point
+    name -> the first line of each failure."""
+    from importlib.metadata import entry_points
+
+    failed: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in failed or pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            ep.load()  # what pluggy's loading does first; a failure here is the plugin's own
+        except Exception as exc:  # noqa: BLE001 - any error raised while importing the plugin
+            failed[ep.name] = _first_line(exc)
+            continue
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)  # registered with its distribution
+    return failed
+
+
+def get_plugin_manager(load_installed: bool | None = None, keep_going: bool = False) -> pluggy.PluginManager:
+    """A new plugin manager with the built-in plugins and, unless disabled, installed ones.
+
+    An installed plugin that fails to import is a ``LensbenchError`` naming it and the
+    ``LENSBENCH_BLOCK_PLUGINS`` value that skips it; with ``keep_going`` the others are loaded and the
+    failures are left in ``pm.lensbench_failed`` (entry-point name -> first line of the error), for
+    ``lensbench plugins`` to list."""
     pm = pluggy.PluginManager("lensbench")
+    pm.lensbench_failed = {}
     pm.add_hookspecs(hookspecs)
     for modname in BUILTIN:
         pm.register(importlib.import_module(modname), name=modname)
@@ -115,7 +155,12 @@ def get_plugin_manager(load_installed: bool | None = None) -> pluggy.PluginManag
             print(f"lensbench: warning: LENSBENCH_BLOCK_PLUGINS names {', '.join(map(repr, unknown))}, {which} no "
                   f"installed plugin's entry point or distribution; installed: {describe_installed(installed)}",
                   file=sys.stderr)
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        pm.lensbench_failed = _load_installed(pm, installed)
+        if pm.lensbench_failed and not keep_going:
+            from .errors import LensbenchError
+
+            name, reason = next(iter(pm.lensbench_failed.items()))
+            raise LensbenchError(failed_plugin_message(name, installed.get(name, "?"), reason))
     try:
         pm.check_pending()  # a misspelled hook in a plugin is an error, not silently ignored
     except pluggy.PluginValidationError as exc:
@@ -159,6 +204,7 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
     reg = Registries()
     reg.entry_points = {pm.get_name(plugin): f"{dist.project_name}=={dist.version}"
                         for plugin, dist in pm.list_plugin_distinfo()}
+    reg.failed = dict(getattr(pm, "lensbench_failed", {}))
     reg.analyses.base = Analysis
     reg.perturbations.base = Transform
     reg.metrics.base = TokenStatistic
@@ -193,8 +239,12 @@ def use_registries(registries: Registries) -> Iterator[Registries]:
         _active.pop()
 
 
-def active_registries() -> Registries:
-    """The registries in use: those of the innermost ``use_registries`` block, else fresh ones."""
+def active_registries(keep_going: bool = False) -> Registries:
+    """The registries in use: those of the innermost ``use_registries`` block, else fresh ones.
+    ``keep_going``: an installed plugin failing to import is left out and listed in ``failed``
+    (for ``lensbench plugins``) instead of refused; such registries are not kept as the active ones."""
+    if not _active and keep_going:
+        return build_registries(get_plugin_manager(keep_going=True))
     if not _active:
         _active.append(build_registries(get_plugin_manager()))
     return _active[-1]

@@ -98,6 +98,8 @@ class Registries:
     mteb_tasks: Registry[Any] = field(default_factory=lambda: Registry("MTEB task", instances=True))
     entry_points: dict[str, str] = field(default_factory=dict)
     """The installed plugins loaded into these registries: entry-point name -> ``distribution==version``."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Installed plugins left out because their import failed: entry-point name -> the first line of the error."""
 
     def kinds(self) -> dict[str, Registry]:
         return {
