@@ -9,7 +9,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,6 +72,59 @@ class PerplexitySettings:
     """Window length in tokens."""
 
 
+#: Config fields giving the positions a model reads (its context), the first one set wins.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_bounded: set[tuple] = set()  # (field, value, context) already warned about in this process
+
+
+def model_positions(model) -> tuple[int, str] | None:
+    """The model's context in tokens and the config field giving it (of the text model, for a
+    vision-language one); None when its config names none (then nothing is bounded)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in CONTEXT_FIELDS:
+        for cfg in (text, config):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, name
+    return None
+
+
+def within_context(value: int, limit: int | None, field: str, where: tuple[int, str] | None, what: str) -> int:
+    """``value`` or, when it exceeds ``limit`` (derived from the model's context ``where``), ``limit``,
+    with one warning (console and run log) per field, value and context: a setting beyond the
+    context would otherwise run past the model's positions (for 1e9 new tokens, until killed)."""
+    if limit is None or where is None or value <= limit:
+        return value
+    key = (field, value, where)
+    if key not in _bounded:
+        _bounded.add(key)
+        source = f"config {where[1]}" if where[1] in CONTEXT_FIELDS else where[1]
+        line = f"lensbench: {field} {value} goes beyond the model's context ({where[0]} tokens, {source}): {what}"
+        log.warning(line)
+        run_log.warning(line)
+    return limit
+
+
+def length_limit(max_length: int | None, loaded, field: str) -> tuple[int | None, str]:
+    """An analysis's truncation length for ``loaded``'s texts and what sets it: ``max_length``, or
+    the model's context (activation_norms' ``model_context``: the tokenizer's ``model_max_length``,
+    else the config's ``max_position_embeddings``) when ``max_length`` is null or goes beyond it
+    (then with one warning naming ``field``); ``(None, "context")`` when neither is known."""
+    from .analyses.activation_norms import model_context
+
+    context = model_context(loaded)
+    if max_length is None:
+        return context, "context"
+    if context is None or max_length <= context:
+        return max_length, "max_length"
+    within_context(max_length, context, field, (context, "the tokenizer's model_max_length or config "
+                                                         "max_position_embeddings"), f"texts are cut at {context} tokens")
+    return context, "context"
+
+
 def set_all_seeds(seed: int) -> None:
     """Seed Python's, NumPy's and torch's (CPU and every GPU) generators."""
     import numpy as np
@@ -115,6 +168,7 @@ class Generated:
     batch_size: int  # prompts in that call
     seed: int  # the seed every generator was given before that call (its first prompt's)
     peak_memory: int | None = None  # bytes of CUDA memory allocated at that call's peak (None off CUDA)
+    max_new_tokens: int | None = None  # the call's limit: the setting, or less where the context ends first
 
 
 class GenerationStopped(LensbenchError):
@@ -265,7 +319,14 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     if any(img is not None for img in images) and processor is None:
         raise ValueError("prompts with pictures need the model's processor")
     batching = batching if batching is not None else Batching(settings, device)
+    context = model_positions(model)
+    asked = settings.max_input_length
+    if context is not None and asked > context[0] - 1:  # prompts cut so that one new token fits
+        settings = replace(settings, max_input_length=context[0] - 1)
     rows = _token_rows(tokenizer, processor, prompts, images, settings, batching.encodings(tokenizer, processor))
+    if settings.max_input_length < asked and any(len(r["input_ids"]) >= settings.max_input_length for r in rows):
+        within_context(asked, settings.max_input_length, "model.init_args.generation.max_input_length", context,
+                       f"prompts longer than {settings.max_input_length} tokens are cut there")
     lengths = [len(r["input_ids"]) for r in rows]
     new_tokens = settings.max_new_tokens
     dtype = next(model.parameters()).dtype
@@ -293,8 +354,14 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
             batch = _encode(tokenizer, processor, prompts[start:end], images[start], settings, device, dtype)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
+        chunk_settings = settings
+        if context is not None:
+            room = max(1, context[0] - batch["input_ids"].shape[1])
+            chunk_settings = replace(settings, max_new_tokens=within_context(
+                settings.max_new_tokens, room, "model.init_args.generation.max_new_tokens", context,
+                "generation stops where prompt and new tokens fill the context"))
         try:
-            chunk = _generate_chunk(model, tokenizer, batch, settings, seeds[start], end - start, eos)
+            chunk = _generate_chunk(model, tokenizer, batch, chunk_settings, seeds[start], end - start, eos)
         except torch.OutOfMemoryError:
             if end - start == 1:
                 raise
@@ -402,7 +469,8 @@ def _generate_chunk(model, tokenizer, batch, settings: GenerationSettings, seed:
     hits = torch.isin(new, torch.tensor(sorted(eos), dtype=new.dtype)) if eos else no_eos
     counts = torch.where(hits.any(1), hits.int().argmax(1) + 1, new.shape[1]).tolist()
     texts = tokenizer.batch_decode([row[:k] for row, k in zip(new.tolist(), counts)], skip_special_tokens=True)
-    return [Generated(text, k, duration, n, seed) for text, k in zip(texts, counts)]
+    return [Generated(text, k, duration, n, seed, max_new_tokens=settings.max_new_tokens)
+            for text, k in zip(texts, counts)]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

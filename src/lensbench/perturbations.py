@@ -25,7 +25,7 @@ import math
 import weakref
 from functools import partial
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -313,6 +313,23 @@ def check_level(method: str, level: float, field: str) -> None:
         raise LensbenchError(f"uni_quant level is a number of values, an integer >= 2 (or 0 for none), got {level}", field)
 
 
+#: The seeds torch's generators take (``torch.Generator.manual_seed``): a 64-bit integer, signed or not.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: Any, field: str, repeats: int = 1) -> None:
+    """Refuse a seed torch's generator cannot take (repetition r of a grid uses ``seed + r``, so the
+    last, ``seed + repeats - 1``, must fit too), before any model is loaded."""
+    lo, hi = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise LensbenchError(f"must be an integer, got {seed!r}", field)
+    last = seed + max(repeats, 1) - 1
+    if seed < lo or last > hi:
+        got = f"{seed}" if last == seed else f"{seed} (its last repetition uses {last})"
+        raise LensbenchError(f"a seed must lie in {lo}..{hi} (torch's generator takes 64-bit seeds), got {got}; "
+                             "use a smaller seed", field)
+
+
 @dataclass
 class PerturbationGrid:
     """A perturbation method over a grid of levels and repetitions: one model state per (level, repeat)."""
@@ -386,6 +403,7 @@ class PerturbationGrid:
         check_group_spec(self.param_group, f"{field}.param_group")
         if self.n_rep < 1:
             raise LensbenchError(f"must be at least 1, got {self.n_rep}", f"{field}.n_rep")
+        check_seed(self.seed, f"{field}.seed", self.n_rep)
         states = []
         for level, where in self._levels(field):
             try:  # the method's own checks of its arguments, before any work

@@ -42,6 +42,10 @@ class PipelineConfig:
 
 
 TEXT_KEYS = ("datasets", "batch_size", "max_examples")
+#: The sections of a pipeline config that are mappings, and what each holds.
+SECTIONS = {"param_diff": "tol, max_iter, compute_dtype, include, exclude",
+            "activation_norms": "statistics, max_length, datasets, batch_size, max_examples",
+            "trainer": "Lightning Trainer settings: accelerator, devices, ..."}
 PAIR_KEYS = ("include", "exclude")
 
 
@@ -60,9 +64,22 @@ def load_config(path: Path) -> PipelineConfig:
     for key in raw:
         if key not in known:
             raise LensbenchError(f"unknown key {key!r}; {did_you_mean(str(key), known)}", key)
+    for key in SECTIONS:
+        if key in raw and raw[key] is not None and not isinstance(raw[key], dict):
+            raise LensbenchError(f"must be a mapping of settings ({SECTIONS[key]}), got {raw[key]!r}; write it as "
+                                 f"{key}: {{...}} or leave it out", key)
+        if key in raw and raw[key] is None:  # an empty section: its defaults
+            del raw[key]
+    if "others" in raw and raw["others"] is not None and not isinstance(raw["others"], list):
+        raise LensbenchError(f"must be a list of models, got {raw['others']!r}; write it as others: [...]", "others")
     config = PipelineConfig(**raw)
     if not config.others:
         raise LensbenchError("is empty; name at least one model to compare with the base", "others")
+    for i, entry in enumerate(config.others):
+        if isinstance(entry, dict) and "seed" in entry:
+            from .perturbations import check_seed
+
+            check_seed(entry["seed"], f"others[{i}].seed")
     return config
 
 

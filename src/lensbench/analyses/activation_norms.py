@@ -126,8 +126,9 @@ class ActivationNorms(Analysis):
     def _limit(self, checkpoint: str, loaded) -> tuple[int | None, str]:
         """The truncation length for ``checkpoint`` and what sets it ("max_length" or "context")."""
         if checkpoint not in self._limits:
-            self._limits[checkpoint] = ((self.max_length, "max_length") if self.max_length is not None
-                                        else (model_context(loaded), "context"))
+            from ..generation import length_limit  # max_length, bounded by the model's context
+
+            self._limits[checkpoint] = length_limit(self.max_length, loaded, "model.init_args.max_length")
         return self._limits[checkpoint]
 
     def process(self, item: WorkItem) -> dict[str, Any]:

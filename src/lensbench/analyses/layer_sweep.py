@@ -195,11 +195,9 @@ class LayerSweep(Analysis):
         return loaded
 
     def _context(self, loaded) -> int | None:
-        if self.max_length is not None:
-            return self.max_length
-        from .activation_norms import model_context
+        from ..generation import length_limit  # max_length, bounded by the model's context
 
-        return model_context(loaded)
+        return length_limit(self.max_length, loaded, "model.init_args.max_length")[0]
 
     def _base(self, item: WorkItem) -> dict[str, Any]:
         model, revision = self.checkpoints[item.state.checkpoint]

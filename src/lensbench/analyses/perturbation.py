@@ -23,7 +23,8 @@ from typing import Any
 from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..generation import (DEFAULT_PERPLEXITY_TEXT, Batching, GenerationSettings, GenerationStopped,
-                          PerplexitySettings, generate, perplexity_state, pooled_perplexity)
+                          PerplexitySettings, generate, model_positions, perplexity_state, pooled_perplexity,
+                          within_context)
 from ..hookspecs import hookimpl
 from ..models.loading import EMBEDDED, ModelSpec, loaded_in_4bit, resolve_source, takes_images
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
@@ -153,8 +154,11 @@ class PerturbationAnalysis(Analysis):
             info = {"touched_tensors": self.subjects.touched_names(), "weights_finite": finite, "perplexity": None,
                     "perplexity_state": None}
             if self.ppl is not None and finite:
-                ppl_state = perplexity_state(loaded.model, loaded.tokenizer, self._ppl_text, self.ppl.max_length,
-                                             self.device)
+                context = model_positions(loaded.model)
+                window = within_context(self.ppl.max_length, context and context[0],
+                                        "model.init_args.perplexity.max_length", context,
+                                        "perplexity is scored over windows of the context's length")
+                ppl_state = perplexity_state(loaded.model, loaded.tokenizer, self._ppl_text, window, self.device)
                 info["perplexity_state"] = ppl_state
                 info["perplexity"] = pooled_perplexity([ppl_state])
             elif self.ppl is not None:  # non-finite weights: not scored
@@ -222,7 +226,8 @@ class PerturbationAnalysis(Analysis):
                 "temperature": self.generation.temperature,
                 "do_sample": self.generation.do_sample,
                 "top_p": self.generation.top_p,
-                "max_new_tokens": self.generation.max_new_tokens,
+                "max_new_tokens": (result.max_new_tokens if result and result.max_new_tokens is not None
+                                   else self.generation.max_new_tokens),  # less where the model's context ends
                 "perplexity": info["perplexity"],
                 "perplexity_state": info["perplexity_state"],
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
