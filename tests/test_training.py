@@ -304,3 +304,126 @@ def test_print_config_shows_the_resolved_training_config(tmp_path, monkeypatch, 
     assert printed["model"]["config"]["memory_layers"] == [1] and printed["model"]["decay"] == "constant"
     assert printed["data"]["dataset"] == "synthetic_qa" and printed["trainer"]["gradient_clip_val"] == 1.0
     assert not (tmp_path / "outputs").exists()
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("lensbench: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_checkpoint_of_other_settings_is_refused_and_never_replaces_the_config(tmp_path, monkeypatch, capsys):
+    """Lightning would train the checkpoint's model (width 32) where the config asks for width 16;
+    lensbench refuses, naming the settings; settings a resume may change are allowed."""
+    write_config(tmp_path, trainer={"max_steps": 2})
+    assert fit(tmp_path, monkeypatch, "--model.experiment", "a") == 0
+    ckpt = str(tmp_path / "outputs/a/lightning/last.ckpt")
+    capsys.readouterr()
+    for args, fragment in ((("--model.config.hidden_size", "16"), "(model.config.hidden_size: 32 there, 16 here)"),
+                           (("--data.batch_size", "4"), "(data.batch_size: 8 there, 4 here)"),
+                           (("--model.lr", "0.5", "--model.freeze", "['*.memory.*']"),
+                            "model.freeze: null there, [\"*.memory.*\"] here; model.lr: 0.01 there, 0.5 here")):
+        assert fit(tmp_path, monkeypatch, "--model.experiment", "b", "--ckpt_path", ckpt, "--trainer.max_steps", "3",
+                   *args) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"lensbench: error: ckpt_path: {ckpt} was trained with other settings "), line
+        assert fragment in line and "give the config of the run that made it" in line, line
+        assert not (tmp_path / "outputs/b").exists()
+    # where and how often to write, and the trainer's settings, may change: the run resumes at step 2
+    assert fit(tmp_path, monkeypatch, "--model.experiment", "b", "--ckpt_path", ckpt, "--trainer.max_steps", "3",
+               "--model.save_every", "1", "--data.val_batch_size", "2", "--trainer.val_check_interval", "1") == 0
+    assert len([r for r in metrics(tmp_path / "outputs/b") if r.get("train_loss")]) == 1  # one step trained
+    assert [p.name for p in (tmp_path / "outputs/b").glob("checkpoint-*")] == ["checkpoint-3"]  # saved every step
+    assert yaml.safe_load((tmp_path / "outputs/b/config.yaml").read_text())["model"]["save_every"] == 1
+
+
+def test_a_checkpoint_at_max_steps_says_there_is_nothing_to_train(tmp_path, monkeypatch, capsys):
+    write_config(tmp_path, trainer={"max_steps": 2})
+    assert fit(tmp_path, monkeypatch) == 0
+    run = tmp_path / "outputs/fit/train"
+    before = files_of(run)
+    from lensbench.logs import console
+
+    said: list[logging.LogRecord] = []
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = said.append
+    console.addHandler(listener)
+    try:
+        assert fit(tmp_path, monkeypatch) == 0  # the same command again: complete, nothing wrong
+        assert fit(tmp_path, monkeypatch, "--trainer.max_steps", "1") == 0
+        assert fit(tmp_path, monkeypatch, "--model.experiment", "other", "--ckpt_path",
+                   str(run / "lightning/last.ckpt")) == 0
+    finally:
+        console.removeHandler(listener)
+    lines = [r.getMessage() for r in said]
+    last = Path("outputs/fit/train/lightning/last.ckpt")
+    assert lines == [f"lensbench: nothing to train: {path} already reached step 2 (trainer.max_steps {n}); raise "
+                     "trainer.max_steps to train longer" for path, n in ((last, 2), (last, 1), (tmp_path / last, 2))]
+    assert files_of(run) == before  # no metrics version, no log line, no rewritten file
+    assert not (tmp_path / "outputs/other").exists()
+
+
+def test_a_run_folder_another_run_is_writing_is_refused(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    write_config(tmp_path, trainer={"max_steps": 2})
+    run = tmp_path / "outputs/fit/train"
+    run.mkdir(parents=True)
+    with open(run / ".lock", "a") as held:  # what a running fit or predict holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert fit(tmp_path, monkeypatch) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert line == (f"lensbench: error: model.experiment: another lensbench run is writing {Path('outputs/fit/train')}; "
+                        "wait for it to finish, or set another experiment name"), line
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+    assert fit(tmp_path, monkeypatch) == 0  # once the other run is done
+    assert (run / "checkpoint-2").is_dir()
+    # the lock is given back when fit returns: the folder takes the next run
+    assert fit(tmp_path, monkeypatch, "--trainer.max_steps", "3") == 0
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    ("cut", "is not a readable Lightning checkpoint ("),
+    ("empty", "is not a readable Lightning checkpoint"),
+    ("code", "holds more than tensors (it names print); lensbench reads checkpoints with torch.load(weights_only=True)"),
+])
+def test_an_unreadable_checkpoint_is_one_line_and_runs_no_code(tmp_path, capsys, damage, fragment):
+    from lensbench.errors import LensbenchError
+    from lensbench.training.resume import read_checkpoint
+
+    state = {"global_step": 3, "state_dict": {"w": torch.zeros(64, 64)}, "hyper_parameters": {"lr": 0.1}}
+    path = tmp_path / "last.ckpt"
+    if damage == "code":
+        class Code:
+            def __reduce__(self):
+                return (print, ("pickled code ran",))
+
+        torch.save({**state, "extra": Code()}, path)
+    else:
+        torch.save(state, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "cut" else b"")
+    with pytest.raises(LensbenchError) as refused:
+        read_checkpoint(path, "model.experiment", "restore it")
+    message = str(refused.value)
+    assert message.startswith(f"model.experiment: {path} ") and fragment in message and message.endswith("restore it")
+    assert "\n" not in message and "pickled code ran" not in capsys.readouterr().out
+
+
+def test_stored_settings_are_compared_only_where_the_checkpoint_holds_them():
+    from lensbench.training.cli import FREE
+    from lensbench.training.resume import changed_settings
+
+    identity = {"model.lr": 0.01, "model.betas": [0.9, 0.95], "model.config.hidden_size": 32, "data.batch_size": 8}
+    ckpt = {"hyper_parameters": {"lr": 0.01, "betas": (0.9, 0.95), "config": {"hidden_size": 32}, "save_every": 7,
+                                 "_instantiator": "lightning.pytorch.cli.instantiate_module"}}
+    assert changed_settings(ckpt, identity, FREE) == []  # no data settings stored (an older checkpoint)
+    ckpt["datamodule_hyper_parameters"] = {"batch_size": 4, "val_batch_size": 99}
+    assert changed_settings(ckpt, identity, FREE) == ["data.batch_size: 4 there, 8 here"]
+    ckpt["hyper_parameters"]["config"] = {"hidden_size": 32, "memory_layers": [1]}
+    assert changed_settings(ckpt, identity, FREE)[1] == "model.config.memory_layers: [1] there, unset here"

@@ -70,7 +70,7 @@ class HuggingFaceCheckpoints(pl.Callback):
             return
         if final_batch(trainer):
             # inside the batch, as Lightning's own checkpoints: the data position it records is exact
-            trainer.save_checkpoint(self.last)  # every rank calls it; rank 0 writes
+            trainer.save_checkpoint(self.last, weights_only=False)  # every rank calls it; rank 0 writes
             self.save(trainer, module)
         elif step % self.every == 0:
             self.save(trainer, module)

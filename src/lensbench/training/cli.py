@@ -6,14 +6,18 @@ that a run stopped by bad input claims no folder: the settings that must match t
 ``float32_matmul_precision`` of the run that made the folder, recorded only),
 ``metrics/version_<n>/metrics.csv`` (Lightning's CSVLogger, one version per run or resumed run),
 ``memory_usage.csv``, ``logs/rank<r>.log``, ``lightning/last.ckpt`` and the Hugging Face folders
-``checkpoint-<step>/``. Running the same config again resumes from
-``lightning/last.ckpt`` (optimizer, scheduler, step and data position included); a larger
-``trainer.max_steps`` trains further.
+``checkpoint-<step>/``, and ``.lock``, which rank 0 holds while the run lasts (a second run on the
+folder is refused). Running the same config again resumes from ``lightning/last.ckpt`` (optimizer,
+scheduler, step and data position included); a larger ``trainer.max_steps`` trains further, and a
+checkpoint that already reached it trains nothing and says so. ``--ckpt_path`` resumes another
+run's checkpoint; its stored model and data settings must be the config's (``resume.py``): unlike
+Lightning's own CLI, the config is never replaced by them.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -29,6 +33,8 @@ def _build_fit_cli():
     from ..cli import MATMUL_KEY, _flatten, cli_base_class, default_experiment, is_free
 
     class LensbenchFitCLI(cli_base_class()):
+        nothing_to_train: str | None = None  # the line saying so, when the checkpoint reached max_steps
+
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
@@ -54,7 +60,8 @@ def _build_fit_cli():
             self.at_start = WriteAtFitStart()  # config.yaml and run.json, filled in by before_fit
             extra = [self.at_start, HuggingFaceCheckpoints(run_dir, self.model.save_every),
                      ModelCheckpoint(dirpath=run_dir / "lightning", filename="step{step}", save_last=True,
-                                     save_top_k=0, every_n_train_steps=self.model.save_every)]
+                                     save_top_k=0, every_n_train_steps=self.model.save_every,
+                                     enable_version_counter=False)]  # HuggingFaceCheckpoints also writes last.ckpt
             if self.model.track_memory_every:
                 extra.append(MemoryUsage(run_dir, self.model.track_memory_every))
             kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
@@ -65,6 +72,20 @@ def _build_fit_cli():
             return super().instantiate_trainer(**kwargs)
 
         def before_fit(self) -> None:
+            from .resume import FolderLock
+
+            # rank 0 holds <run>/.lock (predict's lock) from here until fit returns: a second run on the
+            # folder is refused before it reads or writes anything there
+            self.lock = FolderLock(self.model.run_dir, "model.experiment")
+            if self.trainer.global_rank == 0:
+                self.lock.take()
+            try:
+                self.check_run()
+            except BaseException:
+                self.lock.release(undo=True)  # a folder this run made goes again
+                raise
+
+        def check_run(self) -> None:
             parser = self._subcommand_parsers[self.subcommand]
             cfg = self.config[self.subcommand]
             text = parser.dump(cfg, skip_none=False)
@@ -93,9 +114,57 @@ def _build_fit_cli():
             record = identity if made_with is None else {**identity, MATMUL_KEY: made_with}
             self.at_start.files = {run_dir / "config.yaml": text,  # written once set-up has passed
                                    ident_path: json.dumps(record, indent=1, sort_keys=True)}
-            if last.exists() and not cfg.get("ckpt_path"):
+            self.check_resume(cfg.get("ckpt_path"), last, identity)
+
+        def check_resume(self, asked: str | None, last: Path, identity: dict[str, Any]) -> None:
+            """Read the checkpoint the run resumes from (``ckpt_path``, else the run folder's
+            last.ckpt): refuse one that does not read or was trained with other settings, and note
+            when it already reached ``trainer.max_steps``."""
+            from ..logs import console
+            from .resume import read_checkpoint, reached, refuse_other_settings
+
+            if asked == "last":  # Lightning's keyword: this run folder's last checkpoint
+                asked = str(last)
+            if asked in ("best", "hpc", "registry"):
+                raise LensbenchError(f"ckpt_path {asked!r} names no checkpoint of lensbench fit; give the path of a "
+                                     "run folder's lightning/last.ckpt", "ckpt_path")
+            if asked:
+                path, field = Path(asked), "ckpt_path"
+                unreadable = "give another checkpoint, or leave out ckpt_path to train from the start"
+                other = ("give the config of the run that made it, or start from its weights instead "
+                         "(model.pretrained_layers)")
+            elif last.exists():
+                path, field = last, "model.experiment"
+                unreadable = "restore it from a copy you trust, or set another experiment name to train from the start"
+                other = "set another experiment name, or give the config of the run that made it"
+            else:
+                return
+            checkpoint = read_checkpoint(path, field, unreadable)
+            refuse_other_settings(path, checkpoint, identity, FREE, field, other)
+            step = reached(checkpoint, self.trainer.max_steps)
+            if step is not None:
+                self.nothing_to_train = (f"lensbench: nothing to train: {path} already reached step {step} "
+                                         f"(trainer.max_steps {self.trainer.max_steps}); raise trainer.max_steps "
+                                         "to train longer")
+            elif not asked:
                 console.info(f"resuming from {last}")
                 self.config_init[self.subcommand].ckpt_path = str(last)
+            del checkpoint  # its tensors are mapped, not read: Lightning reads the file again
+
+        def fit(self, model, **kwargs: Any) -> None:
+            try:
+                if self.nothing_to_train:
+                    from ..logs import console
+
+                    console.warning(self.nothing_to_train)
+                    return
+                self.trainer.fit(model, **kwargs)
+            finally:
+                self.lock.release(undo=self.nothing_to_train is not None)
+
+        def _parse_ckpt_path(self) -> None:
+            """Lightning would replace the config's model settings by the checkpoint's own; lensbench
+            compares them instead (``check_resume``) and refuses a checkpoint of other settings."""
 
     return LensbenchFitCLI
 

@@ -67,6 +67,7 @@ class SyntheticTextData(pl.LightningDataModule):
                 raise LensbenchError(f"{name}={value} is out of range; use {low} or more", f"{FIELD}.{name}")
         if val_batch_size is not None and val_batch_size < 1:
             raise LensbenchError(f"val_batch_size={val_batch_size} is out of range; use 1 or more", f"{FIELD}.val_batch_size")
+        self.save_hyperparameters()  # stored in the checkpoint: a resume from it compares them with the config's
         self.dataset, self.options, self.seed, self.path = dataset, dict(options or {}), seed, path
         self.data_dir = data_dir
         self.max_length, self.batch_size = max_length, batch_size
