@@ -94,6 +94,16 @@ def test_tied_weights_and_a_dropped_head_load(tmp_path, tiny_model):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     base = load_model(ModelSpec(source=str(tiny_model), head="base"), field=FIELD).model
     assert type(base).__name__ == "LlamaModel"
+    # but not a tensor inside the base model, whether saved with its prefix or without
+    extra = copy_with(tiny_model, tmp_path / "extra", add={"model.layers.0.extra.weight": torch.zeros(2)})
+    assert "holds model.layers.0.extra.weight, which LlamaModel" in refusal(extra, head="base").message
+    bare = tmp_path / "bare"
+    LlamaModel.from_pretrained(tiny_model).save_pretrained(bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).write_bytes((tiny_model / name).read_bytes())
+    state = load_file(bare / "model.safetensors")
+    save_file({**state, "layers.0.extra.weight": torch.zeros(2)}, bare / "model.safetensors", metadata={"format": "pt"})
+    assert "holds layers.0.extra.weight, which LlamaModel" in refusal(bare, head="base").message
 
 
 @pytest.mark.parametrize("build", ["gpt2", "neox"])

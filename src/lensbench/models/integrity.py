@@ -50,10 +50,12 @@ def allowed_missing(allow: bool | list[str] | None, name: str) -> bool:
 def _dropped_head(model: torch.nn.Module, name: str) -> bool:
     """Whether checkpoint tensor ``name``, unexpected in ``model``, belongs to a head that a base
     model (``head: base``) leaves out: the base model's weights sit under its prefix
-    (``model.``, ``bert.``), a head's (``lm_head``, ``cls.``) outside it."""
+    (``model.``, ``bert.``) or, saved from a base model, under its own modules (``layers.``), a
+    head's (``lm_head``, ``cls.``) outside both."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    is_base = prefix and getattr(model, "base_model", None) is model
-    return bool(is_base and not name.startswith(prefix + "."))
+    if not prefix or getattr(model, "base_model", None) is not model:
+        return False
+    return not name.startswith(prefix + ".") and name.split(".")[0] not in dict(model.named_children())
 
 
 def check_loaded(model: torch.nn.Module, info: dict[str, Any], files: list[Path], location: str,
