@@ -113,12 +113,16 @@ def cli_base_class():
         def instantiate_trainer(self, **kwargs: Any):
             from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+            from .distributed import bounded_start, check_environment
+
+            check_environment()  # MASTER_PORT, the rendezvous timeout: before the trainer says anything
             try:
                 trainer = super().instantiate_trainer(**kwargs)
             except (TypeError, ValueError, ImportError, MisconfigurationException) as exc:  # Lightning's checks
                 reason = str(exc).strip().rstrip(".").splitlines()[0]
                 raise LensbenchError(f"{reason}; fix the trainer section of the config", "trainer") from None
             _no_sigterm_broadcast(trainer)
+            bounded_start(trainer)  # a bounded rendezvous; child ranks that end with their launcher
             return trainer
 
     return LensbenchCLIBase
@@ -550,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv else None
     previous = _stop_on_signals() if from_sys and command in RESUME else {}
     try:
+        if previous:  # a rank Lightning's launcher started stops when that process dies
+            from .distributed import end_with_launcher
+
+            end_with_launcher()
         return _main(argv, from_sys)
     except RunStopped as exc:
         if _debug():
