@@ -61,3 +61,33 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def finite(values):
+    """``values`` as a float array with NaN in place of every non-finite value (NaN, inf): a line
+    drawn through it skips them instead of failing on them or stretching the axes to infinity."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=float)
+    return np.where(np.isfinite(array), array, np.nan)
+
+
+def value_scale(ax, values, axis: str = "y") -> str:
+    """Give ``ax``'s ``axis`` the scale that draws every finite value of ``values``: log when all are
+    > 0; symlog, linear below the smallest positive value, when some are 0 or negative (an exact 0 is
+    drawn, not dropped as a log axis drops it); linear when none is > 0 (a log axis would have
+    nothing to draw). Returns the scale set."""
+    import numpy as np
+
+    array = finite(values)
+    array = array[np.isfinite(array)]
+    positive = array[array > 0]
+    setter = ax.set_yscale if axis == "y" else ax.set_xscale
+    if not len(positive):
+        setter("linear")
+        return "linear"
+    if (array <= 0).any():
+        setter("symlog", linthresh=float(positive.min()))
+        return "symlog"
+    setter("log")
+    return "log"

@@ -9,7 +9,10 @@ across ranks and memory does not grow with the number of tokens.
 
 Texts are truncated to ``max_length`` tokens, by default the model's context (``model_context``).
 What truncation drops is never silent: each record counts the tokens and texts cut off, the table
-has an ``n_tokens_dropped`` column, and the merge says it in one console line.
+has an ``n_tokens_dropped`` column, and the merge says it in one console line. Nor are non-finite
+values (NaN or inf, e.g. from a layer whose weights hold NaN): they enter the statistics (which
+are then not finite), ``n_nonfinite_<stat>`` counts them per layer, the merge says where in one
+console warning, and the figure draws the finite values only.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from ..logs import console
 from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from ..state import State
-from ..stats import chan_merge
-from ..tables import pyplot, read_csv, write_csv
+from ..stats import chan_merge, nonfinite_warning, place
+from ..tables import finite, pyplot, read_csv, write_csv
 from ..work import WorkItem
 
 TABLE = "activation_norms.csv"
@@ -149,16 +152,18 @@ class ActivationNorms(Analysis):
             out = backbone(**batch, output_hidden_states=True)
         mask = batch["attention_mask"].bool()  # [B, T]
         where = mask.flatten().nonzero().squeeze(1)  # the kept tokens' positions, found once
-        moments = []  # per layer and statistic: mean, m2, min, max (on the device: read back once)
+        moments = []  # per layer and statistic: mean, m2, min, max, non-finite (on the device: read back once)
         for hidden in out.hidden_states:  # L+1 tensors [B, T, D]
             tokens = hidden.flatten(0, 1).index_select(0, where).float()  # [N, D], as hidden[mask]
             for stat in self.statistics:
                 values = stat(tokens).double()  # [N]
                 mean = values.mean()
-                moments.append(torch.stack([mean, ((values - mean) ** 2).sum(), values.min(), values.max()]))
-        table = torch.stack(moments).view(len(out.hidden_states), len(self.statistics), 4).tolist()
+                moments.append(torch.stack([mean, ((values - mean) ** 2).sum(), values.min(), values.max(),
+                                            (~torch.isfinite(values)).sum().double()]))
+        table = torch.stack(moments).view(len(out.hidden_states), len(self.statistics), 5).tolist()
         stats = {stat.name: {key: [layer[j][k] for layer in table] for k, key in enumerate(("mean", "m2", "min", "max"))}
                  for j, stat in enumerate(self.statistics)}
+        nonfinite = {stat.name: [int(layer[j][4]) for layer in table] for j, stat in enumerate(self.statistics)}
         kept = mask.sum(dim=1).tolist()
         dropped = [0] * len(kept) if full_lengths is None else [max(0, f - k) for f, k in zip(full_lengths, kept)]
         return {
@@ -171,6 +176,7 @@ class ActivationNorms(Analysis):
             "max_length": limit,
             "max_length_from": limit_from,
             "stats": stats,
+            "nonfinite": nonfinite,
         }
 
     @classmethod
@@ -180,10 +186,15 @@ class ActivationNorms(Analysis):
         groups: dict[tuple, dict[str, Any]] = {}
         for rec in records:  # ordered by key: the same order whatever the number of ranks
             labels = tuple((rec.get("labels") or {}).items())
-            acc = groups.setdefault((rec["model"], rec["dataset"], labels), {"n": 0, "dropped": 0, "stats": {}})
+            acc = groups.setdefault((rec["model"], rec["dataset"], labels), {"n": 0, "dropped": 0, "stats": {},
+                                                                          "nonfinite": {}})
             n_b = rec["n_tokens"]
             acc["dropped"] += rec.get("n_tokens_dropped", 0)  # records written before the count: 0
             for name, s in rec["stats"].items():
+                # records written before the count hold finite values only (they were not counted): 0
+                counts = (rec.get("nonfinite") or {}).get(name) or [0] * len(s["mean"])
+                total = acc["nonfinite"].setdefault(name, [0] * len(counts))
+                acc["nonfinite"][name] = [a + b for a, b in zip(total, counts)]
                 cur = acc["stats"].setdefault(name, {k: [] for k in ("mean", "m2", "min", "max")})
                 if not cur["mean"]:
                     cur.update({k: list(v) for k, v in s.items()})
@@ -192,11 +203,12 @@ class ActivationNorms(Analysis):
                 for layer in range(len(s["mean"])):
                     cur["mean"][layer], cur["m2"][layer] = chan_merge(n_a, cur["mean"][layer], cur["m2"][layer],
                                                                       n_b, s["mean"][layer], s["m2"][layer])
-                    cur["min"][layer] = min(cur["min"][layer], s["min"][layer])
-                    cur["max"][layer] = max(cur["max"][layer], s["max"][layer])
+                    cur["min"][layer] = _extreme(min, cur["min"][layer], s["min"][layer])
+                    cur["max"][layer] = _extreme(max, cur["max"][layer], s["max"][layer])
             acc["n"] += n_b
         rows = []
         label_names: list[str] = []
+        bad: dict[str, int] = {}  # "model / dataset [state] layer l (stat)" -> non-finite values
         for (model, dataset, labels), acc in groups.items():
             label_names += [k for k, _ in labels if k not in label_names]
             n_layers = len(next(iter(acc["stats"].values()))["mean"])
@@ -208,12 +220,15 @@ class ActivationNorms(Analysis):
                     row[f"std_{name}"] = math.sqrt(max(s["m2"][layer], 0.0) / acc["n"])
                     row[f"min_{name}"] = s["min"][layer]
                     row[f"max_{name}"] = s["max"][layer]
+                    row[f"n_nonfinite_{name}"] = acc["nonfinite"][name][layer]
+                    bad[f"{place(model, dataset, labels)} layer {layer} ({name})"] = acc["nonfinite"][name][layer]
                 rows.append(row)
         table = pd.DataFrame(rows).sort_values(["model", "dataset", *label_names, "layer"], kind="stable")
         written = [write_csv(table, Path(run_dir) / TABLE)]
         message = truncation_message(records)
         if message:
             console.info(message)
+        nonfinite_warning("activation_norms", bad, "token statistics", "n_nonfinite_<stat>", TABLE)
         return written
 
     @classmethod
@@ -227,7 +242,7 @@ class ActivationNorms(Analysis):
             keys = ["model", "dataset"] + [c for c in STATE_COLUMNS if c in table.columns and table[c].nunique() > 1]
             for values, group in table.groupby(keys, sort=True):
                 name = " / ".join(f"{v}" if k in ("model", "dataset") else f"{k}={v}" for k, v in zip(keys, values))
-                ax.plot(group["layer"], group[column], marker="o", markersize=3, label=name)
+                ax.plot(group["layer"], finite(group[column]), marker="o", markersize=3, label=name)
             ax.set_xlabel("layer (0 = embedding output)")
             ax.set_ylabel(f"mean {stat} per token")
             ax.set_title(f"Activation {stat} per layer")
@@ -239,6 +254,12 @@ class ActivationNorms(Analysis):
             plt.close(fig)
             outputs.append(out)
         return outputs
+
+
+def _extreme(pick, a: float, b: float) -> float:
+    """``pick`` (min or max) of two values, NaN when either is NaN (as torch's min and max of a
+    tensor holding NaN), whatever their order: Python's min(1.0, nan) is 1.0, min(nan, 1.0) NaN."""
+    return math.nan if math.isnan(a) or math.isnan(b) else pick(a, b)
 
 
 def truncation_message(records: list[dict[str, Any]]) -> str | None:

@@ -7,6 +7,10 @@ see ``lensbench.linalg``; method, iterations and bound recorded) and the stable 
 ``dW_stable_rank = dW_fro² / dW_spec²`` (undefined, NaN, for an unchanged matrix);
 the same statistics for the base matrix ``W``. Tensors are read one at a time from disk, so memory
 stays near a few times the largest matrix, whatever the checkpoints' size.
+
+A matrix whose change is not finite (a NaN or inf in either checkpoint's matrix) is never counted
+as unchanged: its statistics are NaN or inf, ``per_layer.csv`` counts it in ``n_nonfinite`` (not in
+``n_changed``), the merge names it in one console warning, and the figures draw the finite values only.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..linalg import EXACT_MAX_DIM, METHODS, frobenius, matrix_stats
 from ..state import State
-from ..tables import pyplot, read_csv, write_csv
+from ..stats import nonfinite_warning
+from ..tables import finite, pyplot, read_csv, write_csv
 from ..work import WorkItem
 
 PER_MATRIX = "per_matrix.csv"
@@ -123,6 +128,7 @@ class ParamDiff(Analysis):
 
     @classmethod
     def merge(cls, records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+        import numpy as np
         import pandas as pd
 
         base = {r["name"]: r for r in records if r["kind"] == "base"}
@@ -155,6 +161,9 @@ class ParamDiff(Analysis):
         per_matrix["expert"] = per_matrix["expert"].astype("Int64")  # empty for matrices outside experts
         outputs = [write_csv(per_matrix, run_dir / PER_MATRIX)]
         outputs.append(write_csv(per_layer_table(per_matrix), run_dir / PER_LAYER))
+        bad = per_matrix[~np.isfinite(per_matrix["dW_fro"].astype(float))]
+        nonfinite_warning("param_diff", {f"{r.other} {r.name}": 1 for r in bad.itertuples()}, "matrix changes",
+                          "n_nonfinite", PER_LAYER)
         outputs.append(write_csv(pd.DataFrame(mismatches, columns=MISMATCH_COLUMNS), run_dir / MISMATCHES))
         outputs.append(write_csv(pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), run_dir / SKIPPED))
         return outputs
@@ -171,7 +180,7 @@ class ParamDiff(Analysis):
             for ax, other in zip(axes[0], others):
                 rows = table[table["other"] == other]
                 for module, group in rows.groupby("module", sort=True):
-                    ax.plot(group["layer"], group[stat], marker="o", markersize=3, label=module)
+                    ax.plot(group["layer"], finite(group[stat]), marker="o", markersize=3, label=module)
                 ax.set_title(f"{stat}: {other} vs base")
                 ax.set_xlabel("layer")
                 ax.set_ylabel(stat)
@@ -187,7 +196,7 @@ class ParamDiff(Analysis):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for other, group in layers.groupby("other", sort=True):
                 group = group.sort_values("layer")
-                ax.plot(group["layer"], group[stat], marker="o", markersize=3, label=str(other))
+                ax.plot(group["layer"], finite(group[stat]), marker="o", markersize=3, label=str(other))
             if (layers["layer"] < 0).any():
                 ax.axvline(-0.5, color="grey", linewidth=0.8, linestyle=":")
                 ax.annotate("outside blocks", (-1, ax.get_ylim()[1]), fontsize=7, ha="center", va="top")
@@ -213,28 +222,38 @@ MISMATCH_COLUMNS = ["other", "name", "reason", "base_shape", "other_shape"]
 
 def per_layer_table(per_matrix):
     """Per (other, layer): root-sum-squares of the Frobenius norms, ``n_changed`` (matrices with a
-    non-zero change), and means of the other statistics; ``mean_dW_stable_rank`` over the changed
-    matrices only (an unchanged matrix has no stable rank)."""
+    finite, non-zero change), ``n_nonfinite`` (matrices whose change is NaN or inf: neither changed
+    nor unchanged), and means of the other statistics; ``mean_dW_stable_rank`` over the changed
+    matrices only (an unchanged matrix has no stable rank). In a layer holding a non-finite change
+    the sums and the change's means are NaN (or inf): a total without it would understate it."""
     import numpy as np
     import pandas as pd
 
     rows = []
     for (other, layer), g in per_matrix.groupby(["other", "layer"], sort=True):
-        dw = float(np.sqrt((g["dW_fro"] ** 2).sum()))
-        w = float(np.sqrt((g["W_fro"] ** 2).sum()))
-        changed = g[g["dW_fro"] > 0]
+        dw_fro = g["dW_fro"].astype(float)
+        nonfinite = ~np.isfinite(dw_fro)
+        changed = g[~nonfinite & (dw_fro > 0)]
+        # sums with skipna=False: a NaN matrix makes the layer's total NaN, never a smaller total
+        dw = float(np.sqrt((dw_fro ** 2).sum(skipna=False)))
+        w = float(np.sqrt((g["W_fro"].astype(float) ** 2).sum(skipna=False)))
         rows.append({
             "other": other, "layer": layer, "n_matrices": len(g), "n_changed": len(changed),
+            "n_nonfinite": int(nonfinite.sum()),
             "dW_fro_layer": dw, "W_fro_layer": w, "rel_change_layer": dw / w if w > 0 else math.nan,
-            "mean_rel_change": g["rel_change"].mean(), "mean_dW_spec": g["dW_spec"].mean(),
-            "max_dW_spec": g["dW_spec"].max(),
-            "mean_dW_stable_rank": changed["dW_stable_rank"].mean() if len(changed) else math.nan,
             "mean_W_stable_rank": g["W_stable_rank"].mean(),
+            # the change of a layer holding a non-finite one is not known: its means are NaN, not
+            # means over the other matrices
+            **({"mean_rel_change": math.nan, "mean_dW_spec": math.nan, "max_dW_spec": math.nan,
+                "mean_dW_stable_rank": math.nan} if nonfinite.any() else {
+                "mean_rel_change": g["rel_change"].mean(), "mean_dW_spec": g["dW_spec"].mean(),
+                "max_dW_spec": g["dW_spec"].max(),
+                "mean_dW_stable_rank": changed["dW_stable_rank"].mean() if len(changed) else math.nan}),
         })
     return pd.DataFrame(rows, columns=PER_LAYER_COLUMNS)
 
 
-PER_LAYER_COLUMNS = ["other", "layer", "n_matrices", "n_changed", "dW_fro_layer", "W_fro_layer", "rel_change_layer",
+PER_LAYER_COLUMNS = ["other", "layer", "n_matrices", "n_changed", "n_nonfinite", "dW_fro_layer", "W_fro_layer", "rel_change_layer",
                      "mean_rel_change", "mean_dW_spec", "max_dW_spec", "mean_dW_stable_rank", "mean_W_stable_rank"]
 
 
