@@ -510,3 +510,103 @@ def test_without_perplexity_the_metrics_are_the_same_and_no_tail_runs(loopdir):
     assert (loopdir / "outputs" / "with_ppl" / "perplexity_vs_loop_count.png").exists()
     assert not (loopdir / "outputs" / "no_ppl" / "perplexity_vs_loop_count.png").exists()
     assert (loopdir / "outputs" / "no_ppl" / "cosine_similarity_vs_loop_count.png").exists()
+
+
+def _figure_table() -> pd.DataFrame:
+    """A loop_metrics table of a baseline at three perturbed levels and two checkpoints; one
+    checkpoint an exact identity (every step change 0), the baseline's level 1.0 all NaN."""
+    rows = []
+    for model, role, level, rel in (("baseline", "baseline", 0.0, 0.5), ("baseline", "baseline", 0.1, 0.4),
+                                    ("baseline", "baseline", 1.0, float("nan")),
+                                    ("checkpoint-100", "checkpoint", 0.0, 0.0), ("checkpoint-200", "checkpoint", 0.0, 0.3)):
+        for k in (0, 1, 2, 4):
+            rows.append({"model": model, "role": role, "dataset": "d", "degradation_method": "add_gauss",
+                         "param_group_name": "g", "level_value": level, "repeat_index": 0, "loop_count": k,
+                         "cosine_mean": 1.0 if rel == 0 or k == 0 else 1 - rel * k / 10,
+                         "mse_mean": 0.0 if k == 0 else rel, "norm_diff_mean": rel,
+                         "step_rel_change_mean": float("nan") if k == 0 else rel / k,
+                         "step_cosine_mean": float("nan") if k == 0 else 1 - rel / 10,
+                         "perplexity": 10.0 * (1 + rel * k) if rel == rel else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def test_figures_draw_an_exact_zero_and_tell_every_line_apart(tmp_path):
+    from lensbench.analyses.loop_identity import figures
+    from lensbench.tables import pyplot
+
+    table = _figure_table()
+    figs = figures(table, "blocks 1..2")
+    assert sorted(figs) == ["convergence_vs_loop_count.png", "cosine_similarity_vs_loop_count.png",
+                            "mse_vs_loop_count.png", "norm_diff_vs_loop_count.png", "perplexity_vs_loop_count.png"]
+    left = figs["convergence_vs_loop_count.png"].axes[0]
+    # the identity checkpoint's relative change is 0 at every k >= 1: drawn on a symlog axis, not dropped
+    assert left.get_yscale() == "symlog"
+    identity = next(line for line in left.get_lines() if line.get_label() == "checkpoint-100 / level_value=0.0")
+    y = identity.get_ydata()
+    assert list(y[1:]) == [0.0, 0.0, 0.0]
+    low, high = left.get_ylim()
+    assert low <= 0 <= high
+    # perplexity (all > 0) keeps a log axis; the all-NaN state is drawn as an empty line, not a failure
+    assert figs["perplexity_vs_loop_count.png"].axes[0].get_yscale() == "log"
+    for name, fig in figs.items():
+        for ax in fig.axes:
+            lines = ax.get_lines()
+            assert len(lines) == 5, name
+            looks = {(str(line.get_color()), line.get_linestyle(), line.get_marker()) for line in lines}
+            assert len(looks) == 5, f"{name}: two lines look alike"
+            baseline = [line for line in lines if line.get_label().startswith("baseline")]
+            assert len(baseline) == 3 and all(line.get_linestyle() == "--" for line in baseline), name
+        fig.savefig(tmp_path / name)
+        pyplot().close(fig)
+    # nothing finite and > 0 for a log axis: linear, no failure
+    table["step_rel_change_mean"] = float("nan")
+    table["perplexity"] = float("inf")
+    figs = figures(table)
+    assert figs["convergence_vs_loop_count.png"].axes[0].get_yscale() == "linear"
+    for name, fig in figs.items():
+        fig.savefig(tmp_path / name)
+        pyplot().close(fig)
+
+
+def test_skipping_the_first_position_and_medians_match_plain_torch(tmp_path):
+    """``skip_first_position`` leaves each text's first token out of every metric, and the medians
+    are those of the per-token values (within the sketch's 0.1%), checked against a computation
+    with transformers' own forward and plain torch over three texts of different lengths."""
+    folder = save_tiny_llama(tmp_path / "m", seed=5, layers=4)
+    start, end, counts = 1, 2, [0, 1, 2]
+    tables = {}
+    for skip in (False, True):
+        analysis = LoopIdentity(baseline=str(folder), start=start, end=end, loop_counts=counts, max_length=64,
+                                perplexity=False, skip_first_position=skip)
+        analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), analysis.perturbations)
+        records = []
+        for b in (TEXTS[:2], TEXTS[2:]):  # two batches: medians and means merged over both
+            measured = analysis._measure(State("baseline"), TextBatch("t", b), counts)
+            records += [{"model": "baseline", "role": "baseline", "step": None, "dataset": "t", "labels": {},
+                         "loop_count": k, **m} for k, m in measured.items()]
+        records.sort(key=lambda r: r["loop_count"])
+        (tmp_path / str(skip)).mkdir()
+        tables[skip] = pd.read_csv(LoopIdentity.merge(records, tmp_path / str(skip))[0]).set_index("loop_count")
+
+    tokenizer = tiny_tokenizer()
+    per_text = []  # per text: h_in, h_out(1), h_out(2) over its real tokens, [T_i, D]
+    for text in TEXTS:
+        enc = tokenizer([text], return_tensors="pt")
+        outputs = [_looped_forward(folder, start, end, k, enc)[0] for k in (1, 2)]
+        width = end - start + 1
+        per_text.append([outputs[0][start - 1][0], outputs[0][start - 1 + width][0], outputs[1][start - 1 + 2 * width][0]])
+    for skip, table in tables.items():
+        cut = 1 if skip else 0
+        h_in, h1, h2 = (torch.cat([t[i][cut:] for t in per_text]).double() for i in range(3))
+        assert (table["n_tokens"] == len(h_in)).all() and (table["n_nonfinite_tokens"] == 0).all()
+        for k, (out, prev) in {1: (h1, h_in), 2: (h2, h1)}.items():
+            values = {"cosine": (h_in * out).sum(-1) / (h_in.norm(dim=-1) * out.norm(dim=-1)),
+                      "mse": ((out - h_in) ** 2).mean(-1), "norm_diff": out.norm(dim=-1) - h_in.norm(dim=-1),
+                      "step_rel_change": (out - prev).norm(dim=-1) / prev.norm(dim=-1)}
+            for name, v in values.items():
+                assert table.loc[k, f"{name}_mean"] == pytest.approx(v.mean().item(), rel=1e-5), (skip, k, name)
+                lower_median = torch.quantile(v, 0.5, interpolation="lower").item()
+                assert table.loc[k, f"{name}_median"] == pytest.approx(lower_median, rel=1.01e-3), (skip, k, name)
+        assert table.loc[0, "mse_median"] == 0 and table.loc[0, "cosine_median"] == pytest.approx(1, rel=1e-3)
+    assert (tables[False]["n_tokens"] - tables[True]["n_tokens"] == len(TEXTS)).all()
+    assert tables[False].loc[1, "norm_diff_mean"] != pytest.approx(tables[True].loc[1, "norm_diff_mean"], rel=1e-3)

@@ -11,7 +11,10 @@ is passed k times through blocks ``start..end`` (inclusive); ``h_out(k)`` is wha
   (k-1, computed anyway, whether or not it is in ``loop_counts``);
 
 each reduced over tokens to count, mean and M2 per work item (float64) and combined exactly with
-Chan et al.'s pairwise update. ``perplexity``: the model runs its remaining blocks on ``h_out(k)``,
+Chan et al.'s pairwise update, and to a log-bucketed histogram (``lensbench.stats.value_sketch``)
+whose counts add up exactly, for medians within 0.1%. ``skip_first_position`` leaves each text's
+first token out of these metrics (its hidden state carries outlier activations). Tokens with a
+non-finite value (NaN or inf) are counted (``n_nonfinite_tokens``) and named in one console warning. ``perplexity``: the model runs its remaining blocks on ``h_out(k)``,
 then its final norm and LM head; next-token negative log-likelihoods of the non-padding tokens are
 kept as torchmetrics Perplexity states per work item and pooled on rank 0.
 
@@ -40,8 +43,8 @@ from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from ..state import State
-from ..stats import chan_merge
-from ..tables import pyplot, read_csv, write_csv
+from ..stats import chan_merge, merge_sketches, nonfinite_warning, place, sketch_quantile, value_sketch
+from ..tables import finite, pyplot, read_csv, value_scale, write_csv
 from ..work import WorkItem, content_digest
 
 TABLE = "loop_metrics.csv"
@@ -97,6 +100,20 @@ def expand_checkpoints(checkpoints: list | str | None, field: str) -> list[tuple
     if not out:
         raise LensbenchError(f"pattern {pattern!r} names no folder", field)
     return out
+
+
+#: The field of ``checkpoints`` given as one folder pattern: the field of every folder it names.
+PATTERN_FIELD = "model.init_args.checkpoints"
+
+
+def pattern_error(exc: LensbenchError, folder: Any, where: str) -> LensbenchError:
+    """``exc`` about a checkpoint folder that a pattern named, blamed on the pattern: the user wrote
+    ``checkpoints: <pattern>``, not a ``source`` (``checkpoints.source`` is no field), so the error
+    names ``model.init_args.checkpoints`` and the folder. Other errors are returned as they are."""
+    if where != PATTERN_FIELD or not (exc.field or "").startswith(f"{where}."):
+        return exc
+    message = exc.message if str(folder) in exc.message else f"folder {str(folder)!r} of the pattern: {exc.message}"
+    return LensbenchError(message, where)
 
 
 # Model types of encoders: refused even when their config names an LM head class (BertLMHeadModel).
@@ -185,6 +202,7 @@ class LoopIdentity(Analysis):
         perturbation: PerturbationGrid | None = None,
         max_length: int = 512,
         perplexity: bool = True,
+        skip_first_position: bool = False,
         experiment: str | None = None,
         output_dir: str = "outputs",
     ) -> None:
@@ -205,6 +223,9 @@ class LoopIdentity(Analysis):
             perplexity: Score the text after k passes (one pass of the remaining blocks and the LM
                 head per loop count); false: the hidden-state metrics only, at about the cost of
                 one forward of the deepest loop count.
+            skip_first_position: Leave each text's first token (BOS, where there is one) out of
+                the hidden-state metrics: its state carries outlier activations that dominate the
+                means. Perplexity is unchanged. Default false: every token, as the seed.
             experiment: Name of the run: results go to ``<output_dir>/<experiment>/``.
             output_dir: Folder holding one sub-folder per experiment.
         """
@@ -212,6 +233,7 @@ class LoopIdentity(Analysis):
         from ..plugins import active_registries
 
         self.score_perplexity = bool(perplexity)
+        self.skip_first_position = bool(skip_first_position)
 
         if max_length < 2:
             raise LensbenchError(f"must be at least 2, got {max_length}", "model.init_args.max_length")
@@ -225,6 +247,8 @@ class LoopIdentity(Analysis):
         self.loop_counts = sorted({int(k) for k in counts})
         if start < 0:
             raise LensbenchError(f"must be a block index >= 0, got {start}", "model.init_args.start")
+        if end < 0:
+            raise LensbenchError(f"must be a block index >= 0, got {end}", "model.init_args.end")
         if start > end:
             raise LensbenchError(f"start {start} is after end {end}; the looped range is blocks start..end "
                                  "(inclusive), so start <= end", "model.init_args.start")
@@ -244,24 +268,30 @@ class LoopIdentity(Analysis):
             raise LensbenchError(f"block {self.end} is outside the baseline's blocks 0..{layers - 1}",
                                  "model.init_args.end")
         self.shape = (layers, hidden)
+        self._patterned: dict[str, str] = {}  # label -> folder, for checkpoints a pattern named
         for entry, where in expand_checkpoints(checkpoints, "model.init_args.checkpoints"):
             # A folder (from a pattern or a list) loads with the baseline's dtype and attention
             # implementation; a ModelSpec mapping keeps its own settings.
             spec = (ModelSpec(entry, dtype=base.dtype, attn_implementation=base.attn_implementation)
                     if isinstance(entry, str) else entry)
-            check_spec(spec, where)
-            resolve_source(spec, where)
-            label = spec.label()
-            _check_label(label, spec, where)
-            if label in self.specs:
-                raise LensbenchError(f"model label {label!r} is used twice; give one a `name`", where)
-            shape = model_shape(spec, where)
+            try:
+                check_spec(spec, where)
+                resolve_source(spec, where)
+                label = spec.label()
+                _check_label(label, spec, where)
+                if label in self.specs:
+                    raise LensbenchError(f"model label {label!r} is used twice; give one a `name`", where)
+                shape = model_shape(spec, where)
+            except LensbenchError as exc:
+                raise pattern_error(exc, entry, where) from None
             if shape != self.shape:
                 raise LensbenchError(f"checkpoint {label!r} has {shape[0]} layers and hidden size {shape[1]}, the baseline "
                                      f"{layers} and {hidden}; loop_identity compares checkpoints of the baseline's shape",
                                      where)
             self.specs[label] = spec
             self.fields[label] = where
+            if where == PATTERN_FIELD:
+                self._patterned[label] = str(entry)
         self.max_length = max_length
         self.perturbations = active_registries().perturbations
         self.grid = perturbation
@@ -302,7 +332,11 @@ class LoopIdentity(Analysis):
             # Not the source: the fingerprint covers the weights' content, wherever the folder is
             # and however its path is written (./ckpts/x, ckpts/x, /abs/ckpts/x); not the placement.
             settings = weight_settings(spec)
-            self._weights[label] = content_digest(model_fingerprint(spec, self.fields[label]), repr(settings))
+            try:
+                fingerprint = model_fingerprint(spec, self.fields[label])
+            except LensbenchError as exc:
+                raise pattern_error(exc, self._patterned.get(label, spec.source), self.fields[label]) from None
+            self._weights[label] = content_digest(fingerprint, repr(settings))
         return self._weights[label]
 
     def states(self) -> list[State]:
@@ -367,16 +401,21 @@ class LoopIdentity(Analysis):
         """Every loop count of ``counts`` on one batch: one captured forward, then pass after pass."""
         from ..models.replay import BlockReplay
 
-        loaded = self.subjects.activate(state)
+        try:
+            loaded = self.subjects.activate(state)
+        except LensbenchError as exc:
+            label = state.checkpoint
+            raise pattern_error(exc, self._patterned.get(label), self.fields.get(label, "")) from None
         replay = BlockReplay(loaded.model, loaded.anatomy, self.start, self.end)
         enc = loaded.tokenizer(list(batch.texts), return_tensors="pt", padding=True, truncation=True,
                                max_length=self.max_length).to(self.device)
         mask = enc["attention_mask"].bool()  # [B, T]
+        measured = first_position_dropped(mask) if self.skip_first_position else mask  # the metrics' tokens
         out: dict[int, dict[str, Any]] = {}
         with torch.inference_mode():
             cap = replay.capture(dict(enc))
             h_in = cap.h_in
-            tokens_in = h_in[mask].double()  # [N, D]
+            tokens_in = h_in[measured].double()  # [N, D]
             prev = h = h_in
             for k in range(0, counts[-1] + 1):
                 if k == 1:
@@ -387,7 +426,7 @@ class LoopIdentity(Analysis):
                     ppl = None
                     if self.score_perplexity:
                         ppl = perplexity_state(replay.logits_after(cap, None if k == 1 else h), enc["input_ids"], mask)
-                    out[k] = {**token_stats(tokens_in, h[mask].double(), prev[mask].double() if k else None),
+                    out[k] = {**token_stats(tokens_in, h[measured].double(), prev[measured].double() if k else None),
                               "perplexity": ppl}
                 prev = h
         return out
@@ -403,12 +442,20 @@ class LoopIdentity(Analysis):
         for rec in records:  # ordered by key: the same order whatever the number of ranks
             labels = tuple((rec.get("labels") or {}).items())
             key = (rec["model"], rec["dataset"], labels, rec["loop_count"])
-            acc = groups.setdefault(key, {"rec": rec, "n": 0, "stats": {}, "ppl": []})
+            acc = groups.setdefault(key, {"rec": rec, "n": 0, "stats": {}, "ppl": [], "nonfinite": 0, "sketches": {}})
             n_a, n_b = acc["n"], rec["n_tokens"]
             n = n_a + n_b
+            acc["nonfinite"] += rec.get("n_nonfinite_tokens", 0)  # records written before the count: 0
+            sketches = rec.get("sketches")  # records written before the medians: none
             for name, (mean_b, m2_b) in rec["stats"].items():
-                if name not in acc["stats"]:
+                if n_b:  # a batch without measured tokens (one-token texts, skip_first_position) adds nothing
+                    theirs = sketches.get(name) if sketches else None
+                    acc["sketches"][name] = theirs if name not in acc["sketches"] else merge_sketches(
+                        acc["sketches"][name], theirs)
+                if name not in acc["stats"] or n_a == 0:
                     acc["stats"][name] = [mean_b, m2_b]
+                    continue
+                if n_b == 0:
                     continue
                 cur = acc["stats"][name]
                 cur[0], cur[1] = chan_merge(n_a, cur[0], cur[1], n_b, mean_b, m2_b)
@@ -416,15 +463,21 @@ class LoopIdentity(Analysis):
             if rec["perplexity"] is not None:  # null: run with perplexity: false
                 acc["ppl"].append(rec["perplexity"])
         rows, label_names = [], []
+        bad: dict[str, int] = {}  # "model / dataset [state] k=.." -> tokens with a non-finite metric
         for (model, dataset, labels, k), acc in groups.items():
             label_names += [name for name, _ in labels if name not in label_names]
             rec = acc["rec"]
             row: dict[str, Any] = {"model": model, "role": rec["role"], "step": rec["step"], "dataset": dataset,
-                                   **dict(labels), "loop_count": k, "n_tokens": acc["n"]}
+                                   **dict(labels), "loop_count": k, "n_tokens": acc["n"],
+                                   "n_nonfinite_tokens": acc["nonfinite"]}
+            bad[f"{place(model, dataset, labels)} k={k}"] = acc["nonfinite"]
             for name in METRICS:
                 mean, m2 = acc["stats"].get(name, (math.nan, math.nan))
                 row[f"{name}_mean"] = mean
                 row[f"{name}_std"] = math.sqrt(max(m2, 0.0) / acc["n"]) if acc["n"] else math.nan
+                # a median over the finite values only would hide the others: NaN, as the mean
+                row[f"{name}_median"] = (sketch_quantile(acc["sketches"].get(name), 0.5) if not acc["nonfinite"]
+                                         else math.nan)
             row["perplexity"] = pooled_perplexity(acc["ppl"])
             row["perplexity_tokens"] = int(sum(p["count"] for p in acc["ppl"]))
             rows.append(row)
@@ -436,55 +489,93 @@ class LoopIdentity(Analysis):
         outputs = [write_csv(table, Path(run_dir) / TABLE)]
         for model, part in table.groupby("model", sort=False):
             outputs.append(write_csv(part, Path(run_dir) / f"{model}_metrics.csv"))
+        nonfinite_warning("loop_identity", bad, "tokens", "n_nonfinite_tokens", TABLE)
         return outputs
 
     @classmethod
     def plot(cls, run_dir: Path) -> list[Path]:
         plt = pyplot()
-        table = read_csv(run_dir, TABLE)
-        keys = ["model"] + [c for c in ("dataset", *STATE_COLUMNS) if c in table.columns and table[c].nunique() > 1]
-        lines = []
-        for values, group in table.groupby(keys, sort=False):
-            values = values if isinstance(values, tuple) else (values,)
-            name = " / ".join(f"{v}" if k in ("model", "dataset") else f"{k}={v}" for k, v in zip(keys, values))
-            baseline = (group["role"] == "baseline").all()
-            style = ({"color": "black", "linestyle": "--", "marker": "s", "linewidth": 2.0} if baseline
-                     else {"marker": "o"})
-            marked = baseline and not name.startswith("baseline")
-            lines.append((name + (" (baseline)" if marked else ""), group.sort_values("loop_count"), style))
-        counts = sorted(table["loop_count"].unique())
-        outputs = []
-
-        def draw(ax, column, ylabel, log=False):
-            for name, group, style in lines:
-                ax.plot(group["loop_count"], group[column], markersize=4, label=name, **style)
-            ax.set_xscale("symlog", linthresh=1)
-            ax.set_xticks(counts, [str(c) for c in counts])
-            ax.set_xlabel("loop count k (passes through the block; 0 = h_in itself)")
-            ax.set_ylabel(ylabel)
-            if log:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-
         start, end = _block_range(run_dir)
         span = f"blocks {start}..{end}" if start is not None else "the looped block"
-        for column, (file, ylabel) in FIGURES.items():
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            draw(ax, column, ylabel)
-            ax.set_title(f"{ylabel.removeprefix('mean ')} vs loop count ({span})")
-            outputs.append(_save(fig, plt, Path(run_dir) / file))
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-        draw(left, "step_rel_change_mean", "mean ||h_out(k) - h_out(k-1)|| / ||h_out(k-1)||", log=True)
-        draw(right, "step_cosine_mean", "mean cos(h_out(k), h_out(k-1))")
-        fig.suptitle(f"Change made by the k-th pass ({span})")
-        outputs.append(_save(fig, plt, Path(run_dir) / "convergence_vs_loop_count.png"))
-        if table["perplexity"].notna().any():  # not with perplexity: false
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            draw(ax, "perplexity", "perplexity (remaining blocks after k passes)", log=True)
-            ax.set_title(f"Perplexity vs loop count ({span})")
-            outputs.append(_save(fig, plt, Path(run_dir) / "perplexity_vs_loop_count.png"))
-        return outputs
+        return [_save(fig, plt, Path(run_dir) / file)
+                for file, fig in figures(read_csv(run_dir, TABLE), span).items()]
+
+
+#: Markers of the baseline's lines, one per state, and of the checkpoints' lines, one per round
+#: of the colour cycle: no two lines of a figure look alike.
+BASELINE_MARKERS = ("s", "D", "^", "v", "P", "X", "<", ">")
+CHECKPOINT_MARKERS = ("o", "^", "v", "<", ">", "p", "h", "*")
+
+
+def line_styles(table) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(label, rows sorted by loop count, matplotlib style) per line: one line per model and, where
+    they vary, dataset and perturbed state. The baseline's lines are dashed, in greys from black,
+    each state with its own marker; the checkpoints' lines are solid, each with its own colour and
+    marker: every line of a figure can be told apart, the baseline's states too."""
+    import numpy as np
+
+    keys = ["model"] + [c for c in ("dataset", *STATE_COLUMNS) if c in table.columns and table[c].nunique() > 1]
+    groups = []
+    for values, group in table.groupby(keys, sort=False):
+        values = values if isinstance(values, tuple) else (values,)
+        name = " / ".join(f"{v}" if k in ("model", "dataset") else f"{k}={v}" for k, v in zip(keys, values))
+        groups.append((name, group.sort_values("loop_count"), bool((group["role"] == "baseline").all())))
+    n_base = sum(1 for _, _, baseline in groups if baseline)
+    greys = np.linspace(0.0, 0.6, n_base) if n_base > 1 else [0.0]
+    lines, b, c = [], 0, 0
+    for name, group, baseline in groups:
+        if baseline:
+            grey = float(greys[b])
+            style = {"color": (grey, grey, grey), "linestyle": "--", "linewidth": 2.0,
+                     "marker": BASELINE_MARKERS[b % len(BASELINE_MARKERS)]}
+            if b >= len(BASELINE_MARKERS):
+                style["linestyle"] = ":"
+            b += 1
+            lines.append((name + ("" if name.startswith("baseline") else " (baseline)"), group, style))
+        else:
+            style = {"color": f"C{c % 10}", "marker": CHECKPOINT_MARKERS[(c // 10) % len(CHECKPOINT_MARKERS)]}
+            c += 1
+            lines.append((name, group, style))
+    return lines
+
+
+def figures(table, span: str = "the looped block") -> dict[str, Any]:
+    """The run's figures from its table, by file name (matplotlib figures, not yet saved). Only
+    finite values are drawn (a NaN or inf point is left out, its line broken there); a log axis
+    becomes symlog where a value is 0 (drawn, not dropped) and stays linear with nothing > 0."""
+    plt = pyplot()
+    lines = line_styles(table)
+    counts = sorted(table["loop_count"].unique())
+
+    def draw(ax, column, ylabel, log=False):
+        for name, group, style in lines:
+            ax.plot(group["loop_count"], finite(group[column]), markersize=4, label=name, **style)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.set_xlabel("loop count k (passes through the block; 0 = h_in itself)")
+        ax.set_ylabel(ylabel)
+        if log:
+            value_scale(ax, table[column])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    out = {}
+    for column, (file, ylabel) in FIGURES.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax, column, ylabel)
+        ax.set_title(f"{ylabel.removeprefix('mean ')} vs loop count ({span})")
+        out[file] = fig
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    draw(left, "step_rel_change_mean", "mean ||h_out(k) - h_out(k-1)|| / ||h_out(k-1)||", log=True)
+    draw(right, "step_cosine_mean", "mean cos(h_out(k), h_out(k-1))")
+    fig.suptitle(f"Change made by the k-th pass ({span})")
+    out["convergence_vs_loop_count.png"] = fig
+    if table["perplexity"].notna().any():  # not with perplexity: false
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax, "perplexity", "perplexity (remaining blocks after k passes)", log=True)
+        ax.set_title(f"Perplexity vs loop count ({span})")
+        out["perplexity_vs_loop_count.png"] = fig
+    return out
 
 
 def _block_range(run_dir: Path) -> tuple[int | None, int | None]:
@@ -504,9 +595,18 @@ def _save(fig, plt, path: Path) -> Path:
     return path
 
 
+def first_position_dropped(mask: torch.Tensor) -> torch.Tensor:
+    """The [B, T] attention mask without each text's first real token (padding on either side)."""
+    first = mask.int().argmax(dim=1)  # the first True of each row (0 for a row of padding only)
+    kept = mask.clone()
+    kept[torch.arange(mask.shape[0], device=mask.device), first] = False
+    return kept
+
+
 def token_stats(h_in: torch.Tensor, h_out: torch.Tensor, prev: torch.Tensor | None) -> dict[str, Any]:
-    """Count and per-metric [mean, M2] over tokens of [N, D] float64 states (``prev``: h_out(k-1),
-    None at k = 0, where the step metrics are undefined)."""
+    """Count, tokens with a non-finite metric value, per-metric [mean, M2] and value sketch
+    (``lensbench.stats.value_sketch``, for medians) over tokens of [N, D] float64 states (``prev``:
+    h_out(k-1), None at k = 0, where the step metrics are undefined)."""
     import torch.nn.functional as F
 
     values = {
@@ -517,11 +617,15 @@ def token_stats(h_in: torch.Tensor, h_out: torch.Tensor, prev: torch.Tensor | No
     if prev is not None:
         values["step_cosine"] = F.cosine_similarity(h_out, prev, dim=-1)
         values["step_rel_change"] = (h_out - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-30)
-    stats = {}
+    stats, sketches = {}, {}
+    finite_tokens = torch.ones(h_in.shape[0], dtype=torch.bool, device=h_in.device)
     for name, v in values.items():
         mean = v.mean()
         stats[name] = [mean.item(), ((v - mean) ** 2).sum().item()]
-    return {"n_tokens": int(h_in.shape[0]), "stats": stats}
+        sketches[name] = value_sketch(v)
+        finite_tokens &= torch.isfinite(v)
+    return {"n_tokens": int(h_in.shape[0]), "n_nonfinite_tokens": int((~finite_tokens).sum()), "stats": stats,
+            "sketches": sketches}
 
 
 def perplexity_state(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
