@@ -152,6 +152,15 @@ def test_what_is_no_duplicate_loads_as_before():
     assert safe_load(BOM + "a: 1\n") == {"a": 1} and safe_load("") is None
 
 
+def test_a_pipeline_config_that_is_no_mapping_names_its_sections():
+    assert load_config("base: tiny\n", "p.yaml", sections="base:") == {"base": "tiny"}
+    assert load_config("", "p.yaml") is None  # without sections: the caller decides
+    with pytest.raises(LensbenchError) as err:
+        load_config("# nothing yet\n", "p.yaml", sections="base:, others:")
+    assert str(err.value) == ("config: p.yaml holds nothing (it is empty or only comments); write a config with its "
+                              "sections (base:, others:)")
+
+
 def _loader():
     from lensbench.cli import _make_loader
 

@@ -63,7 +63,7 @@ def _config_file_shown(path: str = "") -> str | None:
 def _make_loader(registries):
     def load(text: str, path: str = "") -> Any:
         """``path``: given by jsonargparse when ``text`` is a whole config file (``--config``)."""
-        from .yamlio import DuplicateKeyError, safe_load
+        from .yamlio import DuplicateKeyError, not_a_mapping, safe_load
 
         shown = _config_file_shown(path)
         try:
@@ -79,11 +79,9 @@ def _make_loader(registries):
             where += f" of {shown}" if shown else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise LensbenchError(f"malformed YAML{where}: {problem}; fix the file's syntax", "config") from None
-        if path and not isinstance(value, dict):  # a whole --config file
-            held = "nothing (it is empty or only comments)" if value is None else \
-                f"{'a list' if isinstance(value, list) else 'a single value'}, not a mapping of sections"
-            raise LensbenchError(f"{shown} holds {held}; write a config with its sections (model:, data:, "
-                                 "trainer:): the command's --print_config shows them", "config")
+        problem = not_a_mapping(value, shown, "model:, data:, trainer:") if path else None  # a --config file
+        if problem:
+            raise LensbenchError(f"{problem}: the command's --print_config shows them", "config")
         # A whole run config (not, say, an analysis's own ``model:`` argument).
         if isinstance(value, dict) and "model" in value and ({"data", "trainer"} & value.keys()):
             _resolve_short_names(value, registries)

@@ -53,7 +53,8 @@ def load_config(path: Path) -> PipelineConfig:
     try:
         from .yamlio import load_config as load_yaml  # refuses a key given twice, naming it and its line
 
-        raw = load_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}
+        raw = load_yaml(Path(path).read_text(encoding="utf-8"), str(path),
+                        sections="base:, others:, param_diff:, activation_norms:")
     except OSError as exc:
         raise LensbenchError(f"cannot read {path}: {exc.strerror}", "config") from None
     except yaml.YAMLError as exc:

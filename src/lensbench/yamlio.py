@@ -51,10 +51,25 @@ def safe_load(text: str) -> Any:
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def load_config(text: str, where: str | None, field: str | None = "config") -> Any:
+def not_a_mapping(value: Any, where: str, sections: str) -> str | None:
+    """The message for a config file ``where`` whose YAML ``value`` is not a mapping (empty, only
+    comments, a list, one value), naming the ``sections`` it should hold; None for a mapping."""
+    if isinstance(value, dict):
+        return None
+    held = "nothing (it is empty or only comments)" if value is None else \
+        f"{'a list' if isinstance(value, list) else 'a single value'}, not a mapping of sections"
+    return f"{where} holds {held}; write a config with its sections ({sections})"
+
+
+def load_config(text: str, where: str | None, field: str | None = "config", sections: str | None = None) -> Any:
     """``safe_load(text)`` for a config read from ``where`` (a file name, for the message): a
-    duplicate key is a ``LensbenchError`` naming the key and its line; other YAML errors pass."""
+    duplicate key is a ``LensbenchError`` naming the key and its line, and so, when ``sections`` is
+    given, is a file that is not a mapping (``not_a_mapping``); other YAML errors pass."""
     try:
-        return safe_load(text)
+        value = safe_load(text)
     except DuplicateKeyError as exc:
         raise LensbenchError(exc.describe(where), field) from None
+    problem = not_a_mapping(value, where or "the config", sections) if sections else None
+    if problem:
+        raise LensbenchError(problem, field)
+    return value

@@ -97,7 +97,9 @@ def _build_fit_cli():
             last = run_dir / "lightning" / "last.ckpt"
             made_with = self.matmul_precision  # the float32 matmul precision: recorded, not matched
             if ident_path.exists():
-                stored = json.loads(ident_path.read_text())
+                from ..run_folders import read_identity
+
+                stored = read_identity(ident_path, "model.experiment")  # a damaged one is one line
                 made_with = stored.pop(MATMUL_KEY, None)
                 identity = json.loads(json.dumps(identity))
                 if stored != identity:
