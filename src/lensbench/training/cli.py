@@ -183,7 +183,9 @@ def run_fit(argv: list[str] | None) -> Any:
         SyntheticTextData,
         active_registries(),
         "Train a model (a memory model by default): lensbench fit --config X.yaml",
-        quiet=(r".*when logging on epoch level in distributed setting.*",),
+        # the second: a resume with another save_every (free to change) meets another ModelCheckpoint key
+        quiet=(r".*when logging on epoch level in distributed setting.*",
+               r".*callbacks used to create the checkpoint need to be provided.*"),
         subclass_mode_model=False,
         subclass_mode_data=False,
         seed_everything_default=0,
