@@ -389,16 +389,26 @@ def test_a_run_folder_another_run_is_writing_is_refused(tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("damage,fragment", [
     ("cut", "is not a readable Lightning checkpoint ("),
-    ("empty", "is not a readable Lightning checkpoint"),
+    ("empty", "is not a readable Lightning checkpoint (the file is empty; cut short by a stopped copy or a full disk"),
     ("code", "holds more than tensors (it names print); lensbench reads checkpoints with torch.load(weights_only=True)"),
+    ("weights", "is not a Lightning checkpoint of lensbench fit (it has no global_step, loops)"),
+    ("folder", "is a folder, not a checkpoint file (it holds lightning/last.ckpt: give that)"),
 ])
 def test_an_unreadable_checkpoint_is_one_line_and_runs_no_code(tmp_path, capsys, damage, fragment):
     from lensbench.errors import LensbenchError
     from lensbench.training.resume import read_checkpoint
 
-    state = {"global_step": 3, "state_dict": {"w": torch.zeros(64, 64)}, "hyper_parameters": {"lr": 0.1}}
+    state = {"global_step": 3, "state_dict": {"w": torch.zeros(64, 64)}, "loops": {}, "hyper_parameters": {"lr": 0.1}}
+    torch.save(state, tmp_path / "whole.ckpt")
+    assert read_checkpoint(tmp_path / "whole.ckpt", "ckpt_path", "x")["global_step"] == 3  # the undamaged file reads
     path = tmp_path / "last.ckpt"
-    if damage == "code":
+    if damage == "weights":  # a state dict, not what Lightning saves
+        torch.save(state["state_dict"] | {"state_dict": {}}, path)
+    elif damage == "folder":
+        path = tmp_path / "run"
+        (path / "lightning").mkdir(parents=True)
+        torch.save(state, path / "lightning" / "last.ckpt")
+    elif damage == "code":
         class Code:
             def __reduce__(self):
                 return (print, ("pickled code ran",))

@@ -27,25 +27,43 @@ def read_checkpoint(path: Path, field: str, fix: str) -> dict[str, Any]:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        inside = " (it holds lightning/last.ckpt: give that)" if (path / "lightning" / "last.ckpt").is_file() else ""
+        raise LensbenchError(f"{path} is a folder, not a checkpoint file{inside}; {fix}", field)
     if not path.is_file():
         raise LensbenchError(f"{path} does not exist; {fix}", field)
     try:
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, OSError):  # mmap needs a whole zip file: read it again, for the real reason
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno not in (None, errno.EINVAL):
             raise  # the machine (permissions, disk): lensbench's one line names the path and what to check
         text = str(exc)
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-            what = f"it names {found.group(1)}" if found else "not only tensors and plain values"
-            raise LensbenchError(f"{path} holds more than tensors ({what}); lensbench reads checkpoints with "
-                                 f"torch.load(weights_only=True) and runs no code from them: {fix}", field) from None
-        reason = (text.splitlines() or [type(exc).__name__])[0].split(". This is")[0][:120]
-        raise LensbenchError(f"{path} is not a readable Lightning checkpoint ({type(exc).__name__}: {reason}; cut "
-                             f"short by a stopped copy or a full disk?); {fix}", field) from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise LensbenchError(f"{path} holds more than tensors (it names {found.group(1)}); lensbench reads "
+                                 "checkpoints with torch.load(weights_only=True) and runs no code from them: "
+                                 f"{fix}", field) from None
+        reason = _reason(text)
+        what = "the file is empty" if path.stat().st_size == 0 else \
+            f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+        raise LensbenchError(f"{path} is not a readable Lightning checkpoint ({what}; cut short by a stopped copy "
+                             f"or a full disk, or not a checkpoint?); {fix}", field) from None
+    missing = [k for k in ("state_dict", "global_step", "loops") if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise LensbenchError(f"{path} is not a Lightning checkpoint of lensbench fit (it has no {', '.join(missing)}); "
+                             f"{fix}", field)
+    return checkpoint
+
+
+def _reason(text: str) -> str:
+    """The line of a torch.load error that says what is wrong (torch's advice around it left out)."""
+    if text.startswith("Weights only load failed"):
+        found = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)
+        return found.group(1).strip()[:120] if found else ""
+    return (text.splitlines() or [""])[0].split(". This is")[0][:120]
 
 
 def stored_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
