@@ -48,8 +48,8 @@ def test_single_run_matches_a_direct_computation(workdir):
     run_dir = workdir / "outputs" / "activation_norms" / "run"
     table = _table(run_dir)
     assert list(table.columns) == ["model", "dataset", "layer", "n_tokens", "n_tokens_dropped",
-                                   "mean_norm", "std_norm", "min_norm", "max_norm"]
-    assert (table["n_tokens_dropped"] == 0).all()
+                                   "mean_norm", "std_norm", "min_norm", "max_norm", "n_nonfinite_norm"]
+    assert (table["n_tokens_dropped"] == 0).all() and (table["n_nonfinite_norm"] == 0).all()
     assert sorted(table["dataset"].unique()) == ["alpha", "beta"]
     assert sorted(table["layer"].unique()) == [0, 1, 2]  # embedding output + 2 blocks
     for name in ("alpha", "beta"):
