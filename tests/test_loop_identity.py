@@ -610,3 +610,29 @@ def test_skipping_the_first_position_and_medians_match_plain_torch(tmp_path):
         assert table.loc[0, "mse_median"] == 0 and table.loc[0, "cosine_median"] == pytest.approx(1, rel=1e-3)
     assert (tables[False]["n_tokens"] - tables[True]["n_tokens"] == len(TEXTS)).all()
     assert tables[False].loc[1, "norm_diff_mean"] != pytest.approx(tables[True].loc[1, "norm_diff_mean"], rel=1e-3)
+
+
+def test_errors_about_a_patterned_folder_name_the_pattern_field(tmp_path):
+    """A folder that a ``checkpoints`` pattern named has no field of its own: an error about it
+    (here its weights, cut short, found when it loads) names ``model.init_args.checkpoints`` and the
+    folder, not ``model.init_args.checkpoints.source``; ``end`` < 0 names ``end``, not ``start``."""
+    import shutil
+
+    from lensbench.errors import LensbenchError
+
+    base = save_tiny_llama(tmp_path / "base", layers=2)
+    shutil.copytree(base, tmp_path / "ck" / "checkpoint-1")
+    weights = tmp_path / "ck" / "checkpoint-1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    analysis = LoopIdentity(baseline=str(base), checkpoints=str(tmp_path / "ck" / "checkpoint-*"), start=0, end=1,
+                            loop_counts=[0, 1])
+    assert analysis.fields["checkpoint-1"] == "model.init_args.checkpoints"
+    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), analysis.perturbations,
+                                       fields=analysis.fields)
+    with pytest.raises(LensbenchError) as caught:
+        analysis._measure(State("checkpoint-1"), TextBatch("t", ("the cat",)), [0, 1])
+    assert caught.value.field == "model.init_args.checkpoints"
+    assert "checkpoint-1" in caught.value.message and "safetensors" in caught.value.message
+    with pytest.raises(LensbenchError) as caught:
+        LoopIdentity(baseline=str(base), start=0, end=-1)
+    assert caught.value.field == "model.init_args.end" and "-1" in caught.value.message
