@@ -1,8 +1,9 @@
 """Fingerprints of model weights: a run resumes only onto the weights it started with.
 
-A fingerprint hashes the whole content of every weight file (SHA-256, read in 16 MiB blocks), so
-any change to any tensor changes it, even one that keeps the file's size; it does not change when
-a folder is copied (the file names and contents are hashed, not their paths).
+A fingerprint hashes the whole content of every weight file (SHA-256, read in 16 MiB blocks, the
+next ones read ahead while one is hashed), so any change to any tensor changes it, even one that
+keeps the file's size; it does not change when a folder is copied (the file names and contents are
+hashed, not their paths).
 
 Each file's digest is cached in ``$LENSBENCH_CACHE/fingerprints.json`` under the file's resolved
 path with its device, inode, size, mtime and ctime (nanoseconds): resuming onto an unchanged file
@@ -61,12 +62,20 @@ def older_format(value: object) -> bool:
 
 
 def hash_file(path: Path) -> str:
-    """SHA-256 of the whole content of ``path`` (hex), read in ``CHUNK`` blocks."""
+    """SHA-256 of the whole content of ``path`` (hex), read in ``CHUNK`` blocks; where the system
+    has ``posix_fadvise``, the next blocks are read ahead from disk while one is hashed."""
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
+    advise = getattr(os, "posix_fadvise", None)
     with open(path, "rb", buffering=0) as fh:
+        if advise:
+            advise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        offset = 0
         while n := fh.readinto(buf):
+            offset += n
+            if advise:
+                advise(fh.fileno(), offset, 2 * CHUNK, os.POSIX_FADV_WILLNEED)
             h.update(view[:n])
     return h.hexdigest()
 
