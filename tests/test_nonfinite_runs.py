@@ -52,9 +52,9 @@ def nan_runs(tmp_path_factory):
     return root, runs, figures, plots
 
 
-def _warning(proc, analysis: str) -> str:
+def _warning(proc, analysis: str, what: str = "") -> str:
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(f"{analysis}: ")
-             and "non-finite (NaN or inf)" in line]
+             and f"non-finite (NaN or inf) {what}" in line]
     assert len(lines) == 1, (proc.stdout + proc.stderr)[-3000:]
     return lines[0]
 
@@ -111,9 +111,12 @@ def test_loop_identity_with_a_nan_baseline_finishes_and_draws_what_is_finite(nan
         assert table.loc[k, ["cosine_mean", "cosine_median", "mse_mean", "step_rel_change_mean"]].isna().all()
         assert math.isnan(table.loc[k, "perplexity"])
     assert math.isfinite(table.loc[0, "perplexity"])  # k = 0 skips the NaN block
-    line = _warning(runs["loop"], "loop_identity")
+    line = _warning(runs["loop"], "loop_identity", "tokens")
     assert f"{2 * n} non-finite (NaN or inf) tokens" in line and f"baseline / alpha k=1: {n}" in line, line
     assert "n_nonfinite_tokens" in line, line
+    line = _warning(runs["loop"], "loop_identity", "perplexities")
+    assert line.startswith("loop_identity: 2 non-finite (NaN or inf) perplexities (baseline / alpha k=1: 1; "
+                           "baseline / alpha k=2: 1); left as NaN or inf in loop_metrics.csv"), line
     _redrawn(nan_runs, "loop", ["cosine_similarity_vs_loop_count.png", "mse_vs_loop_count.png",
                                 "norm_diff_vs_loop_count.png", "convergence_vs_loop_count.png",
                                 "perplexity_vs_loop_count.png"])

@@ -27,11 +27,11 @@ def place(model: str, dataset: str, labels) -> str:
     return f"{model} / {dataset}" + (f" ({state})" if state else "")
 
 
-def nonfinite_warning(analysis: str, counts: dict[str, int], what: str, column: str, table: str) -> str | None:
+def nonfinite_warning(analysis: str, counts: dict[str, int], what: str, column: str | None, table: str) -> str | None:
     """Say on the console (one warning line, also in the run log) where an analysis met non-finite
     values (NaN or inf): ``counts`` maps a place ("model / dataset layer 3") to how many ``what``
-    it found there; the line names the ``column`` of ``table`` that counts them. None (and
-    nothing said) when every count is 0."""
+    it found there; the line names the ``column`` of ``table`` that counts them (None: the values
+    are themselves the table's cells). None (and nothing said) when every count is 0."""
     from .logs import console
 
     found = [(place, n) for place, n in counts.items() if n]
@@ -41,8 +41,10 @@ def nonfinite_warning(analysis: str, counts: dict[str, int], what: str, column: 
     shown = "; ".join(f"{place}: {n}" for place, n in found[:3])
     if len(found) > 3:
         shown += f"; and {len(found) - 3} more"
-    line = (f"{analysis}: {total} non-finite (NaN or inf) {what} ({shown}); counted in {column} of {table}, "
-            "the statistics over them are not finite, and the figures draw the finite values only")
+    counted = f"counted in {column} of {table}, the statistics over them are not finite" if column else \
+        f"left as NaN or inf in {table}"
+    line = (f"{analysis}: {total} non-finite (NaN or inf) {what} ({shown}); {counted}, "
+            "and the figures draw the finite values only")
     console.warning(line)
     return line
 

@@ -464,6 +464,7 @@ class LoopIdentity(Analysis):
                 acc["ppl"].append(rec["perplexity"])
         rows, label_names = [], []
         bad: dict[str, int] = {}  # "model / dataset [state] k=.." -> tokens with a non-finite metric
+        bad_ppl: dict[str, int] = {}  # the same places -> 1 where the perplexity scored is not finite
         for (model, dataset, labels, k), acc in groups.items():
             label_names += [name for name, _ in labels if name not in label_names]
             rec = acc["rec"]
@@ -480,6 +481,7 @@ class LoopIdentity(Analysis):
                                          else math.nan)
             row["perplexity"] = pooled_perplexity(acc["ppl"])
             row["perplexity_tokens"] = int(sum(p["count"] for p in acc["ppl"]))
+            bad_ppl[f"{place(model, dataset, labels)} k={k}"] = int(bool(acc["ppl"]) and not math.isfinite(row["perplexity"]))
             rows.append(row)
         table = pd.DataFrame(rows)
         table["step"] = table["step"].astype("Int64")  # empty for the baseline
@@ -490,6 +492,7 @@ class LoopIdentity(Analysis):
         for model, part in table.groupby("model", sort=False):
             outputs.append(write_csv(part, Path(run_dir) / f"{model}_metrics.csv"))
         nonfinite_warning("loop_identity", bad, "tokens", "n_nonfinite_tokens", TABLE)
+        nonfinite_warning("loop_identity", bad_ppl, "perplexities", None, TABLE)
         return outputs
 
     @classmethod
