@@ -34,7 +34,8 @@ def nan_runs(tmp_path_factory):
     texts = ("--data", "lensbench.data.modules.TextDataModule", "--data.init_args.datasets", "[alpha.txt]",
              "--data.init_args.batch_size", "4")
     calls = {
-        "norms": ("predict", "--model", "activation_norms", "--model.init_args.models", "[tiny, nanmodel]", *texts, *cpu),
+        "norms": ("predict", "--model", "activation_norms", "--model.init_args.models", "[tiny, nanmodel]", *texts,
+                  *cpu),
         "diff": ("predict", "--model", "param_diff", "--data", "lensbench.data.checkpoints.CheckpointPairs",
                  "--data.init_args.base", "tiny", "--data.init_args.others", "[nanmodel]", *cpu),
         "loop": ("predict", "--model", "loop_identity", "--model.init_args.baseline", "nanmodel",

@@ -481,7 +481,8 @@ class LoopIdentity(Analysis):
                                          else math.nan)
             row["perplexity"] = pooled_perplexity(acc["ppl"])
             row["perplexity_tokens"] = int(sum(p["count"] for p in acc["ppl"]))
-            bad_ppl[f"{place(model, dataset, labels)} k={k}"] = int(bool(acc["ppl"]) and not math.isfinite(row["perplexity"]))
+            scored = bool(acc["ppl"])  # not with perplexity: false
+            bad_ppl[f"{place(model, dataset, labels)} k={k}"] = int(scored and not math.isfinite(row["perplexity"]))
             rows.append(row)
         table = pd.DataFrame(rows)
         table["step"] = table["step"].astype("Int64")  # empty for the baseline

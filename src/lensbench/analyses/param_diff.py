@@ -253,8 +253,9 @@ def per_layer_table(per_matrix):
     return pd.DataFrame(rows, columns=PER_LAYER_COLUMNS)
 
 
-PER_LAYER_COLUMNS = ["other", "layer", "n_matrices", "n_changed", "n_nonfinite", "dW_fro_layer", "W_fro_layer", "rel_change_layer",
-                     "mean_rel_change", "mean_dW_spec", "max_dW_spec", "mean_dW_stable_rank", "mean_W_stable_rank"]
+PER_LAYER_COLUMNS = ["other", "layer", "n_matrices", "n_changed", "n_nonfinite", "dW_fro_layer", "W_fro_layer",
+                     "rel_change_layer", "mean_rel_change", "mean_dW_spec", "max_dW_spec", "mean_dW_stable_rank",
+                     "mean_W_stable_rank"]
 
 
 @hookimpl
