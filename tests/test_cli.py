@@ -244,7 +244,7 @@ def _reference_max_abs(model_dir: Path, texts: list[str]) -> tuple[int, torch.Te
 def test_example_plugin_statistic_and_dataset_end_to_end(example_run):
     run_dir = example_run / "outputs" / "activation_norms" / "example"
     table = pd.read_csv(run_dir / "activation_norms.csv")
-    stats = [f"{agg}_{s}" for s in ("norm", "max_abs") for agg in ("mean", "std", "min", "max")]
+    stats = [f"{agg}_{s}" for s in ("norm", "max_abs") for agg in ("mean", "std", "min", "max", "n_nonfinite")]
     assert list(table.columns) == ["model", "dataset", "layer", "n_tokens", "n_tokens_dropped", *stats]
     assert sorted(table["dataset"].unique()) == ["alpha", "capitals"]
     assert len(table) == 2 * 3  # two datasets x (embedding + 2 blocks)
