@@ -44,7 +44,7 @@ def test_both_steps_run_and_the_summary_follows_from_their_tables(pipeline, monk
     assert sorted(summary.index) == sorted(["copy", perturbed])
     assert set(norms["model"]) == {"tiny", "copy", perturbed}  # the models named once, in both steps
     copy = summary.loc["copy"]
-    assert copy["n_changed"] == 0 and copy["rel_change_total"] == 0
+    assert copy["n_changed"] == copy["n_nonfinite"] == 0 and copy["rel_change_total"] == 0
     assert copy["rel_norm_change_texts"] == 0 and copy["max_rel_norm_change_texts"] == 0
     g = per_matrix[per_matrix["other"] == perturbed]
     row = summary.loc[perturbed]

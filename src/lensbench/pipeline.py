@@ -139,6 +139,7 @@ def step_configs(config: PipelineConfig) -> dict[str, dict[str, Any]]:
 def summary(run_dir: Path) -> Path:
     """``summary.csv``: per compared model, its total parameter change and its activation-norm
     change per dataset against the base."""
+    import numpy as np
     import pandas as pd
 
     from .tables import write_csv
@@ -148,10 +149,12 @@ def summary(run_dir: Path) -> Path:
     base = next(m for m in norms["model"].unique() if m not in set(per_matrix["other"]))
     rows = []
     for other, g in per_matrix.groupby("other", sort=False):
-        dw = math.sqrt(float((g["dW_fro"] ** 2).sum()))
-        w = math.sqrt(float((g["W_fro"] ** 2).sum()))
-        row = {"model": other, "n_matrices": len(g), "n_changed": int((g["dW_fro"] > 0).sum()),
-               "dW_fro_total": dw, "W_fro_total": w, "rel_change_total": dw / w if w > 0 else math.nan}
+        finite = np.isfinite(g["dW_fro"])  # a NaN or inf change is neither changed nor unchanged
+        dw = math.sqrt(float((g["dW_fro"] ** 2).sum(skipna=False)))
+        w = math.sqrt(float((g["W_fro"] ** 2).sum(skipna=False)))
+        row = {"model": other, "n_matrices": len(g), "n_changed": int((finite & (g["dW_fro"] > 0)).sum()),
+               "n_nonfinite": int((~finite).sum()), "dW_fro_total": dw, "W_fro_total": w,
+               "rel_change_total": dw / w if w > 0 else math.nan}
         for dataset, d in norms.groupby("dataset", sort=True):
             b = d[d["model"] == base].set_index("layer")["mean_norm"]
             m = d[d["model"] == other].set_index("layer")["mean_norm"]

@@ -51,6 +51,9 @@ def check_transforms(entries: list[TransformEntry] | None, registry, field: str)
     for i, entry in enumerate(entries or []):
         where = f"{field}[{i}]"
         cls = registry.get(entry.name, f"{where}.name")
+        from .perturbations import check_seed
+
+        check_seed(entry.seed, f"{where}.seed")
         params = entry.params or {}
         try:
             cls(**params)

@@ -51,6 +51,17 @@ CASES = {
     "pipeline_seed_beyond_64_bits": (("pipeline", "--config", "huge_seed.yaml"), 1,
                                      f"others[0].seed: a seed must lie in -9223372036854775808..18446744073709551615 "
                                      f"(torch's generator takes 64-bit seeds), got {HUGE_SEED}"),
+    "transform_seed_beyond_64_bits": (("predict", "--model", "activation_norms", "--model.init_args.models",
+                                       f"[{{source: tiny, transforms: [{{name: mult_gauss, params: {{level: 0.1}}, "
+                                       f"seed: {HUGE_SEED}}}]}}]", *NORMS[5:]), 1,
+                                      f"model.init_args.models[0].transforms[0].seed: a seed must lie in "
+                                      f"-9223372036854775808..18446744073709551615 (torch's generator takes 64-bit "
+                                      f"seeds), got {HUGE_SEED}"),
+    "param_diff_perturbed_seed_beyond_64_bits": (
+        ("predict", "--model", "param_diff", "--data", "lensbench.data.checkpoints.CheckpointPairs",
+         "--data.init_args.base", "tiny", "--data.init_args.others",
+         f"[{{perturbation: mult_gauss, level: 0.1, seed: {HUGE_SEED}}}]", "--trainer.accelerator", "cpu"), 1,
+        f"data.init_args.others[0].seed: a seed must lie in -9223372036854775808..18446744073709551615"),
 }
 #: Extra environment variables of a case: id -> {name: value}.
 ENV = {

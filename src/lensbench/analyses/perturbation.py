@@ -105,7 +105,9 @@ class PerturbationAnalysis(Analysis):
         self._ppl_text = None
         if self.ppl is not None:  # read once, scored on every state
             if self.ppl.file is not None:
-                self._ppl_text = Path(self.ppl.file).read_text(encoding="utf-8")
+                from ..data.textio import read_text
+
+                self._ppl_text = read_text(self.ppl.file, "model.init_args.perplexity.file")
             else:
                 self._ppl_text = self.ppl.text if self.ppl.text is not None else DEFAULT_PERPLEXITY_TEXT
         self._states = self.grid.states(self.spec.label(), self.perturbations, "model.init_args.perturbation")

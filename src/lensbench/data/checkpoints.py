@@ -113,11 +113,12 @@ class CheckpointPairs(WorkDataModule):
 
     def _perturbed(self, entry: PerturbedCheckpoint, field: str) -> PerturbedCheckpoint:
         """``entry`` checked before any work (method, level, group, model), with its model and label set."""
-        from ..perturbations import check_group_spec, check_level
+        from ..perturbations import check_group_spec, check_level, check_seed
         from ..plugins import active_registries
 
         self._perturbations = active_registries().perturbations
         cls = self._perturbations.get(entry.perturbation, f"{field}.perturbation")
+        check_seed(entry.seed, f"{field}.seed")
         if entry.level is None:
             raise LensbenchError(f"is missing; give the level of {entry.perturbation} (e.g. level: 0.05 with "
                                  "mult_gauss, noise N(1, 0.05))", f"{field}.level")
