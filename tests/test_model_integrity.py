@@ -13,7 +13,13 @@ import pytest
 import torch
 from reliability.cases_weights import UP, copy_with, relabel, with_remote_code
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaModel,
+)
 
 from lensbench.errors import LensbenchError
 from lensbench.models.fingerprint import weight_settings

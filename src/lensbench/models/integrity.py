@@ -193,7 +193,7 @@ def config_refusal(exc: BaseException, location: str, field: str) -> LensbenchEr
     try:
         from huggingface_hub.errors import StrictDataclassError
     except ImportError:  # an older huggingface_hub validates nothing
-        StrictDataclassError = ()  # noqa: N806
+        StrictDataclassError = ()
     if isinstance(exc, StrictDataclassError):
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = lines[-1].split(": ", 1)[-1] if len(lines) > 1 else (lines or [type(exc).__name__])[0]
