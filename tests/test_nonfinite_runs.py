@@ -5,7 +5,6 @@ counts them in its table, says so in one console warning, and still draws its fi
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -61,7 +61,7 @@ CASES = {
         ("predict", "--model", "param_diff", "--data", "lensbench.data.checkpoints.CheckpointPairs",
          "--data.init_args.base", "tiny", "--data.init_args.others",
          f"[{{perturbation: mult_gauss, level: 0.1, seed: {HUGE_SEED}}}]", "--trainer.accelerator", "cpu"), 1,
-        f"data.init_args.others[0].seed: a seed must lie in -9223372036854775808..18446744073709551615"),
+        "data.init_args.others[0].seed: a seed must lie in -9223372036854775808..18446744073709551615"),
 }
 #: Extra environment variables of a case: id -> {name: value}.
 ENV = {

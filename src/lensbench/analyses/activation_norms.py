@@ -31,7 +31,7 @@ from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from ..state import State
 from ..stats import chan_merge, nonfinite_warning, place
-from ..tables import finite, pyplot, read_csv, write_csv
+from ..tables import finite, pyplot, read_csv, save_figure, write_csv
 from ..work import WorkItem
 
 TABLE = "activation_norms.csv"
@@ -250,7 +250,7 @@ class ActivationNorms(Analysis):
             ax.legend(fontsize=8)
             fig.tight_layout()
             out = Path(run_dir) / ("activation_norms.png" if stat == "norm" else f"activation_norms_{stat}.png")
-            fig.savefig(out, dpi=120)
+            save_figure(fig, out, dpi=120)
             plt.close(fig)
             outputs.append(out)
         return outputs

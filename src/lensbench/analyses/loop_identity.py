@@ -44,7 +44,7 @@ from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from ..state import State
 from ..stats import chan_merge, merge_sketches, nonfinite_warning, place, sketch_quantile, value_sketch
-from ..tables import finite, pyplot, read_csv, value_scale, write_csv
+from ..tables import finite, pyplot, read_csv, save_figure, value_scale, write_csv
 from ..work import WorkItem, content_digest
 
 TABLE = "loop_metrics.csv"
@@ -594,7 +594,7 @@ def _block_range(run_dir: Path) -> tuple[int | None, int | None]:
 
 def _save(fig, plt, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -25,7 +25,7 @@ from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
 from ..state import State, TransformSpec
 from ..synthetic.datasets import GROUP_FIELDS, group_of
-from ..tables import pyplot, write_csv
+from ..tables import pyplot, save_figure, write_csv
 from ..work import WorkItem
 
 FIELD = "model.init_args"
@@ -433,7 +433,7 @@ class MemoryAblation(Analysis):
             ax.legend()
             fig.tight_layout()
             out = run_dir / "accuracy_by_bucket.png"
-            fig.savefig(out, dpi=120)
+            save_figure(fig, out, dpi=120)
             plt.close(fig)
             outputs.append(out)
         path = run_dir / "impact_matrix.csv"
@@ -497,7 +497,7 @@ def _heatmap(plt, values, rows: list[str], cols: list[str], label: str, title: s
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save_figure(fig, out, dpi=120)
     plt.close(fig)
     return out
 

@@ -27,7 +27,7 @@ from ..hookspecs import hookimpl
 from ..linalg import EXACT_MAX_DIM, METHODS, frobenius, matrix_stats
 from ..state import State
 from ..stats import nonfinite_warning
-from ..tables import finite, pyplot, read_csv, write_csv
+from ..tables import finite, pyplot, read_csv, save_figure, write_csv
 from ..work import WorkItem
 
 PER_MATRIX = "per_matrix.csv"
@@ -188,7 +188,7 @@ class ParamDiff(Analysis):
                 ax.legend(fontsize=7)
             fig.tight_layout()
             out = Path(run_dir) / f"param_diff_{stat}.png"
-            fig.savefig(out, dpi=110)
+            save_figure(fig, out, dpi=110)
             plt.close(fig)
             outputs.append(out)
         layers = read_csv(run_dir, PER_LAYER)
@@ -207,7 +207,7 @@ class ParamDiff(Analysis):
             ax.legend(fontsize=8)
             fig.tight_layout()
             out = Path(run_dir) / f"param_diff_layer_{stat}.png"
-            fig.savefig(out, dpi=110)
+            save_figure(fig, out, dpi=110)
             plt.close(fig)
             outputs.append(out)
         return outputs

@@ -29,7 +29,7 @@ from ..hookspecs import hookimpl
 from ..models.loading import EMBEDDED, ModelSpec, loaded_in_4bit, resolve_source, takes_images
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
 from ..state import State
-from ..tables import pyplot, read_csv, write_csv
+from ..tables import pyplot, read_csv, save_figure, write_csv
 from ..work import WorkItem
 
 SUMMARY = "summary.csv"
@@ -314,7 +314,7 @@ class PerturbationAnalysis(Analysis):
             ax.legend(fontsize=8)
             fig.tight_layout()
             out = Path(run_dir) / name
-            fig.savefig(out, dpi=120)
+            save_figure(fig, out, dpi=120)
             plt.close(fig)
             outputs.append(out)
         return outputs

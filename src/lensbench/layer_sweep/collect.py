@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..tables import pyplot, write_csv
+from ..tables import pyplot, save_figure, write_csv
 from . import progress
 
 TABLE = "layer_sweep.csv"
@@ -155,7 +155,7 @@ def _save(fig, axes, lines: int, out: Path) -> Path:
     if lines <= 12:
         axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     pyplot().close(fig)
     return out
 
@@ -171,7 +171,7 @@ def _heatmap(matrix, title: str, out: Path) -> Path:
     ax.set_xlabel("layer")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
