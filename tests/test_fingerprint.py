@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import clean_env, lensbench
 from helpers_cli import last_line, snapshot
 from safetensors import safe_open
@@ -49,6 +49,12 @@ def reads(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(fp, "hash_file", spy)
     return seen
+
+
+def digest_of(data: bytes) -> str:
+    """SHA-256 over the SHA-256 of each block of ``data``: what ``hash_file`` computes, written plainly."""
+    blocks = [data[i:i + fp.BLOCK] for i in range(0, len(data), fp.BLOCK)]
+    return hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blocks)).hexdigest()
 
 
 def sampled_fingerprint(path: Path) -> str:
@@ -131,15 +137,12 @@ def test_an_unchanged_file_is_not_read_again(model, own_cache, later, reads):
     first = model_fingerprint(ModelSpec(str(model)))
     assert reads == [os.path.realpath(model / "model.safetensors")]
     assert model_fingerprint(ModelSpec(str(model))) == first
-    assert file_fingerprint(model / "model.safetensors") == hashlib.sha256(
-        (model / "model.safetensors").read_bytes()).hexdigest()
+    assert file_fingerprint(model / "model.safetensors") == digest_of((model / "model.safetensors").read_bytes())
     assert len(reads) == 1  # both answered from the cache
     assert list(json.loads(own_cache.read_text())["files"]) == [os.path.realpath(model / "model.safetensors")]
 
 
 def test_a_copy_is_read_once_and_has_the_fingerprint_of_its_original(model, tmp_path, later, reads):
-    import shutil
-
     copy = shutil.copytree(model, tmp_path / "copy")
     assert model_fingerprint(ModelSpec(str(copy))) == model_fingerprint(ModelSpec(str(model)))
     assert len(reads) == 2  # another inode: not taken from the original's entry
@@ -228,10 +231,10 @@ def test_concurrent_writers_leave_a_readable_cache(tmp_path, own_cache, later):
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(4) as pool:
         digests = pool.map(_fingerprint_in_child, paths * 3)
-    assert digests == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths * 3]
+    assert digests == [digest_of(Path(p).read_bytes()) for p in paths * 3]
     files = json.loads(own_cache.read_text())["files"]
     assert files and set(files) <= set(paths)
-    assert all(entry[5] == hashlib.sha256(Path(p).read_bytes()).hexdigest() for p, entry in files.items())
+    assert all(entry[5] == digest_of(Path(p).read_bytes()) for p, entry in files.items())
     assert not [p for p in own_cache.parent.iterdir() if p.name != fp.CACHE_FILE]
 
 
@@ -253,6 +256,25 @@ def test_the_cache_keeps_the_most_recent_entries_of_files_that_exist(tmp_path, o
     other.write_bytes(b"o" * 1000)
     file_fingerprint(other)
     assert sorted(json.loads(own_cache.read_text())["files"]) == sorted(os.path.realpath(p) for p in (paths[2], paths[3], other))
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_every_block_of_a_file_counts_in_its_digest(tmp_path, monkeypatch, threads):
+    """Files of several blocks (the last one partial) hash to the plain definition, however many
+    threads read them, and one changed byte in any block changes the digest."""
+    monkeypatch.setattr(fp, "BLOCK", 1000)
+    monkeypatch.setattr(fp, "THREADS", threads)
+    data = bytes(range(256)) * 20  # 5 full blocks and one of 120 bytes
+    path = tmp_path / "w.bin"
+    path.write_bytes(data)
+    assert fp.hash_file(path) == digest_of(data) != hashlib.sha256(data).hexdigest()
+    for offset in (0, 999, 1000, 2500, len(data) - 1):
+        changed = bytearray(data)
+        changed[offset] ^= 1
+        path.write_bytes(changed)
+        assert fp.hash_file(path) == digest_of(bytes(changed)) != digest_of(data), offset
+    path.write_bytes(b"")
+    assert fp.hash_file(path) == hashlib.sha256(b"").hexdigest()
 
 
 def test_the_values_of_earlier_versions_are_told_apart():

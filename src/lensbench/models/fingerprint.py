@@ -1,7 +1,7 @@
 """Fingerprints of model weights: a run resumes only onto the weights it started with.
 
-A fingerprint hashes the whole content of every weight file (SHA-256, read in 16 MiB blocks, the
-next ones read ahead while one is hashed), so any change to any tensor changes it, even one that
+A fingerprint hashes the whole content of every weight file (SHA-256 of 8 MiB blocks, read and
+hashed by several threads at once), so any change to any tensor changes it, even one that
 keeps the file's size; it does not change when a folder is copied (the file names and contents are
 hashed, not their paths).
 
@@ -34,13 +34,17 @@ import os
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .loading import EMBEDDED, ModelSpec, cache_dir, resolve_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-#: Read size while hashing.
-CHUNK = 16 << 20
+#: Each file is hashed in blocks of this size (part of the digest's definition: changing it changes
+#: every fingerprint), ...
+BLOCK = 8 << 20
+#: ... by at most this many threads at once.
+THREADS = 8
 #: Prefix of the current fingerprints; the value keeps 16 characters.
 FORMAT = "v2:"
 #: A file modified this recently (or in the future: clock skew) is hashed but not cached.
@@ -62,22 +66,33 @@ def older_format(value: object) -> bool:
 
 
 def hash_file(path: Path) -> str:
-    """SHA-256 of the whole content of ``path`` (hex), read in ``CHUNK`` blocks; where the system
-    has ``posix_fadvise``, the next blocks are read ahead from disk while one is hashed."""
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    advise = getattr(os, "posix_fadvise", None)
+    """The digest of the whole content of ``path`` (hex): SHA-256 over the SHA-256 of each ``BLOCK``
+    of it, in order; the blocks are read (``os.pread``) and hashed by up to ``THREADS`` threads
+    at once, which hashlib and the read let run in parallel."""
     with open(path, "rb", buffering=0) as fh:
-        if advise:
-            advise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        offset = 0
-        while n := fh.readinto(buf):
-            offset += n
-            if advise:
-                advise(fh.fileno(), offset, 2 * CHUNK, os.POSIX_FADV_WILLNEED)
-            h.update(view[:n])
-    return h.hexdigest()
+        fd = fh.fileno()
+        size = os.fstat(fd).st_size
+
+        def block(start: int) -> bytes:
+            h, end = hashlib.sha256(), min(start + BLOCK, size)
+            if not hasattr(os, "pread"):  # Windows: one block after another
+                fh.seek(start)
+            while start < end:
+                data = os.pread(fd, end - start, start) if hasattr(os, "pread") else fh.read(end - start)
+                if not data:  # cut short while read: hashed as it is
+                    break
+                h.update(data)
+                start += len(data)
+            return h.digest()
+
+        starts = range(0, size, BLOCK)
+        threads = min(len(starts), os.cpu_count() or 1, THREADS) if hasattr(os, "pread") else 1
+        if threads <= 1:
+            digests = [block(start) for start in starts]
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                digests = list(pool.map(block, starts))
+    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 def _key(st: os.stat_result) -> list[int]:
@@ -121,8 +136,8 @@ def _write_cache(path: Path, added: dict[str, list]) -> None:
 
 
 def file_digests(paths: list[Path]) -> list[str]:
-    """The SHA-256 of each file's content, from the cache where its (device, inode, size, mtime,
-    ctime) are those cached; the others are read, hashed and cached."""
+    """The digest of each file's content (``hash_file``), from the cache where its (device, inode,
+    size, mtime, ctime) are those cached; the others are read, hashed and cached."""
     cache = cache_dir() / CACHE_FILE
     cached = _read_cache(cache)
     added: dict[str, list] = {}
@@ -146,7 +161,7 @@ def file_digests(paths: list[Path]) -> list[str]:
 
 
 def file_fingerprint(path: Path) -> str:
-    """The SHA-256 of the whole content of ``path`` (cached, as ``file_digests``)."""
+    """The digest of the whole content of ``path`` (``hash_file``, cached as ``file_digests`` says)."""
     return file_digests([Path(path)])[0]
 
 
