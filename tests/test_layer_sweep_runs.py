@@ -235,9 +235,11 @@ def test_more_revisions_extend_a_run_but_changed_weights_are_refused(tmp_path, t
 
     sweep = LayerSweep(models=[str(tiny_model)], output_dir=str(tmp_path), experiment="x")
     sweep.identity_free = ("model.init_args.revisions",)
-    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "shards").mkdir(parents=True)
     (tmp_path / "x" / "run.json").write_text(json.dumps(
         {"model.init_args.pooling": "mean", "model.init_args.revisions": ["a"], "model_fingerprint.m@a": "f1"}))
+    # one stored record: a folder holding none would take any settings
+    (tmp_path / "x" / "shards" / "rank00000.jsonl").write_text('{"key": "[\\"m@a\\"]", "state": "m@a"}\n')
     sweep.run_identity = {"model.init_args.pooling": "mean",  # the CLI leaves free settings out
                           "model_fingerprint.m@a": "f1", "model_fingerprint.m@b": "f2"}
     sweep.check_run_dir()  # a new checkpoint (m@b) extends the run

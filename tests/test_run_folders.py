@@ -212,3 +212,25 @@ def test_a_folder_holding_no_record_takes_the_settings_of_the_next_run(workdir):
     again = lensbench(*args, cwd=workdir)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((run_dir / "run.json").read_text())["model.init_args.max_length"] != 7
+
+
+def test_a_fingerprint_of_an_older_lensbench_is_named_as_such(tmp_path):
+    """A folder whose run.json holds a sampled fingerprint (16 hex digits, an older lensbench) is
+    refused, and the line says why: the sample cannot show the weights unchanged."""
+    import pytest
+
+    from lensbench.analysis import Analysis
+    from lensbench.errors import LensbenchError
+
+    run = Analysis(experiment="x", output_dir=str(tmp_path))
+    (tmp_path / "x" / "shards").mkdir(parents=True)
+    (tmp_path / "x" / "shards" / "rank00000.jsonl").write_text('{"key": "k", "state": "s"}\n')
+    (tmp_path / "x" / "run.json").write_text(json.dumps({"model_fingerprint.m": "0123456789abcdef"}))
+    run.run_identity = {"model_fingerprint.m": "v2:0123456789abc"}
+    with pytest.raises(LensbenchError, match="the weights of m changed since it started; the fingerprints of m "
+                                             "were made by an older lensbench"):
+        run.check_run_dir()
+    (tmp_path / "x" / "run.json").write_text(json.dumps({"model_fingerprint.m": "v2:fedcba9876543"}))
+    with pytest.raises(LensbenchError) as refused:
+        run.check_run_dir()
+    assert "older lensbench" not in str(refused.value)

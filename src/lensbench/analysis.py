@@ -149,6 +149,13 @@ class Analysis(pl.LightningModule):
             weights = [k.split(".", 1)[1] for k in changed if k.startswith("model_fingerprint.")]
             what = (f"the weights of {', '.join(weights)} changed since it started" if weights and len(weights) == len(changed)
                     else f"changed: {', '.join(changed)}")
+            from .models.fingerprint import older_format
+
+            older = [k.split(".", 1)[1] for k in changed
+                     if k.startswith("model_fingerprint.") and older_format(stored.get(k))]
+            if older:
+                what += (f"; the fingerprints of {', '.join(older)} were made by an older lensbench, which sampled "
+                         "the weights and cannot show them unchanged")
             raise LensbenchError(
                 f"{self.run_dir} holds results of a different configuration ({what}); "
                 "set another experiment name or delete that folder",
