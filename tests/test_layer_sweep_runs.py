@@ -98,7 +98,9 @@ def test_scores_equal_mteb_evaluate_on_an_encoder_of_the_same_layer(sweepdir, tm
 
     run_dir = sweepdir / "outputs" / "layer_sweep" / "run"
     table = _scores(run_dir)
-    assert list(table.columns) == ["model", "revision", "layer", "task", "task_type", "main_score", "n_texts"]
+    assert list(table.columns) == ["model", "revision", "layer", "task", "task_type", "main_score", "n_texts",
+                                   "n_nonfinite_texts"]
+    assert (table["n_nonfinite_texts"] == 0).all()
     assert sorted(table["layer"].unique()) == [0, 1, 2]  # every hidden state of the 2-block model
     assert set(table["task"]) == {"topics", "pairs"}
     assert set(table.loc[table.task == "topics", "n_texts"]) == {54}  # 36 train + 18 test texts
@@ -141,7 +143,7 @@ def test_outputs_progress_metrics_and_summaries(sweepdir):
     assert (merged["main_score_x"] == merged["main_score_y"]).all()
     metrics = pd.read_csv(run_dir / "representation_metrics.csv")
     assert list(metrics["layer"]) == [0, 1, 2] and set(metrics["dataset"]) == {"texts"}
-    assert (metrics["n_prompts"] == 12).all()
+    assert (metrics["n_prompts"] == 12).all() and (metrics["n_nonfinite_texts"] == 0).all()
     assert ((metrics["effective_rank"] >= 1) & (metrics["effective_rank"] <= 12)).all()
     assert (metrics["curvature"] >= 0).all() and (metrics["prompt_entropy"] >= 0).all()
     by_task = pd.read_csv(run_dir / "summary_layer_by_task.csv")

@@ -9,11 +9,16 @@ forward pass gives prompt entropy, dataset entropy, curvature and effective rank
 
 Layers are numbered as in transformers' ``output_hidden_states``: 0 is the embedding output and
 the last has passed through the model's final norm.
+
+Non-finite values: every work item counts per layer the distinct texts whose pooled embedding is
+NaN or inf (``n_nonfinite_texts`` of each layer's row); such a layer scores NaN (MTEB, which
+refuses NaN embeddings, is not left to stop the run) and the merge names them in one console warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from datetime import datetime, timezone
@@ -29,6 +34,7 @@ from ..logs import console, run_log
 from ..models.loading import ModelSpec, resolve_source
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from ..state import State
+from ..stats import nonfinite_warning, place
 from ..work import WorkItem
 
 TABLE = "layer_sweep.csv"
@@ -262,14 +268,20 @@ class LayerSweep(Analysis):
                 meta = layer_meta(base["model"], base["revision"] or None, layer, experiment, dim)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", ConvergenceWarning)  # a classifier's, not the sweep's
-                    result = mteb.evaluate(make_encoder(store, layer, meta), task, cache=cache,
-                                           overwrite_strategy="only-missing", show_progress_bar=False)
+                    try:
+                        result = mteb.evaluate(make_encoder(store, layer, meta), task, cache=cache,
+                                               overwrite_strategy="only-missing", show_progress_bar=False)
+                    except Exception:
+                        if not store.nonfinite_texts(layer):
+                            raise
+                        result = None  # MTEB (scikit-learn) refuses NaN embeddings: the layer scores NaN
                 unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
                 for w in caught:
                     if not issubclass(w.category, ConvergenceWarning):
                         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 # Rounded as MTEB's result files are: a layer read back from them on resume scores the same.
-                score = round(float(result.task_results[0].get_score()), MTEB_DECIMALS)
+                score = math.nan if result is None or store.nonfinite_texts(layer) else \
+                    round(float(result.task_results[0].get_score()), MTEB_DECIMALS)
                 duration = time.perf_counter() - begin
                 stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 scores.append({"layer": layer, "main_score": score, "duration_s": duration, "time": stamp})
@@ -279,6 +291,10 @@ class LayerSweep(Analysis):
                                                "time": stamp})
                 run_log.info(f"{item.state.checkpoint} layer {layer} {unit.name}: {score:.4f} ({duration:.1f} s)"
                              + (f"; MTEB's classifier did not converge {unconverged} times" if unconverged else ""))
+            for row in scores:  # over every text embedded; None (unknown): all layers read back from MTEB's cache
+                row["n_nonfinite_texts"] = store.nonfinite_texts(row["layer"]) if store.n_texts else None
+                if row["n_nonfinite_texts"]:
+                    row["main_score"] = math.nan
         finally:
             forward_passes, spilled, peak = store.forward_passes, store.spilled, store.peak_resident
             store.close()
@@ -292,11 +308,31 @@ class LayerSweep(Analysis):
         from ..layer_sweep.collect import write_tables
 
         written = write_tables(records, Path(run_dir))
+        cls._warn_nonfinite(records)
         tasks = [r for r in records if r.get("kind") == "task"]
         spilled = sum(r.get("spilled_chunks", 0) for r in tasks)
         if spilled:
             console.info(f"layer_sweep: {spilled} embedding chunks went to disk (embedding_memory_mb)")
         return written
+
+    @staticmethod
+    def _warn_nonfinite(records: list[dict[str, Any]]) -> None:
+        """One console line naming where pooled embeddings were not finite (records stored before the
+        count was kept lack it: unknown, not counted)."""
+        bad: dict[str, int] = {}
+        tables: list[str] = []
+        for rec in records:
+            rows = rec.get("scores") if rec.get("kind") == "task" else rec.get("layers")
+            where = rec.get("task") if rec.get("kind") == "task" else rec.get("dataset")
+            for row in rows or []:
+                n = row.get("n_nonfinite_texts") or 0
+                if n:
+                    model = rec.get("checkpoint", rec.get("model"))
+                    key = f"{place(model, where, rec.get('labels'))} layer {row['layer']}"
+                    bad[key] = bad.get(key, 0) + n
+                    table = TABLE if rec.get("kind") == "task" else METRICS_TABLE
+                    tables += [table] if table not in tables else []
+        nonfinite_warning("layer_sweep", bad, "pooled text embeddings", "n_nonfinite_texts", " and ".join(tables))
 
     @classmethod
     def plot(cls, run_dir: Path) -> list[Path]:

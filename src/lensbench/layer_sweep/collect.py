@@ -6,6 +6,10 @@ Tables: ``layer_sweep.csv`` (tidy: one row per checkpoint, state, layer and task
 type), ``best_layers.csv`` (the best layer per task and per checkpoint). Figures: ``layer_curve.png``,
 ``heatmap_layer_task__<checkpoint>.png``, ``heatmap_checkpoint_layer__<task type>.png`` and
 ``representation_metrics.png``; ``draw_figures`` redraws them from the tables (``lensbench plot``).
+
+``n_nonfinite_texts`` (both tables) counts the texts whose pooled embedding is NaN or inf; such a
+layer's scores and metrics are NaN, means over them are NaN, and the figures leave them blank.
+Records stored before the count was kept lack it: the cell is empty (unknown).
 """
 
 from __future__ import annotations
@@ -24,6 +28,19 @@ BY_TYPE = "summary_task_type.csv"
 BEST = "best_layers.csv"
 ALL_TASKS = "(mean over tasks)"
 METRICS = ("prompt_entropy", "dataset_entropy", "curvature", "effective_rank")
+NONFINITE = "n_nonfinite_texts"
+SCORE_VALUES = ("layer", "task", "task_type", "main_score", "n_texts", NONFINITE)  # the rest are checkpoint keys
+
+
+def _mean(values):
+    """The mean, NaN when any value is (a NaN score must not vanish into a mean over the others)."""
+    return values.mean(skipna=False)
+
+
+def _grid(frame, index: list[str], columns: str, agg="first"):
+    """``main_score`` of ``frame`` as an ``index`` x ``columns`` table, keeping rows and columns whose
+    scores are all NaN (``pivot_table`` drops them)."""
+    return frame.groupby([*index, columns], sort=True)["main_score"].agg(agg).unstack(columns)
 
 
 def _labels(records: list[dict[str, Any]]) -> list[str]:
@@ -49,17 +66,20 @@ def write_tables(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
         if rec.get("kind") == "task":
             for s in rec["scores"]:
                 score_rows.append({**head, "layer": s["layer"], "task": rec["task"], "task_type": rec["task_type"],
-                                   "main_score": s["main_score"], "n_texts": rec["n_texts"]})
+                                   "main_score": s["main_score"], "n_texts": rec["n_texts"],
+                                   NONFINITE: s.get(NONFINITE)})  # None: stored before it was counted
                 progress_rows.append({"model": rec["model"], "revision": rec.get("revision", ""), "state": rec["state"],
                                       "layer": s["layer"], "task": rec["task"], "status": "done",
                                       "main_score": s["main_score"], "duration_s": s["duration_s"], "time": s["time"]})
         elif rec.get("kind") == "metrics":
             for m in rec["layers"]:
                 metric_rows.append({**head, "dataset": rec["dataset"], "layer": m["layer"],
-                                    **{k: m[k] for k in METRICS}, "n_prompts": m["n_prompts"], "alpha": rec["alpha"]})
+                                    **{k: m[k] for k in METRICS}, "n_prompts": m["n_prompts"], "alpha": rec["alpha"],
+                                    NONFINITE: m.get(NONFINITE)})
     if score_rows:
         scores = pd.DataFrame(score_rows).sort_values([*keys, "task", "layer"], kind="stable")
-        scores = scores[[*keys, "layer", "task", "task_type", "main_score", "n_texts"]]
+        scores = scores[[*keys, "layer", "task", "task_type", "main_score", "n_texts", NONFINITE]]
+        scores[NONFINITE] = scores[NONFINITE].astype("Int64")  # empty where unknown
         written.append(write_csv(scores, run_dir / TABLE))
         written += _summaries(scores, keys, run_dir)
         table = pd.DataFrame(progress_rows, columns=list(progress.COLUMNS)).sort_values(
@@ -67,6 +87,7 @@ def write_tables(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
         written.append(write_csv(table, run_dir / progress.PROGRESS))
     if metric_rows:
         metrics = pd.DataFrame(metric_rows).sort_values([*keys, "dataset", "layer"], kind="stable")
+        metrics[NONFINITE] = metrics[NONFINITE].astype("Int64")
         written.append(write_csv(metrics, run_dir / METRICS_TABLE))
     return written
 
@@ -74,29 +95,31 @@ def write_tables(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
 def _summaries(scores, keys: list[str], run_dir: Path) -> list[Path]:
     import pandas as pd
 
-    by_task = scores.pivot_table(index=[*keys, "layer"], columns="task", values="main_score", aggfunc="first")
-    by_task["mean"] = by_task.mean(axis=1)
+    by_task = _grid(scores, [*keys, "layer"], "task")
+    by_task["mean"] = by_task.mean(axis=1, skipna=False)
     by_task = by_task.reset_index()
     by_task.columns.name = None
     by_type = (scores.groupby([*keys, "layer", "task_type"], sort=True)["main_score"]
-               .agg(mean_main_score="mean", n_tasks="count").reset_index())
+               .agg(mean_main_score=_mean, n_tasks="size").reset_index())
     best_rows = []
     for values, group in scores.groupby([*keys, "task"], sort=True):
         best_rows.append(_best(dict(zip([*keys, "task"], values)), group))
-    mean = scores.groupby([*keys, "layer"], sort=True)["main_score"].mean().reset_index()
+    mean = scores.groupby([*keys, "layer"], sort=True)["main_score"].agg(_mean).reset_index()
     for values, group in mean.groupby(keys, sort=True):
         key = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
         best_rows.append(_best({**key, "task": ALL_TASKS}, group))
-    best = pd.DataFrame(best_rows)
+    best = pd.DataFrame(best_rows).astype({"best_layer": "Int64"})  # empty when no layer scored
     return [write_csv(by_task, run_dir / BY_TASK), write_csv(by_type, run_dir / BY_TYPE), write_csv(best, run_dir / BEST)]
 
 
 def _best(head: dict[str, Any], group) -> dict[str, Any]:
-    """The best layer of one (checkpoint, task) (the earliest of ties) against the last layer."""
+    """The best layer of one (checkpoint, task) (the earliest of ties, among the finite scores)
+    against the last layer."""
     group = group.sort_values("layer")
-    top = group.loc[group["main_score"].idxmax()]
+    finite = group[group["main_score"].notna()]
+    top = finite.loc[finite["main_score"].idxmax()] if len(finite) else {"layer": None, "main_score": float("nan")}
     last = group.iloc[-1]
-    return {**head, "best_layer": int(top["layer"]), "best_score": float(top["main_score"]),
+    return {**head, "best_layer": top["layer"], "best_score": float(top["main_score"]),
             "last_layer": int(last["layer"]), "last_score": float(last["main_score"]),
             "gain_over_last": float(top["main_score"] - last["main_score"]), "n_layers": len(group)}
 
@@ -117,7 +140,7 @@ def draw_figures(run_dir: Path) -> list[Path]:
     outputs: list[Path] = []
     if (run_dir / TABLE).exists():
         scores = pd.read_csv(run_dir / TABLE, keep_default_na=False, na_values=[""])
-        keys = [c for c in scores.columns if c not in ("layer", "task", "task_type", "main_score", "n_texts")]
+        keys = [c for c in scores.columns if c not in SCORE_VALUES]
         scores["revision"] = scores["revision"].fillna("").astype(str)
         outputs.append(_curve(scores, keys, run_dir))
         outputs += _layer_task_heatmaps(scores, keys, run_dir)
@@ -139,7 +162,7 @@ def _curve(scores, keys: list[str], run_dir: Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         part = scores if panel == "all tasks" else scores[scores["task_type"] == panel]
-        mean = part.groupby([*keys, "layer"], sort=True)["main_score"].mean().reset_index()
+        mean = part.groupby([*keys, "layer"], sort=True)["main_score"].agg(_mean).reset_index()
         for values, group in mean.groupby(keys, sort=True):
             row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
             ax.plot(group["layer"], group["main_score"], marker="o", markersize=3, label=_checkpoint_name(row, keys))
@@ -180,21 +203,21 @@ def _layer_task_heatmaps(scores, keys: list[str], run_dir: Path) -> list[Path]:
     outputs = []
     for values, group in scores.groupby(keys, sort=True):
         name = _checkpoint_name(dict(zip(keys, values if isinstance(values, tuple) else (values,))), keys)
-        matrix = group.pivot_table(index="task", columns="layer", values="main_score", aggfunc="first")
+        matrix = _grid(group, ["task"], "layer")
         outputs.append(_heatmap(matrix, f"{name}: main score", run_dir / f"heatmap_layer_task__{_safe(name)}.png"))
     return outputs
 
 
 def _checkpoint_layer_heatmaps(scores, keys: list[str], run_dir: Path) -> list[Path]:
     scores = scores.assign(checkpoint=[_checkpoint_name(r, keys) for r in scores[keys].to_dict("records")])
-    return [_heatmap(group.pivot_table(index="checkpoint", columns="layer", values="main_score", aggfunc="mean"),
+    return [_heatmap(_grid(group, ["checkpoint"], "layer", _mean),
                      f"{task_type}: mean main score", run_dir / f"heatmap_checkpoint_layer__{_safe(task_type)}.png")
             for task_type, group in scores.groupby("task_type", sort=True)]
 
 
 def _metric_curves(metrics, run_dir: Path) -> Path:
     plt = pyplot()
-    keys = [c for c in metrics.columns if c not in ("layer", *METRICS, "n_prompts", "alpha")]
+    keys = [c for c in metrics.columns if c not in ("layer", *METRICS, "n_prompts", "alpha", NONFINITE)]
     metrics["revision"] = metrics["revision"].fillna("").astype(str)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8), squeeze=False)
     for ax, name in zip(axes[0], METRICS):

@@ -6,6 +6,9 @@ every layer at once), pools each requested layer (mean over non-padding tokens, 
 non-padding token) and keeps all layers. The evaluations of the other layers then read what is
 kept: a layer is never recomputed by a separate forward pass.
 
+Each forward pass also counts, per layer, the texts whose pooled embedding is not finite (NaN
+or inf, as a model whose weights hold NaN gives): ``nonfinite_texts(layer)``.
+
 What is kept grows as layers x texts x width (float32). Above ``memory_limit`` bytes the kept
 chunks are written to ``.npy`` files in ``spill_dir`` and read back through memory maps, so the
 resident size stays below the limit plus one forward batch.
@@ -73,10 +76,15 @@ class LayerEmbeddings:
         self.peak_resident = 0
         self.forward_passes = 0  # batches run through the model
         self.spilled = 0  # chunks written to disk
+        self.nonfinite = np.zeros(len(self.layers), dtype=np.int64)  # texts with a non-finite embedding, per layer
 
     @property
     def n_texts(self) -> int:
         return len(self.index)
+
+    def nonfinite_texts(self, layer: int) -> int:
+        """How many of the distinct texts embedded so far have a non-finite (NaN or inf) embedding at ``layer``."""
+        return int(self.nonfinite[self.column[layer]])
 
     def get(self, layer: int, texts: list[str]) -> np.ndarray:
         """``[len(texts), D]`` float32 embeddings of ``texts`` at ``layer`` (computed when new)."""
@@ -123,6 +131,7 @@ class LayerEmbeddings:
         hidden = out.hidden_states
         mask = batch["attention_mask"]
         pooled = torch.stack([pool(hidden[layer], mask, self.pooling).float() for layer in self.layers], dim=1)
+        self.nonfinite += (~torch.isfinite(pooled).all(dim=-1)).sum(dim=0).cpu().numpy()
         return pooled.cpu().numpy()
 
     def _spill(self) -> None:

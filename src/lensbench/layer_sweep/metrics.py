@@ -33,6 +33,12 @@ has entropy 0, so a one-token prompt (or one whose token states are all equal) h
 matrix has NaN eigenvalues, none of which passes repitl's ``> 0`` test, so it too returns 0 for
 ``alpha = 1`` (but ``±inf`` for ``alpha != 1``, where we keep 0). The dataset entropy and effective
 rank need at least two prompts and are NaN otherwise.
+
+Non-finite states (NaN or inf, as a model whose weights hold NaN gives). A prompt whose mean-pooled
+states at a layer are not finite (some token state is NaN or inf) is counted in that layer's
+``n_nonfinite_texts`` and makes its prompt entropy and curvature NaN (it is not handed to
+``eigvalsh``, which fails on NaN); the dataset entropy and effective rank of a layer holding such a
+prompt are NaN too.
 """
 
 from __future__ import annotations
@@ -133,6 +139,7 @@ class RepresentationMetrics:
         self.n_prompts = 0
         self._entropy_sum: Tensor | None = None
         self._curvature_sum: Tensor | None = None
+        self._nonfinite: Tensor | None = None  # prompts whose pooled states are not finite, per layer
         self._pooled: list[Tensor] = []
 
     def _resolve(self, n_hidden: int) -> None:
@@ -144,6 +151,7 @@ class RepresentationMetrics:
             self.layers, self.n_hidden = layers, n_hidden
             self._entropy_sum = torch.zeros(len(layers), dtype=torch.float64)
             self._curvature_sum = torch.zeros(len(layers), dtype=torch.float64)
+            self._nonfinite = torch.zeros(len(layers), dtype=torch.int64)
         elif n_hidden != self.n_hidden:
             raise ValueError(f"got {n_hidden} hidden states, earlier batches had {self.n_hidden}")
 
@@ -159,15 +167,22 @@ class RepresentationMetrics:
         mask = attention_mask.to(first.device) != 0
         entropy = self._entropy_sum.to(first.device)
         curv = self._curvature_sum.to(first.device)
+        nonfinite = self._nonfinite
+        assert nonfinite is not None
         pooled = []
         for i in range(mask.shape[0]):
             tokens = mask[i].nonzero().squeeze(1)
             if tokens.numel() == 0:
                 continue
             z = torch.stack([hidden_states[layer][i, tokens] for layer in self.layers]).double()  # [L, T, D]
-            entropy += _renyi(_spectrum(normalize_rows(z)), self.alpha)
-            curv += _curvatures(z)
-            pooled.append(z.mean(dim=1))
+            mean = z.mean(dim=1)  # [L, D]
+            bad = ~torch.isfinite(mean).all(dim=-1)  # [L]: some token state is NaN or inf
+            if bad.any():
+                nonfinite += bad.cpu()
+                z = torch.where(bad[:, None, None], 0.0, z)  # eigvalsh fails on NaN; the layer's sums become NaN
+            entropy += torch.where(bad, math.nan, _renyi(_spectrum(normalize_rows(z)), self.alpha))
+            curv += torch.where(bad, math.nan, _curvatures(z))
+            pooled.append(mean)
         self._entropy_sum, self._curvature_sum = entropy.cpu(), curv.cpu()
         if pooled:
             self._pooled.append(torch.stack(pooled).to("cpu", self.store_dtype))  # [B, L, D]
@@ -176,7 +191,8 @@ class RepresentationMetrics:
     @torch.no_grad()
     def compute(self, layers: list[int] | None = None) -> list[dict]:
         """One dict per layer (default: all kept ones): ``layer``, ``prompt_entropy``,
-        ``dataset_entropy``, ``curvature``, ``effective_rank``, ``n_prompts``.
+        ``dataset_entropy``, ``curvature``, ``effective_rank``, ``n_prompts``, ``n_nonfinite_texts`` (prompts
+        whose pooled states at that layer are not finite).
 
         The effective rank is ``exp(S_1)`` of the normalised dataset matrix: the exponential of the
         Shannon entropy of its trace-normalised Gram spectrum (squared singular values, up to the
@@ -195,7 +211,8 @@ class RepresentationMetrics:
         for layer in wanted:
             j = self.layers.index(layer)
             dataset_entropy = effective_rank = math.nan
-            if n >= 2 and pooled is not None:
+            bad = self._nonfinite is not None and int(self._nonfinite[j]) > 0
+            if n >= 2 and pooled is not None and not bad:
                 p = _spectrum(normalize_rows(pooled[:, j].double()))
                 dataset_entropy = float(_renyi(p, self.alpha))
                 effective_rank = math.exp(dataset_entropy if self.alpha == 1.0 else float(_renyi(p, 1.0)))
@@ -207,6 +224,7 @@ class RepresentationMetrics:
                     "curvature": float(self._curvature_sum[j]) / n if n else math.nan,
                     "effective_rank": effective_rank,
                     "n_prompts": n,
+                    "n_nonfinite_texts": int(self._nonfinite[j]) if self._nonfinite is not None else 0,
                 }
             )
         return results
