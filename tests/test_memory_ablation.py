@@ -340,3 +340,109 @@ def test_swapping_the_values_of_two_pairs_slots_swaps_their_answers(memory_only)
     restored = forward()[0]
     assert torch.equal(restored, base)
     assert restored[a, first[a]].argmax() == truth[a] and restored[b, first[b]].argmax() == truth[b]
+
+
+def test_a_nan_memory_slot_is_counted_said_once_and_the_run_finishes(trained):
+    """One value of one slot set to NaN in a copy of the trained checkpoint: exactly the answer
+    positions that read the slot (the NaN run's own key_activations.jsonl says which) have NaN
+    logits; each row counts them in n_nonfinite_positions, a group holding one has NaN metrics, the
+    other groups and the state with every value zeroed keep theirs, the merge says so in one console
+    line, and the figures are drawn. Records stored before the count (the field and the None
+    entries of token_right absent) merge with the count unknown (NaN) and the same metrics."""
+    import logging
+    import math
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lensbench.analyses.memory_ablation import MemoryAblation
+    from lensbench.results import ResultStore
+
+    if not (trained / "outputs" / "eval").exists():
+        run(trained, ["predict", "--config", str(analysis(trained, "eval"))])
+    clean = [json.loads(line) for line in (trained / "outputs/eval/key_activations.jsonl").open()]
+    groups: dict[int, set] = {}
+    reads: dict[int, int] = {}
+    for a in clean:
+        for s in {s for row in a["slots"]["1"] for s in row}:
+            groups.setdefault(s, set()).add((a["split"], a["bucket"]))
+            reads[s] = reads.get(s, 0) + 1
+    slot = max((s for s in groups if len(groups[s]) < 4), key=lambda s: reads[s])  # a group left clean
+    checkpoint = next((trained / "outputs/fit/train").glob("checkpoint-*"))
+    shutil.rmtree(trained / "nanmodel", ignore_errors=True)
+    shutil.copytree(checkpoint, trained / "nanmodel")
+    weights = load_file(trained / "nanmodel" / "model.safetensors")
+    weights["model.layers.1.memory.values"][slot, 0] = math.nan
+    save_file(weights, trained / "nanmodel" / "model.safetensors", metadata={"format": "pt"})
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    console = logging.getLogger("lightning.pytorch.lensbench")
+    console.addHandler(handler)
+    try:
+        zeroed = [{"name": "values", "transform": "ablate_memory", "params": {"layer": 1, "part": "values"}}]
+        run(trained, ["predict", "--config", str(analysis(trained, "nan", zeroed, model="nanmodel"))])
+    finally:
+        console.removeHandler(handler)
+    out = trained / "outputs" / "nan"
+    read = {a["index"]: sum(slot in row for row in a["slots"]["1"])
+            for a in map(json.loads, (out / "key_activations.jsonl").open())}
+    total = sum(read.values())
+    assert 0 < sum(n > 0 for n in read.values()) < len(read), read
+
+    examples = pd.read_csv(out / "examples.csv", keep_default_na=False, na_values=[""])
+    base = examples[examples.intervention == "baseline"].set_index("index")
+    assert base["n_nonfinite_positions"].to_dict() == read
+    bad = base[base.n_nonfinite_positions > 0]
+    assert bad[["exact", "answer_prob", "answer_rank", "answer_entropy", "digit_accuracy"]].isna().all().all()
+    good = base[base.n_nonfinite_positions == 0]
+    assert good[["exact", "answer_prob", "answer_rank", "digit_accuracy"]].notna().all().all()
+    assert (examples[examples.intervention == "values"].n_nonfinite_positions == 0).all()
+
+    acc = pd.read_csv(out / "accuracy.csv", keep_default_na=False, na_values=[""])
+    per_group = base.groupby("group")["n_nonfinite_positions"].sum()
+    baseline = acc[acc.intervention == "baseline"].set_index("group")
+    assert baseline["n_nonfinite_positions"].to_dict() == per_group.to_dict()
+    metrics = ["exact_match", "digit_accuracy", "answer_prob", "answer_rank", "answer_entropy"]
+    assert baseline.loc[per_group > 0, metrics].isna().all().all()
+    assert baseline.loc[per_group == 0, metrics].notna().all().all()
+    clean_rows = good[good.group.isin(per_group[per_group == 0].index)]
+    assert baseline.loc[per_group == 0, "exact_match"].to_dict() == pytest.approx(
+        clean_rows["exact"].astype(float).groupby(clean_rows["group"]).mean().to_dict())
+    values = acc[acc.intervention == "values"].set_index("group")
+    assert (values.n_nonfinite_positions == 0).all() and values[metrics].notna().all().all()
+    assert values.loc[per_group > 0, "exact_drop"].isna().all()
+    assert values.loc[per_group == 0, "exact_drop"].notna().all()
+    position = pd.read_csv(out / "position_impact.csv", keep_default_na=False, na_values=[""])
+    assert position[position.intervention == "baseline"].n_nonfinite_positions.sum() == total
+    matrix = pd.read_csv(out / "impact_matrix.csv", keep_default_na=False, na_values=[""])
+    assert list(matrix.intervention) == ["values"] and set(matrix.columns) >= set(per_group.index)
+
+    lines = [line for line in said if line.startswith("memory_ablation: ")]
+    assert len(lines) == 1, said
+    first = per_group[per_group > 0].index[0]
+    assert lines[0].startswith(f"memory_ablation: {total} non-finite (NaN or inf) answer positions (baseline / "), lines
+    assert f"baseline / {first}: {per_group[first]}" in lines[0], lines
+    assert "counted in n_nonfinite_positions of accuracy.csv" in lines[0], lines
+    for png in ("accuracy_by_bucket.png", "impact_matrix.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+    old = []  # the clean model's records as an earlier version stored them: no count
+    for rec in ResultStore(trained / "outputs" / "eval").records():
+        for ex in rec["examples"]:
+            ex.pop("n_nonfinite_positions")
+        old.append(rec)
+    said.clear()
+    (trained / "old_records").mkdir(exist_ok=True)
+    console.addHandler(handler)
+    try:
+        MemoryAblation.merge(old, (trained / "old_records").resolve())
+    finally:
+        console.removeHandler(handler)
+    assert not [line for line in said if line.startswith("memory_ablation: ")], said
+    now = pd.read_csv(trained / "outputs/eval/accuracy.csv")
+    then = pd.read_csv(trained / "old_records/accuracy.csv")
+    assert (now.n_nonfinite_positions == 0).all() and then.n_nonfinite_positions.isna().all()
+    pd.testing.assert_frame_equal(then.drop(columns="n_nonfinite_positions"), now.drop(columns="n_nonfinite_positions"))
+    assert pd.read_csv(trained / "old_records/examples.csv").n_nonfinite_positions.isna().all()

@@ -7,11 +7,14 @@ other transforms. Each work item scores one batch of question-answer rows in one
 teacher-forced forward pass: for every answer token, whether it is the model's top prediction, its
 probability, its rank and the entropy of the prediction. In the unablated state (``baseline``) it
 also records which slots every memory layer read at the answer positions and how tokens route.
+An answer position whose logits hold a NaN or inf has no prediction: it is counted
+(``n_nonfinite_positions``), its row's and group's metrics are NaN, and the merge says so in one line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
 from ..state import State, TransformSpec
+from ..stats import nonfinite_warning
 from ..synthetic.datasets import GROUP_FIELDS, group_of
 from ..tables import pyplot, save_figure, write_csv
 from ..work import WorkItem
@@ -31,6 +35,9 @@ from ..work import WorkItem
 FIELD = "model.init_args"
 BASELINE = "baseline"
 ID_FIELDS = ("pair_id", "chain_id", "link")
+#: Answer positions whose logits hold a NaN or inf (no prediction there): the row's metrics are NaN.
+NONFINITE = "n_nonfinite_positions"
+METRICS = ["exact_match", "digit_accuracy", "answer_prob", "answer_rank", "answer_entropy"]
 
 
 @dataclass
@@ -327,16 +334,19 @@ class MemoryAblation(Analysis):
             top = lg.argmax(-1)
             right = (top == true)
             rank = (lg > lg.gather(1, true[:, None])).sum(-1)
+            finite = torch.isfinite(lg).all(-1)  # an answer position with a NaN or inf logit: no prediction
+            n_bad = int((~finite).sum())
             example = {f: row[f] for f in (*GROUP_FIELDS, *ID_FIELDS) if row.get(f) is not None}
             example.update({
                 "index": item.payload.start + b,
                 "answer": row["answer"],
                 "prediction": loaded.tokenizer.decode(top.tolist()).strip(),
-                "exact": bool(right.all()),
-                "token_right": right.int().tolist(),
-                "answer_prob": float(logp.gather(1, true[:, None]).exp().mean()),
-                "answer_rank": float(rank.float().mean()),
-                "answer_entropy": float(-(logp.exp() * logp).sum(-1).mean()),
+                "exact": bool(right.all()) if not n_bad else None,
+                "token_right": [int(r) if f else None for r, f in zip(right.tolist(), finite.tolist())],
+                "answer_prob": float(logp.gather(1, true[:, None]).exp().mean()) if not n_bad else math.nan,
+                "answer_rank": float(rank.float().mean()) if not n_bad else math.nan,
+                "answer_entropy": float(-(logp.exp() * logp).sum(-1).mean()) if not n_bad else math.nan,
+                "n_nonfinite_positions": n_bad,
             })
             if layers:
                 example["slots"] = {str(i): s[b, pos].reshape(len(pos), -1).tolist() for i, s in zip(layers, slots)}
@@ -359,22 +369,32 @@ class MemoryAblation(Analysis):
             for ex in rec["examples"]:
                 rows.append({**rec["labels"], **{k: v for k, v in ex.items() if k not in ("slots", "weights")}})
         examples = pd.DataFrame(rows)
-        examples["digit_accuracy"] = examples["token_right"].map(lambda r: sum(r) / len(r) if r else 0.0)
+        if NONFINITE not in examples:  # records stored before the count: unknown (NaN), not 0
+            examples[NONFINITE] = math.nan
+        examples["digit_accuracy"] = examples["token_right"].map(
+            lambda r: math.nan if None in r else sum(r) / len(r) if r else 0.0)
         fields = [f for f in GROUP_FIELDS if f in examples.columns]
         examples["group"] = examples.apply(group_of, axis=1)
         outputs = [write_csv(examples.drop(columns=["token_right"]).sort_values(
             ["intervention", "target", "index"], kind="stable"), run_dir / "examples.csv")]
 
         keys = ["intervention", "transform", "target", "group", *fields]
-        acc = (examples.groupby(keys, dropna=False, sort=False)
+        scored = examples.assign(exact=examples["exact"].map(lambda v: math.nan if pd.isna(v) else float(v)))
+        acc = (scored.groupby(keys, dropna=False, sort=False)
                .agg(n=("exact", "size"), exact_match=("exact", "mean"), digit_accuracy=("digit_accuracy", "mean"),
                     answer_prob=("answer_prob", "mean"), answer_rank=("answer_rank", "mean"),
-                    answer_entropy=("answer_entropy", "mean")).reset_index())
+                    answer_entropy=("answer_entropy", "mean"), **{NONFINITE: (NONFINITE, "sum")},
+                    _counted=(NONFINITE, "count")).reset_index())
+        acc.loc[acc.pop("_counted") < acc["n"], NONFINITE] = math.nan  # a row of unknown count: the sum is unknown
+        acc.loc[acc[NONFINITE] > 0, METRICS] = math.nan  # not the finite rows' mean: the group's is not finite
         base = acc[acc.intervention == BASELINE].set_index("group")
         acc["exact_drop"] = acc["group"].map(base["exact_match"]) - acc["exact_match"]
         acc["digit_drop"] = acc["group"].map(base["digit_accuracy"]) - acc["digit_accuracy"]
         outputs.append(write_csv(acc.sort_values(["intervention", "target", *fields], kind="stable"),
                                  run_dir / "accuracy.csv"))
+        bad = {f"{iv}{' ' + t if t else ''} / {g}": int(c)
+               for iv, t, g, c in zip(acc.intervention, acc.target, acc.group, acc[NONFINITE]) if c > 0}
+        nonfinite_warning("memory_ablation", bad, "answer positions", NONFINITE, "accuracy.csv")
 
         ablated = acc[(acc.intervention != BASELINE) & ~acc["transform"].astype(str).str.startswith("swap")]
         if len(acc[acc.intervention != BASELINE]):
@@ -382,9 +402,9 @@ class MemoryAblation(Analysis):
             outputs += _swaps(examples, run_dir)
         if len(ablated):
             order = list(dict.fromkeys(acc.sort_values([*fields], kind="stable")["group"]))
-            matrix = ablated.pivot_table(index=["intervention", "target"], columns="group", values="exact_drop",
-                                         sort=False)
-            matrix = matrix[[g for g in order if g in matrix.columns]].reset_index()
+            matrix = (ablated.groupby(["intervention", "target", "group"], sort=False)["exact_drop"].mean()
+                      .unstack("group", sort=False))  # a state or group whose drops are all NaN keeps its row or column
+            matrix = matrix[[g for g in order if g in matrix.columns]].rename_axis(columns=None).reset_index()
             outputs.append(write_csv(matrix, run_dir / "impact_matrix.csv"))
         outputs += _slot_tables(records, run_dir)
         return outputs
@@ -438,7 +458,7 @@ class MemoryAblation(Analysis):
             outputs.append(out)
         path = run_dir / "impact_matrix.csv"
         if path.exists():
-            table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+            table = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"target": str})
             values = table.drop(columns=["intervention", "target"]).apply(pd.to_numeric, errors="coerce")
             labels = [f"{a} {b}".strip() for a, b in zip(table["intervention"], table["target"].fillna(""))]
             outputs.append(_heatmap(plt, values.to_numpy(dtype=float), labels, [str(c) for c in values.columns],
@@ -550,10 +570,13 @@ def _position_impact(examples, run_dir: Path) -> list[Path]:
     rows = []
     for (iv, target), group in examples.groupby(["intervention", "target"], sort=False):
         width = max(len(r) for r in group["token_right"])
+        known = group[NONFINITE].notna().all()  # records stored before the count: unknown
         for p in range(width):
             hits = [r[p] for r in group["token_right"] if len(r) > p]
+            bad = hits.count(None)
             rows.append({"intervention": iv, "target": target, "position": p, "n": len(hits),
-                         "token_accuracy": sum(hits) / len(hits)})
+                         "token_accuracy": sum(hits) / len(hits) if not bad else math.nan,
+                         NONFINITE: bad if known else math.nan})
     table = pd.DataFrame(rows)
     base = table[table.intervention == BASELINE].set_index("position")["token_accuracy"]
     table["drop"] = table["position"].map(base) - table["token_accuracy"]
