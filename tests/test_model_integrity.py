@@ -121,7 +121,8 @@ def test_other_architectures_with_legacy_buffers_load(tmp_path, tiny_model, buil
     folder = tmp_path / build
     if build == "gpt2":
         GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(folder)
-        extra = {"transformer.h.0.attn.bias": torch.ones(1, 1, 32, 32)}
+        extra = {"transformer.h.0.attn.bias": torch.ones(1, 1, 32, 32),  # ignored by transformers itself
+                 "transformer.h.0.attn.masked_bias": torch.tensor(-1e4)}  # saved by transformers 3-4, not ignored
     else:
         GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                          intermediate_size=32)).save_pretrained(folder)

@@ -136,7 +136,7 @@ class Analysis(pl.LightningModule):
         if self.checkpoints_extendable:  # checkpoints added or left out; a shared one must still match
             stored, current = ({k: v for k, v in a.items() if not k.startswith("model_fingerprint.") or k in b}
                                for a, b in ((stored, current), (current, stored)))
-        if any(k.startswith(OLD_DATA_FINGERPRINTS) for k in stored):
+        if any(k.startswith(OLD_DATA_FINGERPRINTS) for k in stored) and type(self).holds_results(self.run_dir):
             raise LensbenchError(
                 f"{self.run_dir} was made by an older lensbench (whole-dataset hashes, no per-record digests, "
                 "0-based prompt ids), which this one cannot extend; set another experiment name, or force_run "

@@ -103,23 +103,46 @@ def bounded_start(trainer: Any) -> None:
 
 
 def _wait_for_children_after_success(launcher: Any, seconds: float) -> None:
-    """After a run that ended well, wait (at most ``seconds``) for the child ranks, which passed the
-    same last barrier, to exit before this process does: its exit sends them SIGTERM
-    (``end_with_launcher``). After a failure nothing waits: the children are stopped by it."""
+    """When this process exits after a run that ended well, wait (at most ``seconds`` in all) for
+    the child ranks, which passed the same last barrier, to exit first: its exit sends them SIGTERM
+    (``end_with_launcher``). The wait is at exit, not after each launch, because a command that runs
+    several steps (``lensbench pipeline``) has its children go on to the next step meanwhile.
+    After a failure nothing waits: the children are stopped by this process's exit."""
     launch = launcher.launch
 
-    def launch_and_wait(function: Any, *args: Any, **kwargs: Any) -> Any:
-        import subprocess
-
+    def launch_and_record(function: Any, *args: Any, **kwargs: Any) -> Any:
+        _EXIT_WAIT["ok"] = False
         result = launch(function, *args, **kwargs)
-        for proc in getattr(launcher, "procs", []):
-            try:
-                proc.wait(timeout=seconds)
-            except subprocess.TimeoutExpired:
-                pass
+        _EXIT_WAIT["ok"] = True
+        if launcher not in _EXIT_WAIT["launchers"]:
+            _EXIT_WAIT["launchers"].append(launcher)
+        if not _EXIT_WAIT["registered"]:
+            import atexit
+
+            atexit.register(_wait_for_children_at_exit, seconds)
+            _EXIT_WAIT["registered"] = True
         return result
 
-    launcher.launch = launch_and_wait
+    launcher.launch = launch_and_record
+
+
+#: The launchers whose child ranks this process waits for at exit, and whether the last run ended well.
+_EXIT_WAIT: dict[str, Any] = {"launchers": [], "ok": False, "registered": False}
+
+
+def _wait_for_children_at_exit(seconds: float) -> None:
+    import subprocess
+    import time
+
+    if not _EXIT_WAIT["ok"]:
+        return
+    deadline = time.monotonic() + seconds
+    for launcher in _EXIT_WAIT["launchers"]:
+        for proc in getattr(launcher, "procs", []):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return
 
 
 def _meet(addr: str, port: int, rank: int, world: int, seconds: float, where: str) -> Any:

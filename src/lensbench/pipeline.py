@@ -182,11 +182,11 @@ def run_pipeline(argv: list[str]) -> int:
     if args.print_steps:
         print(yaml.safe_dump(step_configs(config), sort_keys=False), end="")
         return 0
-    from .run_folders import LOCK_FILE, MARKERS, check_is_run_folder, run_folder
+    from .run_folders import LOCK_FILE, check_is_run_folder, run_folder
 
     run_dir = run_folder(config.output_dir, config.experiment, "experiment")
     # a pipeline folder holds .lock (folders of older versions: their steps) besides its two runs
-    check_is_run_folder(run_dir, "experiment", (*MARKERS, "steps/param_diff.yaml"))
+    check_is_run_folder(run_dir, "experiment", (LOCK_FILE, "steps/param_diff.yaml"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOCK_FILE).touch()
     steps_dir = run_dir / "steps"

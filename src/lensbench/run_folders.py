@@ -3,9 +3,10 @@
 A run folder is ``<output_dir>/<experiment>``. The experiment is a relative name inside
 ``output_dir`` (slashes make sub-folders; ``..`` and absolute paths are refused), so a run never
 writes outside ``output_dir``. A folder is a run folder when lensbench made it: every run makes
-``.lock`` in it before anything else, and a run that stored results leaves ``run.json``. An
-existing folder that holds other files and neither of these is refused, so a run never takes over
-(and overwrites) a user's files; an empty folder is taken.
+``.lock`` in it before anything else. An existing folder that holds other files and no ``.lock``
+is refused, so a run never takes over (and overwrites) a user's files, even one holding a
+``run.json`` of another tool; an empty folder is taken. (Fit folders of older versions, which
+made no ``.lock``, are known by their ``run.json`` or run log: see ``FIT_MARKERS``.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from .errors import LensbenchError
 LOCK_FILE = ".lock"
 IDENTITY_FILE = "run.json"
 #: Files that only a lensbench run makes in its folder.
-MARKERS = (LOCK_FILE, IDENTITY_FILE)
+MARKERS = (LOCK_FILE,)
+#: ... and in a fit folder, whose older versions made no ``.lock`` (refused further on when its
+#: ``run.json`` records other settings).
+FIT_MARKERS = (LOCK_FILE, IDENTITY_FILE, "logs/rank0.log")
 EXPERIMENT_FIELD = "model.init_args.experiment"
 
 
@@ -43,8 +47,8 @@ def run_folder(output_dir: str | os.PathLike, experiment: Any, field: str = EXPE
 
 def check_is_run_folder(path: Path, field: str = EXPERIMENT_FIELD, markers: tuple[str, ...] = MARKERS) -> None:
     """Refuse an existing ``path`` that lensbench did not make: a file, or a folder holding files but
-    none of ``markers`` (paths relative to it; by default ``.lock`` and ``run.json``). A missing or
-    empty folder passes."""
+    none of ``markers`` (paths relative to it; by default ``.lock``). A missing or empty folder
+    passes."""
     if not os.path.lexists(path):
         return
     if not path.is_dir():

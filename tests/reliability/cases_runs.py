@@ -18,6 +18,9 @@ CASES = {
                                       "model.init_args.experiment: outputs/userdir is not a lensbench run folder "
                                       "(it holds config.yaml, notes.txt); lensbench writes only into a folder it "
                                       "made or an empty one"),
+    "experiment_into_another_tools_run_json": ((*NORMS, "--model.init_args.experiment", "sacred"), 1,
+                                               "model.init_args.experiment: outputs/sacred is not a lensbench run "
+                                               "folder (it holds cout.txt, run.json)"),
     "experiment_climbs_out": ((*NORMS, "--model.init_args.experiment", "../proj"), 1,
                               "model.init_args.experiment: '../proj' climbs out of output_dir with '..'"),
     "experiment_climbs_out_twice": ((*NORMS, "--model.init_args.experiment", "a/../../x"), 1,
@@ -37,7 +40,7 @@ CASES = {
 }
 PREPARED = ("run_json_cut_short", "run_json_a_list", "shard_line_without_key")
 #: The user's folders the experiment cases point at stay byte for byte.
-KEEPS = {"experiment_into_a_user_folder": ("outputs/userdir",), "experiment_climbs_out": ("proj",),
+KEEPS = {"experiment_into_a_user_folder": ("outputs/userdir",), "experiment_into_another_tools_run_json": ("outputs/sacred",), "experiment_climbs_out": ("proj",),
          "pipeline_into_a_user_folder": ("outputs/userdir",)}
 
 
@@ -46,6 +49,9 @@ def prepare(root: Path, tiny_model: Path, forks) -> None:
         folder.mkdir(parents=True)
         (folder / "config.yaml").write_text("precious\n")
         (folder / "notes.txt").write_text("mine\n")
+    (root / "outputs" / "sacred").mkdir()  # another tool's run folder: a run.json, but no .lock
+    (root / "outputs" / "sacred" / "run.json").write_text('{"experiment": {"name": "mine"}}')
+    (root / "outputs" / "sacred" / "cout.txt").write_text("mine\n")
     (root / "user_pipeline.yaml").write_text("base: tiny\nothers: [tiny]\nexperiment: userdir\n")
     run = root / "outputs" / "run_json_cut_short" / "run.json"
     run.write_bytes(run.read_bytes()[: len(run.read_bytes()) // 2])

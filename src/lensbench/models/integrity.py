@@ -58,6 +58,16 @@ def _dropped_head(model: torch.nn.Module, name: str) -> bool:
     return not name.startswith(prefix + ".") and name.split(".")[0] not in dict(model.named_children())
 
 
+#: Buffers older transformers versions saved with the weights (GPT-2's ``attn.masked_bias`` and
+#: ``attn.bias`` masks, rotary ``inv_freq``, ``position_ids``, fairseq's ``_float_tensor``): not
+#: weights, rebuilt by the model, so an unexpected one is no damage.
+OLD_BUFFERS = ("masked_bias", "attn.bias", "inv_freq", "position_ids", "_float_tensor")
+
+
+def _old_buffer(name: str) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in OLD_BUFFERS)
+
+
 def check_loaded(model: torch.nn.Module, info: dict[str, Any], files: list[Path], location: str,
                  allow: bool | list[str] | None, field: str) -> list[str]:
     """Refuse, in one line, a model whose checkpoint lacks tensors it needs (unless ``allow``
@@ -77,7 +87,8 @@ def check_loaded(model: torch.nn.Module, info: dict[str, Any], files: list[Path]
                              "checkpoint is damaged: give the config.json saved with these weights", where)
     missing = sorted(info.get("missing_keys") or ())
     refused_missing = [name for name in missing if not allowed_missing(allow, name)]
-    unexpected = [name for name in info.get("unexpected_keys") or () if not _dropped_head(model, name)]
+    unexpected = [name for name in info.get("unexpected_keys") or ()
+                  if not _dropped_head(model, name) and not _old_buffer(name)]
     if refused_missing or unexpected:
         parts = []
         if refused_missing:

@@ -124,9 +124,9 @@ class FolderLock:
 
     def take(self) -> None:
         from ..analysis import LOCK_FILE, _try_lock
-        from ..run_folders import check_is_run_folder
+        from ..run_folders import FIT_MARKERS, check_is_run_folder
 
-        check_is_run_folder(self.run_dir, self.field)  # a user's folder is not taken over
+        check_is_run_folder(self.run_dir, self.field, FIT_MARKERS)  # a user's folder is not taken over
         for folder in (self.run_dir, *self.run_dir.parents):
             if folder.exists():
                 break
