@@ -64,6 +64,42 @@ def is_encoder_only(model: torch.nn.Module) -> bool:
                 for a in (getattr(config, "architectures", None) or []))
 
 
+#: Under ``mteb/``: each work item's count of non-finite texts per layer, kept beside MTEB's results.
+NONFINITE_DIR = "nonfinite"
+
+
+class _NonfiniteCounts:
+    """The non-finite text counts of one work item, per layer, kept in a small JSON file once the
+    first layer was embedded (one forward pass embeds every layer): a resume that reads every
+    layer's score back from MTEB's result cache embeds nothing, and reads the counts here."""
+
+    def __init__(self, folder: Path, key: str, layers: list[int]) -> None:
+        from ..work import content_digest
+
+        self.path = folder / f"{content_digest(key)}.json"
+        self.layers = layers
+        self.kept = self.path.exists()
+
+    def keep(self, store) -> None:
+        import json
+
+        from ..analysis import _atomic_write
+
+        if not self.kept:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.path, json.dumps({str(layer): store.nonfinite_texts(layer) for layer in self.layers}))
+            self.kept = True
+
+    def read(self) -> dict[str, int] | None:
+        import json
+
+        try:
+            value = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+
 class LayerSweep(Analysis):
     """MTEB main score and representation metrics per (checkpoint, layer)."""
 
@@ -261,6 +297,7 @@ class LayerSweep(Analysis):
             experiment["state"] = content_digest(item.state.id)
         dim = getattr(getattr(loaded.model, "config", None), "hidden_size", None)
         cache = mteb.ResultCache(self.run_dir / MTEB_DIR)
+        counted = _NonfiniteCounts(self.run_dir / MTEB_DIR / NONFINITE_DIR, item.key_str, layers)
         scores = []
         try:
             for layer in layers:
@@ -275,6 +312,8 @@ class LayerSweep(Analysis):
                         if not store.nonfinite_texts(layer):
                             raise
                         result = None  # MTEB (scikit-learn) refuses NaN embeddings: the layer scores NaN
+                if store.n_texts:  # every layer's count, kept beside MTEB's results for a resume that reads them
+                    counted.keep(store)
                 unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
                 for w in caught:
                     if not issubclass(w.category, ConvergenceWarning):
@@ -291,8 +330,10 @@ class LayerSweep(Analysis):
                                                "time": stamp})
                 run_log.info(f"{item.state.checkpoint} layer {layer} {unit.name}: {score:.4f} ({duration:.1f} s)"
                              + (f"; MTEB's classifier did not converge {unconverged} times" if unconverged else ""))
-            for row in scores:  # over every text embedded; None (unknown): all layers read back from MTEB's cache
-                row["n_nonfinite_texts"] = store.nonfinite_texts(row["layer"]) if store.n_texts else None
+            kept = None if store.n_texts else counted.read()  # every layer read back from MTEB's cache
+            for row in scores:  # over every text embedded; None (unknown): counts of an older run not kept
+                row["n_nonfinite_texts"] = store.nonfinite_texts(row["layer"]) if store.n_texts else \
+                    None if kept is None else kept.get(str(row["layer"]))
                 if row["n_nonfinite_texts"]:
                     row["main_score"] = math.nan
         finally:
