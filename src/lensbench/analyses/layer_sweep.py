@@ -64,8 +64,9 @@ def is_encoder_only(model: torch.nn.Module) -> bool:
                 for a in (getattr(config, "architectures", None) or []))
 
 
-#: Under ``mteb/``: each work item's count of non-finite texts per layer, kept beside MTEB's results.
-NONFINITE_DIR = "nonfinite"
+#: Each work item's count of non-finite texts per layer, kept beside MTEB's results (``mteb/``
+#: holds MTEB's own files only).
+NONFINITE_DIR = "nonfinite_counts"
 
 
 class _NonfiniteCounts:
@@ -297,7 +298,7 @@ class LayerSweep(Analysis):
             experiment["state"] = content_digest(item.state.id)
         dim = getattr(getattr(loaded.model, "config", None), "hidden_size", None)
         cache = mteb.ResultCache(self.run_dir / MTEB_DIR)
-        counted = _NonfiniteCounts(self.run_dir / MTEB_DIR / NONFINITE_DIR, item.key_str, layers)
+        counted = _NonfiniteCounts(self.run_dir / NONFINITE_DIR, item.key_str, layers)
         scores = []
         try:
             for layer in layers:
