@@ -80,3 +80,37 @@ def test_shipped_configs_run_one_after_another_in_one_folder(tmp_path):
         assert (tmp_path / output).is_file(), f"{config} wrote no {output}"
     folders = {Path(output).parent for _, _, output in RUNS}
     assert len(folders) == len(RUNS)  # no two configs share a run folder
+
+
+def test_slurm_scripts_parse_and_their_commands_load_their_configs(tmp_path):
+    """Every configs/slurm/*.sbatch is valid bash and its `srun lensbench ...` command names a
+    shipped config; a `predict` command's config is read by the CLI with the script's overrides
+    (``--print_config`` parses and checks every field without loading a model) and they hold."""
+    import shlex
+    import subprocess
+
+    import yaml
+
+    scripts = sorted((ROOT / "configs" / "slurm").glob("*.sbatch"))
+    assert {"layer_sweep_exp1.sbatch", "layer_sweep_exp2.sbatch"} <= {s.name for s in scripts}
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script.name
+        text = script.read_text(encoding="utf-8").replace("\\\n", " ")
+        commands = [line for line in text.splitlines() if line.startswith("srun lensbench ")]
+        assert len(commands) == 1, f"{script.name}: expected one 'srun lensbench' line"
+        command, *args = shlex.split(commands[0])[2:]
+        assert args[0] == "--config", f"{script.name}: expected 'srun lensbench {command} --config ...'"
+        config = args[1]
+        assert (ROOT / config).is_file(), f"{script.name} names {config}, which is not shipped"
+        if command != "predict":
+            continue
+        result = lensbench(command, "--config", str(ROOT / config), *args[2:], "--print_config", cwd=tmp_path,
+                           timeout=120)
+        assert result.returncode == 0, f"{script.name}: {result.stderr[-2000:]}"
+        printed = yaml.safe_load(result.stdout)
+        for key, value in zip(args[2::2], args[3::2]):  # --section.field value
+            node = printed
+            for part in key.removeprefix("--").split("."):
+                node = node[part]
+            assert str(node) == value, f"{script.name}: {key} is {node!r} in the config read, not {value!r}"
+    assert not list(tmp_path.iterdir())  # reading a config writes nothing
