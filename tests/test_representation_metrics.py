@@ -9,6 +9,11 @@ and rescaled to sum 1). The stored repitl versions compute ``1 / (1 - alpha)`` e
 ``alpha = 1``; the transcription takes the Shannon limit there. The pipeline glue (per-prompt token
 states without padding, mean pooling over the non-padding tokens, averages over prompts) follows
 ``text_automodel_wrapper.py`` of the same repository and the description in the paper.
+``ref_entropy_normalization`` transcribes ``entropy_normalization`` of ``metric_functions.py``; the
+per-prompt normalisation before the average follows ``compute_per_forward_pass`` of
+``experiments/utils/metrics/metric_utils.py`` (``N`` = the prompt's tokens), the dataset entropy's
+follows ``compute_on_concatenated_passes`` (``N`` = the prompts), the curvature's ``logD`` follows
+``compute_curvature``.
 
 Measured agreement (random float64 fixtures below, every metric and layer, alpha in {1, 2, 0.5},
 right and left padding, batch sizes 1, 3, 4 and all): max relative difference 8.9e-16 (effective
@@ -25,6 +30,7 @@ import pytest
 import torch
 
 from lensbench.layer_sweep.metrics import (
+    NORMALISATIONS,
     RepresentationMetrics,
     curvature,
     matrix_entropy,
@@ -32,6 +38,9 @@ from lensbench.layer_sweep.metrics import (
 )
 
 METRICS = ("prompt_entropy", "dataset_entropy", "curvature", "effective_rank")
+REF_NORMALISATIONS = ("maxEntropy", "logN", "logD", "logNlogD")  # the reference's list, less 'raw'
+NORMALISED = tuple(f"{m}_{n}" for m in ("prompt_entropy", "dataset_entropy") for n in REF_NORMALISATIONS) + (
+    "curvature_logD",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +98,25 @@ def ref_compute_entropy(hidden_states, alpha=1):
     return entropies
 
 
+def ref_entropy_normalization(entropy, normalization, N, D):
+    assert normalization in ['maxEntropy', 'logN', 'logD', 'logNlogD', 'raw', 'length']
+
+    if normalization == 'maxEntropy':
+        entropy /= min(math.log(N), math.log(D))
+    elif normalization == 'logN':
+        entropy /= math.log(N)
+    elif normalization == 'logD':
+        entropy /= math.log(D)
+    elif normalization == 'logNlogD':
+        entropy /= (math.log(N) * math.log(D))
+    elif normalization == 'raw':
+        pass
+    elif normalization == 'length':
+        entropy = N
+
+    return entropy
+
+
 def ref_compute_curvature(hidden_states):
     """'raw' normalisation only."""
     L, N, D = hidden_states.shape
@@ -124,17 +152,28 @@ def reference_metrics(prompts, alpha):
     dataset = torch.stack([ref_normalize(x) for x in pooled])
     dataset_entropy = ref_compute_entropy(dataset, alpha)
     dataset_shannon = ref_compute_entropy(dataset, 1)
-    return [
-        {
+    L, N, D = dataset.shape
+    # compute_per_forward_pass: each prompt's entropies normalised (N = its tokens), then averaged
+    prompt_normalised = {norm: np.array([[ref_entropy_normalization(x, norm, p.shape[1], D) for x in values]
+                                         for p, values in zip(prompts, prompt_entropies)]).mean(axis=0)
+                         for norm in REF_NORMALISATIONS}
+    curvature_mean = np.array(curvatures).mean(axis=0)
+    rows = []
+    for layer in range(L):
+        row = {
             "layer": layer,
             "prompt_entropy": np.array(prompt_entropies).mean(axis=0)[layer],
             "dataset_entropy": dataset_entropy[layer],
-            "curvature": np.array(curvatures).mean(axis=0)[layer],
+            "curvature": curvature_mean[layer],
             "effective_rank": math.exp(dataset_shannon[layer]),
             "n_prompts": len(prompts),
         }
-        for layer in range(pooled.shape[0])
-    ]
+        for norm in REF_NORMALISATIONS:
+            row[f"prompt_entropy_{norm}"] = prompt_normalised[norm][layer]
+            row[f"dataset_entropy_{norm}"] = ref_entropy_normalization(dataset_entropy[layer], norm, N, D)
+        row["curvature_logD"] = [x / math.log(D) for x in curvature_mean][layer]  # compute_curvature's 'logD'
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +258,29 @@ def test_matches_reference(case, alpha):
         assert [r["layer"] for r in got] == list(range(n_layers))
         for g, e in zip(got, expected):
             assert g["n_prompts"] == e["n_prompts"] == len(prompts)
-            for key in METRICS:
+            for key in METRICS + NORMALISED:
                 assert math.isfinite(e[key]) and e[key] > 0
                 worst = max(worst, rel_diff(g[key], e[key]))
     assert worst <= 1e-10, worst
+
+
+def test_normalised_columns_are_the_references_divisions():
+    """Every normalisation of the reference is a column, each its own division (the per-prompt
+    normalisation differs from normalising the average: prompts have different lengths)."""
+    assert set(NORMALISATIONS) == set(REF_NORMALISATIONS)
+    prompts = make_prompts(*CASES[0])
+    row = run(prompts)[1]
+    n, d = len(prompts), prompts[0].shape[2]
+    for norm in REF_NORMALISATIONS:
+        divisor = ref_entropy_normalization(1.0, norm, n, d) ** -1
+        assert row[f"dataset_entropy_{norm}"] == pytest.approx(row["dataset_entropy"] / divisor, rel=1e-12)
+    assert row["curvature_logD"] == pytest.approx(row["curvature"] / math.log(d), rel=1e-12)
+    averaged_then_divided = row["prompt_entropy"] / math.log(np.mean([p.shape[1] for p in prompts]))
+    assert abs(row["prompt_entropy_logN"] - averaged_then_divided) > 1e-3 * averaged_then_divided
+    # d = 12 < most prompts' lengths: maxEntropy divides those prompts by log D, the shorter by log N
+    assert row["prompt_entropy_maxEntropy"] != pytest.approx(row["prompt_entropy_logD"], rel=1e-6)
+    assert row["prompt_entropy_maxEntropy"] != pytest.approx(row["prompt_entropy_logN"], rel=1e-6)
+    assert 0 < row["prompt_entropy_maxEntropy"] <= 1 and 0 < row["dataset_entropy_maxEntropy"] <= 1
 
 
 def test_one_token_prompt_has_zero_entropy_as_in_the_reference():
@@ -240,6 +298,12 @@ def test_one_token_prompt_has_zero_entropy_as_in_the_reference():
     for row in metrics.compute():
         assert row["prompt_entropy"] == 0.0 and row["curvature"] == 0.0 and row["n_prompts"] == 1
         assert math.isnan(row["dataset_entropy"]) and math.isnan(row["effective_rank"])  # needs >= 2 prompts
+        # log N = 0 for one token: the reference divides by zero; lensbench keeps the entropy's 0
+        assert all(row[f"prompt_entropy_{norm}"] == 0.0 for norm in NORMALISATIONS)
+        assert row["curvature_logD"] == 0.0
+        assert all(math.isnan(row[f"dataset_entropy_{norm}"]) for norm in NORMALISATIONS)
+    with pytest.raises(ZeroDivisionError):
+        ref_entropy_normalization(0.0, "logN", 1, 8)
 
 
 # ---------------------------------------------------------------------------------------------

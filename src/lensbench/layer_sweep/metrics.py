@@ -27,6 +27,18 @@ effective rank
 curvature (per layer)
     mean over prompts of the curvature of the prompt's raw (not normalised) token states.
 
+Normalisations (information_flow's ``entropy_normalization``, in
+``experiments/utils/metrics/metric_functions.py``): an entropy of ``N`` samples of dimension ``D``
+divided by ``log N`` (``logN``), ``log D`` (``logD``), ``min(log N, log D)`` (``maxEntropy``, the
+largest value the entropy can take, so the ratio lies in 0..1: the reference's default, first in
+its ``EvaluationMetricSpecifications.normalizations`` and the default of its ``compute_entropy``) or
+``log N * log D`` (``logNlogD``); ``raw`` is the entropy itself. The prompt entropy is normalised per
+prompt (``N`` its tokens, ``D`` the hidden size) before the average over prompts, as the reference's
+``compute_per_forward_pass`` does; the dataset entropy with ``N`` the prompts. Curvature has ``raw``
+and ``logD`` (divided by ``log D``), as the reference's ``compute_curvature``. A divisor of 0 (one
+token, or ``D = 1``) leaves 0: the entropy of a single sample is 0 there (the reference divides by
+zero and stops).
+
 Degenerate cases. A row whose centred norm is 0 stays 0 and a matrix without a positive eigenvalue
 has entropy 0, so a one-token prompt (or one whose token states are all equal) has prompt entropy
 0.0 and curvature 0.0, and counts in the averages. The reference divides 0 by 0 there; the NaN
@@ -49,7 +61,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["RepresentationMetrics", "curvature", "matrix_entropy", "normalize_rows"]
+__all__ = ["NORMALISATIONS", "RepresentationMetrics", "curvature", "entropy_divisor", "matrix_entropy", "normalize_rows"]
+
+#: information_flow's normalisations of an entropy besides ``raw`` (see the module docstring); each
+#: adds the columns ``prompt_entropy_<name>`` and ``dataset_entropy_<name>``.
+NORMALISATIONS = ("logN", "logD", "maxEntropy", "logNlogD")
 
 
 def normalize_rows(z: Tensor) -> Tensor:
@@ -96,6 +112,22 @@ def matrix_entropy(z: Tensor, alpha: float = 1.0) -> float:
     return float(_renyi(_spectrum(z.double()), _check_alpha(alpha)))
 
 
+def entropy_divisor(normalisation: str, n: int, d: int) -> float:
+    """What information_flow's ``entropy_normalization`` divides an entropy of ``n`` samples of
+    dimension ``d`` by under ``normalisation`` (one of ``NORMALISATIONS``, or ``raw``: 1)."""
+    log_n, log_d = math.log(n), math.log(d)
+    divisors = {"raw": 1.0, "logN": log_n, "logD": log_d, "maxEntropy": min(log_n, log_d), "logNlogD": log_n * log_d}
+    if normalisation not in divisors:
+        raise ValueError(f"unknown normalisation {normalisation!r}; use one of {', '.join(divisors)}")
+    return divisors[normalisation]
+
+
+def _divide(value: Tensor | float, divisor: float) -> Tensor | float:
+    """``value / divisor``; a divisor of 0 (then the entropy is 0: one sample) leaves ``value * 0``
+    (0, or NaN for NaN)."""
+    return value / divisor if divisor != 0 else value * 0.0
+
+
 def _curvatures(z: Tensor) -> Tensor:
     """Average curvature of the trajectories ``z`` (``[..., T, D]``, float64), shape ``[...]``."""
     if z.shape[-2] < 3:
@@ -138,7 +170,9 @@ class RepresentationMetrics:
         self.n_hidden: int | None = None
         self.n_prompts = 0
         self._entropy_sum: Tensor | None = None
+        self._normalised_sums: dict[str, Tensor] = {}  # normalisation -> per-prompt normalised entropies summed
         self._curvature_sum: Tensor | None = None
+        self.dim: int | None = None  # hidden size D
         self._nonfinite: Tensor | None = None  # prompts whose pooled states are not finite, per layer
         self._pooled: list[Tensor] = []
 
@@ -150,6 +184,7 @@ class RepresentationMetrics:
                 raise ValueError(f"layers {requested} invalid for {n_hidden} hidden states")
             self.layers, self.n_hidden = layers, n_hidden
             self._entropy_sum = torch.zeros(len(layers), dtype=torch.float64)
+            self._normalised_sums = {name: torch.zeros(len(layers), dtype=torch.float64) for name in NORMALISATIONS}
             self._curvature_sum = torch.zeros(len(layers), dtype=torch.float64)
             self._nonfinite = torch.zeros(len(layers), dtype=torch.int64)
         elif n_hidden != self.n_hidden:
@@ -165,7 +200,9 @@ class RepresentationMetrics:
         if attention_mask.shape != first.shape[:2]:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} vs hidden states {tuple(first.shape)}")
         mask = attention_mask.to(first.device) != 0
+        self.dim = first.shape[-1]
         entropy = self._entropy_sum.to(first.device)
+        normalised = {name: total.to(first.device) for name, total in self._normalised_sums.items()}
         curv = self._curvature_sum.to(first.device)
         nonfinite = self._nonfinite
         assert nonfinite is not None
@@ -180,10 +217,14 @@ class RepresentationMetrics:
             if bad.any():
                 nonfinite += bad.cpu()
                 z = torch.where(bad[:, None, None], 0.0, z)  # eigvalsh fails on NaN; the layer's sums become NaN
-            entropy += torch.where(bad, math.nan, _renyi(_spectrum(normalize_rows(z)), self.alpha))
+            prompt_entropy = torch.where(bad, math.nan, _renyi(_spectrum(normalize_rows(z)), self.alpha))
+            entropy += prompt_entropy
+            for name, total in normalised.items():  # per prompt: N = its tokens
+                total += _divide(prompt_entropy, entropy_divisor(name, z.shape[1], z.shape[2]))
             curv += torch.where(bad, math.nan, _curvatures(z))
             pooled.append(mean)
         self._entropy_sum, self._curvature_sum = entropy.cpu(), curv.cpu()
+        self._normalised_sums = {name: total.cpu() for name, total in normalised.items()}
         if pooled:
             self._pooled.append(torch.stack(pooled).to("cpu", self.store_dtype))  # [B, L, D]
             self.n_prompts += len(pooled)
@@ -191,8 +232,10 @@ class RepresentationMetrics:
     @torch.no_grad()
     def compute(self, layers: list[int] | None = None) -> list[dict]:
         """One dict per layer (default: all kept ones): ``layer``, ``prompt_entropy``,
-        ``dataset_entropy``, ``curvature``, ``effective_rank``, ``n_prompts``, ``n_nonfinite_texts`` (prompts
-        whose pooled states at that layer are not finite).
+        ``dataset_entropy``, ``curvature``, ``effective_rank`` (all raw), then ``prompt_entropy_<n>`` and
+        ``dataset_entropy_<n>`` for each normalisation ``n`` of ``NORMALISATIONS`` and ``curvature_logD``
+        (see the module docstring), ``n_prompts``, ``n_nonfinite_texts`` (prompts whose pooled states at
+        that layer are not finite).
 
         The effective rank is ``exp(S_1)`` of the normalised dataset matrix: the exponential of the
         Shannon entropy of its trace-normalised Gram spectrum (squared singular values, up to the
@@ -201,6 +244,7 @@ class RepresentationMetrics:
         if self.layers is None:
             raise RuntimeError("compute() before any update()")
         assert self.n_hidden is not None and self._entropy_sum is not None and self._curvature_sum is not None
+        assert self.dim is not None
         wanted = self.layers if layers is None else [x + self.n_hidden if x < 0 else x for x in layers]
         missing = [x for x in wanted if x not in self.layers]
         if missing:
@@ -216,15 +260,20 @@ class RepresentationMetrics:
                 p = _spectrum(normalize_rows(pooled[:, j].double()))
                 dataset_entropy = float(_renyi(p, self.alpha))
                 effective_rank = math.exp(dataset_entropy if self.alpha == 1.0 else float(_renyi(p, 1.0)))
-            results.append(
-                {
-                    "layer": layer,
-                    "prompt_entropy": float(self._entropy_sum[j]) / n if n else math.nan,
-                    "dataset_entropy": dataset_entropy,
-                    "curvature": float(self._curvature_sum[j]) / n if n else math.nan,
-                    "effective_rank": effective_rank,
-                    "n_prompts": n,
-                    "n_nonfinite_texts": int(self._nonfinite[j]) if self._nonfinite is not None else 0,
-                }
-            )
+            curv = float(self._curvature_sum[j]) / n if n else math.nan
+            row = {
+                "layer": layer,
+                "prompt_entropy": float(self._entropy_sum[j]) / n if n else math.nan,
+                "dataset_entropy": dataset_entropy,
+                "curvature": curv,
+                "effective_rank": effective_rank,
+            }
+            for name in NORMALISATIONS:
+                row[f"prompt_entropy_{name}"] = float(self._normalised_sums[name][j]) / n if n else math.nan
+            for name in NORMALISATIONS:
+                row[f"dataset_entropy_{name}"] = _divide(dataset_entropy, entropy_divisor(name, max(n, 1), self.dim))
+            row["curvature_logD"] = _divide(curv, entropy_divisor("logD", 1, self.dim))
+            row["n_prompts"] = n
+            row["n_nonfinite_texts"] = int(self._nonfinite[j]) if self._nonfinite is not None else 0
+            results.append(row)
         return results
