@@ -231,6 +231,13 @@ CASES = {
                                     "data.init_args.max_metric_texts: must be at least 1 or null, got 0"),
     "sweep_empty_metrics_dataset": (layer_sweep("--data.init_args.metrics_datasets", "[empty.txt]"), 1,
                                     "data.init_args.metrics_datasets[0]: empty.txt holds no text"),
+    "sweep_task_metric_texts_zero": (layer_sweep("--data.init_args.task_metrics", "true",
+                                                 "--data.init_args.task_metric_texts", "0"), 1,
+                                     "data.init_args.task_metric_texts: must be an integer of at least 1 or null, "
+                                     "got 0"),
+    "sweep_metric_seed_negative": (layer_sweep("--data.init_args.task_metrics", "true", "--data.init_args.metric_seed",
+                                               "-1"), 1,
+                                   "data.init_args.metric_seed: must be an integer of at least 0, got -1"),
 }
 #: Cases that need optional modules (skipped where they are not installed): id -> modules.
 NEEDS = {cid: ("mteb",) for cid in ("sweep_unknown_task", "sweep_mteb_task_not_cached", "sweep_task_set_not_cached",

@@ -255,10 +255,15 @@ class LayerSweep(Analysis):
         return self._task(item, loaded, backbone)
 
     def _metrics(self, item: WorkItem, loaded, backbone) -> dict[str, Any]:
+        from ..layer_sweep.data import TaskTexts
         from ..layer_sweep.metrics import RepresentationMetrics
 
         layers = self._layers[item.state.checkpoint]
-        texts = list(item.payload.texts)
+        payload = item.payload
+        if isinstance(payload, TaskTexts):  # a task's own texts, drawn now (an MTEB task's data loads here)
+            texts, where = payload.texts(), {"dataset": payload.name, "source": "task", "sample_seed": payload.seed}
+        else:  # a metrics dataset's first max_metric_texts texts
+            texts, where = list(payload.texts), {"dataset": payload.dataset, "source": "dataset", "sample_seed": None}
         acc = RepresentationMetrics(alpha=self.alpha)
         limit = self._context(loaded)
         for start in range(0, len(texts), self.batch_size):
@@ -272,7 +277,7 @@ class LayerSweep(Analysis):
         rows = acc.compute()
         for row, layer in zip(rows, layers):
             row["layer"] = layer
-        return {"kind": "metrics", **self._base(item), "dataset": item.payload.dataset, "n_texts": len(texts),
+        return {"kind": "metrics", **self._base(item), **where, "n_texts": len(texts),
                 "alpha": self.alpha, "layers": rows}
 
     def _task(self, item: WorkItem, loaded, backbone) -> dict[str, Any]:

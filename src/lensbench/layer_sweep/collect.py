@@ -136,9 +136,13 @@ def write_tables(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
                                       "main_score": s["main_score"], "duration_s": s["duration_s"], "time": s["time"]})
         elif rec.get("kind") == "metrics":
             for m in rec["layers"]:
-                metric_rows.append({**head, "dataset": rec["dataset"], "layer": m["layer"],
-                                    **{k: m[k] for k in METRICS}, "n_prompts": m["n_prompts"], "alpha": rec["alpha"],
-                                    NONFINITE: m.get(NONFINITE), **embedding})
+                # every metric the record holds (raw, then normalised: older records lack the latter);
+                # source: "task" (a task's own texts, drawn with sample_seed) or "dataset" (first texts)
+                values = {k: v for k, v in m.items() if k not in ("layer", "n_prompts", NONFINITE)}
+                metric_rows.append({**head, "dataset": rec["dataset"], "source": rec.get("source", "dataset"),
+                                    "layer": m["layer"], **values, "n_texts": rec.get("n_texts"),
+                                    "n_prompts": m["n_prompts"], "sample_seed": rec.get("sample_seed"),
+                                    "alpha": rec["alpha"], NONFINITE: m.get(NONFINITE), **embedding})
     scores = metrics = None
     if score_rows:
         scores = natural_sort(pd.DataFrame(score_rows), [*keys, "task", "layer"])
@@ -151,9 +155,10 @@ def write_tables(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
                              ["model", "revision", "state", "task", "layer"])
         written.append(write_csv(table, run_dir / progress.PROGRESS))
     if metric_rows:
-        metrics = natural_sort(pd.DataFrame(metric_rows), [*keys, "dataset", "layer"])
+        metrics = natural_sort(pd.DataFrame(metric_rows), [*keys, "source", "dataset", "layer"])
         metrics = metrics[[*columns, *(c for c in metrics.columns if c not in columns)]]
         metrics[NONFINITE] = metrics[NONFINITE].astype("Int64")
+        metrics[["n_texts", "sample_seed"]] = metrics[["n_texts", "sample_seed"]].astype("Int64")  # seed: tasks only
         metrics[LAST] = metrics[LAST].astype("Int64")
         written.append(write_csv(metrics, run_dir / METRICS_TABLE))
     if scores is not None and metrics is not None:

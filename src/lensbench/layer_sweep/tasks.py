@@ -12,8 +12,8 @@ A config names tasks (``data.init_args.tasks`` or wherever the caller says) as s
 instance, local or not). A local folder is read and checked completely when it is resolved
 (``lensbench.layer_sweep.local_tasks``), so a malformed file is reported (file, line, field) before
 any model is loaded; its task never fetches anything. ``ensure_loaded`` loads a task's data (an MTEB
-task's dataset needs the Hugging Face Hub or its cache) and ``task_texts`` counts the texts a task
-hands the encoder. ``local_task``, ``is_local``, ``TASK_TYPES``, ``FIELD`` and ``DOCS`` are
+task's dataset needs the Hugging Face Hub or its cache), ``task_texts`` counts the texts a task
+hands the encoder and ``encoder_texts`` lists them (distinct). ``local_task``, ``is_local``, ``TASK_TYPES``, ``FIELD`` and ``DOCS`` are
 re-exported from ``local_tasks``.
 
 Nothing here imports ``mteb`` or ``datasets`` at module import time.
@@ -34,8 +34,8 @@ from ..hookspecs import hookimpl
 # ``_rebuild_local`` stays importable here: local tasks pickled before the split name it in this module.
 from .local_tasks import DOCS, FIELD, TASK_TYPES, _fail, _rebuild_local, _show, is_local, local_task  # noqa: F401
 
-__all__ = ["DOCS", "FIELD", "SCORED_TYPES", "TASK_SETS", "TASK_TYPES", "ResolvedTask", "TaskEntry", "ensure_loaded",
-           "is_local", "lensbench_register_mteb_tasks", "local_task", "resolve_tasks", "task_texts"]
+__all__ = ["DOCS", "FIELD", "SCORED_TYPES", "TASK_SETS", "TASK_TYPES", "ResolvedTask", "TaskEntry", "encoder_texts",
+           "ensure_loaded", "is_local", "lensbench_register_mteb_tasks", "local_task", "resolve_tasks", "task_texts"]
 
 #: MTEB task types the layer sweep scores (MTEB reranking tasks are retrieval tasks with candidates).
 SCORED_TYPES = TASK_TYPES + ("Reranking",)
@@ -352,6 +352,74 @@ def task_texts(task: Any) -> int:
                 raise LensbenchError(f"cannot count the texts of MTEB task {task.metadata.name} "
                                      f"({type(task).__name__}); layer_sweep scores {', '.join(SCORED_TYPES)} tasks")
     return total
+
+
+def encoder_texts(task: Any) -> list[str]:
+    """The distinct texts of ``task`` (an mteb task or a ``ResolvedTask``) that an evaluation of its
+    eval split(s) may hand the encoder, in the order first met: classification the training texts
+    MTEB's undersampling draws (as ``task_texts`` selects them) and the eval texts; clustering every
+    text of the eval split (MTEB may embed a random part of them); pair classification and STS both
+    sides of every pair; retrieval and reranking the corpus (title and text joined, as MTEB joins
+    them) and the queries that have relevant documents (with their instruction, as MTEB appends it).
+    The texts the representation metrics of a task draw from. Loads the task's data if needed."""
+    task = ensure_loaded(_mteb_of(task))
+    from mteb.abstasks.classification import AbsTaskClassification
+    from mteb.abstasks.clustering import AbsTaskClustering
+    from mteb.abstasks.clustering_legacy import AbsTaskClusteringLegacy
+    from mteb.abstasks.pair_classification import AbsTaskPairClassification
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.sts import AbsTaskSTS
+
+    if isinstance(task, AbsTaskRetrieval):
+        task.convert_v1_dataset_format_to_v2(num_proc=None)
+    texts: dict[str, None] = {}  # insertion-ordered set
+    for split in task.eval_splits:
+        for hf_subset in task.hf_subsets:
+            data = _subset_data(task, hf_subset)
+            if isinstance(task, AbsTaskClassification):
+                column = task.input_column_name
+                train = data[task.train_split]
+                if task.is_cross_validation:
+                    texts.update(dict.fromkeys(train[column]))
+                    continue
+                union: set[int] = set()
+                idxs = None
+                for i in range(task.n_experiments):
+                    _, idxs, selected = task._undersample_data(train, i, idxs)
+                    union.update(selected)
+                drawn = train[column]
+                texts.update(dict.fromkeys(drawn[i] for i in sorted(union)))
+                texts.update(dict.fromkeys(data[split][column]))
+            elif isinstance(task, AbsTaskClusteringLegacy):
+                for row in data[split]:
+                    if len(set(row[task.label_column_name])) > 1:
+                        texts.update(dict.fromkeys(row[task.input_column_name]))
+            elif isinstance(task, AbsTaskClustering):
+                texts.update(dict.fromkeys(data[split][task.input_column_name]))
+            elif isinstance(task, (AbsTaskPairClassification, AbsTaskSTS)):
+                rows = data[split]
+                columns = ((task.input1_column_name, task.input2_column_name)
+                           if isinstance(task, AbsTaskPairClassification) else task.column_names)
+                if len(rows) == 1 and isinstance(rows[0][columns[0]], list):  # v1 layout: one row of lists
+                    pairs = zip(*(rows[0][c] for c in columns))
+                else:
+                    pairs = zip(*(rows[c] for c in columns))
+                for pair in pairs:
+                    texts.update(dict.fromkeys(pair))
+            elif isinstance(task, AbsTaskRetrieval):
+                split_data = data[split]
+                with_docs = {q for q, docs in split_data["relevant_docs"].items() if len(docs) > 0}
+                for row in split_data["corpus"]:
+                    title = row.get("title") or ""
+                    texts[(title + " " + row["text"]).strip() if title else row["text"].strip()] = None
+                for row in split_data["queries"]:
+                    if row["id"] in with_docs:
+                        instruction = row.get("instruction")
+                        texts[row["text"] + " " + instruction if instruction else row["text"]] = None
+            else:
+                raise LensbenchError(f"cannot list the texts of MTEB task {task.metadata.name} "
+                                     f"({type(task).__name__}); layer_sweep scores {', '.join(SCORED_TYPES)} tasks")
+    return [t for t in texts if isinstance(t, str)]
 
 
 # -- the shipped tasks ------------------------------------------------------------------------------
