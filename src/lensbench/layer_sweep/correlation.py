@@ -1,9 +1,9 @@
 """Task scores joined with representation metrics, and their Spearman correlation (the paper's
 question: does a label-free metric of a layer predict how well the layer embeds text?).
 
-``join``: one row per (checkpoint, state, layer, task, metrics dataset). A metrics dataset named after
-a task of the sweep holds that task's own texts and joins that task only; any other dataset joins
-every task.
+``join``: one row per (checkpoint, state, layer, task, metrics dataset). The metrics of a task's own
+texts (``source`` "task"; in tables written before ``source`` was kept, a dataset named after a task)
+join that task only; a named dataset joins every task.
 
 ``correlate``: for each metrics dataset (the task-own-text datasets pooled as ``(each task's
 texts)``), each metric column and each task type (and ``(all tasks)``), one point per (checkpoint,
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from .collect import LAST, METRICS, _mean, natural_sort, ordered
+from .collect import LAST, LAYER_NORM, METRICS, _mean, natural_sort, ordered
 
 OWN_TEXTS = "(each task's texts)"
 ALL_TYPES = "(all tasks)"
@@ -46,13 +46,19 @@ def _ids(frame, keys: list[str]):
 
 def join(scores, metrics, keys: list[str]):
     """Each score row of ``scores`` with the metrics of its (checkpoint, state, layer), one row per
-    metrics dataset (see the module's doc)."""
+    metrics dataset (see the module's doc). ``keys`` are the scores' keys; the two tables join on the
+    checkpoint (model, revision, state columns), not on ``layer_norm``: the metrics' own setting is
+    kept as ``metrics_layer_norm``."""
     values = metric_columns(metrics)
+    checkpoint = [k for k in keys if k != LAYER_NORM]
     last = [LAST] if LAST in scores else []
-    left = scores[[*keys, "layer", *last, "task", "task_type", "main_score"]].assign(_id=_ids(scores, keys))
-    right = metrics[["dataset", "layer", *values]].assign(_id=_ids(metrics, keys))
+    left = scores[[*keys, "layer", *last, "task", "task_type", "main_score"]].assign(_id=_ids(scores, checkpoint))
+    source = ["source"] if "source" in metrics else []
+    right = metrics[["dataset", *source, "layer", *values]].assign(_id=_ids(metrics, checkpoint))
+    if LAYER_NORM in metrics:
+        right.insert(len(right.columns) - 1, "metrics_layer_norm", metrics[LAYER_NORM])
     joined = left.merge(right, on=["_id", "layer"], how="inner", sort=False).drop(columns="_id")
-    own = joined["dataset"].isin(set(scores["task"]))
+    own = joined["source"].eq("task") if source else joined["dataset"].isin(set(scores["task"]))
     joined = joined[~own | (joined["dataset"] == joined["task"])]
     joined = joined[[c for c in joined.columns if c != LAST] + last]
     return natural_sort(joined, [*keys, "layer", "task", "dataset"]).reset_index(drop=True)
@@ -64,7 +70,10 @@ def groups(joined) -> list[str]:
 
 
 def _group(joined):
-    return joined["dataset"].where(joined["dataset"] != joined["task"], OWN_TEXTS)
+    """Each row's dataset, ``(each task's texts)`` for the metrics of the row's own task's texts
+    (``source`` "task"; tables without ``source``: a dataset named after the row's task)."""
+    own = joined["source"].eq("task") if "source" in joined else joined["dataset"] == joined["task"]
+    return joined["dataset"].where(~own, OWN_TEXTS)
 
 
 def points(joined, keys: list[str], group: str, task_type: str, values: list[str]):

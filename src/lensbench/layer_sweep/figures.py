@@ -265,9 +265,9 @@ def _metric_curves(metrics, run_dir: Path) -> Path:
     metrics = natural_sort(metrics, [*keys, "layer"])
     x, xlabel = _depth_axis(metrics)
     metrics = metrics.assign(_x=x)
-    checkpoint = [k for k in keys if k != "dataset"]
-    lines = metrics[keys].drop_duplicates().itertuples(index=False, name=None)
-    names = [checkpoint_name(dict(zip(keys, v)), checkpoint) + f" / {dict(zip(keys, v))['dataset']}" for v in lines]
+    checkpoint = [k for k in keys if k not in ("dataset", "source")]
+    names = [checkpoint_name(row, checkpoint) + f" / {row['dataset']}" + (" (task texts)" if row.get("source") ==
+             "task" else "") for row in metrics[keys].drop_duplicates().to_dict("records")]
     colours, cmap = _colours(len(names))
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS) + (1.5 if cmap else 0), 3.8),
                              squeeze=False, layout="constrained")
