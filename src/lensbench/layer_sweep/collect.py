@@ -80,10 +80,11 @@ def natural_sort(frame, columns: list[str]):
 
 def table_keys(frame) -> list[str]:
     """The checkpoint keys of a stored table: its columns before ``layer`` (model, revision, state
-    columns, and ``dataset`` in the metrics table), and ``layer_norm`` where it takes several values."""
+    columns, and ``dataset`` in the metrics table), and ``layer_norm`` where it takes several values
+    (an empty one, of a record stored before it was kept, is not one)."""
     columns = list(frame.columns)
     keys = columns[: columns.index("layer")]
-    if LAYER_NORM in frame and frame[LAYER_NORM].nunique(dropna=False) > 1:
+    if LAYER_NORM in frame and len({v for v in frame[LAYER_NORM] if _present(v)}) > 1:
         keys.append(LAYER_NORM)
     return keys
 
@@ -112,7 +113,9 @@ def _checkpoint_keys(labels: list[str]) -> list[str]:
 
 
 def _norm_varies(records: list[dict[str, Any]]) -> bool:
-    return len({rec.get(LAYER_NORM) for rec in records if rec.get("kind") in ("task", "metrics")}) > 1
+    """Whether the task records hold several ``layer_norm`` settings (a key of the scores then; the
+    metrics have their own setting, ``metrics_layer_norm``, and join on the checkpoint alone)."""
+    return len({rec.get(LAYER_NORM) for rec in records if rec.get("kind") == "task"} - {None}) > 1
 
 
 def write_tables(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
@@ -210,7 +213,7 @@ def _safe(name: str) -> str:
 def checkpoint_name(row: dict[str, Any], keys: list[str]) -> str:
     """A checkpoint's label in figures: ``model@revision`` and its state columns as ``k=v``."""
     parts = [str(row["model"])] + ([f"@{row['revision']}"] if _present(row.get("revision")) else [])
-    parts += [f" {k}={row[k]}" for k in keys if k not in ("model", "revision")]
+    parts += [f" {k}={row[k]}" for k in keys if k not in ("model", "revision") and _present(row[k])]
     return "".join(parts)
 
 
@@ -221,7 +224,7 @@ def file_stem(row: dict[str, Any], keys: list[str]) -> str:
     revision = str(row["revision"]) if _present(row.get("revision")) else ""
     if revision and len(_safe(revision)) <= 24:
         stem, revision = f"{stem}@{_safe(revision)}", ""
-    rest = [revision] + [f"{k}={row[k]}" for k in keys if k not in ("model", "revision")]
+    rest = [revision] + [f"{k}={row[k]}" for k in keys if k not in ("model", "revision") and _present(row[k])]
     if any(rest):
         stem += "__" + hashlib.sha256("\x1f".join(rest).encode("utf-8")).hexdigest()[:8]
     return stem
