@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 import warnings
 from datetime import datetime, timezone
@@ -79,7 +80,7 @@ class _NonfiniteCounts:
 
         self.path = folder / f"{content_digest(key)}.json"
         self.layers = layers
-        self.kept = self.path.exists()
+        self.kept = False  # rewritten by every pass that embeds: a recomputed layer's counts replace older ones
 
     def keep(self, store) -> None:
         import json
@@ -286,6 +287,7 @@ class LayerSweep(Analysis):
 
         from ..layer_sweep import progress
         from ..layer_sweep.embeddings import LayerEmbeddings, layer_meta, make_encoder
+        from ..layer_sweep.result_cache import ResultRecord, embedding_settings
         from ..layer_sweep.tasks import ensure_loaded, task_texts
 
         unit = item.payload
@@ -304,6 +306,13 @@ class LayerSweep(Analysis):
         dim = getattr(getattr(loaded.model, "config", None), "hidden_size", None)
         cache = mteb.ResultCache(self.run_dir / MTEB_DIR)
         counted = _NonfiniteCounts(self.run_dir / NONFINITE_DIR, item.key_str, layers)
+        # A cached result is read back only when computed from this task content and these settings.
+        record = ResultRecord(self.run_dir, item.key_str, {"state": item.state.id, "task_digest": unit.ref.digest,
+                                                          **embedding_settings(self, loaded, backbone)})
+        paths = {layer: cache.get_task_result_path(task.metadata.name, layer_meta(
+            base["model"], base["revision"] or None, layer, experiment, dim)) for layer in layers}
+        reused = record.drop_stale(paths, task.metadata.revision,
+                                   place(item.state.checkpoint, unit.name, item.state.labels))
         scores = []
         try:
             for layer in layers:
@@ -327,14 +336,17 @@ class LayerSweep(Analysis):
                 # Rounded as MTEB's result files are: a layer read back from them on resume scores the same.
                 score = math.nan if result is None or store.nonfinite_texts(layer) else \
                     round(float(result.task_results[0].get_score()), MTEB_DECIMALS)
-                duration = time.perf_counter() - begin
+                duration = reused[layer] if layer in reused else time.perf_counter() - begin
+                if layer not in reused:  # a layer read back keeps the seconds it first took
+                    record.record(layer, paths[layer], duration)
                 stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 scores.append({"layer": layer, "main_score": score, "duration_s": duration, "time": stamp})
                 progress.append(self.run_dir, {"model": base["model"], "revision": base["revision"],
                                                "state": item.state.id, "layer": layer, "task": unit.name,
                                                "status": "done", "main_score": score, "duration_s": duration,
                                                "time": stamp})
-                run_log.info(f"{item.state.checkpoint} layer {layer} {unit.name}: {score:.4f} ({duration:.1f} s)"
+                run_log.info(f"{item.state.checkpoint} layer {layer} {unit.name}: {score:.4f} ({duration:.1f} s"
+                             + (", read back from MTEB's cache)" if layer in reused else ")")
                              + (f"; MTEB's classifier did not converge {unconverged} times" if unconverged else ""))
             kept = None if store.n_texts else counted.read()  # every layer read back from MTEB's cache
             for row in scores:  # over every text embedded; None (unknown): counts of an older run not kept
@@ -360,6 +372,8 @@ class LayerSweep(Analysis):
         spilled = sum(r.get("spilled_chunks", 0) for r in tasks)
         if spilled:
             console.info(f"layer_sweep: {spilled} embedding chunks went to disk (embedding_memory_mb)")
+        # Every rank is done: what spill/ still holds (empty rank folders, chunks of a killed run) is scratch.
+        shutil.rmtree(Path(run_dir) / SPILL_DIR, ignore_errors=True)
         return written
 
     @staticmethod
