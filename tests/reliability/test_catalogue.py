@@ -218,6 +218,10 @@ CASES = {
     "sweep_task_json_unknown_type": (layer_sweep(tasks="[badtype]"), 1,
                                      "badtype/task.json: type 'Regression' is not a local task type; use one of "
                                      "Classification, Clustering"),
+    "sweep_task_json_reranking_type": (layer_sweep(tasks="[rerank]"), 1,
+                                       "rerank/task.json: type 'Reranking' is not a local task type; use one of "
+                                       "Classification, Clustering, PairClassification, STS, Retrieval (Reranking is "
+                                       "scored only for MTEB's own tasks"),
     "sweep_last_token_on_an_encoder": (layer_sweep("--model.init_args.models", "[minilm]", "--model.init_args.pooling",
                                                    "last"), 1,
                                        "model.init_args.pooling: minilm is an encoder-only model"),
@@ -329,15 +333,17 @@ def stored(folder: Path) -> list[str]:
 
 def make_task_folders(root: Path) -> None:
     """Local MTEB tasks: ``sts`` (whole), ``badline`` (its line 2 is not JSON), ``nofield`` (its
-    line 3 lacks ``score``), ``badtype`` (task.json names an unknown type)."""
+    line 3 lacks ``score``), ``badtype`` (task.json names an unknown type), ``rerank`` (a type
+    scored for MTEB's own tasks only)."""
     lines = (write_sts(root / "sts") / "test.jsonl").read_text().splitlines(keepends=True)
-    for name in ("badline", "nofield", "badtype"):
+    for name in ("badline", "nofield", "badtype", "rerank"):
         shutil.copytree(root / "sts", root / name)
     (root / "badline" / "test.jsonl").write_text(lines[0] + '{"sentence1": "a cat", \n' + "".join(lines[1:]))
     row = json.loads(lines[2])
     del row["score"]
     (root / "nofield" / "test.jsonl").write_text("".join(lines[:2]) + json.dumps(row) + "\n" + "".join(lines[3:]))
     (root / "badtype" / "task.json").write_text(json.dumps({"type": "Regression", "description": "x"}))
+    (root / "rerank" / "task.json").write_text(json.dumps({"type": "Reranking", "description": "x"}))
 
 
 @pytest.fixture(scope="module")

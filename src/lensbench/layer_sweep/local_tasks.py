@@ -30,6 +30,8 @@ DOCS = "docs/layer_sweep.md#task-formats"
 
 #: Task types a local folder may declare in task.json.
 TASK_TYPES = ("Classification", "Clustering", "PairClassification", "STS", "Retrieval")
+#: Task types the layer sweep scores for MTEB's own tasks, which a local folder cannot declare.
+MTEB_ONLY_TYPES = ("Reranking",)
 
 _DEFAULT_MAIN_SCORE = {"Classification": "accuracy", "Clustering": "v_measure", "PairClassification": "max_ap",
                        "STS": "cosine_spearman", "Retrieval": "ndcg_at_10"}
@@ -211,9 +213,11 @@ def _read_task_json(folder: Path, field: str) -> dict[str, Any]:
                         f"{_show(spec[key])}", field)
     task_type = spec["type"]
     if task_type not in TASK_TYPES:
-        hint = did_you_mean(task_type, list(TASK_TYPES))
-        hint = "use one of " + ", ".join(TASK_TYPES) if hint.startswith("known") else hint
-        raise _fail(f"{path}: type {task_type!r} is not a local task type; {hint}", field)
+        # Every supported type, not a close name: "Reranking" is not a misspelt "Clustering".
+        note = (f" ({task_type} is scored only for MTEB's own tasks, named in data.init_args.tasks by their "
+                "MTEB name, such as SciDocsRR)" if task_type in MTEB_ONLY_TYPES else "")
+        raise _fail(f"{path}: type {task_type!r} is not a local task type; use one of {', '.join(TASK_TYPES)}"
+                    f"{note}", field)
     for key in ("min_score", "max_score"):
         if key in spec and (task_type != "STS" or not _is_number(spec[key])):
             what = "a number" if task_type == "STS" else "only for STS tasks"
