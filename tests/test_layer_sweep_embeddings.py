@@ -63,6 +63,9 @@ def test_pool_finds_tokens_from_the_mask():
     assert pool(hidden, mask, "first")[:, 0].tolist() == [1.0, 4.0]
     assert pool(hidden, mask, "last")[:, 0].tolist() == [2.0, 7.0]
     assert pool(hidden, mask, "mean")[:, 0].tolist() == [1.5, 5.5]
+    hidden[0, 0, 0] = hidden[0, 3, 0] = float("nan")  # a padding position's state never enters
+    assert pool(hidden, mask, "mean")[:, 0].tolist() == [1.5, 5.5]
+    assert pool(hidden.half(), mask, "mean").dtype == torch.float32  # summed in float32
 
 
 def test_batch_texts_reads_the_text_mteb_joined():

@@ -106,6 +106,7 @@ def test_scores_equal_mteb_evaluate_on_an_encoder_of_the_same_layer(sweepdir, tm
     assert set(table.loc[table.task == "topics", "n_texts"]) == {54}  # 36 train + 18 test texts
     model = AutoModelForCausalLM.from_pretrained(sweepdir / "tiny").eval()
     tokenizer = AutoTokenizer.from_pretrained(sweepdir / "tiny")
+    tokenizer.padding_side = "left"  # as information_flow
 
     class OneLayer(AbsEncoder):  # what a researcher writes: a forward per call, one layer, mean pooling
         def __init__(self, layer):
@@ -117,7 +118,9 @@ def test_scores_equal_mteb_evaluate_on_an_encoder_of_the_same_layer(sweepdir, tm
             for batch in inputs:
                 ids = tokenizer(list(batch["text"]), return_tensors="pt", padding=True)
                 with torch.no_grad():
-                    hidden = model.base_model(**ids, output_hidden_states=True).hidden_states[self.layer]
+                    hidden = model.model(**ids, output_hidden_states=True).hidden_states[self.layer]
+                    if self.layer < 2:  # the final norm on every layer (the last has it already)
+                        hidden = model.model.norm(hidden)
                 mask = ids["attention_mask"].unsqueeze(-1).float()
                 out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
             return np.concatenate(out)
@@ -160,6 +163,14 @@ def test_outputs_progress_metrics_and_summaries(sweepdir):
     for name in ("layer_curve.png", "heatmap_layer_task__tiny.png", "heatmap_checkpoint_layer__STS.png",
                  "representation_metrics.png"):
         assert (run_dir / name).stat().st_size > 1000, name
+    records = [json.loads(line) for line in (run_dir / "shards" / "rank00000.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"task", "metrics"}
+    for rec in records:  # the embedding each record was computed from
+        assert rec["model_last_layer"] == 2 and rec["dtype"] == "float32"
+        want = ("final", "model.norm") if rec["kind"] == "task" else ("none", None)
+        assert (rec["layer_norm"], rec["final_norm"]) == want, rec["kind"]
+    identity = json.loads((run_dir / "run.json").read_text())
+    assert identity["model.init_args.layer_norm"] == "final" and identity["model.init_args.metrics_layer_norm"] == "none"
     (run_dir / "layer_curve.png").unlink()
     redraw = lensbench("plot", str(run_dir), cwd=sweepdir)
     assert redraw.returncode == 0, redraw.stderr
@@ -251,3 +262,19 @@ def test_more_revisions_extend_a_run_but_changed_weights_are_refused(tmp_path, t
     sweep.run_identity = {**sweep.run_identity, "model_fingerprint.m@a": "f1", "model.init_args.pooling": "last"}
     with pytest.raises(LensbenchError, match="model.init_args.pooling"):
         sweep.check_run_dir()
+
+
+@pytest.mark.requires("mteb")
+def test_another_layer_norm_on_a_finished_run_is_refused(sweepdir):
+    from helpers_cli import snapshot
+
+    run_dir = sweepdir / "outputs" / "layer_sweep" / "run"
+    before = snapshot(run_dir)
+    res = lensbench("predict", "--config", "run.yaml", "--model.init_args.layer_norm", "none",
+                    "--model.init_args.metrics_layer_norm", "final", cwd=sweepdir, env=clean_env(HF_HUB_OFFLINE="1"))
+    assert res.returncode == 1, res.stderr[-2000:]
+    line = last_line(res.stderr)
+    assert "model.init_args.experiment:" in line and "holds results of a different configuration" in line
+    assert "changed: model.init_args.layer_norm, model.init_args.metrics_layer_norm" in line
+    assert "Traceback" not in res.stderr
+    assert snapshot(run_dir) == before  # nothing of the finished run changed

@@ -8,7 +8,11 @@ folder (each layer its own experiment). One work item per (model state, metrics 
 forward pass gives prompt entropy, dataset entropy, curvature and effective rank of every layer.
 
 Layers are numbered as in transformers' ``output_hidden_states``: 0 is the embedding output and
-the last has passed through the model's final norm.
+the last (``n``, the model's own output) has passed through the model's final norm. The embedding
+of layer ``L`` is the reference's (OFSkean/information_flow): by default (``layer_norm: final``) the
+final norm applies to every layer's hidden state, as it does to the output of the model cut to
+``L`` blocks; the tokenizer pads on the left; on a GPU the model computes in float16. The model's
+last layer is always scored (added when ``layers`` leaves it out).
 
 Non-finite values: every work item counts per layer the distinct texts whose pooled embedding is
 NaN or inf (``n_nonfinite_texts`` of each layer's row); such a layer scores NaN (MTEB, which
@@ -109,6 +113,7 @@ class LayerSweep(Analysis):
     # More checkpoints' revisions or more levels of a perturbation grid add states.
     extendable = ("revisions",) + GRID_EXTENDABLE
     checkpoints_extendable = True  # more revisions: more checkpoints, each with its own fingerprint
+    padding_side = "left"  # as the reference's tokenizer: mean pooling then takes the last `length` states
 
     def __init__(
         self,
@@ -116,6 +121,8 @@ class LayerSweep(Analysis):
         revisions: list[str] | None = None,
         layers: list[int] | None = None,
         pooling: str = "mean",
+        layer_norm: str = "final",
+        metrics_layer_norm: str = "none",
         batch_size: int = 32,
         max_length: int | None = None,
         embedding_memory_mb: float = 2048,
@@ -134,6 +141,16 @@ class LayerSweep(Analysis):
             layers: Layer indices as in ``output_hidden_states`` (0 = embedding output; negative
                 counts from the last). Default: every layer.
             pooling: ``mean`` over non-padding tokens, or the ``first`` or ``last`` non-padding token.
+            layer_norm: The embedding of the tasks' texts at layer ``L < n``: ``final`` passes its
+                hidden state through the model's final norm (the anatomy's ``final_norm``: Llama's
+                ``norm``, GPT-NeoX's ``final_layer_norm``), as information_flow's truncated model
+                (``text_automodel_wrapper.py``) does; ``none`` keeps the raw hidden state. Layer
+                ``n`` is the model's output either way; a model without a final norm (BERT) is
+                unchanged.
+            metrics_layer_norm: The same choice for the representation metrics; default ``none``,
+                as information_flow computes them on the full model's ``hidden_states``
+                (``experiments/mteb-harness.py``, ``run_entropy_metrics``;
+                ``experiments/utils/misc/metric_utils.py``): raw intermediate layers, the last normed.
             batch_size: Texts per forward pass.
             max_length: Truncate texts to this many tokens. Default: the model's context.
             embedding_memory_mb: Pooled embeddings of a task (layers x texts x width, float32) beyond
@@ -144,12 +161,16 @@ class LayerSweep(Analysis):
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)
-        from ..layer_sweep.embeddings import POOLINGS
+        from ..layer_sweep.embeddings import LAYER_NORMS, POOLINGS
         from ..plugins import active_registries
 
         if pooling not in POOLINGS:
             raise LensbenchError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}",
                                  "model.init_args.pooling")
+        for key, value in (("layer_norm", layer_norm), ("metrics_layer_norm", metrics_layer_norm)):
+            if value not in LAYER_NORMS:
+                raise LensbenchError(f"unknown {key} {value!r}; use final (the model's final norm on every "
+                                     "layer, as information_flow) or none (raw hidden states)", f"model.init_args.{key}")
         for key, value, low in (("batch_size", batch_size, 1), ("embedding_memory_mb", embedding_memory_mb, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
                     (key == "embedding_memory_mb" and value <= 0):
@@ -163,6 +184,7 @@ class LayerSweep(Analysis):
             raise LensbenchError("must list distinct layer indices, or be null for every layer",
                                  "model.init_args.layers")
         self.pooling, self.batch_size, self.max_length = pooling, int(batch_size), max_length
+        self.layer_norm, self.metrics_layer_norm = layer_norm, metrics_layer_norm
         self.memory_limit = int(embedding_memory_mb * (1 << 20))
         self.alpha = float(alpha)
         self.layer_request = None if layers is None else [int(x) for x in layers]
@@ -186,6 +208,7 @@ class LayerSweep(Analysis):
         self.grid = perturbation
         self._states = grid_states(self.specs, perturbation, registries.perturbations)
         self._layers: dict[str, list[int]] = {}  # checkpoint -> resolved layer indices
+        self._last: dict[str, int] = {}  # checkpoint -> n, the index of its last hidden state
 
     # -- what the base class asks ----------------------------------------------------------------
     def states(self) -> list[State]:
@@ -197,7 +220,12 @@ class LayerSweep(Analysis):
         return {label: model_fingerprint(spec, self.fields[label]) for label, spec in self.specs.items()}
 
     def subject_specs(self) -> dict[str, ModelSpec]:
-        return self.specs
+        """The specs, each loading in float16 on a CUDA device (the reference's dtype) and float32
+        elsewhere, unless it sets its own ``dtype``."""
+        from ..layer_sweep.embeddings import reference_dtype
+
+        return {label: dataclasses.replace(spec, dtype=reference_dtype(spec.dtype, self.device))
+                for label, spec in self.specs.items()}
 
     def subject_fields(self) -> dict[str, str]:
         return self.fields
@@ -230,13 +258,28 @@ class LayerSweep(Analysis):
             if len(set(resolved)) != len(resolved):
                 raise LensbenchError(f"names one layer of {state.checkpoint} twice (negative and positive index)",
                                      "model.init_args.layers")
+            if n not in resolved:  # the model's output: what a layer's score is compared with
+                resolved.append(n)
             if self.pooling == "last" and is_encoder_only(loaded.model) and \
                     getattr(loaded.tokenizer, "pad_token", None) is not None:
                 raise LensbenchError(f"{state.checkpoint} is an encoder-only model: its last non-padding token is a "
                                      f"separator that sees the whole text, not a summary a causal model builds; "
                                      f"{LAST_TOKEN_HINT}", "model.init_args.pooling")
             self._layers[state.checkpoint] = resolved
+            self._last[state.checkpoint] = n
         return loaded
+
+    def _embedding(self, item: WorkItem, loaded, setting: str) -> tuple[Any, dict[str, Any]]:
+        """The final norm module to apply under ``setting`` (None: raw states), and the record's
+        fields saying what was computed: ``layer_norm`` (the setting), ``final_norm`` (the module
+        applied to layers ``0 .. n-1``, null when none was: ``none``, or a model without a final
+        norm), ``model_last_layer`` (``n``) and ``dtype``."""
+        from ..layer_sweep.embeddings import final_norm
+
+        name, module = final_norm(loaded) if setting == "final" else (None, None)
+        dtype = str(getattr(loaded.model, "dtype", "")).removeprefix("torch.")
+        return module, {"layer_norm": setting, "final_norm": name,
+                        "model_last_layer": self._last[item.state.checkpoint], "dtype": dtype}
 
     def _context(self, loaded) -> int | None:
         from ..generation import length_limit  # max_length, bounded by the model's context
@@ -257,9 +300,11 @@ class LayerSweep(Analysis):
 
     def _metrics(self, item: WorkItem, loaded, backbone) -> dict[str, Any]:
         from ..layer_sweep.data import TaskTexts
+        from ..layer_sweep.embeddings import layer_states
         from ..layer_sweep.metrics import RepresentationMetrics
 
         layers = self._layers[item.state.checkpoint]
+        norm, embedding = self._embedding(item, loaded, self.metrics_layer_norm)
         payload = item.payload
         if isinstance(payload, TaskTexts):  # a task's own texts, drawn now (an MTEB task's data loads here)
             texts, where = payload.texts(), {"dataset": payload.name, "source": "task", "sample_seed": payload.seed}
@@ -272,14 +317,12 @@ class LayerSweep(Analysis):
             if limit is not None:
                 kwargs.update(truncation=True, max_length=limit)
             batch = loaded.tokenizer(texts[start : start + self.batch_size], **kwargs).to(self.device)
-            with torch.inference_mode():
-                hidden = backbone(**batch, output_hidden_states=True).hidden_states
-            acc.update([hidden[i] for i in layers], batch["attention_mask"])
+            acc.update(layer_states(backbone, batch, layers, norm), batch["attention_mask"])
         rows = acc.compute()
         for row, layer in zip(rows, layers):
             row["layer"] = layer
         return {"kind": "metrics", **self._base(item), **where, "n_texts": len(texts),
-                "alpha": self.alpha, "layers": rows}
+                "alpha": self.alpha, **embedding, "layers": rows}
 
     def _task(self, item: WorkItem, loaded, backbone) -> dict[str, Any]:
         import mteb
@@ -295,9 +338,10 @@ class LayerSweep(Analysis):
         ensure_loaded(task, "data.init_args.tasks")
         layers = self._layers[item.state.checkpoint]
         base = self._base(item)
+        norm, embedding = self._embedding(item, loaded, self.layer_norm)
         store = LayerEmbeddings(backbone, loaded.tokenizer, layers, self.pooling, self.batch_size,
                                 self._context(loaded), self.device, self.memory_limit,
-                                self.run_dir / SPILL_DIR / f"rank{self.global_rank}")
+                                self.run_dir / SPILL_DIR / f"rank{self.global_rank}", final_norm=norm)
         experiment = {"pooling": self.pooling}
         if item.state.transforms:
             from ..work import content_digest
@@ -358,7 +402,7 @@ class LayerSweep(Analysis):
             forward_passes, spilled, peak = store.forward_passes, store.spilled, store.peak_resident
             store.close()
         return {"kind": "task", **base, "task": unit.name, "task_type": unit.task_type,
-                "n_texts": task_texts(task), "pooling": self.pooling, "scores": scores,
+                "n_texts": task_texts(task), "pooling": self.pooling, **embedding, "scores": scores,
                 "forward_passes": forward_passes, "spilled_chunks": spilled, "peak_embedding_bytes": peak}
 
     # -- tables and figures ----------------------------------------------------------------------

@@ -6,6 +6,15 @@ every layer at once), pools each requested layer (mean over non-padding tokens, 
 non-padding token) and keeps all layers. The evaluations of the other layers then read what is
 kept: a layer is never recomputed by a separate forward pass.
 
+The state of a layer (``layer_states``, shared with the representation metrics) is, with
+``final_norm`` given, the hidden state passed through the model's final norm, as in the reference
+(OFSkean/information_flow, ``experiments/utils/model_definitions/text_automodel_wrapper.py``),
+which loads the model cut to ``L`` blocks (``config.num_hidden_layers = L``) and takes
+``hidden_states[L]``: transformers gives the last hidden state of a language model after its final
+norm, so every layer of the cut model is normed. One forward pass of the whole model gives the
+same: the norm applied to hidden states ``0 .. n-1``, and the model's own output (already normed)
+for ``n``. Without ``final_norm`` the states are ``output_hidden_states`` as transformers gives them.
+
 Each forward pass also counts, per layer, the texts whose pooled embedding is not finite (NaN
 or inf, as a model whose weights hold NaN gives): ``nonfinite_texts(layer)``.
 
@@ -30,15 +39,55 @@ import torch
 from ..errors import LensbenchError
 
 POOLINGS = ("mean", "first", "last")
+#: ``layer_norm`` / ``metrics_layer_norm``: the model's final norm applied to every layer, or the raw states.
+LAYER_NORMS = ("final", "none")
+
+
+def reference_dtype(dtype: str, device: torch.device | str) -> str:
+    """The dtype the sweep loads a model in: the spec's own when it sets one (not ``auto``), else
+    float16 on a CUDA device as the reference loads it (``torch_dtype=torch.float16``), float32
+    elsewhere (half precision on a CPU is slow and inexact)."""
+    if dtype != "auto":
+        return dtype
+    return "float16" if torch.device(device).type == "cuda" else "float32"
+
+
+def final_norm(loaded: Any) -> tuple[str | None, torch.nn.Module | None]:
+    """The qualified name and module of ``loaded``'s final norm (its anatomy's ``final_norm_name``:
+    Llama's ``model.norm``, GPT-NeoX's ``gpt_neox.final_layer_norm``); ``(None, None)`` for a model
+    without one (BERT)."""
+    name = loaded.anatomy.final_norm_name
+    return name, None if name is None else loaded.model.get_submodule(name)
+
+
+def layer_states(model: torch.nn.Module, batch: Any, layers: list[int],
+                 final_norm: torch.nn.Module | None = None) -> list[torch.Tensor]:
+    """One forward pass of ``model`` over ``batch`` (a tokenizer's output): the ``[B, T, D]`` state
+    of each of ``layers`` (indices into ``output_hidden_states``, ``0 .. n``). With ``final_norm``
+    (the model's final norm module), hidden states ``0 .. n-1`` pass through it and ``n`` is the
+    model's ``last_hidden_state`` (which transformers has already normed; never normed twice);
+    without it, the hidden states as transformers gives them."""
+    with torch.inference_mode():
+        out = model(**batch, output_hidden_states=True)
+        hidden = out.hidden_states
+        if final_norm is None:
+            return [hidden[layer] for layer in layers]
+        last = len(hidden) - 1
+        output = getattr(out, "last_hidden_state", None)
+        if output is None or output.shape != hidden[last].shape:
+            output = hidden[last]
+        return [output if layer == last else final_norm(hidden[layer]) for layer in layers]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """``[B, T, D]`` hidden states -> ``[B, D]``: the mean over non-padding tokens, or the first or
-    last non-padding token (found from the mask, so left and right padding both work)."""
+    last non-padding token (found from the mask, so left and right padding both work; the states at
+    padding positions never enter, not even a NaN there). The mean is summed in float32 (a sum of
+    float16 states over a long text overflows)."""
     mask = mask.to(hidden.device)
     if pooling == "mean":
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        keep = mask.bool().unsqueeze(-1)
+        return torch.where(keep, hidden.float(), 0.0).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     if pooling == "first":
         index = torch.where(mask.bool(), positions, mask.shape[1]).min(dim=1).values
@@ -56,7 +105,8 @@ class LayerEmbeddings:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, layers: list[int], pooling: str = "mean",
                  batch_size: int = 32, max_length: int | None = None, device: Any = "cpu",
-                 memory_limit: int = 2 << 30, spill_dir: Path | None = None) -> None:
+                 memory_limit: int = 2 << 30, spill_dir: Path | None = None,
+                 final_norm: torch.nn.Module | None = None) -> None:
         if pooling not in POOLINGS:
             raise LensbenchError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}",
                                  "model.init_args.pooling")
@@ -65,6 +115,7 @@ class LayerEmbeddings:
         self.layers = list(layers)
         self.column = {layer: i for i, layer in enumerate(self.layers)}
         self.pooling = pooling
+        self.final_norm = final_norm  # applied to every layer but the last (see layer_states)
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
@@ -125,12 +176,10 @@ class LayerEmbeddings:
         if self.max_length is not None:
             kwargs.update(truncation=True, max_length=self.max_length)
         batch = self.tokenizer(texts, **kwargs).to(self.device)
-        with torch.inference_mode():
-            out = self.model(**batch, output_hidden_states=True)
+        states = layer_states(self.model, batch, self.layers, self.final_norm)
         self.forward_passes += 1
-        hidden = out.hidden_states
         mask = batch["attention_mask"]
-        pooled = torch.stack([pool(hidden[layer], mask, self.pooling).float() for layer in self.layers], dim=1)
+        pooled = torch.stack([pool(state, mask, self.pooling).float() for state in states], dim=1)
         self.nonfinite += (~torch.isfinite(pooled).all(dim=-1)).sum(dim=0).cpu().numpy()
         return pooled.cpu().numpy()
 
