@@ -294,6 +294,9 @@ def test_correlation_equals_scipy_spearman(tmp_path, drawn):
     wiki_rank = table[(table.dataset == "wiki") & (table.metric == "effective_rank")
                       & (table.task_type == "(all tasks)")]["spearman_rho"].item()
     assert f"wiki: rho = {wiki_rank:.2f} (n = 20)" in titles
+    lines = drawn["representation_metrics.png"].axes[0].get_lines()  # 4 checkpoints x (wiki, the tasks' texts)
+    assert sorted(line.get_label() for line in lines[:2]) == ["m@step0 / (each task's texts)", "m@step0 / wiki"]
+    assert len(lines) == 8 and lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
 
 
 def test_no_pandas4_warning_and_plot_redraws_everything(tmp_path):

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 NAN_MATRIX = "model.layers.1.mlp.down_proj.weight"  # hidden states 2 (block 1's output) and 3 are NaN
 FIGURES = ["heatmap_checkpoint_layer__STS.png", "heatmap_layer_task__nanmodel.png", "layer_curve.png",
-           "representation_metrics.png"]
+           "metric_vs_score.png", "representation_metrics.png"]
 
 
 @pytest.fixture(scope="module")

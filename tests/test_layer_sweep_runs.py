@@ -99,7 +99,7 @@ def test_scores_equal_mteb_evaluate_on_an_encoder_of_the_same_layer(sweepdir, tm
     run_dir = sweepdir / "outputs" / "layer_sweep" / "run"
     table = _scores(run_dir)
     assert list(table.columns) == ["model", "revision", "layer", "task", "task_type", "main_score", "n_texts",
-                                   "n_nonfinite_texts"]
+                                   "n_nonfinite_texts", "layer_norm", "model_last_layer"]
     assert (table["n_nonfinite_texts"] == 0).all()
     assert sorted(table["layer"].unique()) == [0, 1, 2]  # every hidden state of the 2-block model
     assert set(table["task"]) == {"topics", "pairs"}
@@ -157,6 +157,9 @@ def test_outputs_progress_metrics_and_summaries(sweepdir):
         row = best[best.task == task].iloc[0]
         assert row["best_score"] == group["main_score"].max() and row["last_layer"] == 2
         assert row["gain_over_last"] == pytest.approx(group["main_score"].max() - group["main_score"].iloc[-1])
+    joined = pd.read_csv(run_dir / "layer_metrics_scores.csv")  # 2 tasks x 3 layers, each with the texts' metrics
+    assert len(joined) == 6 and set(joined["dataset"]) == {"texts"}
+    assert (pd.read_csv(run_dir / "metric_score_correlation.csv")["n"] == 3).all()  # one point per layer
     assert (run_dir / "mteb" / "results").is_dir()  # MTEB's own result files, one experiment per layer
     experiments = {p.parent.name for p in (run_dir / "mteb").rglob("*.json") if p.name != "model_meta.json"}
     assert experiments == {"layer_0__pooling_mean", "layer_1__pooling_mean", "layer_2__pooling_mean"}

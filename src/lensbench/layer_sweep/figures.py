@@ -88,9 +88,9 @@ def _depth_axis(frame):
 
 
 def _colours(n: int):
-    """Colours of ``n`` ordered lines: the default cycle (None) up to LEGEND_MAX, else a colour map."""
+    """Colours of ``n`` ordered lines: the default cycle (C0..C9) up to LEGEND_MAX, else a colour map."""
     if n <= LEGEND_MAX:
-        return [None] * n, None
+        return [f"C{i}" for i in range(n)], None
     cmap = pyplot().get_cmap("viridis")
     return [cmap(i / (n - 1)) for i in range(n)], cmap
 
@@ -260,25 +260,40 @@ def _checkpoint_layer_heatmaps(scores, keys: list[str], run_dir: Path) -> list[P
 
 
 def _metric_curves(metrics, run_dir: Path) -> Path:
+    """The four raw metrics against layer: a colour per checkpoint (in step order) and a line style per
+    metrics dataset; the metrics of the tasks' own texts are drawn as one line, their mean over tasks."""
+    from .correlation import OWN_TEXTS
+
     plt = pyplot()
-    keys = table_keys(metrics)
+    keys = [k for k in table_keys(metrics) if k not in ("dataset", "source")]
+    own = metrics["source"].eq("task") if "source" in metrics else False
+    metrics = metrics.assign(_dataset=metrics["dataset"].where(~own, OWN_TEXTS))
     metrics = natural_sort(metrics, [*keys, "layer"])
     x, xlabel = _depth_axis(metrics)
     metrics = metrics.assign(_x=x)
-    checkpoint = [k for k in keys if k not in ("dataset", "source")]
-    names = [checkpoint_name(row, checkpoint) + f" / {row['dataset']}" + (" (task texts)" if row.get("source") ==
-             "task" else "") for row in metrics[keys].drop_duplicates().to_dict("records")]
+    mean = metrics.groupby([*keys, "_dataset", "_x"], sort=False, dropna=False)[list(METRICS)].agg(_mean).reset_index()
+    names = [checkpoint_name(dict(zip(keys, v)), keys) for v in
+             metrics[keys].drop_duplicates().itertuples(index=False, name=None)]
+    datasets = ordered(metrics["_dataset"].unique())
+    styles = dict(zip(datasets, ["-", "--", ":", "-."] * len(datasets)))
     colours, cmap = _colours(len(names))
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS) + (1.5 if cmap else 0), 3.8),
                              squeeze=False, layout="constrained")
     for ax, metric in zip(axes[0], METRICS):
-        for i, (values, group) in enumerate(metrics.groupby(keys, sort=False, dropna=False)):
+        for values, group in mean.groupby([*keys, "_dataset"], sort=False, dropna=False):
+            name = checkpoint_name(dict(zip(keys, values)), keys)
             group = group.sort_values("_x")
-            ax.plot(group["_x"], finite(group[metric]), marker="o", markersize=3, label=names[i], color=colours[i])
-        ax.set_title(metric.replace("_", " "))
+            label = name + (f" / {values[-1]}" if len(datasets) > 1 else "")
+            ax.plot(group["_x"], finite(group[metric]), marker="o", markersize=3, label=label,
+                    color=colours[names.index(name)], linestyle=styles[values[-1]])
+        ax.set_title(metric.replace("_", " ") + ("" if len(datasets) > 1 else f" ({datasets[0]})"))
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    _key(fig, axes[0], names, cmap, "checkpoint / dataset")
+    _key(fig, axes[0], names, cmap, "checkpoint")
+    if cmap is not None and len(datasets) > 1:  # the colour bar names the checkpoints; the styles, the datasets
+        from matplotlib.lines import Line2D
+
+        axes[0][0].legend([Line2D([], [], color="grey", linestyle=styles[d]) for d in datasets], datasets, fontsize=7)
     return _save(fig, run_dir / "representation_metrics.png")
 
 
