@@ -75,6 +75,8 @@ def test_checkpoints_sort_by_step_in_tables_heatmaps_and_legends(tmp_path, drawn
 def test_natural_key_orders_digits_as_numbers():
     values = ["step100000", "step94000", "main", "", "step9", "step10"]
     assert sorted(values, key=collect.natural_key) == ["", "main", "step9", "step10", "step94000", "step100000"]
+    frame = pd.DataFrame({"level_value": pd.Series([0.1, None, 0.05], dtype=object), "revision": ["b", "a", "c"]})
+    assert collect.natural_sort(frame, ["level_value"])["revision"].tolist() == ["c", "b", "a"]  # 0.05 < 0.1
 
 
 def test_best_layers_compare_with_the_models_last_layer(tmp_path):

@@ -39,7 +39,6 @@ METRICS = ("prompt_entropy", "dataset_entropy", "curvature", "effective_rank")
 NONFINITE = "n_nonfinite_texts"
 LAYER_NORM = "layer_norm"  # the embedding's final norm ("final" or "none"); a key only where it varies
 LAST = "model_last_layer"  # the model's last hidden-state index (relative depth, best_layers' last layer)
-SCORE_VALUES = ("layer", "task", "task_type", "main_score", "n_texts", NONFINITE, LAYER_NORM, LAST)
 
 
 def _mean(values):
@@ -67,11 +66,14 @@ def ordered(values) -> list:
 
 def natural_sort(frame, columns: list[str]):
     """``frame`` sorted (stably) by ``columns``: numeric columns by value, the others in natural order."""
+    import pandas as pd
     from pandas.api.types import is_numeric_dtype
 
     def key(series):
         if is_numeric_dtype(series.dtype):
             return series
+        if all(isinstance(x, numbers.Number) for x in series if not pd.isna(x)):  # numbers beside None
+            return pd.to_numeric(series, errors="coerce")
         ranks = {v: i for i, v in enumerate(sorted({natural_key(x) for x in series}))}
         return series.map(lambda x: ranks[natural_key(x)])
 
