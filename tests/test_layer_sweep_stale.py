@@ -151,3 +151,43 @@ def test_a_local_reranking_task_is_told_the_supported_types(tmp_path):
                                  "only for MTEB's own tasks, named in data.init_args.tasks by their MTEB name, such "
                                  "as SciDocsRR)")
     assert "did you mean" not in err.value.message
+
+
+def test_a_cached_result_is_kept_only_while_its_record_vouches_for_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lensbench.layer_sweep.result_cache import ResultRecord, embedding_settings
+    from lensbench.logs import console
+
+    said: list[str] = []
+    monkeypatch.setattr(console, "warning", said.append)
+    folder = tmp_path / "mteb" / "results" / "m" / "main" / "experiments"
+    paths = {}
+    for layer in (0, 1, 2):
+        paths[layer] = folder / f"layer_{layer}__pooling_mean" / "t.json"
+        paths[layer].parent.mkdir(parents=True)
+        paths[layer].write_text(json.dumps({"dataset_revision": "r1", "layer": layer}))
+    sweep = SimpleNamespace(pooling="mean", max_length=None, _context=lambda loaded: 64)  # no layer_norm yet
+    loaded = SimpleNamespace(tokenizer=SimpleNamespace(padding_side="left"), model=None)
+    settings = {"state": "m", "task_digest": "r1", **embedding_settings(sweep, loaded, SimpleNamespace(dtype="bf16"))}
+    assert settings == {"state": "m", "task_digest": "r1", "pooling": "mean", "layer_norm": None, "max_length": None,
+                        "context": 64, "dtype": "bf16", "padding_side": "left"}
+
+    first = ResultRecord(tmp_path, "item", settings)  # files of a lensbench that kept no record: removed
+    assert first.drop_stale(paths, "r1", "m / t") == {}
+    assert not any(p.exists() for p in paths.values()) and "kept no record" in said.pop()
+    for layer, path in paths.items():
+        path.write_text(json.dumps({"dataset_revision": "r1", "layer": layer}))
+        first.record(layer, path, 1.5 + layer)
+    assert ResultRecord(tmp_path, "item", settings).drop_stale(paths, "r1", "m / t") == {0: 1.5, 1: 2.5, 2: 3.5}
+    assert said == []
+
+    paths[1].write_text(json.dumps({"dataset_revision": "r1", "layer": 1, "edited": True}))  # changed since
+    assert ResultRecord(tmp_path, "item", settings).drop_stale(paths, "r1", "m / t") == {0: 1.5, 2: 3.5}
+    assert said.pop() == ("layer_sweep: m / t: removed the cached MTEB results of layer 1 (written by a run stopped "
+                          "before it recorded them, or changed since); recomputing")
+    other = {**settings, "layer_norm": "final"}
+    assert ResultRecord(tmp_path, "item", other).drop_stale(paths, "r1", "m / t") == {}
+    assert said.pop() == ("layer_sweep: m / t: removed the cached MTEB results of layers 0, 2 (computed with another "
+                          "layer_norm: None, now 'final'); recomputing")
+    assert ResultRecord(tmp_path, "item", other).layers == {}  # the record no longer vouches for them

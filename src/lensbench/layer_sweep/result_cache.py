@@ -25,7 +25,7 @@ from typing import Any
 #: Folder of the run holding one record per work item (beside ``mteb/``).
 RECORD_DIR = "mteb_provenance"
 #: How the run log names a setting that changed.
-_LABELS = {"task_digest": "task content (digest)", "state": "model state", "context": "truncation length"}
+_LABELS = {"task_digest": "task content digest", "state": "model state", "context": "truncation length"}
 
 
 def embedding_settings(sweep: Any, loaded: Any, backbone: Any) -> dict[str, Any]:
@@ -111,8 +111,8 @@ class ResultRecord:
         if self.stored_settings != self.settings:
             changed = sorted(k for k in set(self.settings) | set(self.stored_settings)
                              if self.settings.get(k) != self.stored_settings.get(k))
-            return "computed with other " + ", ".join(
-                f"{_LABELS.get(k, k)} ({self.stored_settings.get(k)!r}, now {self.settings.get(k)!r})" for k in changed)
+            return "computed with another " + "; ".join(
+                f"{_LABELS.get(k, k)}: {self.stored_settings.get(k)!r}, now {self.settings.get(k)!r}" for k in changed)
         entry = self.layers.get(str(layer))
         if entry is None or entry.get("sha256") != _sha256(path):
             return "written by a run stopped before it recorded them, or changed since"
