@@ -1,4 +1,4 @@
-"""Benchmark: layer_sweep's one pass for all layers against one layer alone and one pass per layer.
+"""Benchmark: layer_sweep's one pass for all layers against one layer alone and the reference's model cut per layer.
 
     python bench/layer_sweep.py [--model smollm2 --task lensbench_sts --layers 0 5 10 --reps 3] [--write-docs]
 
@@ -6,27 +6,35 @@ One task, one model, three ways to get MTEB scores, timed side by side in one pr
 rotating from one repetition to the next), each through the classes the analysis runs
 (``LayerEmbeddings``, the per-layer MTEB encoder, ``mteb.evaluate``; a fresh result cache each time):
 
-- all layers (lensbench): one ``LayerEmbeddings`` for every layer: one forward pass per batch of
-  texts, then ``mteb.evaluate`` once per layer from the kept embeddings;
+- all layers (lensbench): one ``LayerEmbeddings`` for every layer, with the analysis' default embedding
+  (the model's final norm applied to every layer): one forward pass per batch of texts, then
+  ``mteb.evaluate`` once per layer from the kept embeddings;
 - one layer: the same for the last layer alone (one forward pass, one evaluation);
-- one pass per layer (the seed's way: one run per layer): for each layer a fresh
-  ``LayerEmbeddings`` of that layer alone, so a forward pass over the task per layer.
+- model cut per layer (the seed's way, information_flow's ``setup_model``): for each layer ``l`` the
+  model is loaded again with ``config.num_hidden_layers = l`` (so only ``l`` blocks), and layer ``l``
+  is ``hidden_states[l]`` of that cut model (its output, after the final norm): one load and one
+  forward pass over the task per layer. A decoder cut to 0 blocks records no hidden state in
+  transformers 5; its output (the final norm of the embeddings, which is what transformers 4 gave as
+  ``hidden_states[0]``) stands for it.
 
-Before any time is reported, the scores of "all layers" and "one pass per layer" must agree for
+Before any time is reported, the scores of "all layers" and "model cut per layer" must agree for
 every layer, and "one layer" with the last of them. Figures: medians over ``--reps``; the forward
-time (``LayerEmbeddings``' own passes) is reported apart from MTEB's evaluation time. With
-``--write-docs`` the section "## layer_sweep" of docs/benchmarks.md is rewritten.
+time (``LayerEmbeddings``' own passes) and the loads of the cut models are reported apart from
+MTEB's evaluation time. With ``--write-docs`` the section "## layer_sweep" of docs/benchmarks.md is
+rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cpu_name, report  # noqa: E402
@@ -35,27 +43,64 @@ SECTION = "## layer_sweep"
 GOAL = 1.3  # the issue's goal: all layers in one run / one layer alone
 
 
-def sweep(store_cls, backbone, tokenizer, task, layers: list[int], per_layer_store: bool, batch_size: int):
-    """Scores of ``layers``, seconds in forward passes, seconds in total."""
+def sweep(make_store, per_layer: bool, task, layers: list[int]):
+    """Scores of ``layers``, seconds in forward passes, seconds loading models, seconds in total.
+
+    ``make_store(layers)`` gives a ``LayerEmbeddings`` and the seconds spent loading for it; called
+    once with every layer, or (``per_layer``) once per layer with that layer alone."""
     import mteb
 
     from lensbench.layer_sweep.embeddings import layer_meta, make_encoder
 
     begin = time.perf_counter()
-    forward = 0.0
+    forward = loading = 0.0
     scores = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = mteb.ResultCache(cache_dir)
-        shared = None if per_layer_store else store_cls(backbone, tokenizer, layers, batch_size=batch_size)
+        shared = None
         for layer in layers:
-            store = store_cls(backbone, tokenizer, [layer], batch_size=batch_size) if per_layer_store else shared
-            timed = _Timed(store)
-            meta = layer_meta("bench", None, layer, {"way": "per" if per_layer_store else "all"}, None)
+            if per_layer or shared is None:
+                shared, seconds = make_store([layer] if per_layer else layers)
+                loading += seconds
+            timed = _Timed(shared)
+            meta = layer_meta("bench", None, layer, {"way": make_store.__name__}, None)
             result = mteb.evaluate(make_encoder(timed, layer, meta), task, cache=cache,
                                    overwrite_strategy="always", show_progress_bar=False)
             forward += timed.seconds
             scores[layer] = result.task_results[0].get_score()
-    return scores, forward, time.perf_counter() - begin
+    return scores, forward, loading, time.perf_counter() - begin
+
+
+class _CutModel:
+    """The model cut to ``layer`` blocks, read as the reference reads it: ``hidden_states[layer]``, or
+    its output where transformers records no hidden state (a decoder cut to 0 blocks)."""
+
+    def __init__(self, model, layer: int) -> None:
+        self.model, self.layer = model, layer
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        hidden = tuple(out.hidden_states or ())
+        if len(hidden) <= self.layer:
+            hidden += (out.last_hidden_state,) * (self.layer + 1 - len(hidden))
+        return SimpleNamespace(hidden_states=hidden)
+
+
+def cut_model(loaded, layer: int):
+    """``loaded``'s model loaded again from its files with ``config.num_hidden_layers = layer``
+    (information_flow's ``setup_model``), as a backbone for ``LayerEmbeddings`` at ``layer``."""
+    import transformers
+
+    config = copy.deepcopy(loaded.model.config)
+    config.num_hidden_layers = layer
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the blocks left out are "unexpected" weights
+    try:
+        model = type(loaded.model).from_pretrained(loaded.model.name_or_path, config=config,
+                                                   dtype=next(loaded.model.parameters()).dtype)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return _CutModel(getattr(model, "base_model", model).eval(), layer)
 
 
 class _Timed:
@@ -87,64 +132,85 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from lensbench.layer_sweep.embeddings import LayerEmbeddings
+    from lensbench.layer_sweep.embeddings import LayerEmbeddings, final_norm
     from lensbench.layer_sweep.tasks import ensure_loaded, resolve_tasks, task_texts
     from lensbench.models.loading import ModelSpec, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(ModelSpec(args.model))
+    loaded = load_model(ModelSpec(args.model), padding_side="left")  # the analysis' (and the reference's) side
     backbone = getattr(loaded.model, "base_model", loaded.model).eval()
+    _, norm = final_norm(loaded)
     task = ensure_loaded(resolve_tasks([args.task])[0].task)
     n_layers = backbone.config.num_hidden_layers
     layers = list(range(n_layers + 1)) if args.layers is None else sorted(args.layers)
+
+    def all_layers(wanted):
+        return LayerEmbeddings(backbone, loaded.tokenizer, wanted, batch_size=args.batch_size, final_norm=norm), 0.0
+
+    def cut_per_layer(wanted):
+        begin = time.perf_counter()
+        model = cut_model(loaded, wanted[0])
+        return LayerEmbeddings(model, loaded.tokenizer, wanted, batch_size=args.batch_size), \
+            time.perf_counter() - begin
+
     ways = {
-        "all layers (lensbench)": lambda: sweep(LayerEmbeddings, backbone, loaded.tokenizer, task, layers, False,
-                                                args.batch_size),
-        "one layer": lambda: sweep(LayerEmbeddings, backbone, loaded.tokenizer, task, [layers[-1]], False,
-                                   args.batch_size),
-        "one pass per layer (seed)": lambda: sweep(LayerEmbeddings, backbone, loaded.tokenizer, task, layers, True,
-                                                   args.batch_size),
+        "all layers (lensbench)": lambda: sweep(all_layers, False, task, layers),
+        "one layer": lambda: sweep(all_layers, False, task, [layers[-1]]),
+        "model cut per layer (seed)": lambda: sweep(cut_per_layer, True, task, layers),
     }
     names = list(ways)
-    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    times: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     scores: dict[str, dict[int, float]] = {}
     for rep in range(args.reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
-            s, fwd, total = ways[name]()
+            s, fwd, load, total = ways[name]()
             scores[name] = s
-            times[name].append((fwd, total))
-            print(f"rep {rep}: {name}: {total:.2f} s ({fwd:.2f} s forward)", flush=True)
-    all_s, per_s, one_s = scores[names[0]], scores[names[2]], scores[names[1]]
+            times[name].append((fwd, load, total))
+            print(f"rep {rep}: {name}: {total:.2f} s ({fwd:.2f} s forward, {load:.2f} s loading)", flush=True)
+    all_s, cut_s, one_s = scores[names[0]], scores[names[2]], scores[names[1]]
     for layer in layers:
-        assert abs(all_s[layer] - per_s[layer]) <= 1e-6, (layer, all_s[layer], per_s[layer])
+        assert abs(all_s[layer] - cut_s[layer]) <= 1e-6, (layer, all_s[layer], cut_s[layer])
     assert abs(one_s[layers[-1]] - all_s[layers[-1]]) <= 1e-6
-    med = {n: (statistics.median(t[0] for t in times[n]), statistics.median(t[1] for t in times[n])) for n in names}
-    all_t, one_t, per_t = (med[n] for n in names)
+    med = {n: tuple(statistics.median(t[i] for t in times[n]) for i in range(3)) for n in names}
+    all_t, one_t, cut_t = (med[n] for n in names)
     rows = {
         "model, task": (f"{args.model} (layers {', '.join(map(str, layers))} of 0..{n_layers}), "
                         f"{args.task} ({task_texts(task)} texts)"),
-        **{f"{n}: total / forward (s)": f"{t[1]:.2f} / {t[0]:.2f}" for n, t in med.items()},
-        "all layers / one layer, total": f"{all_t[1] / one_t[1]:.2f} (goal <= {GOAL})",
+        "all layers (lensbench): total / forward (s)": f"{all_t[2]:.2f} / {all_t[0]:.2f}",
+        "one layer: total / forward (s)": f"{one_t[2]:.2f} / {one_t[0]:.2f}",
+        "model cut per layer (seed): total / forward / loading (s)": (
+            f"{cut_t[2]:.2f} / {cut_t[0]:.2f} / {cut_t[1]:.2f}"),
+        "all layers / one layer, total": f"{all_t[2] / one_t[2]:.2f} (goal <= {GOAL})",
         "all layers / one layer, forward passes": f"{all_t[0] / one_t[0]:.2f}",
-        "one pass per layer / all layers, total": f"{per_t[1] / all_t[1]:.2f}",
-        "one pass per layer / all layers, forward passes": f"{per_t[0] / all_t[0]:.2f} (L = {len(layers)})",
+        "model cut per layer / all layers, total": f"{cut_t[2] / all_t[2]:.2f}",
+        "model cut per layer / all layers, forward passes": (
+            f"{cut_t[0] / all_t[0]:.2f} (L = {len(layers)}; blocks run: "
+            f"{sum(layers)} cut / {n_layers} whole = {sum(layers) / n_layers:.2f})"),
         "best layer (score) / last layer (score)": (
             f"{max(all_s, key=all_s.get)} ({max(all_s.values()):.4f}) / {layers[-1]} ({all_s[layers[-1]]:.4f})"),
     }
     for k, v in rows.items():
         print(f"{k}: {v}")
     if args.write_docs:
+        command = "python bench/layer_sweep.py " + " ".join(sys.argv[1:])
         report(SECTION,
-               "`python bench/layer_sweep.py --write-docs`: MTEB scores of every layer of one model on one task, "
-               "three ways in one process (medians over repetitions, order rotating): all layers from one forward "
-               "pass per batch (what layer_sweep does), the last layer alone, and one forward pass per layer (the "
-               "seed's one run per layer). Scores agree to 1e-6 before any time is reported.",
+               f"`{command}`: MTEB scores of the given layers of one model on one task, three ways in one "
+               "process (medians over repetitions, order rotating): all layers from one forward pass per batch "
+               "(what layer_sweep does, the model's final norm applied to every layer), the last layer alone, and "
+               "the seed's way as information_flow does it: per layer, the model loaded again cut to that many "
+               "blocks (`config.num_hidden_layers = l`), one forward pass over the task, `hidden_states[l]`. "
+               "Scores agree to 1e-6 before any time is reported.",
                f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), "
                f"{args.reps} repetition(s)", rows,
-               "Forward = time spent in the model's forward passes; the rest is MTEB's evaluation (for STS: cosine "
-               "similarities and a correlation per layer; for classification: logistic regressions, which grow "
-               "with the number of layers scored).")
+               ("One torch thread: with two, other work on the same two cores made single forward passes vary "
+                "from 0.8 s to 18 s, and no ratio was stable. " if torch.get_num_threads() == 1 else "") +
+               "Forward = time spent in the model's forward passes; loading = reading the cut models (the "
+               "whole model is loaded once, before the clock starts); the rest is MTEB's evaluation (for STS: "
+               "cosine similarities and a correlation per layer; for classification: logistic regressions, which "
+               "grow with the number of layers scored). A model cut to l blocks runs l of the n blocks, so the "
+               "seed's forward passes cost the sum of the layers swept over n whole passes, not one whole pass "
+               "per layer.")
 
 
 if __name__ == "__main__":
