@@ -33,11 +33,7 @@ def embedding_settings(sweep: Any, loaded: Any, backbone: Any) -> dict[str, Any]
     embedding; each read defensively (a setting a version of lensbench lacks is None)."""
     tokenizer = getattr(loaded, "tokenizer", None)
     dtype = getattr(backbone, "dtype", None) or getattr(getattr(loaded, "model", None), "dtype", None)
-    context = None
-    try:
-        context = sweep._context(loaded)
-    except Exception:  # noqa: BLE001 - a setting read for the record only
-        pass
+    context = getattr(sweep, "_context", lambda _: None)(loaded)  # max_length bounded by the model's context
     return {"pooling": getattr(sweep, "pooling", None), "layer_norm": _plain(getattr(sweep, "layer_norm", None)),
             "max_length": getattr(sweep, "max_length", None), "context": context,
             "dtype": None if dtype is None else str(dtype), "padding_side": getattr(tokenizer, "padding_side", None)}
