@@ -206,3 +206,26 @@ def test_the_last_layer_is_always_scored(tiny_model, tmp_path):
         sweep._activate(state)
         assert sweep._layers[state.checkpoint] == want, layers
         assert sweep._last[state.checkpoint] == 2
+
+
+def test_right_padding_keeps_an_encoder_embedding_independent_of_its_batch(saved):
+    """``padding_side: right``: a text's embedding is the one it has alone, for every architecture;
+    left padding (the reference's) moves a BERT text's absolute positions with its batch's longest."""
+    from lensbench.analyses.layer_sweep import LayerSweep
+
+    kind, folder = saved
+    alone = {}
+    for side in ("right", "left"):
+        loaded = load_model(ModelSpec(str(folder)), padding_side=side)
+        backbone = getattr(loaded.model, "base_model", loaded.model)
+        store = LayerEmbeddings(backbone, loaded.tokenizer, [BLOCKS], "mean", batch_size=len(TEXTS))
+        single = LayerEmbeddings(backbone, loaded.tokenizer, [BLOCKS], "mean", batch_size=1)
+        together, apart = store.get(BLOCKS, TEXTS), single.get(BLOCKS, TEXTS)
+        alone[side] = float(np.abs(together - apart).max())
+    assert alone["right"] < 1e-5, alone
+    if kind == "bert":
+        assert alone["left"] > 1e-3, alone
+    assert LayerSweep(padding_side="right").padding_side == "right"
+    with pytest.raises(LensbenchError) as err:
+        LayerSweep(padding_side="middle")
+    assert err.value.field == "model.init_args.padding_side" and "left" in str(err.value)

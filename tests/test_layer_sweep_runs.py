@@ -274,10 +274,11 @@ def test_another_layer_norm_on_a_finished_run_is_refused(sweepdir):
     run_dir = sweepdir / "outputs" / "layer_sweep" / "run"
     before = snapshot(run_dir)
     res = lensbench("predict", "--config", "run.yaml", "--model.init_args.layer_norm", "none",
-                    "--model.init_args.metrics_layer_norm", "final", cwd=sweepdir, env=clean_env(HF_HUB_OFFLINE="1"))
+                    "--model.init_args.metrics_layer_norm", "final", "--model.init_args.padding_side", "right", cwd=sweepdir, env=clean_env(HF_HUB_OFFLINE="1"))
     assert res.returncode == 1, res.stderr[-2000:]
     line = last_line(res.stderr)
     assert "model.init_args.experiment:" in line and "holds results of a different configuration" in line
-    assert "changed: model.init_args.layer_norm, model.init_args.metrics_layer_norm" in line
+    assert "changed: model.init_args.layer_norm, model.init_args.metrics_layer_norm, model.init_args.padding_side" \
+        in line
     assert "Traceback" not in res.stderr
     assert snapshot(run_dir) == before  # nothing of the finished run changed

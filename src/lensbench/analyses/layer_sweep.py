@@ -123,6 +123,7 @@ class LayerSweep(Analysis):
         pooling: str = "mean",
         layer_norm: str = "final",
         metrics_layer_norm: str = "none",
+        padding_side: str = "left",
         batch_size: int = 32,
         max_length: int | None = None,
         embedding_memory_mb: float = 2048,
@@ -151,6 +152,10 @@ class LayerSweep(Analysis):
                 as information_flow computes them on the full model's ``hidden_states``
                 (``experiments/mteb-harness.py``, ``run_entropy_metrics``;
                 ``experiments/utils/misc/metric_utils.py``): raw intermediate layers, the last normed.
+            padding_side: ``left`` (the default, as information_flow's tokenizer) or ``right``. Pooling
+                reads the real tokens from the attention mask either way, but a model with absolute
+                position embeddings (BERT, MiniLM) gives a left-padded text other positions, so its
+                embedding then depends on the longest text of its batch; ``right`` avoids that.
             batch_size: Texts per forward pass.
             max_length: Truncate texts to this many tokens. Default: the model's context.
             embedding_memory_mb: Pooled embeddings of a task (layers x texts x width, float32) beyond
@@ -171,6 +176,10 @@ class LayerSweep(Analysis):
             if value not in LAYER_NORMS:
                 raise LensbenchError(f"unknown {key} {value!r}; use final (the model's final norm on every "
                                      "layer, as information_flow) or none (raw hidden states)", f"model.init_args.{key}")
+        if padding_side not in ("left", "right"):
+            raise LensbenchError(f"unknown padding_side {padding_side!r}; use left (as information_flow) or right",
+                                 "model.init_args.padding_side")
+        self.padding_side = padding_side
         for key, value, low in (("batch_size", batch_size, 1), ("embedding_memory_mb", embedding_memory_mb, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
                     (key == "embedding_memory_mb" and value <= 0):
