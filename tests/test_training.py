@@ -108,6 +108,40 @@ def test_memory_usage_is_tracked(tmp_path, monkeypatch):
         assert sum(counts) <= 2 * 8 * 16 * 2 * 4
 
 
+def test_memory_usage_has_one_row_per_step_after_kills_and_resumes(tmp_path, monkeypatch):
+    from helpers_cli import sigkill_when_stored
+
+    write_config(tmp_path, model={"save_every": 4, "track_memory_every": 1}, trainer={"max_steps": 40})
+    assert fit(tmp_path, monkeypatch, "--model.experiment", "whole") == 0
+    args = ["fit", "--config", "train.yaml", "--model.experiment", "killed"]
+    usage = tmp_path / "outputs/killed/memory_usage.csv"
+    beyond = []
+    for lines in (7, 20):  # killed after the row of step 6 (checkpoint at 4), then after step 19 (at 16)
+        assert sigkill_when_stored(args, tmp_path, usage, lines) >= lines
+        saved = torch.load(tmp_path / "outputs/killed/lightning/last.ckpt", weights_only=True)["global_step"]
+        beyond.append(max(int(r["step"]) for r in csv.DictReader(usage.open())) - saved)
+    assert max(beyond) > 0  # a kill left rows past the checkpoint, which the resumed run writes again
+    assert fit(tmp_path, monkeypatch, "--model.experiment", "killed") == 0
+    rows = list(csv.DictReader(usage.open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 41))  # one row per step, in order
+    # every row counts one batch, and training resumes bit for bit: the rows of an uninterrupted run
+    assert usage.read_bytes() == (tmp_path / "outputs/whole/memory_usage.csv").read_bytes()
+
+
+def test_rows_past_the_resumed_step_and_a_torn_line_are_dropped(tmp_path):
+    from lensbench.training.callbacks import keep_rows_until
+
+    path = tmp_path / "memory_usage.csv"
+    whole = b"step,layer,used\r\n2,1,5\r\n4,1,6\r\n"
+    path.write_bytes(whole + b"6,1,7\r\n8,1")  # a kill in the middle of a row
+    keep_rows_until(path, 4)
+    assert path.read_bytes() == whole
+    keep_rows_until(path, 4)
+    assert path.read_bytes() == whole
+    keep_rows_until(path, 0)
+    assert path.read_bytes() == b"step,layer,used\r\n"
+
+
 def test_freezing_keeps_frozen_weights_bit_identical(tmp_path, monkeypatch):
     write_config(tmp_path, model={"freeze": {"*": "freeze", "*.memory.*": "train"}}, trainer={"max_steps": 3})
     assert fit(tmp_path, monkeypatch) == 0

@@ -97,6 +97,16 @@ class MemoryUsage(pl.Callback):
         get = getattr(module.model, "memory_layers", None)
         return get() if callable(get) else {}
 
+    @property
+    def path(self) -> Path:
+        return self.run_dir / "memory_usage.csv"
+
+    def on_train_start(self, trainer, module) -> None:
+        """A resumed run starts at its checkpoint's step: the rows a killed run wrote after that step
+        are written again, so they go first (as do a torn last line and rows of a run started over)."""
+        if trainer.global_rank == 0:
+            keep_rows_until(self.path, trainer.global_step)
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         for mem in self._layers(module).values():
             mem.record = True
@@ -130,7 +140,7 @@ class MemoryUsage(pl.Callback):
             module.log(f"memory_used/{i}", used / count.numel(), rank_zero_only=True, batch_size=1)
         self.counts.clear()
         if trainer.global_rank == 0:
-            path = self.run_dir / "memory_usage.csv"
+            path = self.path
             new = not path.exists()
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", newline="") as fh:
@@ -145,6 +155,30 @@ class MemoryUsage(pl.Callback):
         for mem in self._layers(module).values():
             mem.record = False
             mem.last_slots = mem.last_weights = None
+
+
+def keep_rows_until(path: Path, step: int) -> None:
+    """Rewrite the CSV at ``path`` (a ``step`` column) atomically with only its whole rows of step
+    ``step`` or before; nothing to do when it holds no other row."""
+    if not path.exists():
+        return
+    with path.open(newline="") as fh:
+        lines = fh.read().splitlines(keepends=True)
+    if not lines:
+        return
+    fields = next(csv.reader(lines[:1]))
+    kept = [lines[0] if lines[0].endswith("\n") else lines[0] + "\r\n"]  # csv's line end
+    for line in lines[1:]:
+        values = next(csv.reader([line]), [])
+        whole = line.endswith("\n") and len(values) == len(fields)
+        row = dict(zip(fields, values))
+        if whole and str(row.get("step", "")).isdigit() and int(row["step"]) <= step:
+            kept.append(line)
+    if len(kept) == len(lines) and lines[-1].endswith("\n"):
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _token_mask(batch: dict) -> torch.Tensor | None:
