@@ -55,6 +55,50 @@ def test_product_key_search_equals_scoring_every_slot(gated, v_dim, query_norm):
     assert (mem.out is not None) == (gated or v_dim is not None)
 
 
+def select_all_ids_first(mem: ProductKeyMemory, x: torch.Tensor):
+    """The search as written before: slot ids of all kk x kk candidates built, then the top k taken."""
+    k = mem.topk
+    kk = min(mem.n_keys, k + int(mem.blocked_slots.numel()))
+    s1, i1 = mem.half_scores(x).topk(kk, dim=-1)
+    sums = s1[:, :, 0, :, None] + s1[:, :, 1, None, :]
+    slots = i1[:, :, 0, :, None] * mem.n_keys + i1[:, :, 1, None, :]
+    if mem.blocked_slots.numel():
+        sums = sums.masked_fill(torch.isin(slots, mem.blocked_slots), float("-inf"))
+    best, pos = sums.flatten(2).topk(k, dim=-1)
+    return slots.flatten(2).gather(-1, pos), torch.softmax(best.float(), dim=-1).to(x.dtype)
+
+
+@pytest.mark.parametrize("n_keys,heads,topk,k_dim,rows,ties,blocked", [
+    (6, 2, 3, 8, 5, False, 0), (16, 4, 16, 8, 7, False, 0), (32, 1, 5, 16, 64, False, 0),
+    (8, 3, 4, 4, 9, True, 0), (8, 2, 4, 8, 6, False, 5), (8, 2, 3, 4, 6, True, 3)])
+def test_choosing_before_building_slot_ids_changes_nothing(n_keys, heads, topk, k_dim, rows, ties, blocked):
+    torch.manual_seed(n_keys + topk)
+    mem = ProductKeyMemory(24, n_keys=n_keys, heads=heads, topk=topk, k_dim=k_dim, gated=bool(blocked))
+    if ties:  # keys and queries on a coarse grid: many candidate sums are exactly equal
+        with torch.no_grad():
+            mem.keys.copy_(torch.randint(-1, 2, mem.keys.shape).float())
+            mem.query.weight.copy_(torch.randint(-1, 2, mem.query.weight.shape).float())
+    if blocked:
+        mem.blocked_slots = torch.randperm(n_keys * n_keys)[:blocked]
+    x = torch.randint(-2, 3, (rows, 24)).float() if ties else torch.randn(rows, 24)
+    results = []
+    for select in (mem.select, lambda flat: select_all_ids_first(mem, flat)):
+        mem.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with torch.no_grad():
+            slots, weights = select(x)
+        mem.select = select  # forward through the layer with this search
+        out = mem(xi)
+        del mem.select
+        out.square().sum().backward()
+        results.append((slots, weights, out, xi.grad, *(p.grad for p in mem.parameters())))
+    if ties:
+        sums = mem.half_scores(x)
+        assert any(len(torch.unique(row)) < row.numel() for row in sums.reshape(-1, n_keys))  # ties exist
+    for new, old in zip(*results):
+        assert torch.equal(new, old)
+
+
 @torch.no_grad()
 def test_slots_are_the_top_k_of_all_sums_and_weights_sum_to_one():
     torch.manual_seed(1)

@@ -100,11 +100,12 @@ class ProductKeyMemory(nn.Module):
         kk = min(self.n_keys, k + int(self.blocked_slots.numel()))
         s1, i1 = self.half_scores(x).topk(kk, dim=-1)  # [N, H, 2, kk]
         sums = s1[:, :, 0, :, None] + s1[:, :, 1, None, :]  # [N, H, kk, kk]
-        slots = i1[:, :, 0, :, None] * self.n_keys + i1[:, :, 1, None, :]
-        if self.blocked_slots.numel():
+        if self.blocked_slots.numel():  # the candidates' slot ids are needed to mask the blocked ones
+            slots = i1[:, :, 0, :, None] * self.n_keys + i1[:, :, 1, None, :]
             sums = sums.masked_fill(torch.isin(slots, self.blocked_slots), float("-inf"))
-        best, pos = sums.flatten(2).topk(k, dim=-1)  # [N, H, k]
-        chosen = slots.flatten(2).gather(-1, pos)
+        best, pos = sums.flatten(2).topk(k, dim=-1)  # [N, H, k], pos = a * kk + b
+        # slot ids of the chosen only: rows a of the first half and b of the second
+        chosen = i1[:, :, 0].gather(-1, pos // kk) * self.n_keys + i1[:, :, 1].gather(-1, pos % kk)
         return chosen, torch.softmax(best.float(), dim=-1).to(x.dtype)
 
     def read(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
