@@ -106,6 +106,9 @@ def test_memory_usage_is_tracked(tmp_path, monkeypatch):
         assert counts == sorted(counts, reverse=True)
         # two batches of 8 padded rows: every real token reads topk slots per head, nothing more
         assert sum(counts) <= 2 * 8 * 16 * 2 * 4
+    parts = {r["part"]: r for r in csv.DictReader((tmp_path / "outputs/fit/train/parameters.csv").open())}
+    assert (parts["memory.values"]["parameters"], parts["memory.values"]["active"]) == ("2048", "256")  # 2 x 4 of 64 rows
+    assert int(parts["all"]["active"]) == int(parts["all"]["parameters"]) - 2048 + 256
 
 
 def test_memory_usage_has_one_row_per_step_after_kills_and_resumes(tmp_path, monkeypatch):
@@ -126,6 +129,31 @@ def test_memory_usage_has_one_row_per_step_after_kills_and_resumes(tmp_path, mon
     assert [int(r["step"]) for r in rows] == list(range(1, 41))  # one row per step, in order
     # every row counts one batch, and training resumes bit for bit: the rows of an uninterrupted run
     assert usage.read_bytes() == (tmp_path / "outputs/whole/memory_usage.csv").read_bytes()
+
+
+def test_active_parameters_match_a_hand_count():
+    from lensbench.memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
+    from lensbench.training.parameters import parameter_table
+
+    config = MemoryLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, memory_layers=[1], memory_n_keys=8,
+                               memory_heads=2, memory_topk=4, memory_k_dim=16)
+    model = MemoryLlamaForCausalLM(config)
+    model.model.layers[0].mlp.requires_grad_(False)
+    table = parameter_table(model).set_index("part")
+    hand = {  # part: (parameters, active per token)
+        "embeddings": (64 * 32, 64 * 32), "output": (64 * 32, 64 * 32),
+        "attention": (3 * (32 * 32 + 2 * 32 * 16 + 32 * 32),) * 2,  # q, k and v of 2 kv heads of 8, o
+        "mlp": (2 * 3 * 32 * 64,) * 2,  # layers 0 and 2 (SwiGLU)
+        "norms": (3 * 2 * 32 + 32,) * 2,
+        "memory.query": (32 * 2 * 16,) * 2, "memory.keys": (2 * 2 * 8 * 8,) * 2,  # every half-key is scored
+        "memory.values": (64 * 32, 2 * 4 * 32),  # 64 slots; a token reads 4 per head, 2 heads
+    }
+    assert {part: (row.parameters, row.active) for part, row in table.drop("all").iterrows()} == hand
+    total = sum(n for n, _ in hand.values())
+    assert (table.loc["all", "parameters"], table.loc["all", "active"]) == (total, total - 64 * 32 + 2 * 4 * 32)
+    assert table.loc["all", "trained"] == total - 3 * 32 * 64
+    assert total == sum(p.numel() for p in model.parameters())
 
 
 def test_rows_past_the_resumed_step_and_a_torn_line_are_dropped(tmp_path):

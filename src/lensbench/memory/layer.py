@@ -63,6 +63,15 @@ class ProductKeyMemory(nn.Module):
         ``memory_keys``/``memory_values`` groups; any module with this method is a memory layer."""
         return {"keys": ["keys"], "values": ["values"]}
 
+    def active_parameters(self) -> dict[str, int]:
+        """Parameters (names relative to this module) one token uses: every one, except the value
+        table, of which each head reads ``topk`` rows (``heads x topk x v_dim``; the key tables
+        count in full: every half-key row is scored). A memory layer may define this method to
+        have ``lensbench fit``'s ``parameters.csv`` count it; without it every parameter is active."""
+        counts = {name: p.numel() for name, p in self.named_parameters()}
+        counts["values"] = min(counts["values"], self.heads * self.topk * self.v_dim)
+        return counts
+
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, init=nn.init) -> None:
         """Keys uniform in ``±1/sqrt(k_dim/2)``, values ``N(0, 1/v_dim)`` (as product-key memories

@@ -5,7 +5,7 @@ The run folder ``<output_dir>/<experiment>/`` (default experiment ``fit/<config 
 that a run stopped by bad input claims no folder: the settings that must match to resume, and the
 ``float32_matmul_precision`` of the run that made the folder, recorded only),
 ``metrics/version_<n>/metrics.csv`` (Lightning's CSVLogger, one version per run or resumed run),
-``memory_usage.csv``, ``logs/rank<r>.log``, ``lightning/last.ckpt`` and the Hugging Face folders
+``memory_usage.csv``, ``parameters.csv`` (total and active parameters per part), ``logs/rank<r>.log``, ``lightning/last.ckpt`` and the Hugging Face folders
 ``checkpoint-<step>/``, and ``.lock``, which rank 0 holds while the run lasts (a second run on the
 folder is refused). Running the same config again resumes from ``lightning/last.ckpt`` (optimizer,
 scheduler, step and data position included); a larger ``trainer.max_steps`` trains further, and a
@@ -114,8 +114,11 @@ def _build_fit_cli():
                 console.warning(f"lensbench: this run computes with {MATMUL_KEY} {self.matmul_precision}; the run "
                                 f"that made {run_dir} used {made_with}")
             record = identity if made_with is None else {**identity, MATMUL_KEY: made_with}
+            from .parameters import parameter_table
+
             self.at_start.files = {run_dir / "config.yaml": text,  # written once set-up has passed
-                                   ident_path: json.dumps(record, indent=1, sort_keys=True)}
+                                   ident_path: json.dumps(record, indent=1, sort_keys=True),
+                                   run_dir / "parameters.csv": parameter_table(self.model.model).to_csv(index=False)}
             self.check_resume(cfg.get("ckpt_path"), last, identity)
 
         def check_resume(self, asked: str | None, last: Path, identity: dict[str, Any]) -> None:

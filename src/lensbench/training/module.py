@@ -125,10 +125,11 @@ class CausalLMTraining(pl.LightningModule):
         self.run_log = RunLog(self.run_dir, self.global_rank)
         self.run_log.attach()
         if self.global_rank == 0:
-            n = sum(p.numel() for p in self.model.parameters())
-            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            console.info(f"model: {type(self.model).__name__}, {n:,} parameters, {trainable:,} trained, "
-                         f"on {self.device}")
+            from .parameters import parameter_table
+
+            counts = parameter_table(self.model).iloc[-1]  # the row "all"
+            console.info(f"model: {type(self.model).__name__}, {counts.parameters:,} parameters, {counts.active:,} "
+                         f"active per token, {counts.trained:,} trained, on {self.device}")
             if self.load_report is not None:
                 console.info(self.load_report.summary())
             if self.freeze_report is not None:
