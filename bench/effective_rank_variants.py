@@ -1,6 +1,6 @@
 """Effective rank of one layer's dataset matrix, three ways: lensbench's, Roy and Vetterli's, and no clamp.
 
-    python bench/effective_rank_variants.py [--model minilm --dataset retain --layer 2]
+    python bench/effective_rank_variants.py [--model minilm --dataset retain --layer 2 --padding-side left]
 
 The dataset matrix ``P`` has one row per text: the text's hidden states at ``--layer`` averaged over its
 tokens (as layer_sweep's representation metrics pool them); ``Z = normalize_rows(P)`` (rows centred,
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--dataset", default="retain", help="a registered text dataset or a .txt/.jsonl file")
     parser.add_argument("--layer", type=int, default=2, help="hidden-state index (0: the embedding output)")
     parser.add_argument("--max-texts", type=int, default=1000)
+    parser.add_argument("--padding-side", default="left", choices=["left", "right"],
+                        help="the tokenizer's; layer_sweep pads on the left, as the reference (with right "
+                             "padding an encoder such as MiniLM gives other states: its positions shift)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -47,7 +50,7 @@ def main() -> None:
 
     rows, _ = load_datasets([args.dataset], "dataset", args.max_texts)
     texts = [r["text"] for r in next(iter(rows.values()))]
-    loaded = load_model(ModelSpec(args.model))
+    loaded = load_model(ModelSpec(args.model), padding_side=args.padding_side)
     model = getattr(loaded.model, "base_model", loaded.model).eval()
     batch = loaded.tokenizer(texts, return_tensors="pt", padding=True)
     with torch.inference_mode():
@@ -66,7 +69,7 @@ def main() -> None:
     no_clamp = math.exp(entropy(sigma**2 / (sigma**2).sum()))
 
     n, d = z.shape
-    print(f"{args.model}, {args.dataset} ({n} texts), layer {args.layer}, width {d}")
+    print(f"{args.model}, {args.dataset} ({n} texts), layer {args.layer}, width {d}, {args.padding_side} padding")
     print(f"lensbench (clamped Gram spectrum, information_flow): {lensbench_rank:.2f}")
     print(f"Roy-Vetterli (singular values):                      {roy_vetterli:.2f}")
     print(f"no clamp (Gram spectrum = squared singular values):  {no_clamp:.2f}")
