@@ -390,6 +390,7 @@ class MemoryAblation(Analysis):
         base = acc[acc.intervention == BASELINE].set_index("group")
         acc["exact_drop"] = acc["group"].map(base["exact_match"]) - acc["exact_match"]
         acc["digit_drop"] = acc["group"].map(base["digit_accuracy"]) - acc["digit_accuracy"]
+        acc = _with_intervals(scored, acc)
         outputs.append(write_csv(acc.sort_values(["intervention", "target", *fields], kind="stable"),
                                  run_dir / "accuracy.csv"))
         bad = {f"{iv}{' ' + t if t else ''} / {g}": int(c)
@@ -445,10 +446,11 @@ class MemoryAblation(Analysis):
             fig, ax = plt.subplots(figsize=(6, 4))
             for split, group in base.groupby(base["split"].fillna("all") if "split" in base else [0] * len(base)):
                 group = group.sort_values("bucket")
-                ax.plot(group["bucket"], group["exact_match"], marker="o", label=str(split))
+                ax.errorbar(group["bucket"], group["exact_match"], yerr=_yerr(group, "exact_match"), marker="o",
+                            capsize=3, label=str(split))
             ax.set_xscale("log", base=2)
             ax.set_xlabel("exposure bucket")
-            ax.set_ylabel("exact match")
+            ax.set_ylabel("exact match (95% Wilson interval)")
             ax.set_title("Accuracy per exposure bucket (unablated)")
             ax.legend()
             fig.tight_layout()
@@ -456,6 +458,7 @@ class MemoryAblation(Analysis):
             save_figure(fig, out, dpi=120)
             plt.close(fig)
             outputs.append(out)
+        outputs += _drop_figure(plt, acc, run_dir)
         path = run_dir / "impact_matrix.csv"
         if path.exists():
             table = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"target": str})
@@ -507,6 +510,50 @@ def train_first(config: str, model: str) -> None:
     if not Path(model).exists():
         raise LensbenchError(f"training with {config} did not write {model}; point model at its run folder "
                              "(outputs/<experiment>)", f"{FIELD}.model")
+
+
+def _yerr(table, column: str):
+    """Error bars (below, above) of ``column`` from its ``_ci_low`` and ``_ci_high`` columns (None
+    for a table written without them); a NaN end draws no bar."""
+    if f"{column}_ci_low" not in table:
+        return None
+    return [(table[column] - table[f"{column}_ci_low"]).clip(lower=0).fillna(0).to_numpy(),
+            (table[f"{column}_ci_high"] - table[column]).clip(lower=0).fillna(0).to_numpy()]
+
+
+#: The most states ``exact_drop.png`` draws (those with the largest mean drop).
+DROP_FIGURE_STATES = 12
+
+
+def _drop_figure(plt, acc, run_dir: Path) -> list[Path]:
+    """``exact_drop.png``: each ablation state's exact-match drop per group with its 95% paired
+    bootstrap interval (the ``DROP_FIGURE_STATES`` states of largest mean drop when there are more)."""
+    ablated = acc[(acc.intervention != BASELINE) & ~acc["transform"].astype(str).str.startswith("swap")]
+    if not len(ablated) or "exact_drop_ci_low" not in ablated:
+        return []
+    label = ablated["intervention"].astype(object).fillna("").astype(str) + " " + \
+        ablated["target"].astype(object).fillna("").astype(str)
+    ablated = ablated.assign(state=label.str.strip())
+    ranked = ablated.groupby("state", sort=False)["exact_drop"].mean().sort_values(ascending=False, kind="stable")
+    shown = list(ranked.index[:DROP_FIGURE_STATES])
+    groups = list(dict.fromkeys(acc["group"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2 + 0.6 * len(groups)), 4.5))
+    width = 0.8 / len(shown)
+    for j, state in enumerate(shown):
+        part = ablated[ablated.state == state].set_index("group").reindex(groups)
+        x = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
+        ax.errorbar(x, part["exact_drop"], yerr=_yerr(part, "exact_drop"), fmt="o", ms=3, capsize=2, label=state[:40])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("exact-match drop (95% paired bootstrap)")
+    more = f" ({len(shown)} of {len(ranked)} states, largest mean drop)" if len(ranked) > len(shown) else ""
+    ax.set_title("Drop against the unablated model" + more, fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    out = run_dir / "exact_drop.png"
+    save_figure(fig, out, dpi=120)
+    plt.close(fig)
+    return [out]
 
 
 def _heatmap(plt, values, rows: list[str], cols: list[str], label: str, title: str, out: Path) -> Path:
@@ -561,6 +608,44 @@ def routing(tokenizer, batch: dict, layers: list[int], slots: list[torch.Tensor]
                 pos += 1
         out[str(layer)] = {"type": by_type, "position": by_pos}
     return out
+
+
+#: The drops of accuracy.csv that carry an interval and a p-value, and the per-row outcome each is
+#: the mean difference of (binary ``exact``: McNemar; ``digit_accuracy``: Wilcoxon signed-rank).
+DROPS = {"exact_drop": "exact", "digit_drop": "digit_accuracy"}
+
+
+def _with_intervals(scored, acc):
+    """``acc`` with the uncertainty of its rates (lensbench.intervals): Wilson 95% interval of each
+    group's exact match, t interval of its digit accuracy, and for every state's drops the paired
+    bootstrap 95% interval (seeded, ``BOOTSTRAP_SEED``) and the paired test's p-value, each row of
+    the state paired with the same row (split, index) of the unablated model. NaN where the metric
+    is (a row with non-finite logits makes its group's statistics NaN)."""
+    from ..intervals import mean_interval, paired_bootstrap, paired_p, wilson
+
+    acc["exact_match_ci_low"], acc["exact_match_ci_high"] = wilson((acc["exact_match"] * acc["n"]).round(), acc["n"])
+    keys = ["intervention", "target", "group"]
+    digit = {key: mean_interval(part["digit_accuracy"]) for key, part in scored.groupby(keys, sort=False)}
+    where = list(zip(*(acc[k] for k in keys)))
+    acc["digit_accuracy_ci_low"] = [digit.get(k, (math.nan,) * 2)[0] for k in where]
+    acc["digit_accuracy_ci_high"] = [digit.get(k, (math.nan,) * 2)[1] for k in where]
+
+    on = ["group", *[c for c in ("split", "index") if c in scored.columns]]
+    base = scored.loc[scored.intervention == BASELINE, [*on, *DROPS.values()]]
+    stats: dict = {}
+    if not base.duplicated(on).any():  # else rows cannot be paired: intervals stay NaN
+        joined = scored[[*keys, *on[1:], *DROPS.values()]].merge(base, on=on, how="left", suffixes=("", "_base"))
+        for key, part in joined.groupby(keys, sort=False):
+            row = {}
+            for drop, outcome in DROPS.items():
+                before, after = part[f"{outcome}_base"].to_numpy(float), part[outcome].to_numpy(float)
+                row[f"{drop}_ci_low"], row[f"{drop}_ci_high"] = paired_bootstrap(before, after)
+                row[f"{drop}_p"] = paired_p(before, after)
+            stats[key] = row
+    for drop in DROPS:
+        for end in ("_ci_low", "_ci_high", "_p"):
+            acc[drop + end] = [stats.get(k, {}).get(drop + end, math.nan) for k in where]
+    return acc
 
 
 def _position_impact(examples, run_dir: Path) -> list[Path]:
