@@ -126,3 +126,15 @@ def test_paired_bootstrap_covers_the_true_difference():
         low, high = paired_bootstrap(a, b, seed=i)
         covered += low <= true_drop <= high
     assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_error_bars_come_from_the_interval_columns():
+    import pandas as pd
+
+    from lensbench.intervals import error_bars
+
+    table = pd.DataFrame({"rate": [0.5, 0.0, math.nan], "rate_ci_low": [0.3, 0.0, math.nan],
+                          "rate_ci_high": [0.6, 0.2, math.nan]})
+    below, above = error_bars(table, "rate")
+    assert list(below) == pytest.approx([0.2, 0.0, 0.0]) and list(above) == pytest.approx([0.1, 0.2, 0.0])
+    assert error_bars(table.drop(columns=["rate_ci_low", "rate_ci_high"]), "rate") is None

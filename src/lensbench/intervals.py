@@ -7,6 +7,7 @@
 - ``mcnemar_p(baseline, other)``: the exact McNemar test of two paired binary outcomes (a
   two-sided binomial test of the discordant pairs against 1/2); ``signed_rank_p`` the Wilcoxon
   signed-rank test of paired continuous values (scipy); ``paired_p`` picks one of them.
+- ``error_bars(table, column)``: matplotlib's ``yerr`` from a table's ``<column>_ci_low`` and ``_ci_high``.
 
 Every function takes plain sequences or numpy arrays; a NaN among the values makes the result NaN
 (a group with an unscored row has no statistic, as its mean is NaN), and so does no value at all.
@@ -145,3 +146,13 @@ def paired_p(baseline, other) -> float:
     a, b = np.asarray(baseline, dtype=float), np.asarray(other, dtype=float)
     binary = np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()
     return mcnemar_p(a, b) if binary else signed_rank_p(a, b)
+
+
+def error_bars(table, column: str):
+    """Error bars ``[below, above]`` of ``column`` for matplotlib's ``errorbar(yerr=...)``, from the
+    table's ``<column>_ci_low`` and ``<column>_ci_high`` columns; None for a table written without
+    them. An unknown (NaN) end draws no bar."""
+    if f"{column}_ci_low" not in table:
+        return None
+    return [(table[column] - table[f"{column}_ci_low"]).clip(lower=0).fillna(0).to_numpy(),
+            (table[f"{column}_ci_high"] - table[column]).clip(lower=0).fillna(0).to_numpy()]

@@ -513,12 +513,10 @@ def train_first(config: str, model: str) -> None:
 
 
 def _yerr(table, column: str):
-    """Error bars (below, above) of ``column`` from its ``_ci_low`` and ``_ci_high`` columns (None
-    for a table written without them); a NaN end draws no bar."""
-    if f"{column}_ci_low" not in table:
-        return None
-    return [(table[column] - table[f"{column}_ci_low"]).clip(lower=0).fillna(0).to_numpy(),
-            (table[f"{column}_ci_high"] - table[column]).clip(lower=0).fillna(0).to_numpy()]
+    """Error bars of ``column`` from its interval columns (lensbench.intervals.error_bars)."""
+    from ..intervals import error_bars
+
+    return error_bars(table, column)
 
 
 #: The most states ``exact_drop.png`` draws (those with the largest mean drop).

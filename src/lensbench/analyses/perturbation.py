@@ -26,6 +26,7 @@ from ..generation import (DEFAULT_PERPLEXITY_TEXT, Batching, GenerationSettings,
                           PerplexitySettings, generate, model_positions, perplexity_state, pooled_perplexity,
                           within_context)
 from ..hookspecs import hookimpl
+from ..intervals import error_bars, mean_interval, wilson
 from ..models.loading import EMBEDDED, ModelSpec, loaded_in_4bit, resolve_source, takes_images
 from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
 from ..state import State
@@ -272,6 +273,7 @@ class PerturbationAnalysis(Analysis):
                                         ensure_ascii=False, allow_nan=True))
         table = pd.DataFrame(records)
         table["output_chars"] = table["output"].fillna("").str.len()
+        table["answer_match"] = [answer_match(o, a) for o, a in zip(table["output"], table["expected_answer"])]
         rows = []
         keys = ["degradation_method", "param_group_name", "level_value"]
         for (method, group, level), g in table.groupby(keys, sort=True):
@@ -280,11 +282,17 @@ class PerturbationAnalysis(Analysis):
             # (a state whose likelihood is NaN is left out, as perplexity_mean leaves out its NaN)
             states = [s for s in g.groupby("repeat_index")["perplexity_state"].first()
                       if isinstance(s, dict) and not math.isnan(float(s["total"]))] if "perplexity_state" in g else []
+            scored = g["answer_match"].dropna().astype(bool)
+            tokens_ci = mean_interval(g["tokens"])
+            match_ci = wilson(int(scored.sum()), len(scored))
             rows.append({
                 "degradation_method": method, "param_group_name": group, "level_value": level,
                 "is_baseline": bool(g["is_baseline"].iloc[0]), "n_outputs": len(g),
                 "n_repeats": g["repeat_index"].nunique(),
                 "mean_tokens": g["tokens"].mean(), "std_tokens": g["tokens"].std(ddof=0),
+                "mean_tokens_ci_low": tokens_ci[0], "mean_tokens_ci_high": tokens_ci[1],
+                "n_scored": len(scored), "answer_match": scored.mean() if len(scored) else math.nan,
+                "answer_match_ci_low": match_ci[0], "answer_match_ci_high": match_ci[1],
                 "mean_output_chars": g["output_chars"].mean(),
                 "perplexity_mean": ppl.mean() if ppl.notna().any() else math.nan,
                 "perplexity_std": ppl.std(ddof=0) if ppl.notna().any() else math.nan,
@@ -317,7 +325,37 @@ class PerturbationAnalysis(Analysis):
             save_figure(fig, out, dpi=120)
             plt.close(fig)
             outputs.append(out)
+        if "answer_match" in summary and summary["answer_match"].notna().any():
+            fig, ax = plt.subplots(figsize=(6.5, 4.2))
+            for (method, group), g in summary.groupby(["degradation_method", "param_group_name"], sort=True):
+                ax.errorbar(g["level_value"], g["answer_match"], yerr=error_bars(g, "answer_match"), marker="o",
+                            capsize=3, label=f"{method} / {group}")
+            ax.set_xlabel("level")
+            ax.set_ylabel("answer match (95% Wilson interval)")
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            out = Path(run_dir) / "answer_match_vs_level.png"
+            save_figure(fig, out, dpi=120)
+            plt.close(fig)
+            outputs.append(out)
         return outputs
+
+
+def answer_match(output: str | None, expected: str | None) -> bool | None:
+    """Whether a generated ``output`` gives the prompt's ``expected`` answer: the answer appears in
+    it as a whole word or number (case-insensitive, not inside a longer word or number: "96" is
+    found in "The answer is 96." but not in "196"). None when there is nothing to score (no
+    expected answer, or no output: non-finite weights)."""
+    import re
+
+    if isinstance(expected, int) and not isinstance(expected, bool):  # a JSONL answer given as a number
+        expected = str(expected)
+    if not isinstance(output, str) or not isinstance(expected, str) or not expected.strip():
+        return None  # also a table's NaN
+    pattern = r"(?<!\w)" + re.escape(expected.strip()) + r"(?!\w)"
+    return re.search(pattern, output, flags=re.IGNORECASE) is not None
 
 
 def utc_timestamp(now: dt.datetime | None = None) -> str:
