@@ -98,11 +98,32 @@ def test_drops_carry_a_paired_bootstrap_interval_and_the_paired_tests_p_value(me
     assert (baseline.exact_drop_p == 1).all()
 
 
+def test_each_answer_position_carries_its_interval_and_paired_test(merged):
+    folder, _, base_tokens, masked_tokens = merged
+    table = pd.read_csv(folder / "position_impact.csv", keep_default_na=False, na_values=[""])
+    masked = table[table.intervention == "masked"].set_index("position")
+    baseline = table[table.intervention == "baseline"].set_index("position")
+    for p in range(3):
+        before = np.array([base_tokens[i][p] for i in range(80)], dtype=float)
+        after = np.array([masked_tokens[i][p] for i in range(80)], dtype=float)
+        k = int(before.sum())
+        assert baseline.loc[p, "token_accuracy_ci_low"] == pytest.approx(wilson_closed_form(k, 80)[0], abs=1e-9)
+        assert baseline.loc[p, "token_accuracy_ci_high"] == pytest.approx(wilson_closed_form(k, 80)[1], abs=1e-9)
+        only_before, only_after = int(((before == 1) & (after == 0)).sum()), int(((before == 0) & (after == 1)).sum())
+        assert masked.loc[p, "drop"] == pytest.approx(before.mean() - after.mean())
+        assert masked.loc[p, "drop_p"] == pytest.approx(binomtest(only_before, only_before + only_after).pvalue, rel=1e-9)
+        assert (masked.loc[p, "drop_ci_low"], masked.loc[p, "drop_ci_high"]) == pytest.approx(
+            paired_bootstrap(before, after))
+    nan = table[table.intervention == "nanrow"].set_index("position")
+    assert math.isnan(nan.loc[1, "drop_ci_low"]) and math.isnan(nan.loc[1, "token_accuracy_ci_low"])
+    assert nan.loc[0, "drop_ci_low"] == nan.loc[0, "drop_ci_high"] == 0 and nan.loc[0, "drop_p"] == 1
+
+
 def test_a_group_with_a_non_finite_row_has_no_interval(merged):
     _, acc, _, _ = merged
     nan = acc[acc.intervention == "nanrow"].set_index("bucket")
-    columns = [c for c in acc.columns if c.endswith(("_ci_low", "_ci_high", "_drop_p"))]
-    assert len(columns) == 10
+    columns = [f"{m}{end}" for m in ("exact_match", "digit_accuracy", "exact_drop", "digit_drop")
+               for end in ("_ci_low", "_ci_high")] + ["exact_drop_p", "digit_drop_p"]
     assert nan.loc[4, columns].isna().all()
     assert nan.loc[16, columns].notna().all()
     assert nan.loc[16, "exact_drop_ci_low"] == nan.loc[16, "exact_drop_ci_high"] == 0  # same rows as baseline

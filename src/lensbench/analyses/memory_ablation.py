@@ -623,6 +623,11 @@ def _with_intervals(scored, acc):
 
     acc["exact_match_ci_low"], acc["exact_match_ci_high"] = wilson((acc["exact_match"] * acc["n"]).round(), acc["n"])
     keys = ["intervention", "target", "group"]
+    if "generated_exact_match" in acc:  # the greedy answers' exact match, over the rows that have one
+        counted = scored.groupby(keys, sort=False)["generated_exact"].count()
+        n = [counted.get(k, 0) for k in zip(*(acc[c] for c in keys))]
+        acc["generated_exact_match_ci_low"], acc["generated_exact_match_ci_high"] = wilson(
+            (acc["generated_exact_match"] * n).round(), n)
     digit = {key: mean_interval(part["digit_accuracy"]) for key, part in scored.groupby(keys, sort=False)}
     where = list(zip(*(acc[k] for k in keys)))
     acc["digit_accuracy_ci_low"] = [digit.get(k, (math.nan,) * 2)[0] for k in where]
@@ -647,9 +652,14 @@ def _with_intervals(scored, acc):
 
 
 def _position_impact(examples, run_dir: Path) -> list[Path]:
-    """Accuracy of each answer token position per state, and its drop against the baseline."""
+    """Accuracy of each answer token position per state (with its Wilson interval), and its drop
+    against the baseline (paired bootstrap interval and McNemar p-value over the rows)."""
     import pandas as pd
 
+    from ..intervals import mcnemar_p, paired_bootstrap, wilson
+
+    unablated = examples[examples.intervention == BASELINE]
+    before = dict(zip(_row_keys(unablated), unablated["token_right"]))
     rows = []
     for (iv, target), group in examples.groupby(["intervention", "target"], sort=False):
         width = max(len(r) for r in group["token_right"])
@@ -657,13 +667,29 @@ def _position_impact(examples, run_dir: Path) -> list[Path]:
         for p in range(width):
             hits = [r[p] for r in group["token_right"] if len(r) > p]
             bad = hits.count(None)
+            low, high = wilson(sum(hits), len(hits)) if not bad else (math.nan, math.nan)
+            # paired with the unablated model's same row at this position (None: not finite -> NaN)
+            pairs = [(before[key][p], r[p]) for key, r in zip(_row_keys(group), group["token_right"])
+                     if len(r) > p and len(before.get(key, ())) > p]
+            after = [b for _, b in pairs]
+            before_p = [a for a, _ in pairs]
+            drop_low, drop_high = paired_bootstrap(before_p, after) if pairs else (math.nan, math.nan)
             rows.append({"intervention": iv, "target": target, "position": p, "n": len(hits),
                          "token_accuracy": sum(hits) / len(hits) if not bad else math.nan,
-                         NONFINITE: bad if known else math.nan})
+                         "token_accuracy_ci_low": low, "token_accuracy_ci_high": high,
+                         NONFINITE: bad if known else math.nan,
+                         "drop_ci_low": drop_low, "drop_ci_high": drop_high,
+                         "drop_p": mcnemar_p(before_p, after) if pairs else math.nan})
     table = pd.DataFrame(rows)
     base = table[table.intervention == BASELINE].set_index("position")["token_accuracy"]
-    table["drop"] = table["position"].map(base) - table["token_accuracy"]
+    table.insert(table.columns.get_loc("drop_ci_low"), "drop", table["position"].map(base) - table["token_accuracy"])
     return [write_csv(table, run_dir / "position_impact.csv")]
+
+
+def _row_keys(rows) -> list[tuple]:
+    """Each row's identity across states: (split, index), split "" where rows have none."""
+    split = rows["split"].fillna("") if "split" in rows else [""] * len(rows)
+    return list(zip(split, rows["index"]))
 
 
 def _swaps(examples, run_dir: Path) -> list[Path]:
