@@ -446,3 +446,120 @@ def test_a_nan_memory_slot_is_counted_said_once_and_the_run_finishes(trained):
     assert (now.n_nonfinite_positions == 0).all() and then.n_nonfinite_positions.isna().all()
     pd.testing.assert_frame_equal(then.drop(columns="n_nonfinite_positions"), now.drop(columns="n_nonfinite_positions"))
     assert pd.read_csv(trained / "old_records/examples.csv").n_nonfinite_positions.isna().all()
+
+
+def _answer_reads(folder: Path, group: str) -> dict[int, int]:
+    """Slot -> reads of memory layer 1 at the answer positions of ``group``'s rows, from the
+    unablated model's key_activations.jsonl (the positions it records)."""
+    from lensbench.synthetic.datasets import group_of
+
+    counts: dict[int, int] = {}
+    for a in map(json.loads, (folder / "key_activations.jsonl").open()):
+        if group_of(a) == group:
+            for row in a["slots"]["1"]:
+                for s in row:
+                    counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
+def test_top_ranks_the_slots_read_at_answer_positions_and_random_draws_from_read_slots(trained):
+    """``top`` takes the slots the group reads most at its answer positions (where the prompt's
+    digits, read at every other position, do not count), ``positions: all`` those read most at
+    every token; ``random`` draws ``count`` different sets from the slots the group reads, as
+    ``random.Random(seed)`` does over them, and random_sets.csv gives the spread of their drops."""
+    import random
+
+    group = "bucket=16/seen"
+    mask = {"transform": "mask_memory_keys", "params": {"layer": 1}}
+    interventions = [{**mask, "name": "top_answer", "top": {"n": 8, "group": group}},
+                     {**mask, "name": "top_all", "top": {"n": 8, "group": group, "positions": "all"}},
+                     {**mask, "name": "rand", "vary": "slots", "random": {"size": 6, "count": 4, "seed": 5, "group": group}},
+                     {**mask, "name": "rand_all", "vary": "slots",
+                      "random": {"size": 6, "count": 2, "seed": 5, "pool": "all"}}]
+    run(trained, ["predict", "--config", str(analysis(trained, "top", interventions))])
+    out = trained / "outputs" / "top"
+    reads = _answer_reads(out, group)
+    ranked = sorted(reads, key=lambda s: (-reads[s], s))
+    acc = pd.read_csv(out / "accuracy.csv", keep_default_na=False)
+    targets = {iv: [json.loads(t) for t in dict.fromkeys(acc[acc.intervention == iv].target)]
+               for iv in ("top_answer", "top_all", "rand", "rand_all")}
+    assert targets["top_answer"] == [ranked[:8]]
+    # in this model 2 of the 8 slots read most at every token are not among the 8 read most at answer positions
+    assert set(targets["top_all"][0]) != set(ranked[:8]), "the test needs all-position reads to rank other slots"
+
+    pool = sorted(reads)
+    rng = random.Random(5)
+    examples = pd.read_csv(out / "examples.csv", keep_default_na=False, dtype={"target": str})
+    drawn = examples[examples.intervention == "rand"].drop_duplicates("draw").sort_values("draw")
+    assert list(drawn.draw.astype(int)) == [0, 1, 2, 3]
+    assert [json.loads(t) for t in drawn.target] == [sorted(rng.sample(pool, 6)) for _ in range(4)]  # seed reproduces
+    assert all(set(t) <= set(reads) for t in targets["rand"])
+    assert len({tuple(t) for t in targets["rand"]}) == 4
+    assert any(not set(t) <= set(reads) for t in targets["rand_all"])  # pool: all reaches unread slots
+
+    spread = pd.read_csv(out / "random_sets.csv")
+    assert set(spread.intervention) == {"rand", "rand_all"} and (spread[spread.intervention == "rand"].draws == 4).all()
+    row = spread[(spread.intervention == "rand") & (spread.group == group)].iloc[0]
+    drops = acc[(acc.intervention == "rand") & (acc.group == group)].exact_drop.astype(float)
+    assert row.exact_drop_mean == pytest.approx(drops.mean()) and row.exact_drop_sd == pytest.approx(drops.std())
+    assert row.exact_drop_min == pytest.approx(drops.min()) and row.exact_drop_max == pytest.approx(drops.max())
+
+
+def test_generated_answers_are_greedy_and_swaps_change_them(memory_only, tmp_path):
+    """Every state's rows carry the greedy answer (``generated``, ``generated_exact``): equal, row
+    for row, to an argmax loop written here (one token at a time, no padding, in the unablated
+    model and in a swap state); swapping the values of the slots the rows read most changes
+    generated answers, and swap_predictions.csv lists them as generated answers."""
+    import torch
+
+    from lensbench.models.loading import ModelSpec
+    from lensbench.plugins import build_registries, get_plugin_manager
+    from lensbench.state import State, SubjectManager, TransformSpec
+    from lensbench.synthetic.collate import PaddedCollator
+    from lensbench.synthetic.datasets import SyntheticQA
+
+    interventions = [{"name": "swap", "transform": "swap_memory_values", "params": {"layer": 1}, "top": {"n": 4}}]
+    config = {"model": {"class_path": "memory_ablation",
+                        "init_args": {"model": str(memory_only), "interventions": interventions, "experiment": "gen"}},
+              "data": {"class_path": "lensbench.data.answers.AnswerDataModule",
+                       "init_args": {"dataset": "synthetic_qa", "options": SWAP_PAIRS, "seed": 0, "batch_size": 8}},
+              "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}}
+    (tmp_path / "gen.yaml").write_text(yaml.safe_dump(config))
+    run(tmp_path, ["predict", "--config", "gen.yaml"])
+    out = tmp_path / "outputs" / "gen"
+    text = {c: str for c in ("answer", "prediction", "generated", "target", "baseline_prediction")}
+    examples = pd.read_csv(out / "examples.csv", keep_default_na=False, dtype=text)
+    base = examples[examples.intervention == "baseline"].set_index("index")
+    assert (base.generated_exact == (base.generated == base.answer)).all()
+    assert base.generated_exact.sum() >= 28  # the model memorises its pairs
+
+    changed = pd.read_csv(out / "swap_predictions.csv", keep_default_na=False, dtype=text)
+    assert len(changed) > 0 and (changed.compared == "generated").all()
+    swapped = examples[examples.intervention == "swap"].set_index(["target", "index"])
+    for r in changed.to_dict("records"):
+        assert r["prediction"] == swapped.loc[(r["target"], r["index"]), "generated"] != base.loc[r["index"], "generated"]
+        assert r["baseline_prediction"] == base.loc[r["index"], "generated"]
+    acc = pd.read_csv(out / "accuracy.csv", keep_default_na=False)
+    assert "generated_exact_match" in acc.columns
+
+    registry = build_registries(get_plugin_manager(load_installed=False)).perturbations
+    manager = SubjectManager({"m": ModelSpec(str(memory_only))}, torch.device("cpu"), registry)
+    qa = SyntheticQA()
+    rows = qa.generate(0, qa.options(SWAP_PAIRS, "data.options"))["test"]
+    target = changed.target.iloc[0]
+    a, b = json.loads(target)
+    states = {"": State("m"), target: State("m", (TransformSpec("swap_memory_values", (("a", a), ("b", b), ("layer", 1))),))}
+    for label, state in states.items():
+        loaded = manager.activate(state)
+        collate = PaddedCollator(loaded.tokenizer, "qa", 128)
+        mine = examples[examples.intervention == ("swap" if label else "baseline")]
+        mine = mine[mine.target == label].set_index("index")
+        for i in [*changed[changed.target == target]["index"].head(3), 0, 1]:
+            ids, labels = collate.encode(rows[i]["text"])
+            first = next(k for k, lab in enumerate(labels) if lab != -100)
+            seq = ids[:first]
+            for _ in range(len(ids) - first):
+                with torch.no_grad():
+                    logits = loaded.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+                seq.append(int(logits.argmax()))
+            assert mine.loc[i, "generated"] == loaded.tokenizer.decode(seq[first:]).strip(), (label, i)

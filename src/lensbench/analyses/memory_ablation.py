@@ -25,6 +25,8 @@ import torch
 from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
+from ..memory.data_check import check_same_data, trained_data
+from ..memory.greedy import greedy_answers
 from ..models.loading import ModelSpec, resolve_source
 from ..state import State, TransformSpec
 from ..stats import nonfinite_warning
@@ -37,13 +39,21 @@ BASELINE = "baseline"
 ID_FIELDS = ("pair_id", "chain_id", "link")
 #: Answer positions whose logits hold a NaN or inf (no prediction there): the row's metrics are NaN.
 NONFINITE = "n_nonfinite_positions"
+#: What the swap tables compare: greedy answers, or the top token per answer position given the true prefix.
+SWAP_ANSWERS = ("generated", "teacher_forced")
 METRICS = ["exact_match", "digit_accuracy", "answer_prob", "answer_rank", "answer_entropy"]
+
+
+#: Where ``top`` and ``random`` count the reads: the answer positions (those key_activations.jsonl
+#: records), or every real token of the rows.
+POSITIONS = ("answer", "all")
 
 
 @dataclass
 class TopSlots:
-    """The ``n`` slots of memory ``layer`` read most often (at answer positions, unablated model)
-    by the rows of ``group`` (e.g. ``bucket=4/seen``; null: every row)."""
+    """The ``n`` slots of memory ``layer`` read most often (unablated model) by the rows of
+    ``group`` (e.g. ``bucket=4/seen``; null: every row), at their answer positions (``positions:
+    answer``, the positions key_activations.jsonl records) or at every real token (``all``)."""
 
     n: int = 10
     layer: int | None = None
@@ -51,15 +61,26 @@ class TopSlots:
     each: bool = False
     """One state per slot (true), or one state with all ``n`` together (false). Swaps always take
     every pair of the ``n`` slots."""
+    positions: str = "answer"
+
+
+#: Which slots ``random`` draws from: those the group reads (at least once, at ``positions``), or all.
+POOLS = ("read", "all")
 
 
 @dataclass
 class RandomSets:
-    """``count`` random sets of ``size`` slots each (drawn with ``seed``)."""
+    """``count`` random sets of ``size`` slots each (drawn with ``seed``), from the slots of memory
+    ``layer`` that the rows of ``group`` read at least once at ``positions`` in the unablated model
+    (``pool: read``, the control for ``top``), or from every slot (``pool: all``)."""
 
     size: int = 10
     count: int = 5
     seed: int = 0
+    pool: str = "read"
+    layer: int | None = None
+    group: str | None = None
+    positions: str = "answer"
 
 
 @dataclass
@@ -101,6 +122,8 @@ class MemoryAblation(Analysis):
         interventions: list[Intervention] | None = None,
         record_slots: bool = True,
         max_length: int = 128,
+        swap_answers: str = "generated",
+        allow_other_data: bool = False,
         experiment: str | None = None,
         output_dir: str = "outputs",
     ) -> None:
@@ -115,6 +138,11 @@ class MemoryAblation(Analysis):
             record_slots: In the unablated state, record the slots and weights every memory layer
                 reads at the answer positions (key_activations.jsonl, slot_usage.csv, routing.csv).
             max_length: Longest tokenized row (a longer one is an error).
+            swap_answers: What swap_predictions.csv and swap_matrix.csv compare: the greedy
+                ``generated`` answers, or the ``teacher_forced`` predictions.
+            allow_other_data: Evaluate data other than the model's training data (a held-out
+                study). Off: data whose dataset, seed or options differ from those the ``lensbench
+                fit`` run recorded (run.json next to the model, or train_config) is refused.
             experiment: Run name; results go to ``<output_dir>/<experiment>/``.
             output_dir: Folder holding one sub-folder per experiment.
         """
@@ -144,8 +172,14 @@ class MemoryAblation(Analysis):
             raise LensbenchError("two interventions have the same name; give each a `name`", f"{FIELD}.interventions")
         if max_length < 2:
             raise LensbenchError(f"must be at least 2, got {max_length}", f"{FIELD}.max_length")
+        if swap_answers not in SWAP_ANSWERS:
+            raise LensbenchError(f"must be one of {', '.join(SWAP_ANSWERS)}, got {swap_answers!r}",
+                                 f"{FIELD}.swap_answers")
         self.record_slots = record_slots
         self.max_length = max_length
+        self.swap_answers = swap_answers
+        self.allow_other_data = allow_other_data
+        self.trained_data = trained_data(self.spec.source, train_config)
         self._states: list[State] | None = None
 
     # -- states ----------------------------------------------------------------------------------
@@ -162,6 +196,9 @@ class MemoryAblation(Analysis):
 
     def states(self) -> list[State]:
         if self._states is None:
+            source = getattr(self.trainer.datamodule, "source", None)
+            if self.trained_data is not None and source is not None and not self.allow_other_data:
+                check_same_data(self.trained_data, source, "data.init_args", f"{FIELD}.allow_other_data")
             states = [State(self.label, labels=(("intervention", BASELINE), ("transform", ""), ("target", "")))]
             for i, iv in enumerate(self.interventions):
                 states += self._family(iv, f"{FIELD}.interventions[{i}]")
@@ -192,15 +229,11 @@ class MemoryAblation(Analysis):
                 values = [[s] for s in slots] if iv.top.each else [slots]
                 iv = Intervention(**{**iv.__dict__, "vary": iv.vary or "slots"})
         elif iv.random is not None:
-            n_slots = self._memory_shape(iv, where)["slots"]
-            if not 1 <= iv.random.size <= n_slots or iv.random.count < 1:
-                raise LensbenchError(f"random sets need 1 <= size <= {n_slots} and count >= 1", f"{where}.random")
-            rng = random.Random(iv.random.seed)
-            values = [sorted(rng.sample(range(n_slots), iv.random.size)) for _ in range(iv.random.count)]
+            values = self._random_sets(iv, where)
         else:
             values = [None]  # one state: the transform with its fixed params
         states = []
-        for value in values:
+        for k, value in enumerate(values):
             params = dict(iv.params)
             if iv.vary == "pair":
                 if not isinstance(value, (list, tuple)) or len(value) != 2:
@@ -211,15 +244,17 @@ class MemoryAblation(Analysis):
             self._check(iv, params, where)
             spec = TransformSpec(iv.transform, tuple(sorted((k, _frozen(v)) for k, v in params.items())))
             target = "" if value is None else json.dumps(value, separators=(",", ":"))
+            draw = (("draw", k),) if iv.random is not None else ()  # random sets: which draw (random_sets.csv)
             states.append(State(self.label, (spec,), labels=(("intervention", name), ("transform", iv.transform),
-                                                             ("target", target))))
+                                                             ("target", target), *draw)))
         if not states:
             raise LensbenchError("selects no state; give values, or check limit", where)
         return states
 
     def _memory_shape(self, iv: Intervention, where: str) -> dict[str, int]:
         config = self._config()
-        layer = iv.params.get("layer", iv.top.layer if iv.top else None)
+        chosen = iv.top or iv.random
+        layer = iv.params.get("layer", chosen.layer if chosen else None)
         if config.get("model_type") != "memory_llama" or layer not in (config.get("memory_layers") or []):
             raise LensbenchError(f"layer {layer!r} is not a memory layer of {self.label} (memory layers: "
                                  f"{config.get('memory_layers') or 'none'}); set params.layer", f"{where}.params.layer")
@@ -270,31 +305,80 @@ class MemoryAblation(Analysis):
                              f"{where}.vary")
 
     def _top_slots(self, iv: Intervention, where: str) -> list[int]:
-        """Rows of ``top.group`` through the unablated model: the slots of ``layer`` they read most."""
-        from ..models.loading import load_model
-
+        """The ``top.n`` slots of ``layer`` that the rows of ``top.group`` read most in the unablated model."""
         top = iv.top
-        layer = iv.params.get("layer", top.layer)
         n_slots = self._memory_shape(iv, where)["slots"]
         if not 1 <= top.n <= n_slots:
             raise LensbenchError(f"top.n must be 1..{n_slots}, got {top.n}", f"{where}.top.n")
+        counts = self._read_counts(iv.params.get("layer", top.layer), top.group, top.positions, n_slots, f"{where}.top")
+        return torch.argsort(counts, descending=True, stable=True)[: top.n].tolist()
+
+    def _random_sets(self, iv: Intervention, where: str) -> list[list[int]]:
+        """``count`` sorted sets of ``size`` slots drawn with ``seed`` from the pool (the slots the
+        group reads, or all)."""
+        rs = iv.random
+        n_slots = self._memory_shape(iv, where)["slots"]
+        if rs.pool not in POOLS:
+            raise LensbenchError(f"pool must be one of {', '.join(POOLS)}, got {rs.pool!r}", f"{where}.random.pool")
+        pool = list(range(n_slots))
+        if rs.pool == "read":
+            counts = self._read_counts(iv.params.get("layer", rs.layer), rs.group, rs.positions, n_slots,
+                                       f"{where}.random")
+            pool = counts.nonzero().flatten().tolist()
+        if not 1 <= rs.size <= len(pool) or rs.count < 1:
+            what = (f"the {len(pool)} slots the rows read" if rs.pool == "read" else f"the {n_slots} slots")
+            raise LensbenchError(f"random sets need 1 <= size <= {len(pool)} ({what}) and count >= 1; got size "
+                                 f"{rs.size}, count {rs.count}" + ("; or set pool: all" if rs.pool == "read" else ""),
+                                 f"{where}.random.size")
+        rng = random.Random(rs.seed)
+        return [sorted(rng.sample(pool, rs.size)) for _ in range(rs.count)]
+
+    def _read_counts(self, layer: int | None, group: str | None, positions: str, n_slots: int,
+                     where: str) -> torch.Tensor:
+        """How often the unablated model's memory ``layer`` reads each slot on the rows of ``group``
+        (null: every row), at their answer positions (``positions: answer``: the positions
+        key_activations.jsonl records) or at every real token (``all``); computed once per
+        (layer, group, positions)."""
+        from ..models.loading import load_model
+
+        if positions not in POSITIONS:
+            raise LensbenchError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}",
+                                 f"{where}.positions")
+        cache = self.__dict__.setdefault("_reads", {})
+        if (layer, group, positions) in cache:
+            return cache[layer, group, positions]
         rows = [r for rows in self.trainer.datamodule.rows.values() for r in rows
-                if top.group is None or group_of(r) == top.group]
+                if group is None or group_of(r) == group]
         if not rows:
             groups = sorted({group_of(r) for rows in self.trainer.datamodule.rows.values() for r in rows})
-            raise LensbenchError(f"no row is in group {top.group!r}; groups: {', '.join(groups)}", f"{where}.top.group")
+            raise LensbenchError(f"no row is in group {group!r}; groups: {', '.join(groups)}", f"{where}.group")
         loaded = load_model(self.spec, device=self.device, field=f"{FIELD}.model")
         counts = torch.zeros(n_slots, dtype=torch.long)
         collate = self._collator(loaded.tokenizer)
         mem = loaded.model.get_submodule(loaded.anatomy.memory_names[layer][0])
         for start in range(0, len(rows), 32):
             batch = collate(rows[start:start + 32])
-            slots = self._forward(loaded, batch, [mem])[1][0]
-            counts += torch.bincount(slots.reshape(-1).cpu(), minlength=n_slots)
+            slots = self._forward(loaded, batch, [mem])[1][0]  # [batch, length, heads, topk]
+            if positions == "answer":  # logits at position p predict label p + 1
+                at = batch["labels"][:, 1:] != -100
+                at = torch.cat([at, torch.zeros_like(at[:, :1])], 1)
+            else:
+                at = batch["attention_mask"].bool()
+            counts += torch.bincount(slots[at.to(slots.device)].reshape(-1).cpu(), minlength=n_slots)
         del loaded
-        return torch.argsort(counts, descending=True, stable=True)[: top.n].tolist()
+        cache[layer, group, positions] = counts
+        return counts
 
     # -- one work item ---------------------------------------------------------------------------
+    def _end_marker(self, loaded) -> tuple[int, frozenset[int]]:
+        """Tokens generated past the answer and the ids they must be: the end-of-sequence token when
+        the training data appended one (``append_eos``), else none."""
+        if not (self.trained_data and self.trained_data[0].get("append_eos")):
+            return 0, frozenset()
+        from ..generation import _eos_ids
+
+        return 1, frozenset(_eos_ids(loaded.model, loaded.tokenizer))
+
     def _collator(self, tokenizer):
         from ..synthetic.collate import PaddedCollator
 
@@ -318,13 +402,16 @@ class MemoryAblation(Analysis):
     def process(self, item: WorkItem) -> dict[str, Any]:
         loaded = self.subjects.activate(item.state)
         rows = item.payload.rows
-        batch = self._collator(loaded.tokenizer)(rows)
+        collate = self._collator(loaded.tokenizer)
+        batch = collate(rows)
         baseline = not item.state.transforms
         layers = sorted(loaded.anatomy.memory_names) if baseline and self.record_slots else []
         memories = [loaded.model.get_submodule(loaded.anatomy.memory_names[i][0]) for i in layers]
         out, slots, weights = self._forward(loaded, batch, memories)
         logits = out.logits[:, :-1].float()
         target = batch["labels"][:, 1:].to(logits.device)
+        extra, ends = self._end_marker(loaded)
+        greedy = greedy_answers(loaded.model, batch["input_ids"], batch["labels"], logits, collate.pad_id, extra, ends)
         examples = []
         for b, row in enumerate(rows):
             pos = (target[b] != -100).nonzero().flatten()
@@ -347,6 +434,8 @@ class MemoryAblation(Analysis):
                 "answer_rank": float(rank.float().mean()) if not n_bad else math.nan,
                 "answer_entropy": float(-(logp.exp() * logp).sum(-1).mean()) if not n_bad else math.nan,
                 "n_nonfinite_positions": n_bad,
+                "generated": loaded.tokenizer.decode(greedy[b].tokens).strip(),
+                "generated_exact": greedy[b].exact if greedy[b].finite else None,
             })
             if layers:
                 example["slots"] = {str(i): s[b, pos].reshape(len(pos), -1).tolist() for i, s in zip(layers, slots)}
@@ -371,6 +460,9 @@ class MemoryAblation(Analysis):
         examples = pd.DataFrame(rows)
         if NONFINITE not in examples:  # records stored before the count: unknown (NaN), not 0
             examples[NONFINITE] = math.nan
+        for column in ("generated", "generated_exact"):  # records stored before generation: unknown
+            if column not in examples:
+                examples[column] = None
         examples["digit_accuracy"] = examples["token_right"].map(
             lambda r: math.nan if None in r else sum(r) / len(r) if r else 0.0)
         fields = [f for f in GROUP_FIELDS if f in examples.columns]
@@ -379,11 +471,13 @@ class MemoryAblation(Analysis):
             ["intervention", "target", "index"], kind="stable"), run_dir / "examples.csv")]
 
         keys = ["intervention", "transform", "target", "group", *fields]
-        scored = examples.assign(exact=examples["exact"].map(lambda v: math.nan if pd.isna(v) else float(v)))
+        scored = examples.assign(**{c: examples[c].map(lambda v: math.nan if pd.isna(v) else float(v))
+                                    for c in ("exact", "generated_exact")})
         acc = (scored.groupby(keys, dropna=False, sort=False)
                .agg(n=("exact", "size"), exact_match=("exact", "mean"), digit_accuracy=("digit_accuracy", "mean"),
                     answer_prob=("answer_prob", "mean"), answer_rank=("answer_rank", "mean"),
-                    answer_entropy=("answer_entropy", "mean"), **{NONFINITE: (NONFINITE, "sum")},
+                    answer_entropy=("answer_entropy", "mean"),
+                    generated_exact_match=("generated_exact", "mean"), **{NONFINITE: (NONFINITE, "sum")},
                     _counted=(NONFINITE, "count")).reset_index())
         acc.loc[acc.pop("_counted") < acc["n"], NONFINITE] = math.nan  # a row of unknown count: the sum is unknown
         acc.loc[acc[NONFINITE] > 0, METRICS] = math.nan  # not the finite rows' mean: the group's is not finite
@@ -400,18 +494,25 @@ class MemoryAblation(Analysis):
         ablated = acc[(acc.intervention != BASELINE) & ~acc["transform"].astype(str).str.startswith("swap")]
         if len(acc[acc.intervention != BASELINE]):
             outputs += _position_impact(examples, run_dir)
-            outputs += _swaps(examples, run_dir)
+            outputs += _swaps(examples, run_dir, "generated" if examples["generated"].notna().all() else "prediction")
         if len(ablated):
             order = list(dict.fromkeys(acc.sort_values([*fields], kind="stable")["group"]))
             matrix = (ablated.groupby(["intervention", "target", "group"], sort=False)["exact_drop"].mean()
                       .unstack("group", sort=False))  # a state or group whose drops are all NaN keeps its row or column
             matrix = matrix[[g for g in order if g in matrix.columns]].rename_axis(columns=None).reset_index()
             outputs.append(write_csv(matrix, run_dir / "impact_matrix.csv"))
+        outputs += _random_spread(examples, acc, run_dir)
         outputs += _slot_tables(records, run_dir)
         return outputs
 
     def finalize(self) -> list[Path]:
         outputs = super().finalize()
+        if self.swap_answers == "teacher_forced" and (self.run_dir / "swap_matrix.csv").exists():
+            import pandas as pd
+
+            text = {c: str for c in ("answer", "prediction", "generated", "target")}
+            _swaps(pd.read_csv(self.run_dir / "examples.csv", keep_default_na=False, na_values=[""], dtype=text),
+                   self.run_dir, "prediction")
         with torch.inference_mode():  # the model was loaded inside Lightning's inference mode
             loaded = self.subjects.activate(self.states()[0])
         if loaded.anatomy.memory_names:
@@ -692,11 +793,34 @@ def _row_keys(rows) -> list[tuple]:
     return list(zip(split, rows["index"]))
 
 
-def _swaps(examples, run_dir: Path) -> list[Path]:
-    """For swap states: the predictions that changed, and whether each now gives the answer of
-    another row of its split (``follows``: that row's index); per swapped pair, the share of changed
-    predictions that follow another row's answer (``swap_matrix.csv``)."""
+def _random_spread(examples, acc, run_dir: Path) -> list[Path]:
+    """Per family of random sets and group: how many draws, and the mean, sd, min and max of their
+    ``exact_drop`` and ``digit_drop`` (the spread a control's drop has from draw to draw)."""
     import pandas as pd
+
+    if "draw" not in examples.columns:
+        return []
+    families = list(dict.fromkeys(examples.loc[examples["draw"].notna(), "intervention"]))
+    rows = []
+    for (iv, group), part in acc[acc.intervention.isin(families)].groupby(["intervention", "group"], sort=False):
+        row = {"intervention": iv, "group": group, "draws": len(part)}
+        for col in ("exact_drop", "digit_drop"):
+            row.update({f"{col}_mean": part[col].mean(), f"{col}_sd": part[col].std(ddof=1) if len(part) > 1 else math.nan,
+                        f"{col}_min": part[col].min(), f"{col}_max": part[col].max()})
+        rows.append(row)
+    if not rows:
+        return []
+    return [write_csv(pd.DataFrame(rows), run_dir / "random_sets.csv")]
+
+
+def _swaps(examples, run_dir: Path, column: str = "generated") -> list[Path]:
+    """For swap states: the answers (``column``: the greedy ``generated`` ones, or the teacher-forced
+    ``prediction``) that changed, and whether each now gives the answer of another row of its split
+    (``follows``: that row's index); per swapped pair, the share of changed answers that follow
+    another row's answer (``swap_matrix.csv``)."""
+    import pandas as pd
+
+    examples = examples.assign(prediction=examples[column])
 
     swapped = examples[examples["transform"].astype(str).str.startswith("swap")]
     if not len(swapped):
@@ -714,8 +838,10 @@ def _swaps(examples, run_dir: Path) -> list[Path]:
         follows = owner.get((sp, r["prediction"]))
         follows = None if follows == r["index"] else follows
         out.append({"intervention": r["intervention"], "target": r["target"], "split": sp, "index": r["index"],
-                    "answer": r["answer"], "baseline_prediction": old, "prediction": r["prediction"], "follows": follows})
-    columns = ["intervention", "target", "split", "index", "answer", "baseline_prediction", "prediction", "follows"]
+                    "answer": r["answer"], "baseline_prediction": old, "prediction": r["prediction"], "follows": follows,
+                    "compared": "teacher_forced" if column == "prediction" else column})
+    columns = ["intervention", "target", "split", "index", "answer", "baseline_prediction", "prediction", "follows",
+               "compared"]
     changed = pd.DataFrame(out, columns=columns)
     outputs = [write_csv(changed, run_dir / "swap_predictions.csv")]
     rows = []

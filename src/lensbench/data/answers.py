@@ -61,6 +61,9 @@ class AnswerDataModule(WorkDataModule):
         """
         super().__init__()
         from ..synthetic.datasets import load_dataset
+
+        #: Where the rows come from, as configured (an analysis compares it with a model's training data).
+        self.source = {"dataset": dataset, "options": options, "seed": seed, "path": path, "facts": facts}
         from ..synthetic.masks import get_mask
 
         given = [name for name, value in (("dataset", dataset), ("path", path), ("facts", facts)) if value is not None]
