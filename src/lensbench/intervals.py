@@ -99,13 +99,18 @@ def paired_bootstrap(baseline, other, confidence: float = CONFIDENCE, resamples:
 @lru_cache(maxsize=4096)
 def _bootstrap(values: tuple, counts: tuple, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
     # Resampling n pairs with replacement draws each distinct difference a multinomial number of
-    # times: the same distribution as drawing row indices, in O(distinct values) per resample.
+    # times: the same distribution as drawing row indices, and cheaper where there are few distinct
+    # differences (a binary outcome's -1, 0, 1); many distinct ones are resampled by index.
     if len(values) == 1:
         return values[0], values[0]
     n = sum(counts)
     rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n, np.asarray(counts, dtype=float) / n, size=resamples)
-    means = draws @ np.asarray(values, dtype=float) / n
+    if len(values) <= 8:
+        draws = rng.multinomial(n, np.asarray(counts, dtype=float) / n, size=resamples)
+        means = draws @ np.asarray(values, dtype=float) / n
+    else:
+        d = np.repeat(np.asarray(values, dtype=float), counts)
+        means = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
     low, high = np.quantile(means, [0.5 - confidence / 2, 0.5 + confidence / 2])
     return float(low), float(high)
 
