@@ -29,7 +29,9 @@ def example(index: int, bucket: int, right: list[int | None]) -> dict:
     return {"split": "seen", "bucket": bucket, "index": index, "answer": f"{index:03d}", "prediction": "x",
             "exact": (all(right) if not bad else None), "token_right": right,
             "answer_prob": 0.5 if not bad else math.nan, "answer_rank": 0.0 if not bad else math.nan,
-            "answer_entropy": 1.0 if not bad else math.nan, "n_nonfinite_positions": bad}
+            "answer_entropy": 1.0 if not bad else math.nan, "n_nonfinite_positions": bad,
+            # the greedy answer: right on even rows that are right teacher-forced (none for a non-finite row)
+            "generated": "x", "generated_exact": (all(right) and index % 2 == 0) if not bad else None}
 
 
 def state(intervention: str, target: str, examples: list[dict]) -> dict:
@@ -70,6 +72,21 @@ def test_exact_match_carries_its_wilson_interval(merged):
         half = 2.022690920036761 * np.std(digits, ddof=1) / math.sqrt(40)  # t_{0.975, 39}
         assert base.loc[bucket, "digit_accuracy_ci_low"] == pytest.approx(np.mean(digits) - half, abs=1e-9)
         assert base.loc[bucket, "digit_accuracy_ci_high"] == pytest.approx(np.mean(digits) + half, abs=1e-9)
+
+
+def test_the_greedy_exact_match_carries_its_wilson_interval(merged):
+    _, acc, base_tokens, _ = merged
+    base = acc[acc.intervention == "baseline"].set_index("bucket")
+    nan = acc[acc.intervention == "nanrow"].set_index("bucket")
+    for bucket, rows in ((4, range(40)), (16, range(40, 80))):
+        k = sum(all(base_tokens[i]) and i % 2 == 0 for i in rows)
+        assert base.loc[bucket, "generated_exact_match"] == pytest.approx(k / 40)
+        assert (base.loc[bucket, "generated_exact_match_ci_low"], base.loc[bucket, "generated_exact_match_ci_high"]) \
+            == pytest.approx(wilson_closed_form(k, 40), abs=1e-9)
+    # the non-finite row has no greedy answer: the rate and its interval are over the other 39
+    k = sum(all(base_tokens[i]) and i % 2 == 0 for i in range(40) if i != 3)
+    assert (nan.loc[4, "generated_exact_match_ci_low"], nan.loc[4, "generated_exact_match_ci_high"]) == \
+        pytest.approx(wilson_closed_form(k, 39), abs=1e-9)
 
 
 def test_drops_carry_a_paired_bootstrap_interval_and_the_paired_tests_p_value(merged):
