@@ -170,6 +170,41 @@ def test_rows_past_the_resumed_step_and_a_torn_line_are_dropped(tmp_path):
     assert path.read_bytes() == b"step,layer,used\r\n"
 
 
+def test_fit_draws_its_curves_and_plot_puts_several_runs_on_one_figure(tmp_path, monkeypatch, capsys):
+    from lensbench.tables import pyplot
+    from lensbench.training.curves import draw, read_metrics
+
+    write_config(tmp_path, trainer={"max_steps": 4})
+    runs = []
+    for name, lr in (("a", "1e-2"), ("b", "1e-3")):
+        assert fit(tmp_path, monkeypatch, "--model.experiment", name, "--model.lr", lr) == 0
+        runs.append(tmp_path / "outputs" / name)
+        assert (runs[-1] / "curves.png").stat().st_size > 0  # written by fit
+    metrics = {str(r): read_metrics(r) for r in runs}
+    assert all(list(m.index) == [0, 1, 2, 3] for m in metrics.values())  # steps 0..3, one row each
+    fig = draw(metrics)
+    loss, exact = fig.axes
+    assert [line.get_label() for line in loss.get_lines()] == [str(r) for r in runs]  # one line per run
+    assert [list(line.get_ydata()) for line in loss.get_lines()] == [list(m["train_loss"]) for m in metrics.values()]
+    assert len(exact.get_lines()) == 2
+    pyplot().close(fig)
+    capsys.readouterr()
+    assert main(["plot", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "both.png")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "both.png")
+    assert (tmp_path / "both.png").stat().st_size > 0
+    (runs[0] / "curves.png").unlink()
+    assert main(["plot", str(runs[0])]) == 0 and (runs[0] / "curves.png").exists()  # one run: redrawn in place
+
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    (analysis / "config.yaml").write_text("model:\n  class_path: activation_norms\n")
+    capsys.readouterr()
+    assert main(["plot", str(runs[0]), str(analysis), "--out", str(tmp_path / "mixed.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{analysis} is not a training run (lensbench fit)" in err
+    assert not (tmp_path / "mixed.png").exists()
+
+
 def test_freezing_keeps_frozen_weights_bit_identical(tmp_path, monkeypatch):
     write_config(tmp_path, model={"freeze": {"*": "freeze", "*.memory.*": "train"}}, trainer={"max_steps": 3})
     assert fit(tmp_path, monkeypatch) == 0

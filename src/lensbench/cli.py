@@ -370,18 +370,33 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_fit_run(run_dir: Path, config: dict) -> bool:
+    model = config.get("model")
+    return (run_dir / "lightning").is_dir() or isinstance(model, dict) and "config" in model and "class_path" not in model
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .analysis import load_run_config
     from .plugins import active_registries
+    from .training.curves import CURVES, plot_runs
 
-    run_dir = Path(args.run_dir)
+    run_dirs = [Path(d) for d in args.run_dir]
+    if len(run_dirs) > 1:  # training runs on one figure
+        for run_dir in run_dirs:
+            if not _is_fit_run(run_dir, load_run_config(run_dir)):
+                raise LensbenchError(f"{run_dir} is not a training run (lensbench fit); plot draws several runs on one "
+                                     "figure only for training runs: give fit run folders, or plot an analysis "
+                                     "run alone")
+        print(plot_runs(run_dirs, Path(args.out or "fit_curves.png")))
+        return 0
+    run_dir, = run_dirs
     config = load_run_config(run_dir)
     model = config.get("model")
     class_path = model.get("class_path", "") if isinstance(model, dict) else ""
     if not class_path or not isinstance(class_path, str):
-        if (run_dir / "lightning").is_dir() or isinstance(model, dict) and "config" in model:
-            raise LensbenchError(f"{run_dir} is a training run (lensbench fit), which has no figures to redraw; "
-                                 "give the folder of an analysis run (lensbench predict)")
+        if _is_fit_run(run_dir, config):
+            print(plot_runs(run_dirs, Path(args.out) if args.out else run_dir / CURVES))
+            return 0
         raise LensbenchError(f"{run_dir}/config.yaml names no analysis (model.class_path); give the output folder "
                              "of a lensbench predict run")
     registries = active_registries()
@@ -579,8 +594,11 @@ def _main(argv: list[str], from_sys: bool) -> int:
     sub.add_parser("pipeline", help="param_diff and activation_norms of one base and others, and a summary: "
                    "lensbench pipeline --config X.yaml", add_help=False)
     sub.add_parser("plugins", help="list registered analyses, perturbations, metrics and datasets")
-    plot = sub.add_parser("plot", help="redraw an analysis's figures from its stored results")
-    plot.add_argument("run_dir", help="output folder of a run (holds config.yaml)")
+    plot = sub.add_parser("plot", help="redraw an analysis's figures from its stored results, or draw the "
+                          "training curves of one or several lensbench fit runs on one figure")
+    plot.add_argument("run_dir", nargs="+", help="output folder of a run (holds config.yaml); several: fit runs")
+    plot.add_argument("--out", default=None, help="the figure of fit runs (default: <run>/curves.png for one, "
+                      "fit_curves.png for several)")
     try:
         if argv and argv[0] == "predict":
             run_predict(None if from_sys else argv)

@@ -177,6 +177,8 @@ class CausalLMTraining(pl.LightningModule):
     def on_train_end(self) -> None:
         """Exact match of the answers of the data's ``test_split`` per group, on rank 0:
         ``<run>/exact_match.csv`` (the memorization curve when the groups are exposure buckets)."""
+        if self.global_rank == 0:
+            self.draw_curves()
         dm = self.trainer.datamodule
         rows = dm.test_rows() if dm is not None and hasattr(dm, "test_rows") else []
         if self.global_rank != 0 or not rows:
@@ -186,6 +188,20 @@ class CausalLMTraining(pl.LightningModule):
         table.to_csv(path, index=False)
         console.info("exact match on %s (%d examples): %s -> %s", dm.test_split, len(rows),
                      ", ".join(f"{r.group} {r.exact_match:.2f}" for r in table.itertuples()), path)
+
+    def draw_curves(self) -> None:
+        """``<run>/curves.png``: loss and validation exact match against the step, from the metrics
+        the loggers wrote (every version: a resumed run's figure covers the whole training)."""
+        from .curves import CURVES, plot_runs
+
+        for logger in self.trainer.loggers:
+            logger.save()  # the last steps' metrics, still in memory
+        try:
+            path = plot_runs([self.run_dir], self.run_dir / CURVES)
+        except LensbenchError as exc:  # no CSV metrics (another logger, or none)
+            console.info(f"no training curves drawn: {exc}")
+            return
+        console.info(f"training curves -> {path}")
 
     # -- optimizer --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
