@@ -214,8 +214,12 @@ def _read_task_json(folder: Path, field: str) -> dict[str, Any]:
     task_type = spec["type"]
     if task_type not in TASK_TYPES:
         # Every supported type, not a close name: "Reranking" is not a misspelt "Clustering".
+        import difflib
+
+        close = difflib.get_close_matches(str(task_type), list(TASK_TYPES), n=1, cutoff=0.8)  # a misspelling
         note = (f" ({task_type} is scored only for MTEB's own tasks, named in data.init_args.tasks by their "
-                "MTEB name, such as SciDocsRR)" if task_type in MTEB_ONLY_TYPES else "")
+                "MTEB name, such as SciDocsRR)" if task_type in MTEB_ONLY_TYPES else
+                f" (did you mean {close[0]!r}?)" if close else "")
         raise _fail(f"{path}: type {task_type!r} is not a local task type; use one of {', '.join(TASK_TYPES)}"
                     f"{note}", field)
     for key in ("min_score", "max_score"):
