@@ -463,6 +463,8 @@ class MemoryAblation(Analysis):
         for column in ("generated", "generated_exact"):  # records stored before generation: unknown
             if column not in examples:
                 examples[column] = None
+        if "draw" in examples:  # random sets' draw number; empty for other states
+            examples["draw"] = examples["draw"].astype("Int64")
         examples["digit_accuracy"] = examples["token_right"].map(
             lambda r: math.nan if None in r else sum(r) / len(r) if r else 0.0)
         fields = [f for f in GROUP_FIELDS if f in examples.columns]
