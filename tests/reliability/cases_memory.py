@@ -24,20 +24,20 @@ def evaluate(*extra: str, options: str = OPTIONS) -> tuple[str, ...]:
 CASES = {
     "memory_ablation_other_seed": (
         evaluate("--data.init_args.seed", "1"), 1,
-        f"data.init_args.seed: the model was trained on synthetic_qa with seed 0, this evaluation uses seed 1; set "
-        f"seed 0, {HELD_OUT}"),
+        (f"data.init_args.seed: the model was trained on synthetic_qa with seed 0, this evaluation uses seed 1; set "
+        f"seed 0, {HELD_OUT}")),
     "memory_ablation_other_options": (
         evaluate(options="{num_pairs: 8, buckets: [1, 2]}"), 1,
-        f"data.init_args.options.num_pairs: the model was trained on synthetic_qa with num_pairs 4, this evaluation "
-        f"uses 8; set num_pairs: 4, {HELD_OUT}"),
+        (f"data.init_args.options.num_pairs: the model was trained on synthetic_qa with num_pairs 4, this evaluation "
+        f"uses 8; set num_pairs: 4, {HELD_OUT}")),
     "memory_ablation_other_dataset": (
         evaluate("--data.init_args.dataset", "digit_lookup", options="{}"), 1,
-        "data.init_args.dataset: the model was trained on synthetic_qa (outputs/fitted/run.json), this evaluation "
-        f"uses digit_lookup; set dataset: synthetic_qa with the training's options and seed, {HELD_OUT}"),
+        ("data.init_args.dataset: the model was trained on synthetic_qa (outputs/fitted/run.json), this evaluation "
+        f"uses digit_lookup; set dataset: synthetic_qa with the training's options and seed, {HELD_OUT}")),
     "memory_ablation_facts_on_a_fit_model": (
         evaluate("--data.init_args.dataset", "null", "--data.init_args.facts", "texts.txt", options="null"), 1,
-        "data.init_args.facts: the model was trained on synthetic_qa (outputs/fitted/run.json), this evaluation uses "
-        f"the facts texts.txt; evaluate its training data, {HELD_OUT}"),
+        ("data.init_args.facts: the model was trained on synthetic_qa (outputs/fitted/run.json), this evaluation uses "
+        f"the facts texts.txt; evaluate its training data, {HELD_OUT}")),
 }
 #: The run each case meets: byte for byte afterwards.
 KEEPS = {case: ("outputs/fitted",) for case in CASES}
