@@ -320,3 +320,15 @@ def test_no_pandas4_warning_and_plot_redraws_everything(tmp_path):
             "heatmap_layer_task__local.png", "heatmap_layer_task__m@step0.png"} <= set(first)
     for name in first:
         assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_plot_redraws_a_metrics_table_written_before_source_was_kept(tmp_path, drawn):
+    """A representation_metrics.csv without the ``source`` column (an older run folder) holds metrics
+    datasets only: ``lensbench plot`` still draws its curves."""
+    write_tables([task_record(task="a"), metrics_record()], tmp_path)
+    table = pd.read_csv(tmp_path / collect.METRICS_TABLE)
+    table.drop(columns=["source"]).to_csv(tmp_path / collect.METRICS_TABLE, index=False)
+    names = {p.name for p in draw_figures(tmp_path)}
+    assert "representation_metrics.png" in names
+    lines = [line for ax in drawn["representation_metrics.png"].axes for line in ax.get_lines()]
+    assert lines and all(list(line.get_xdata()) == [0, 1, 2, 3, 4] for line in lines[:1])

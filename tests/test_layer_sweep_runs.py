@@ -282,3 +282,28 @@ def test_another_layer_norm_on_a_finished_run_is_refused(sweepdir):
         in line
     assert "Traceback" not in res.stderr
     assert snapshot(run_dir) == before  # nothing of the finished run changed
+
+
+@pytest.mark.requires("mteb")
+def test_a_run_resumed_on_another_kind_of_device_is_refused(sweepdir, tmp_path):
+    """The dtype a checkpoint computes in (float16 on a GPU, float32 on the CPU) is part of the run's
+    identity: a folder whose results were computed in float16 (as on a GPU) is not resumed in
+    float32 on the CPU, and nothing in it changes."""
+    import json
+    import shutil
+
+    from helpers_cli import snapshot
+
+    folder = tmp_path / "copy"
+    shutil.copytree(sweepdir, folder, symlinks=True)
+    run_dir = folder / "outputs" / "layer_sweep" / "run"
+    identity = json.loads((run_dir / "run.json").read_text())
+    assert identity["compute_dtype.tiny"] == "float32"  # written by the CPU run
+    identity["compute_dtype.tiny"] = "float16"  # as a run started on a GPU writes it
+    (run_dir / "run.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
+    before = snapshot(run_dir)
+    res = lensbench("predict", "--config", "run.yaml", cwd=folder, env=clean_env(HF_HUB_OFFLINE="1"))
+    assert res.returncode == 1, res.stderr[-2000:]
+    line = last_line(res.stderr)
+    assert "holds results of a different configuration (changed: compute_dtype.tiny)" in line, line
+    assert snapshot(run_dir) == before

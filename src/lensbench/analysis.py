@@ -24,6 +24,9 @@ from .state import State
 from .work import WorkItem, changed_items, plan_items
 
 CONFIG_FILE = "config.yaml"
+#: run.json keys that describe one checkpoint (``<prefix><label>``): where checkpoints may be added
+#: or left out, only those of the checkpoints in both runs must match.
+PER_CHECKPOINT = ("model_fingerprint.", "compute_dtype.")
 #: run.json keys of run folders made before per-record content digests.
 OLD_DATA_FINGERPRINTS = tuple(f"data_fingerprint.{k}" for k in ("datasets_sha256", "prompts_sha256", "images_sha256"))
 
@@ -134,7 +137,7 @@ class Analysis(pl.LightningModule):
         stored = {k: v for k, v in stored.items() if not is_free(k, self.identity_free)}
         current = self.run_identity
         if self.checkpoints_extendable:  # checkpoints added or left out; a shared one must still match
-            stored, current = ({k: v for k, v in a.items() if not k.startswith("model_fingerprint.") or k in b}
+            stored, current = ({k: v for k, v in a.items() if not k.startswith(PER_CHECKPOINT) or k in b}
                                for a, b in ((stored, current), (current, stored)))
         if any(k.startswith(OLD_DATA_FINGERPRINTS) for k in stored) and type(self).holds_results(self.run_dir):
             raise LensbenchError(

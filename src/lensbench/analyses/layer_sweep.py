@@ -239,6 +239,16 @@ class LayerSweep(Analysis):
     def subject_fields(self) -> dict[str, str]:
         return self.fields
 
+    def setup(self, stage: str) -> None:
+        """The dtype each checkpoint computes in depends on the device (float16 on a GPU, float32 on
+        the CPU, unless its entry sets ``dtype``): it joins the run identity (``compute_dtype.<label>``)
+        here, where the device is known, so a run resumed on another kind of device is refused rather
+        than mixing float16 and float32 results."""
+        if self.run_identity is not None:
+            dtypes = {f"compute_dtype.{label}": spec.dtype for label, spec in self.subject_specs().items()}
+            self.run_identity = {**self.run_identity, **dtypes}
+        super().setup(stage)
+
     @classmethod
     def holds_results(cls, run_dir: Path) -> bool:
         """Stored records, or MTEB scores of a work item cut short (kept under ``mteb/``)."""

@@ -262,11 +262,14 @@ def _checkpoint_layer_heatmaps(scores, keys: list[str], run_dir: Path) -> list[P
 def _metric_curves(metrics, run_dir: Path) -> Path:
     """The four raw metrics against layer: a colour per checkpoint (in step order) and a line style per
     metrics dataset; the metrics of the tasks' own texts are drawn as one line, their mean over tasks."""
+    import pandas as pd
+
     from .correlation import OWN_TEXTS
 
     plt = pyplot()
     keys = [k for k in table_keys(metrics) if k not in ("dataset", "source")]
-    own = metrics["source"].eq("task") if "source" in metrics else False
+    # A table written before ``source`` was kept holds metrics datasets only.
+    own = metrics["source"].eq("task") if "source" in metrics else pd.Series(False, index=metrics.index)
     metrics = metrics.assign(_dataset=metrics["dataset"].where(~own, OWN_TEXTS))
     metrics = natural_sort(metrics, [*keys, "layer"])
     x, xlabel = _depth_axis(metrics)
