@@ -14,6 +14,9 @@ from conftest import ROOT, lensbench
 # docs/memory_ablation.md, docs/perturbation.md and docs/param_diff.md.
 ONE_PROMPT = ("--data.init_args.max_prompts", "1", "--model.init_args.perturbation.n_rep", "1",
               "--model.init_args.generation.max_new_tokens", "4")
+# The memory model is trained here on 60 pairs (a quick fit); the analyses of it evaluate that data.
+SMALL_QA = ("--data.init_args.options", "{num_pairs: 60, buckets: [1, 2, 4, 8, 16, 32]}")
+
 RUNS = (
     ("activation_norms/quickstart.yaml", ("--data.init_args.max_examples", "4"),
      "outputs/activation_norms/quickstart/activation_norms.csv"),
@@ -28,11 +31,11 @@ RUNS = (
     ("memory/train_synthetic_qa.yaml", ("--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                                         "--data.options", "{num_pairs: 60, buckets: [1, 2, 4, 8, 16, 32]}"),
      "outputs/fit/train_synthetic_qa/checkpoint-4/model.safetensors"),
-    # the memory model above (its latest checkpoint) is what these study
-    ("memory/quickstart.yaml", (), "outputs/memory_ablation/quickstart/impact_matrix.csv"),
-    ("memory/eval_synthetic_qa.yaml", (), "outputs/memory_ablation/eval_synthetic_qa/slot_usage.csv"),
-    ("memory/ablate_keys.yaml", (), "outputs/memory_ablation/ablate_keys/impact_matrix.csv"),
-    ("memory/swap_keys.yaml", (), "outputs/memory_ablation/swap_keys/swap_matrix.csv"),
+    # the memory model above (its latest checkpoint) is what these study, on its (smaller) training data
+    ("memory/quickstart.yaml", SMALL_QA, "outputs/memory_ablation/quickstart/impact_matrix.csv"),
+    ("memory/eval_synthetic_qa.yaml", SMALL_QA, "outputs/memory_ablation/eval_synthetic_qa/slot_usage.csv"),
+    ("memory/ablate_keys.yaml", SMALL_QA, "outputs/memory_ablation/ablate_keys/impact_matrix.csv"),
+    ("memory/swap_keys.yaml", SMALL_QA, "outputs/memory_ablation/swap_keys/swap_matrix.csv"),
     ("memory/smollm2_capitals.yaml", (), "outputs/memory_ablation/smollm2_capitals/impact_matrix.csv"),
     ("layer_sweep/quickstart.yaml", ("--model.init_args.models", "[minilm]", "--model.init_args.layers", "[0, -1]",
                                      "--data.init_args.max_metric_texts", "8"),
