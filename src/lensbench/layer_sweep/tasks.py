@@ -418,7 +418,8 @@ def encoder_texts(task: Any) -> list[str]:
                         texts[row["text"] + " " + instruction if instruction else row["text"]] = None
             else:
                 raise LensbenchError(f"cannot list the texts of MTEB task {task.metadata.name} "
-                                     f"({type(task).__name__}); layer_sweep scores {', '.join(SCORED_TYPES)} tasks")
+                                     f"({type(task).__name__}); layer_sweep scores {', '.join(SCORED_TYPES)} tasks",
+                                     FIELD)
     return [t for t in texts if isinstance(t, str)]
 
 
