@@ -26,6 +26,13 @@ repetitions alongside), with ``torch.set_num_threads`` set to the machine's core
    Before any time is kept the two outputs must agree (allclose) and so must the gradients of
    the values and of the weights; otherwise the script stops with exit status 1.
 
+Within the first comparison, the layer's forward as it is (``select`` takes the top-k of the
+``topk x topk`` candidate sums, then builds the int64 slot ids of the chosen only) is timed against
+the same layer whose ``select`` first builds the slot ids of all ``topk x topk`` candidates and
+gathers the chosen from them (``select_all_ids_first``, the formula lensbench used before), after
+checking that both give equal outputs (``torch.equal``); the ratio of the medians and the median
+of the rounds' ratios (both sides run in every round) are recorded.
+
 No goal is set by the project for these figures; they are recorded. Unless ``--no-docs`` (or
 ``--quick``), the section "## Memory layer" of docs/benchmarks.md is rewritten.
 """
@@ -152,6 +159,22 @@ def quiet_timed(sides: dict, reps: int, warmup: int, retries: int, limit: float,
     return best[0], best[1], attempt
 
 
+def select_all_ids_first(mem, x):
+    """``ProductKeyMemory.select`` as it was: the slot ids of all ``topk x topk`` candidates built
+    before the top-k is taken (same chosen slots, same weights)."""
+    import torch
+
+    k = mem.topk
+    kk = min(mem.n_keys, k + int(mem.blocked_slots.numel()))
+    s1, i1 = mem.half_scores(x).topk(kk, dim=-1)
+    sums = s1[:, :, 0, :, None] + s1[:, :, 1, None, :]
+    slots = i1[:, :, 0, :, None] * mem.n_keys + i1[:, :, 1, None, :]
+    if mem.blocked_slots.numel():
+        sums = sums.masked_fill(torch.isin(slots, mem.blocked_slots), float("-inf"))
+    best, pos = sums.flatten(2).topk(k, dim=-1)
+    return slots.flatten(2).gather(-1, pos), torch.softmax(best.float(), dim=-1).to(x.dtype)
+
+
 def fmt_count(n: float) -> str:
     return f"{n:,.0f}"
 
@@ -247,10 +270,20 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             mem.select(x.reshape(-1, h))
 
-    print("timing 1: memory layer against dense SwiGLU")
+    import copy
+
+    before = copy.deepcopy(mem)  # the same weights, the search as it was
+    before.select = lambda flat: select_all_ids_first(before, flat)
+    with torch.no_grad():
+        if not torch.equal(mem(x), before(x)):
+            print("MISMATCH: the layer's search and the one building all candidates' ids first disagree",
+                  file=sys.stderr)
+            return 1
+
+    print("timing 1: memory layer against dense SwiGLU, and against its search as it was")
     t1, o1, a1 = quiet_timed({"memory fwd": fwd(mem), "dense fwd": fwd(dense),
                               "memory fwd+bwd": fwd_bwd(mem), "dense fwd+bwd": fwd_bwd(dense),
-                              "memory select fwd": select_fwd},
+                              "memory select fwd": select_fwd, "memory fwd, ids first": fwd(before)},
                              args.reps, args.warmup, args.retries, args.disturbed,
                              args.quiet_wait)
 
@@ -312,10 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     ms = lambda s: f"{s * 1e3:.2f} ms"  # noqa: E731
     ratios = {
         "memory / dense, forward": med["memory fwd"] / med["dense fwd"],
+        "memory, chosen ids / all ids first, forward": med["memory fwd"] / med["memory fwd, ids first"],
         "memory / dense, forward+backward": med["memory fwd+bwd"] / med["dense fwd+bwd"],
         "bag / gather, forward": med["bag fwd"] / med["gather fwd"],
         "bag / gather, forward+backward": med["bag fwd+bwd"] / med["gather fwd+bwd"],
     }
+
+    pairs = [a / b for a, b in zip(times["memory fwd"], times["memory fwd, ids first"])]
+    paired = statistics.median(pairs)
 
     print(f"\n{'side':18s} {'median':>11s} {'best':>11s}  all (ms)")
     for k, v in times.items():
@@ -333,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     print("ratios (medians):")
     for k, v in ratios.items():
         print(f"  {k}: {v:.3f}")
+    print(f"  memory, chosen ids / all ids first, forward, median of the rounds' ratios: {paired:.3f} "
+          f"({min(pairs):.3f} to {max(pairs):.3f})")
 
     if args.quick or args.no_docs:
         return 0
@@ -385,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         row("read: embedding_bag vs gather, forward+backward", "bag fwd+bwd", "gather fwd+bwd"),
         f"| memory layer's `select` alone (query, key scoring, top-k), forward | {ms(med['memory select fwd'])} "
         f"({ms(best['memory select fwd'])}) | | | {others['memory select fwd']:.0%} |",
+        row("memory layer forward: ids of the chosen slots only (now) vs ids of all topk x topk candidates "
+            "first (before; equal output, checked)", "memory fwd", "memory fwd, ids first"),
+        "",
+        "Now against before, round by round (both sides run in every round, so a disturbance that lasts a "
+        f"round slows both): median of the {args.reps} ratios now / before "
+        f"**{paired:.3f}** (range {min(pairs):.3f} to {max(pairs):.3f}).",
         "",
         "Others' CPU: the CPU time other processes took during a comparison's timed rounds (from "
         "/proc/stat), as a share of their wall time (0% on a quiet machine; 100% is one core taken). A "
@@ -399,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         + ".",
         "",
         reading(
-            fwd=ratios["memory / dense, forward"], fb=ratios["memory / dense, forward+backward"],
+            fwd=ratios["memory / dense, forward"], ids=ratios["memory, chosen ids / all ids first, forward"], fb=ratios["memory / dense, forward+backward"],
             select=med["memory select fwd"] * 1e3, mem_fwd=med["memory fwd"] * 1e3, bag_ms=med["bag fwd"] * 1e3,
             bag_fb_ms=med["bag fwd+bwd"] * 1e3, mem_fb_ms=med["memory fwd+bwd"] * 1e3,
             bag_f=ratios["bag / gather, forward"], bag_fb=ratios["bag / gather, forward+backward"],
@@ -411,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def reading(*, fwd, fb, select, mem_fwd, bag_ms, bag_fb_ms, mem_fb_ms, bag_f, bag_fb, grad_mib, gathered_mib, dense_mib, flop_ratio,
+def reading(*, fwd, ids, fb, select, mem_fwd, bag_ms, bag_fb_ms, mem_fb_ms, bag_f, bag_fb, grad_mib, gathered_mib, dense_mib, flop_ratio,
             key_share) -> str:
     """The short reading of the figures written under the tables; its comparisons follow the figures."""
     than = lambda r: "faster than" if r < 1 else "slower than"  # noqa: E731
@@ -422,7 +467,9 @@ def reading(*, fwd, fb, select, mem_fwd, bag_ms, bag_fb_ms, mem_fb_ms, bag_f, ba
         f"leaves out), and its forward takes {fwd:.2f}x the dense forward's time. `select` alone takes "
         f"{select:.1f} of the {mem_fwd:.1f} ms ({share:.0%}): besides the query projection and the key scoring "
         "it runs a top-k over the n_keys half-keys of each half and head, builds the topk x topk candidate sums "
-        "and slot ids and takes a top-k over those, work a dense MLP has none of; the read (one embedding bag) "
+        "and takes a top-k over those, then the slot ids of the chosen, work a dense MLP has none of; building "
+        f"the ids of all candidates first, as the layer did before, made its forward {1 / ids:.2f}x as long "
+        f"(now / before {ids:.3f}); the read (one embedding bag) "
         f"took {bag_ms:.1f} ms in the second comparison. Forward+backward is {fb:.2f}x the dense MLP's: the "
         "values' gradient is dense (`F.embedding_bag` with `sparse=False`, as the layer calls it), a "
         f"{grad_mib:.0f} MiB tensor allocated and filled on every backward although only the rows read are "
