@@ -37,6 +37,9 @@ CASES = {
     "plot_config_malformed": (("plot", "badyaml"), 1, "badyaml/config.yaml is damaged (not YAML at line 3)"),
     "plot_config_a_list": (("plot", "listyaml"), 1, "listyaml/config.yaml is damaged (a YAML list"),
     "plot_a_fit_folder": (("plot", "fitrun"), 1, "fitrun is a training run (lensbench fit), which has no figures"),
+    "plot_fit_runs_with_an_analysis_run": (("plot", "fitrun", "analysisrun", "--out", "outputs/both.png"), 1,
+                                           "analysisrun is not a training run (lensbench fit); plot draws several "
+                                           "runs on one figure only for training runs"),
 }
 PREPARED = ("run_json_cut_short", "run_json_a_list", "shard_line_without_key")
 #: The user's folders the experiment cases point at stay byte for byte.
@@ -60,7 +63,8 @@ def prepare(root: Path, tiny_model: Path, forks) -> None:
     lines = shard.read_text().splitlines(keepends=True)
     shard.write_text(lines[0] + json.dumps({"state": "x"}) + "\n" + "".join(lines[1:]))
     for name, text in (("badyaml", "model:\n  class_path: [activation_norms\n"), ("listyaml", "- a\n- b\n"),
-                       ("fitrun", "model:\n  tokenizer: chars\n  config: {model_type: memory_llama}\n")):
+                       ("fitrun", "model:\n  tokenizer: chars\n  config: {model_type: memory_llama}\n"),
+                       ("analysisrun", "model:\n  class_path: activation_norms\n")):
         (root / name).mkdir()
         (root / name / "config.yaml").write_text(text)
     (root / "fitrun" / "lightning").mkdir()
