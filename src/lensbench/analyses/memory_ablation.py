@@ -44,6 +44,16 @@ SWAP_ANSWERS = ("generated", "teacher_forced")
 METRICS = ["exact_match", "digit_accuracy", "answer_prob", "answer_rank", "answer_entropy"]
 
 
+#: Transforms whose ``top`` states vary ``keys`` (the top slots' half-key rows) unless ``vary`` says otherwise.
+KEYS_ONLY = {"ablate_memory_keys": "keys"}
+
+
+def _slot_rows(slot: int, n_keys: int) -> str:
+    """``[*,0,i1] [*,1,i2]``: the half-key rows (every head) that address ``slot``."""
+    i1, i2 = divmod(slot, n_keys)
+    return f"[*,0,{i1}] [*,1,{i2}]"
+
+
 #: Where ``top`` and ``random`` count the reads: the answer positions (those key_activations.jsonl
 #: records), or every real token of the rows.
 POSITIONS = ("answer", "all")
@@ -89,7 +99,7 @@ class Intervention:
     parameter (``vary``) that differ from state to state."""
 
     transform: str
-    """A registered transform: mask_memory_keys, ablate_memory_values, ablate_memory,
+    """A registered transform: mask_memory_keys, ablate_memory_keys, ablate_memory_values, ablate_memory,
     swap_memory_keys, swap_memory_values, ablate_attention_head, ablate_mlp_neurons, or any other."""
     params: dict[str, Any] = field(default_factory=dict)
     """Parameters every state of the family shares, e.g. {layer: 1, mode: zero}."""
@@ -102,7 +112,8 @@ class Intervention:
     limit: int | None = None
     """With ``every``: only the first N values."""
     top: TopSlots | None = None
-    """The slots read most by a group of rows (slots, or the pairs of them for swaps)."""
+    """The slots read most by a group of rows (slots, or the pairs of them for swaps; with ``vary:
+    keys``, the default of ablate_memory_keys, the half-key rows that address them in every head)."""
     random: RandomSets | None = None
     """Random sets of slots."""
     name: str | None = None
@@ -216,6 +227,7 @@ class MemoryAblation(Analysis):
 
     def _family(self, iv: Intervention, where: str) -> list[State]:
         name = iv.name or iv.transform
+        targets: list[str] | None = None  # labels other than the value's JSON (the top slots' keys)
         if iv.values is not None:
             values = list(iv.values)
         elif iv.every:
@@ -226,8 +238,14 @@ class MemoryAblation(Analysis):
                 values = [[a, b] for j, a in enumerate(slots) for b in slots[j + 1:]]
                 iv = Intervention(**{**iv.__dict__, "vary": "pair"})
             else:
-                values = [[s] for s in slots] if iv.top.each else [slots]
-                iv = Intervention(**{**iv.__dict__, "vary": iv.vary or "slots"})
+                groups = [[s] for s in slots] if iv.top.each else [slots]
+                iv = Intervention(**{**iv.__dict__, "vary": iv.vary or KEYS_ONLY.get(iv.transform, "slots")})
+                values = groups
+                if iv.vary == "keys":  # the half-key rows that address the slots (every head)
+                    values = [self._slot_keys(iv, g, where) for g in groups]
+                    targets = [f"slot {g[0]} keys {_slot_rows(g[0], self._memory_shape(iv, where)['keys'])}"
+                               if len(g) == 1 else f"keys of slots {json.dumps(g, separators=(',', ':'))}"
+                               for g in groups]
         elif iv.random is not None:
             values = self._random_sets(iv, where)
         else:
@@ -243,7 +261,7 @@ class MemoryAblation(Analysis):
                 params[iv.vary] = value
             self._check(iv, params, where)
             spec = TransformSpec(iv.transform, tuple(sorted((k, _frozen(v)) for k, v in params.items())))
-            target = "" if value is None else json.dumps(value, separators=(",", ":"))
+            target = targets[k] if targets else "" if value is None else json.dumps(value, separators=(",", ":"))
             draw = (("draw", k),) if iv.random is not None else ()  # random sets: which draw (random_sets.csv)
             states.append(State(self.label, (spec,), labels=(("intervention", name), ("transform", iv.transform),
                                                              ("target", target), *draw)))
@@ -262,7 +280,7 @@ class MemoryAblation(Analysis):
         return {"slots": n_keys * n_keys, "keys": n_keys, "heads": int(config["memory_heads"])}
 
     MEMORY_TRANSFORMS = ("mask_memory_keys", "ablate_memory_values", "ablate_memory", "swap_memory_keys",
-                         "swap_memory_values")
+                         "swap_memory_values", "ablate_memory_keys")
 
     def _check(self, iv: Intervention, params: dict[str, Any], where: str) -> None:
         """Indices out of range for this model, before any work (the transform checks again when applied)."""
@@ -288,6 +306,14 @@ class MemoryAblation(Analysis):
         if iv.transform.startswith("swap"):
             size = shape["slots"] if iv.transform == "swap_memory_values" else shape["keys"]
             within([params.get("a"), params.get("b")], size, "slot" if size == shape["slots"] else "row", "pair")
+
+    def _slot_keys(self, iv: Intervention, slots: list[int], where: str) -> list[list[int]]:
+        """The half-key rows that address ``slots`` (slot ``i1 * n_keys + i2``: row i1 of half 0
+        and row i2 of half 1), in every head: [[head, half, row], ...], each once."""
+        shape = self._memory_shape(iv, where)
+        rows = [(h, half, row) for s in slots for half, row in enumerate(divmod(s, shape["keys"]))
+                for h in range(shape["heads"])]
+        return [list(k) for k in dict.fromkeys(rows)]
 
     def _every(self, iv: Intervention, where: str) -> list[Any]:
         vary = iv.vary

@@ -6,6 +6,7 @@ manager undoes exactly, touching only the rows it changes.
 | --- | --- | --- |
 | ``mask_memory_keys`` | ``layer``, ``keys`` ([[head, half, row], ...]), ``slots`` ([slot, ...]) | the half-key rows and slots can never be chosen (their scores are -inf before the top-k) |
 | ``ablate_memory_values`` | ``layer``, ``slots``, ``mode`` (zero or random) | the slots' value vectors zeroed, or redrawn from N(0, std of the table) |
+| ``ablate_memory_keys`` | ``layer``, ``keys`` ([[head, half, row], ...]), ``mode`` (zero or random) | the half-key rows zeroed (score 0: still chosen when 0 beats the other rows, the seed's per-key ablation), or redrawn from N(mean, std of their head-half's table) |
 | ``ablate_memory`` | ``layer``, ``part`` (keys, values or layer) | the key tables zeroed (scores all 0: the seed's key ablation), the value table zeroed, or every parameter of the memory layer zeroed |
 | ``swap_memory_keys`` | ``layer``, ``a``, ``b``, ``head`` (all), ``half`` (both) | half-key rows a and b exchanged |
 | ``swap_memory_values`` | ``layer``, ``a``, ``b`` | the value vectors of slots a and b exchanged |
@@ -119,6 +120,51 @@ class AblateMemoryValues(Transform):
             std = float(mem.values.float().std())
             noise = torch.randn((len(index), mem.values.shape[1]), generator=generator, device=mem.values.device) * std
             mem.values.index_copy_(0, index, noise.to(mem.values.dtype))
+
+
+class AblateMemoryKeys(Transform):
+    name = "ablate_memory_keys"
+    description = "half-key rows of a memory layer zeroed or randomised"
+    MODES = ("zero", "random")
+
+    def _where(self, subject):
+        """(parameter name, module, distinct keys in order) after checking every index."""
+        name, mem = _memory(subject, self.params.get("layer"), self.name)
+        keys = self.params.get("keys")
+        if not isinstance(keys, (list, tuple)) or not keys:
+            raise LensbenchError(f"{self.name}: give keys as [[head, half, row], ...], got {keys!r}", f"{FIELD}.keys")
+        for k in keys:
+            if not isinstance(k, (list, tuple)) or len(k) != 3:
+                raise LensbenchError(f"{self.name}: each key is [head, half, row], got {k!r}", f"{FIELD}.keys")
+            _indices(k[0], mem.heads, "head", f"{FIELD}.keys", self.name)
+            _indices(k[1], 2, "half", f"{FIELD}.keys", self.name)
+            _indices(k[2], mem.n_keys, "row", f"{FIELD}.keys", self.name)
+        if self.params.get("mode", "zero") not in self.MODES:
+            raise LensbenchError(f"{self.name}: mode must be zero or random, got {self.params.get('mode')!r}",
+                                 f"{FIELD}.mode")
+        return name, mem, sorted({tuple(k) for k in keys})
+
+    def validate(self, subject) -> None:
+        self._where(subject)
+
+    def touched(self, subject) -> list[Rows]:
+        name, _, keys = self._where(subject)
+        # keys is [heads, 2, n_keys, k_dim/2]: the rows' slices along dim 2 (every head and half) hold them
+        return [Rows(f"{name}.keys", tuple(sorted({r for _, _, r in keys})), dim=2)]
+
+    def apply(self, subject, generator) -> None:
+        _, mem, keys = self._where(subject)
+        if self.params.get("mode", "zero") == "zero":
+            for h, s, r in keys:
+                mem.keys[h, s, r] = 0.0
+            return
+        # each row from N(mean, std) of its head-half's table as it was, drawn in sorted key order
+        stats = {(h, s): (float(mem.keys[h, s].float().mean()), float(mem.keys[h, s].float().std()))
+                 for h, s, _ in keys}
+        noise = torch.randn((len(keys), mem.keys.shape[-1]), generator=generator, device=mem.keys.device)
+        for (h, s, r), z in zip(keys, noise):
+            mean, std = stats[h, s]
+            mem.keys[h, s, r] = (z * std + mean).to(mem.keys.dtype)
 
 
 class AblateMemory(Transform):
@@ -275,5 +321,5 @@ class AblateMlpNeurons(_ZeroSlices):
 
 @hookimpl
 def lensbench_register_perturbations() -> list[type]:
-    return [MaskMemoryKeys, AblateMemoryValues, AblateMemory, SwapMemoryKeys, SwapMemoryValues,
+    return [MaskMemoryKeys, AblateMemoryValues, AblateMemoryKeys, AblateMemory, SwapMemoryKeys, SwapMemoryValues,
             AblateAttentionHead, AblateMlpNeurons]
