@@ -566,6 +566,8 @@ class MemoryAblation(Analysis):
     def plot(cls, run_dir: Path) -> list[Path]:
         import pandas as pd
 
+        from ..heatmaps import panels_figure
+
         plt = pyplot()
         run_dir = Path(run_dir)
         outputs = []
@@ -592,9 +594,14 @@ class MemoryAblation(Analysis):
         if path.exists():
             table = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"target": str})
             values = table.drop(columns=["intervention", "target"]).apply(pd.to_numeric, errors="coerce")
-            labels = [f"{a} {b}".strip() for a, b in zip(table["intervention"], table["target"].fillna(""))]
-            outputs.append(_heatmap(plt, values.to_numpy(dtype=float), labels, [str(c) for c in values.columns],
-                                    "accuracy drop", "Impact of each intervention per group", run_dir / "impact_matrix.png"))
+            blocks = []  # one panel per family (intervention name), each with its own colour scale
+            for family, rows in table.groupby(table["intervention"].astype(str), sort=False).groups.items():
+                targets = table.loc[rows, "target"].fillna("").astype(str)
+                blocks.append((family, values.loc[rows].to_numpy(dtype=float),
+                               [t or family for t in targets], [str(c) for c in values.columns]))
+            if blocks:
+                fig = panels_figure(plt, blocks, "exact-match drop", "Impact of each intervention per group")
+                outputs.append(_save(plt, fig, run_dir / "impact_matrix.png"))
         path = run_dir / "swap_matrix.csv"
         if path.exists():
             table = pd.read_csv(path).dropna(subset=["a", "b"])
@@ -655,6 +662,8 @@ DROP_FIGURE_STATES = 12
 def _drop_figure(plt, acc, run_dir: Path) -> list[Path]:
     """``exact_drop.png``: each ablation state's exact-match drop per group with its 95% paired
     bootstrap interval (the ``DROP_FIGURE_STATES`` states of largest mean drop when there are more)."""
+    from ..heatmaps import shorten
+
     ablated = acc[(acc.intervention != BASELINE) & ~acc["transform"].astype(str).str.startswith("swap")]
     if not len(ablated) or "exact_drop_ci_low" not in ablated:
         return []
@@ -669,7 +678,7 @@ def _drop_figure(plt, acc, run_dir: Path) -> list[Path]:
     for j, state in enumerate(shown):
         part = ablated[ablated.state == state].set_index("group").reindex(groups)
         x = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
-        ax.errorbar(x, part["exact_drop"], yerr=_yerr(part, "exact_drop"), fmt="o", ms=3, capsize=2, label=state[:40])
+        ax.errorbar(x, part["exact_drop"], yerr=_yerr(part, "exact_drop"), fmt="o", ms=3, capsize=2, label=shorten(state))
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("exact-match drop (95% paired bootstrap)")
@@ -684,15 +693,19 @@ def _drop_figure(plt, acc, run_dir: Path) -> list[Path]:
 
 
 def _heatmap(plt, values, rows: list[str], cols: list[str], label: str, title: str, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(2 + 0.5 * max(1, len(cols)), 1.5 + 0.3 * max(1, len(rows))))
-    im = ax.imshow(values, aspect="auto", cmap="magma")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    fig.colorbar(im, ax=ax, label=label)
-    ax.set_title(title)
-    fig.tight_layout()
-    save_figure(fig, out, dpi=120)
-    plt.close(fig)
+    """One heatmap (lensbench.heatmaps.draw_block): colour bar over the data's range, NaN blank."""
+    from ..heatmaps import block_inches, draw_block, figure_size
+
+    fig, ax = plt.subplots(figsize=figure_size(len(cols), [block_inches(len(rows))]), layout="constrained")
+    draw_block(fig, ax, values, rows, cols, label, title)
+    return _save(plt, fig, out)
+
+
+def _save(plt, fig, out: Path) -> Path:
+    try:
+        save_figure(fig, out, dpi=120)
+    finally:
+        plt.close(fig)
     return out
 
 
