@@ -250,9 +250,11 @@ def exact_answers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def exact_match_table(model: torch.nn.Module, rows: list[dict], collate: Any, batch_size: int, device: Any):
     """One row per group of ``rows`` (the values of ``GROUP_FIELDS`` they carry): ``group``, those
-    fields, ``n``, ``exact_match`` (share of answers whose every token is the top prediction)."""
+    fields, ``n``, ``exact_match`` (share of answers whose every token is the top prediction) and
+    its 95% Wilson interval ``exact_match_ci_low``, ``exact_match_ci_high`` (lensbench.intervals)."""
     import pandas as pd
 
+    from ..intervals import wilson
     from ..synthetic.datasets import GROUP_FIELDS, group_of
 
     was_training = model.training
@@ -267,5 +269,7 @@ def exact_match_table(model: torch.nn.Module, rows: list[dict], collate: Any, ba
     frame = pd.DataFrame([{"group": group_of(r), **{f: r.get(f) for f in GROUP_FIELDS}, "hit": h}
                           for r, h in zip(rows, hits)])
     fields = [f for f in GROUP_FIELDS if frame[f].notna().any()]
-    table = frame.groupby(["group", *fields], dropna=False, sort=False).hit.agg(n="size", exact_match="mean").reset_index()
+    table = (frame.groupby(["group", *fields], dropna=False, sort=False).hit
+             .agg(n="size", exact_match="mean", hits="sum").reset_index())
+    table["exact_match_ci_low"], table["exact_match_ci_high"] = wilson(table.pop("hits"), table["n"])
     return table.sort_values(fields or ["group"], kind="stable").reset_index(drop=True)
