@@ -7,6 +7,8 @@
 - ``mcnemar_p(baseline, other)``: the exact McNemar test of two paired binary outcomes (a
   two-sided binomial test of the discordant pairs against 1/2); ``signed_rank_p`` the Wilcoxon
   signed-rank test of paired continuous values (scipy); ``paired_p`` picks one of them.
+- ``spearman(x, y)``: Spearman's rho, its p-value and n over the pairs where both are finite
+  (scipy.stats.spearmanr); ``spearman_interval(rho, n)`` its Fisher z interval.
 - ``error_bars(table, column)``: matplotlib's ``yerr`` from a table's ``<column>_ci_low`` and ``_ci_high``.
 
 Every function takes plain sequences or numpy arrays; a NaN among the values makes the result NaN
@@ -151,6 +153,32 @@ def paired_p(baseline, other) -> float:
     a, b = np.asarray(baseline, dtype=float), np.asarray(other, dtype=float)
     binary = np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()
     return mcnemar_p(a, b) if binary else signed_rank_p(a, b)
+
+
+def spearman(x, y) -> tuple[float, float, int]:
+    """(rho, p, n): ``scipy.stats.spearmanr`` of ``x`` and ``y`` over the n pairs where both are
+    finite; rho and p NaN when n < 3 or either side is constant there."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    n = int(ok.sum())
+    if n < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return math.nan, math.nan, n
+    result = spearmanr(x[ok], y[ok])
+    return float(result.statistic), float(result.pvalue), n
+
+
+def spearman_interval(rho: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Fisher z interval of a Spearman ``rho`` over ``n`` points: tanh(atanh(rho) ± z SE) with
+    Bonett and Wright's (2000) SE = sqrt((1 + rho² / 2) / (n - 3)). NaN for n < 4 or a NaN rho;
+    (rho, rho) at |rho| = 1."""
+    if n < 4 or not math.isfinite(rho):
+        return NAN2
+    if abs(rho) >= 1:
+        return rho, rho
+    half = _z(confidence) * math.sqrt((1 + rho * rho / 2) / (n - 3))
+    return math.tanh(math.atanh(rho) - half), math.tanh(math.atanh(rho) + half)
 
 
 def error_bars(table, column: str):

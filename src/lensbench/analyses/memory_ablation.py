@@ -27,6 +27,7 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..memory.data_check import check_same_data, trained_data
 from ..memory.greedy import greedy_answers
+from ..memory.key_statistics import figures as key_figures, write_correlation, write_tables as key_tables
 from ..models.loading import ModelSpec, resolve_source
 from ..state import State, TransformSpec
 from ..stats import nonfinite_warning
@@ -531,6 +532,7 @@ class MemoryAblation(Analysis):
             outputs.append(write_csv(matrix, run_dir / "impact_matrix.csv"))
         outputs += _random_spread(examples, acc, run_dir)
         outputs += _slot_tables(records, run_dir)
+        outputs += key_tables(records, acc, run_dir, swaps=run_dir / "swap_matrix.csv" in outputs)
         return outputs
 
     def finalize(self) -> list[Path]:
@@ -541,6 +543,8 @@ class MemoryAblation(Analysis):
             text = {c: str for c in ("answer", "prediction", "generated", "target")}
             _swaps(pd.read_csv(self.run_dir / "examples.csv", keep_default_na=False, na_values=[""], dtype=text),
                    self.run_dir, "prediction")
+            write_correlation(pd.read_csv(self.run_dir / "accuracy.csv", keep_default_na=False, na_values=[""],
+                                          dtype={"target": str}), self.run_dir / "swap_matrix.csv", self.run_dir)
         with torch.inference_mode():  # the model was loaded inside Lightning's inference mode
             loaded = self.subjects.activate(self.states()[0])
         if loaded.anatomy.memory_names:
@@ -614,6 +618,7 @@ class MemoryAblation(Analysis):
 
                 outputs.append(_heatmap(plt, np.array(grid), [str(x) for x in slots], [str(x) for x in slots],
                                         "predictions changed", f"Swaps: {iv}", run_dir / f"swap_matrix_{iv}.png"))
+        outputs += key_figures(plt, run_dir)
         return outputs
 
 

@@ -11,18 +11,19 @@ state, layer): x = the metric (averaged over the tasks' own texts for the pooled
 mean main score over the tasks of that type. ``spearman_rho`` and ``p_value`` are
 ``scipy.stats.spearmanr`` over the points where both are finite (``n``, at least 3, and neither
 constant, else empty); ``ci95_low``/``ci95_high`` is the Fisher z interval with Bonett and Wright's
-(2000) standard error ``sqrt((1 + rho^2 / 2) / (n - 3))`` (``n`` at least 4).
+(2000) standard error ``sqrt((1 + rho^2 / 2) / (n - 3))`` (``n`` at least 4); both statistics are
+``lensbench.intervals.spearman`` and ``spearman_interval``.
 """
 
 from __future__ import annotations
 
 import math
 
+from ..intervals import spearman, spearman_interval
 from .collect import LAST, LAYER_NORM, METRICS, _mean, natural_sort, ordered
 
 OWN_TEXTS = "(each task's texts)"
 ALL_TYPES = "(all tasks)"
-Z95 = 1.959963984540054  # scipy.stats.norm.ppf(0.975)
 
 
 def metric_columns(frame) -> list[str]:
@@ -87,30 +88,6 @@ def points(joined, keys: list[str], group: str, task_type: str, values: list[str
     return part.groupby([*keys, "layer"], sort=False, dropna=False).agg(**aggs).reset_index()
 
 
-def spearman(x, y) -> tuple[float, float, int]:
-    """(rho, p, n) over the pairs where both are finite; NaN when n < 3 or either side is constant."""
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    n = int(ok.sum())
-    if n < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return math.nan, math.nan, n
-    result = spearmanr(x[ok], y[ok])
-    return float(result.statistic), float(result.pvalue), n
-
-
-def interval(rho: float, n: int) -> tuple[float, float]:
-    """The 95% Fisher z interval of a Spearman ``rho`` over ``n`` points (Bonett and Wright's SE)."""
-    if n < 4 or not math.isfinite(rho):
-        return math.nan, math.nan
-    if abs(rho) >= 1:
-        return rho, rho
-    half = Z95 * math.sqrt((1 + rho * rho / 2) / (n - 3))
-    return math.tanh(math.atanh(rho) - half), math.tanh(math.atanh(rho) + half)
-
-
 def correlate(joined, keys: list[str]):
     """The Spearman correlation of every metric with the main score (see the module's doc)."""
     import pandas as pd
@@ -125,7 +102,7 @@ def correlate(joined, keys: list[str]):
                           part.loc[part["task_type"] == task_type, "task"].nunique())
             for metric in values:
                 rho, p, n = spearman(pts[metric], pts["main_score"])
-                low, high = interval(rho, n)
+                low, high = spearman_interval(rho, n)
                 rows.append({"dataset": group, "metric": metric, "task_type": task_type, "n_tasks": n_tasks,
                              "n": n, "spearman_rho": rho, "ci95_low": low, "ci95_high": high, "p_value": p})
     columns = ["dataset", "metric", "task_type", "n_tasks", "n", "spearman_rho", "ci95_low", "ci95_high", "p_value"]

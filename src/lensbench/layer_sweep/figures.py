@@ -303,7 +303,8 @@ def _metric_curves(metrics, run_dir: Path) -> Path:
 def _scatter(joined, keys: list[str], run_dir: Path) -> Path:
     """Each metric against the mean main score over all tasks, one point per (checkpoint, state, layer),
     coloured by relative depth; a row of panels per metrics dataset, titled with Spearman's rho."""
-    from .correlation import ALL_TYPES, groups, points, spearman
+    from ..intervals import spearman
+    from .correlation import ALL_TYPES, groups, points
 
     plt = pyplot()
     values = [m for m in METRICS if m in joined]
