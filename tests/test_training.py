@@ -131,6 +131,21 @@ def test_memory_usage_has_one_row_per_step_after_kills_and_resumes(tmp_path, mon
     assert usage.read_bytes() == (tmp_path / "outputs/whole/memory_usage.csv").read_bytes()
 
 
+def test_memory_usage_after_a_resume_between_two_rows_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    write_config(tmp_path, model={"track_memory_every": 3}, trainer={"max_steps": 9})
+    assert fit(tmp_path, monkeypatch, "--model.experiment", "whole") == 0
+    # stopped at step 4, inside the window of the row of step 6, and at step 8, inside that of step 9:
+    # the reads of batch 4 (of batches 7 and 8) travel in the checkpoint, so the row of step 6 counts
+    # batches 4 to 6 (that of step 9 batches 7 to 9) as the uninterrupted run's do
+    for steps in (4, 8, 9):
+        assert fit(tmp_path, monkeypatch, "--model.experiment", "parts", "--trainer.max_steps", str(steps)) == 0
+    usage = tmp_path / "outputs/parts/memory_usage.csv"
+    assert [int(r["step"]) for r in csv.DictReader(usage.open())] == [3, 6, 9]
+    assert usage.read_bytes() == (tmp_path / "outputs/whole/memory_usage.csv").read_bytes()
+    state = torch.load(tmp_path / "outputs/parts/lightning/last.ckpt", weights_only=True)["callbacks"]["MemoryUsage"]
+    assert state == {"counts": {}}  # saved at step 9, just after its row
+
+
 def test_active_parameters_match_a_hand_count():
     from lensbench.memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
     from lensbench.training.parameters import parameter_table

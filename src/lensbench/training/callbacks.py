@@ -87,11 +87,32 @@ def final_batch(trainer) -> bool:
 class MemoryUsage(pl.Callback):
     """Every ``every`` steps, the share of each memory layer's slots chosen by at least one token
     of the last ``every`` training batches, and its most used slots: logged (``memory_used/<layer>``)
-    and appended to ``<run>/memory_usage.csv`` (``step, layer, slots, used, used_share, top_slots``)."""
+    and appended to ``<run>/memory_usage.csv`` (``step, layer, slots, used, used_share, top_slots``).
+
+    The reads counted since the last row are part of the Lightning checkpoint (``state_dict``): a
+    run resumed from a step between two rows writes the rows an uninterrupted run writes."""
 
     def __init__(self, run_dir: Path, every: int, top: int = 10) -> None:
         self.run_dir, self.every, self.top = Path(run_dir), every, top
         self.counts: dict[int, torch.Tensor] = {}
+        self.restored: dict[int, torch.Tensor] = {}
+        self.trainer = None
+
+    def setup(self, trainer, module, stage: str) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reads counted since the last row, summed over the ranks (every rank saves a
+        checkpoint at the same step, so every rank calls this)."""
+        counts = {}
+        for i, count in sorted(self.counts.items()):
+            if self.trainer is not None and self.trainer.world_size > 1:
+                count = self.trainer.strategy.reduce(count.float(), reduce_op="sum").round().long()
+            counts[i] = count.detach().cpu()
+        return {"counts": counts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restored = {int(i): c.clone() for i, c in state.get("counts", {}).items()}
 
     def _layers(self, module) -> dict[int, Any]:
         get = getattr(module.model, "memory_layers", None)
@@ -106,6 +127,8 @@ class MemoryUsage(pl.Callback):
         are written again, so they go first (as do a torn last line and rows of a run started over)."""
         if trainer.global_rank == 0:
             keep_rows_until(self.path, trainer.global_step)
+            self.counts = dict(self.restored)  # the checkpoint's sum over ranks: counted once, on rank 0
+        self.restored = {}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         for mem in self._layers(module).values():
@@ -121,7 +144,7 @@ class MemoryUsage(pl.Callback):
                 continue
             slots = mem.last_slots if mask is None else mem.last_slots[mask.to(mem.last_slots.device)]
             count = torch.bincount(slots.reshape(-1), minlength=mem.n_slots)
-            self.counts[i] = self.counts.get(i, torch.zeros_like(count)) + count
+            self.counts[i] = self.counts[i].to(count.device) + count if i in self.counts else count
             mem.last_slots = mem.last_weights = None
         step = trainer.global_step
         if step and step % self.every == 0 and self.counts:

@@ -63,7 +63,8 @@ def _build_fit_cli():
                                      save_top_k=0, every_n_train_steps=self.model.save_every,
                                      enable_version_counter=False)]  # HuggingFaceCheckpoints also writes last.ckpt
             if self.model.track_memory_every:
-                extra.append(MemoryUsage(run_dir, self.model.track_memory_every))
+                # before HuggingFaceCheckpoints: the last.ckpt it saves in the final batch holds that batch's reads
+                extra.insert(1, MemoryUsage(run_dir, self.model.track_memory_every))
             kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
             cfg = self.config_init[self.subcommand].trainer
             if cfg.get("logger") in (None, True):
