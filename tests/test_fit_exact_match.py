@@ -49,3 +49,28 @@ def test_exact_match_csv_carries_the_wilson_interval(monkeypatch):
         assert table.loc[bucket, "exact_match_ci_high"] == pytest.approx(high, abs=1e-12)
     assert table.loc[1, "exact_match_ci_low"] == pytest.approx(0.396778, abs=1e-6)  # 7 of 10: (0.3968, 0.8922)
     assert table.loc[2, "exact_match_ci_low"] == 0 and table.loc[4, "exact_match_ci_high"] == 1
+
+
+def test_the_curves_draw_the_validation_exact_match_with_its_wilson_band():
+    import pandas as pd
+
+    from lensbench.tables import pyplot
+    from lensbench.training.curves import draw, exact_band
+
+    metrics = pd.DataFrame({"train_loss": [3.0, 2.0, 1.0], "val_exact/bucket=1/seen": [float("nan"), 0.25, 0.75],
+                            "val_n/bucket=1/seen": [float("nan"), 8.0, 8.0],
+                            "val_exact/bucket=2/seen": [float("nan"), 0.5, 1.0]},  # logged without its n
+                           index=pd.Index([0, 1, 2], name="step"))
+    band = exact_band(metrics, "bucket=1/seen")
+    assert list(band.index) == [1, 2]
+    for step, k in ((1, 2), (2, 6)):
+        assert (band.loc[step, "low"], band.loc[step, "high"]) == pytest.approx(wilson_by_hand(k, 8), abs=1e-12)
+    assert exact_band(metrics, "bucket=2/seen") is None
+    fig = draw({"run": metrics})
+    exact = fig.axes[1]
+    bands = exact.collections
+    assert len(bands) == 1 and len(exact.get_lines()) == 2  # a band for the group whose n was logged
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(wilson_by_hand(2, 8)[0]) and ys.max() == pytest.approx(wilson_by_hand(6, 8)[1])
+    assert "Wilson" in exact.get_ylabel()
+    pyplot().close(fig)

@@ -197,6 +197,8 @@ def test_fit_draws_its_curves_and_plot_puts_several_runs_on_one_figure(tmp_path,
         assert (runs[-1] / "curves.png").stat().st_size > 0  # written by fit
     metrics = {str(r): read_metrics(r) for r in runs}
     assert all(list(m.index) == [0, 1, 2, 3] for m in metrics.values())  # steps 0..3, one row each
+    # the examples per validation group are logged: one run's figure draws their Wilson band
+    assert all(m.loc[2, "val_n/bucket=1/seen"] == 4 for m in metrics.values())
     fig = draw(metrics)
     loss, exact = fig.axes
     assert [line.get_label() for line in loss.get_lines()] == [str(r) for r in runs]  # one line per run

@@ -4,7 +4,8 @@ run or resumed run).
 
 One run (``fit`` writes ``<run>/curves.png`` at the end; ``lensbench plot RUN`` redraws it): the
 training loss and the validation loss against the step, and the validation exact match of each
-group. Several runs (``lensbench plot RUN RUN ...``): one line per run in each panel, the training
+group with its 95% Wilson interval as a band (from the examples per group, logged as ``val_n/<group>``;
+runs logged without it draw no band). Several runs (``lensbench plot RUN RUN ...``): one line per run in each panel, the training
 loss and the validation exact match averaged over the groups that were trained (``heldout`` groups,
 never trained, left out: they would only pull every run towards 0).
 """
@@ -17,6 +18,8 @@ from ..errors import LensbenchError
 
 CURVES = "curves.png"
 EXACT = "val_exact/"
+#: The validation examples of each group, logged beside its exact match.
+VAL_N = "val_n/"
 
 
 def read_metrics(run_dir: Path):
@@ -42,6 +45,23 @@ def mean_exact(metrics):
     return metrics[cols].mean(axis=1, skipna=True).dropna() if cols else metrics.iloc[:0, :0].sum(axis=1)
 
 
+def exact_band(metrics, group: str):
+    """The 95% Wilson interval (``low``, ``high`` per step) of ``group``'s validation exact match,
+    from the rate and the examples logged at each step; None when the examples were not logged."""
+    import pandas as pd
+
+    from ..intervals import wilson
+
+    if f"{VAL_N}{group}" not in metrics.columns:
+        return None
+    rows = metrics[[f"{EXACT}{group}", f"{VAL_N}{group}"]].dropna()
+    if not len(rows):
+        return None
+    rate, n = rows.iloc[:, 0].to_numpy(float), rows.iloc[:, 1].to_numpy(float)
+    low, high = wilson((rate * n).round(), n)
+    return pd.DataFrame({"low": low, "high": high}, index=rows.index)
+
+
 def draw(runs: dict[str, object]):
     """The figure of ``runs`` (label -> ``read_metrics`` table): loss and exact-match panels."""
     from ..tables import finite, pyplot
@@ -56,7 +76,11 @@ def draw(runs: dict[str, object]):
                 loss_ax.plot(series.index, finite(series.values), style, label=col, markersize=3)
         for col in sorted(c for c in metrics.columns if c.startswith(EXACT)):
             series = metrics[col].dropna()
-            exact_ax.plot(series.index, finite(series.values), "o-", label=col[len(EXACT):], markersize=3)
+            line, = exact_ax.plot(series.index, finite(series.values), "o-", label=col[len(EXACT):], markersize=3)
+            band = exact_band(metrics, col[len(EXACT):])
+            if band is not None:
+                exact_ax.fill_between(band.index, band["low"], band["high"], color=line.get_color(), alpha=0.2,
+                                      linewidth=0)
         fig.suptitle(label)
     else:
         for label, metrics in runs.items():
@@ -67,7 +91,8 @@ def draw(runs: dict[str, object]):
             exact_ax.plot(series.index, finite(series.values), "o-", label=label, markersize=3)
         fig.suptitle(f"{len(runs)} training runs")
     loss_ax.set(xlabel="step", ylabel="loss (answer tokens)", title="loss")
-    exact_ax.set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02),
+    exact_ax.set(xlabel="step", ylabel="exact match" + (" (95% Wilson interval)" if exact_ax.collections else ""),
+                 ylim=(-0.02, 1.02),
                  title="validation exact match" + (" (mean over trained groups)" if len(runs) > 1 else ""))
     for ax in (loss_ax, exact_ax):
         if ax.get_lines():

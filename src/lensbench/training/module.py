@@ -20,6 +20,7 @@ import torch
 from ..errors import LensbenchError
 from ..logs import console
 from .build import build_config, build_model, load_tokenizer
+from .curves import VAL_N
 from .freezing import freeze as freeze_parameters
 from .layer_loading import PretrainedLayers, load_pretrained_layers
 
@@ -173,6 +174,7 @@ class CausalLMTraining(pl.LightningModule):
         for g, (hit, total) in zip(groups, sums.tolist()):
             if total:
                 self.log(f"val_exact/{g}", hit / total, batch_size=int(total), rank_zero_only=True)
+                self.log(f"{VAL_N}{g}", total, batch_size=1, rank_zero_only=True)  # the curves' interval
 
     def on_train_end(self) -> None:
         """Exact match of the answers of the data's ``test_split`` per group, on rank 0:
