@@ -213,3 +213,29 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir):
     assert f"{stored} already stored" in resumed.stderr + resumed.stdout or \
         f"{stored - 1} already stored" in resumed.stderr + resumed.stdout  # a torn last line is dropped
     _assert_close(_table(run_dir), _table(workdir / "outputs" / "full"), rel=1e-9)
+
+
+def test_more_ranks_than_work_items(workdir):
+    """A rank with nothing to do (one work item on two ranks; a resume with nothing left) takes
+    part in the barriers and the merge: the run ends well and its table equals one rank's."""
+    one = lensbench("predict", "--config", "run.yaml", "--data.init_args.datasets", "[beta.txt]",
+                    "--data.init_args.batch_size", "16", cwd=workdir)
+    assert one.returncode == 0, one.stderr
+    assert "1 work items" in one.stderr + one.stdout
+    two = lensbench("predict", "--config", "run.yaml", "--data.init_args.datasets", "[beta.txt]",
+                    "--data.init_args.batch_size", "16", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--model.init_args.experiment", "ddp2", cwd=workdir)
+    assert two.returncode == 0, two.stderr
+    run = workdir / "outputs" / "ddp2"
+    stored = [p for p in (run / "shards").glob("*.jsonl") if p.stat().st_size > 0]
+    assert len(stored) == 1  # one rank had the item, the other nothing
+    assert "merged: activation_norms.csv" in (run / "logs" / "rank0.log").read_text(encoding="utf-8")
+    _assert_close(_table(run), _table(workdir / "outputs" / "activation_norms" / "run"))
+    before = {p.name: p.read_bytes() for p in (run / "shards").iterdir()}
+    again = lensbench("predict", "--config", "run.yaml", "--data.init_args.datasets", "[beta.txt]",
+                      "--data.init_args.batch_size", "16", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--model.init_args.experiment", "ddp2", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert "0 to do on 2 rank(s)" in again.stderr + again.stdout
+    assert {p.name: p.read_bytes() for p in (run / "shards").iterdir()} == before
+    _assert_close(_table(run), _table(workdir / "outputs" / "activation_norms" / "run"))

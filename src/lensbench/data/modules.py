@@ -47,8 +47,6 @@ def group_steps(items: list[WorkItem], size: int, group: Callable[[WorkItem], An
 class WorkDataModule(pl.LightningDataModule):
     """Base class: subclasses implement ``units`` (and may extend ``fingerprint``)."""
 
-    # A rank may have nothing left to do (resume, or fewer items than ranks).
-    allow_zero_length_dataloader_with_multiple_devices = True
     #: Settings (paths under ``data.init_args``) that only choose which units exist: changing them
     #: extends a run folder rather than being refused (units carry content digests instead).
     extendable: tuple[str, ...] = ()
@@ -70,6 +68,11 @@ class WorkDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        # A rank may have nothing left to do (resume, or fewer items than ranks): its empty loader
+        # skips the loop, and the rank still meets the others at teardown's barriers and merge.
+        # Lightning's DataHooks.__init__ sets this on the instance (False), so a class attribute
+        # would be hidden; it is read after this method returns.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         if trainer._accelerator_connector.use_distributed_sampler and trainer.world_size > 1:
             raise LensbenchError(
                 "lensbench shards work items itself; set trainer.use_distributed_sampler: false",
