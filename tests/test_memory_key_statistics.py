@@ -185,7 +185,9 @@ def test_a_run_writes_the_three_tables_and_their_figures(trained):
         {"name": "top_slot", "transform": "mask_memory_keys", "params": {"layer": 1}, "top": {"n": 4, "each": True}},
         {"name": "swap", "transform": "swap_memory_values", "params": {"layer": 1}, "top": {"n": 4}},
     ]
-    run(trained, ["predict", "--config", str(analysis(trained, "key_statistics", interventions))])
+    # teacher-forced swap answers: the swap matrix is rewritten after the merge, and the correlation with it
+    run(trained, ["predict", "--config", str(analysis(trained, "key_statistics", interventions,
+                                                      swap_answers="teacher_forced"))])
     out = trained / "outputs" / "key_statistics"
     stats = pd.read_csv(out / "key_statistics.csv")
     usage = pd.read_csv(out / "slot_usage.csv")
@@ -200,4 +202,13 @@ def test_a_run_writes_the_three_tables_and_their_figures(trained):
     assert len(summary) == 1 and summary.n.item() == 4
     points = corr[(corr.group == ALL_GROUPS) & corr.slot.notna()]
     assert (points.swaps == 3).all() and len(points) == 4
+    swaps = pd.read_csv(out / "swap_matrix.csv")
+    assert set(pd.read_csv(out / "swap_predictions.csv", keep_default_na=False)["compared"]) <= {"teacher_forced"}
+    rows = len(pd.read_csv(out / "examples.csv").query("intervention == 'baseline'"))
+    for slot, share in zip(points.slot, points.changed_share):
+        mine = swaps[(swaps.a == slot) | (swaps.b == slot)]
+        assert share == pytest.approx((mine.changed / rows).mean())
+    acc = pd.read_csv(out / "accuracy.csv", keep_default_na=False, na_values=[""])
+    for slot, drop in zip(points.slot, points.exact_drop):
+        assert drop == pytest.approx(acc[acc.target == f"[{int(slot)}]"].exact_drop.mean())
     assert (out / "slot_pairs.png").exists() and (out / "ablation_swap_correlation.png").exists()
