@@ -94,6 +94,29 @@ def test_a_run_stopped_and_resumed_trains_exactly_like_an_uninterrupted_one(tmp_
     assert len(list((tmp_path / "outputs/parts/metrics").iterdir())) == 3  # earlier metrics kept
 
 
+def logged(run: Path) -> list[tuple]:
+    """Every value a run logged (all its versions), as sorted ``(step, column, value)``."""
+    return sorted((r["step"], k, v) for r in metrics(run) for k, v in r.items() if v != "" and k != "step")
+
+
+def test_runs_stopped_several_times_mid_epoch_train_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    # 24 training rows in batches of 6: epochs of 4 batches (steps 1-4, 5-8, 9-12); save_every past the
+    # end, so each stop's last.ckpt is the one written in its final batch (memory usage not tracked:
+    # its logged value also shows in the next step's row, which a resumed process does not repeat)
+    write_config(tmp_path, model={"save_every": 100, "track_memory_every": 0}, data={"batch_size": 6},
+                 trainer={"max_steps": 10})
+    assert fit(tmp_path, monkeypatch, "--model.experiment", "whole") == 0
+    whole = load_file(tmp_path / "outputs/whole/checkpoint-10/model.safetensors")
+    # three stops inside the second epoch; two stops, the resumed run crossing an epoch boundary
+    for name, stops in {"thrice": (5, 6, 7), "twice": (3, 7)}.items():
+        for steps in (*stops, 10):
+            assert fit(tmp_path, monkeypatch, "--model.experiment", name, "--trainer.max_steps", str(steps)) == 0
+        parts = load_file(tmp_path / f"outputs/{name}/checkpoint-10/model.safetensors")
+        assert whole.keys() == parts.keys()
+        assert [k for k in whole if not torch.equal(whole[k], parts[k])] == [], name
+        assert logged(tmp_path / f"outputs/{name}") == logged(tmp_path / "outputs/whole"), name  # epochs too
+
+
 def test_memory_usage_is_tracked(tmp_path, monkeypatch):
     write_config(tmp_path, trainer={"max_steps": 4})
     assert fit(tmp_path, monkeypatch) == 0

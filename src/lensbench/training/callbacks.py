@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..logs import console
 
@@ -82,6 +83,18 @@ def final_batch(trainer) -> bool:
         return True
     epochs = trainer.max_epochs
     return bool(epochs and epochs > 0 and trainer.current_epoch + 1 >= epochs and trainer.is_last_batch)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, writing ``last.ckpt`` inside a training batch (every
+    ``every_n_train_steps`` steps) or after the validation of that step, never when training ends:
+    there, after a stop in the middle of an epoch, Lightning counts the epoch finished while the
+    batches it trained say otherwise, and a resume from that state starts the next epoch at the
+    cut epoch's batch count (skipping the rest of both). HuggingFaceCheckpoints writes the run's
+    last batch's checkpoint inside that batch instead."""
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        pass
 
 
 class MemoryUsage(pl.Callback):

@@ -51,17 +51,16 @@ def _build_fit_cli():
             super().before_instantiate_classes()
 
         def instantiate_trainer(self, **kwargs: Any):
-            from lightning.pytorch.callbacks import ModelCheckpoint
             from lightning.pytorch.loggers import CSVLogger
 
-            from .callbacks import HuggingFaceCheckpoints, MemoryUsage, WriteAtFitStart
+            from .callbacks import HuggingFaceCheckpoints, LastCheckpoint, MemoryUsage, WriteAtFitStart
 
             run_dir = self.model.run_dir
             self.at_start = WriteAtFitStart()  # config.yaml and run.json, filled in by before_fit
             extra = [self.at_start, HuggingFaceCheckpoints(run_dir, self.model.save_every),
-                     ModelCheckpoint(dirpath=run_dir / "lightning", filename="step{step}", save_last=True,
-                                     save_top_k=0, every_n_train_steps=self.model.save_every,
-                                     enable_version_counter=False)]  # HuggingFaceCheckpoints also writes last.ckpt
+                     LastCheckpoint(dirpath=run_dir / "lightning", filename="step{step}", save_last=True,
+                                    save_top_k=0, every_n_train_steps=self.model.save_every,
+                                    enable_version_counter=False)]  # HuggingFaceCheckpoints also writes last.ckpt
             if self.model.track_memory_every:
                 # before HuggingFaceCheckpoints: the last.ckpt it saves in the final batch holds that batch's reads
                 extra.insert(1, MemoryUsage(run_dir, self.model.track_memory_every))
