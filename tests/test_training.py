@@ -574,3 +574,22 @@ def test_stored_settings_are_compared_only_where_the_checkpoint_holds_them():
     assert changed_settings(ckpt, identity, FREE) == ["data.batch_size: 4 there, 8 here"]
     ckpt["hyper_parameters"]["config"] = {"hidden_size": 32, "memory_layers": [1]}
     assert changed_settings(ckpt, identity, FREE)[1] == "model.config.memory_layers: [1] there, unset here"
+
+
+@pytest.mark.parametrize("epochs, batches, expected", [
+    ((2, 2, 2, 2), (5, 5, 5, 5, 2), True),  # an older lensbench's save at the end of a run cut mid-epoch
+    ((1, 1, 1, 1), (4, 4, 4, 4, 4), True),  # ... and at the end of a run that ended with an epoch
+    ((2, 2, 1, 1), (4, 4, 4, 3, 1), False),  # inside a batch, mid-epoch
+    ((3, 3, 2, 2), (6, 6, 6, 5, 3), False),  # inside the last batch of an epoch
+    ((2, 2, 1, 1), (6, 6, 6, 6, 2), False),  # after a validation in the middle of an epoch
+])
+def test_a_checkpoint_written_when_training_ended_is_known_not_to_resume_exactly(epochs, batches, expected):
+    from lensbench.training.resume import inexact
+
+    keys = ("ready", "started", "processed", "completed")
+    total = dict(zip(keys, batches[:4]))
+    current = {k: v - batches[0] + batches[4] for k, v in total.items()}  # this epoch's share
+    loops = {"fit_loop": {"epoch_progress": {"total": dict(zip(keys, epochs)), "current": dict(zip(keys, epochs))},
+                          "epoch_loop.batch_progress": {"total": total, "current": current}}}
+    assert inexact({"global_step": batches[2], "loops": loops}) is expected
+    assert not inexact({"global_step": 3})

@@ -126,7 +126,7 @@ def _build_fit_cli():
             last.ckpt): refuse one that does not read or was trained with other settings, and note
             when it already reached ``trainer.max_steps``."""
             from ..logs import console
-            from .resume import read_checkpoint, reached, refuse_other_settings
+            from .resume import inexact, read_checkpoint, reached, refuse_other_settings
 
             if asked == "last":  # Lightning's keyword: this run folder's last checkpoint
                 asked = str(last)
@@ -154,6 +154,11 @@ def _build_fit_cli():
             elif not asked:
                 console.info(f"resuming from {last}")
                 self.config_init[self.subcommand].ckpt_path = str(last)
+            if step is None and inexact(checkpoint):
+                console.warning(f"lensbench: {path} was written by an older lensbench when its run ended (step "
+                                f"{checkpoint['global_step']}): resumed from it, training goes on at another batch "
+                                "than an uninterrupted run would, not bit for bit; to train exactly, set another "
+                                "experiment name and start over")
             del checkpoint  # its tensors are mapped, not read: Lightning reads the file again
 
         def fit(self, model, **kwargs: Any) -> None:

@@ -105,6 +105,23 @@ def refuse_other_settings(path: Path, checkpoint: dict[str, Any], identity: dict
         raise LensbenchError(f"{path} was trained with other settings ({shown}); {fix}", field)
 
 
+def inexact(checkpoint: dict[str, Any]) -> bool:
+    """Whether ``checkpoint`` was written when training ended (as an older lensbench let
+    ModelCheckpoint do): Lightning had counted the epoch finished while its batch count was not yet
+    reset, so a resume starts the next epoch at that count and trains other batches than an
+    uninterrupted run. ``LastCheckpoint`` writes none such (only inside a batch or after its validation)."""
+    loops = checkpoint.get("loops")
+    fit = loops.get("fit_loop") if isinstance(loops, dict) else None
+    if not isinstance(fit, dict):
+        return False
+    epochs = (fit.get("epoch_progress") or {}).get("total") or {}
+    batches = fit.get("epoch_loop.batch_progress") or {}
+    total, current = batches.get("total") or {}, batches.get("current") or {}
+    return (bool(epochs) and epochs.get("ready") == epochs.get("completed")  # no epoch under way
+            and total.get("processed") == total.get("completed")  # saved outside a batch
+            and (current.get("completed") or 0) > 0)  # yet the batch count of the finished epoch kept
+
+
 def reached(checkpoint: dict[str, Any], max_steps: int | None) -> int | None:
     """The checkpoint's step when it already reached ``max_steps`` (nothing left to train), else None."""
     step = checkpoint.get("global_step")
