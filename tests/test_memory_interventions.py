@@ -348,3 +348,24 @@ def test_top_slots_map_to_the_half_key_rows_that_address_them(memory_model, tmp_
             if each else ["keys of slots [13,62,5]"])
     masked = analysis._family(Intervention("mask_memory_keys", {"layer": 1}, top=TopSlots(n=3)), "iv")
     assert dict(masked[0].transforms[0].params)["slots"] == (13, 62, 5)  # without vary: the slots, as before
+
+
+def test_an_out_of_range_key_in_a_sweep_is_one_line_before_any_work(memory_model, tmp_path, capsys):
+    import yaml
+
+    from lensbench.cli import main
+
+    config = {"model": {"class_path": "memory_ablation",
+                        "init_args": {"model": str(memory_model), "experiment": "bad", "output_dir": str(tmp_path),
+                                      "interventions": [{"transform": "ablate_memory_keys", "params": {"layer": 1},
+                                                         "vary": "keys", "values": [[[0, 0, 1]], [[1, 1, 8]]]}]}},
+              "data": {"class_path": "lensbench.data.answers.AnswerDataModule",
+                       "init_args": {"dataset": "synthetic_qa", "seed": 0, "splits": ["test"],
+                                     "options": {"num_pairs": 8, "buckets": [1]}}},
+              "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    assert main(["predict", "--config", str(tmp_path / "bad.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lensbench: error: model.init_args.interventions[0].values: row 8 is out of range; this memory "
+                   "has rows 0..7"], err
+    assert not (tmp_path / "bad" / "shards").exists() or not any((tmp_path / "bad" / "shards").iterdir())

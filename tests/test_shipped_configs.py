@@ -35,6 +35,7 @@ RUNS = (
     ("memory/quickstart.yaml", SMALL_QA, "outputs/memory_ablation/quickstart/impact_matrix.csv"),
     ("memory/eval_synthetic_qa.yaml", SMALL_QA, "outputs/memory_ablation/eval_synthetic_qa/slot_usage.csv"),
     ("memory/ablate_keys.yaml", SMALL_QA, "outputs/memory_ablation/ablate_keys/impact_matrix.csv"),
+    ("memory/ablate_each_key.yaml", SMALL_QA, "outputs/memory_ablation/ablate_each_key/impact_matrix.csv"),
     ("memory/swap_keys.yaml", SMALL_QA, "outputs/memory_ablation/swap_keys/swap_matrix.csv"),
     ("memory/ablation_swap.yaml", SMALL_QA, "outputs/memory_ablation/ablation_swap/ablation_swap_correlation.csv"),
     ("memory/smollm2_capitals.yaml", (), "outputs/memory_ablation/smollm2_capitals/impact_matrix.csv"),
