@@ -162,7 +162,10 @@ class ResumableBatches:
     Lightning saves ``state_dict()`` with its checkpoints: the epoch and how many batches of it
     were trained (``consumed``, read from the trainer, since Lightning fetches one batch ahead).
     After ``load_state_dict`` the first iteration of that epoch skips those batches, so a resumed
-    run trains on exactly the examples an uninterrupted one would."""
+    run trains on exactly the examples an uninterrupted one would. ``len`` stays the whole epoch's:
+    Lightning counts the restored batches as fetched. The state is exact where lensbench writes
+    ``last.ckpt`` (inside a batch, or after its validation: ``LastCheckpoint``), not when training
+    has ended (Lightning has then counted a cut epoch finished; ``resume.inexact``)."""
 
     def __init__(self, rows: list[dict], batch_size: int, collate: Any, seed: int, rank: int, world: int,
                  epoch: Any, consumed: Any) -> None:
