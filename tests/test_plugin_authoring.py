@@ -364,3 +364,30 @@ def test_an_in_process_plugin_clashing_with_the_example_is_told_to_block_example
     assert message.endswith("skip the first with LENSBENCH_BLOCK_PLUGINS=example")
     monkeypatch.setenv("LENSBENCH_BLOCK_PLUGINS", "example")
     assert entry(testing.registries_for(mine, load_installed=True).metrics, "max_abs").plugin == "my_plugin"
+
+
+def test_plugins_lists_everything_and_marks_a_clash(rival, capsys, monkeypatch):
+    """While two installed plugins register one name, every other command refuses, but `lensbench
+    plugins` lists both plugins and marks the clash with the line the others give."""
+    import lensbench.plugins
+
+    monkeypatch.setattr(lensbench.plugins, "_active", [])  # no registries cached by earlier tests
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    clash = [line for line in out.splitlines() if "CLASH:" in line]
+    assert len(clash) == 1 and "metric 'max_abs' is registered twice" in clash[0]
+    assert "LENSBENCH_BLOCK_PLUGINS=example" in clash[0] and "LENSBENCH_BLOCK_PLUGINS=rival" in clash[0]
+    assert "rival" in out and "example" in out and "low_rank" in out  # the rest is still listed
+    assert "1 name(s) registered twice" in out
+    with pytest.raises(LensbenchError, match="registered twice"):  # other commands still refuse
+        build_registries(get_plugin_manager())
+
+
+def test_an_unknown_name_with_no_near_match_asks_whether_its_plugin_is_installed():
+    registries = testing.registries_for(plugin_module("my_plugin", metrics=[Spread("spread")]))
+    with pytest.raises(LensbenchError) as far:
+        registries.metrics.get("quantile_from_my_old_plugin", "model.init_args.statistics[0]")
+    assert "is that plugin installed?" in str(far.value) and "known:" in str(far.value)
+    with pytest.raises(LensbenchError) as near:  # a typo gets the close match only
+        registries.metrics.get("sprad", "model.init_args.statistics[0]")
+    assert "did you mean 'spread'" in str(near.value) and "installed" not in str(near.value)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = "lensbench-example==0.1.0"
 BUILTIN = "lensbench (built-in)"
 #: The memory interventions (lensbench.memory.interventions).
-MEMORY = ("ablate_attention_head", "ablate_memory", "ablate_memory_values", "ablate_mlp_neurons", "mask_memory_keys",
+MEMORY = ("ablate_attention_head", "ablate_memory", "ablate_memory_keys", "ablate_memory_values", "ablate_mlp_neurons", "mask_memory_keys",
           "swap_memory_keys", "swap_memory_values")
 ENV_VARS = ("LENSBENCH_DISABLE_PLUGINS", "LENSBENCH_BLOCK_PLUGINS", "LENSBENCH_TRACE_HOOKS")
 

@@ -350,6 +350,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             doc = getattr(entry.obj, "description", "") or (entry.obj.__doc__ or "").strip().splitlines()[0:1]
             doc = doc if isinstance(doc, str) else (doc[0] if doc else "")
             print(f"  {entry.name:<22} {entry.plugin:<32} {entry.entry_point or '-':<16} {doc}")
+            for clash_kind, name, message in registries.clashes:
+                if clash_kind == kind and name == entry.name:
+                    print(f"  {'':<22} CLASH: {message}")
     installed = installed_plugins()
     blocked, _ = blocked_plugins(os.environ.get("LENSBENCH_BLOCK_PLUGINS", ""), installed)
     print("installed plugins (entry point, distribution; LENSBENCH_BLOCK_PLUGINS takes either name):")
@@ -367,6 +370,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         else:
             status = "not loaded"
         print(f"  {name:<22} {dist:<32} {status}")
+    if registries.clashes:
+        print(f"{len(registries.clashes)} name(s) registered twice (marked CLASH above): every other command "
+              "refuses to run until each is resolved as its line says")
     return 0
 
 

@@ -29,6 +29,7 @@ from typing import Iterator
 import pluggy
 
 from . import hookspecs
+from .errors import LensbenchError
 from .registry import Registries
 
 ENTRY_POINT_GROUP = "lensbench"
@@ -192,8 +193,10 @@ def entry_point_name(pm: pluggy.PluginManager, plugin: object) -> str | None:
     return None
 
 
-def build_registries(pm: pluggy.PluginManager) -> Registries:
-    """Call every ``lensbench_register_*`` hook and file the results by kind."""
+def build_registries(pm: pluggy.PluginManager, keep_going: bool = False) -> Registries:
+    """Call every ``lensbench_register_*`` hook and file the results by kind. ``keep_going``: a
+    name registered twice keeps its first registration and is listed in ``clashes`` (for
+    ``lensbench plugins``) instead of refused."""
     from .analysis import Analysis
     from .data.sources import DatasetEntry
     from .layer_sweep.tasks import TaskEntry
@@ -222,6 +225,13 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
                 print(f"[lensbench hook] lensbench_register_{kind} <- {label}: "
                       f"{[getattr(o, 'name', o) for o in result]}", file=sys.stderr)
             for obj in result:
+                name = getattr(obj, "name", None)
+                if keep_going and isinstance(name, str) and name in registry:
+                    try:
+                        registry.add(obj, label, entry_point)
+                    except LensbenchError as exc:
+                        reg.clashes.append((kind, name, exc.message))
+                    continue
                 registry.add(obj, label, entry_point)
     return reg
 
@@ -241,10 +251,10 @@ def use_registries(registries: Registries) -> Iterator[Registries]:
 
 def active_registries(keep_going: bool = False) -> Registries:
     """The registries in use: those of the innermost ``use_registries`` block, else fresh ones.
-    ``keep_going``: an installed plugin failing to import is left out and listed in ``failed``
-    (for ``lensbench plugins``) instead of refused; such registries are not kept as the active ones."""
+    ``keep_going``: an installed plugin failing to import is left out and listed in ``failed``,
+    and a name registered twice is listed in ``clashes`` (for ``lensbench plugins``), instead of refused; such registries are not kept as the active ones."""
     if not _active and keep_going:
-        return build_registries(get_plugin_manager(keep_going=True))
+        return build_registries(get_plugin_manager(keep_going=True), keep_going=True)
     if not _active:
         _active.append(build_registries(get_plugin_manager()))
     return _active[-1]

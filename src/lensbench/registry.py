@@ -74,6 +74,8 @@ class Registry(Generic[T]):
             return self._entries[name].obj
         except KeyError:
             hint = did_you_mean(name, list(self._entries))
+            if not hint.startswith("did you mean"):  # no near name: maybe its plugin is gone
+                hint += "; if a plugin provides it, is that plugin installed? (`lensbench plugins` lists what is)"
             raise LensbenchError(f"unknown {self.kind} {name!r}; {hint}", field) from None
 
     def __contains__(self, name: object) -> bool:
@@ -100,6 +102,9 @@ class Registries:
     """The installed plugins loaded into these registries: entry-point name -> ``distribution==version``."""
     failed: dict[str, str] = field(default_factory=dict)
     """Installed plugins left out because their import failed: entry-point name -> the first line of the error."""
+    clashes: list[tuple[str, str, str]] = field(default_factory=list)
+    """Names registered twice, kept out (``build_registries(keep_going=True)``, for ``lensbench
+    plugins``): (kind, name, the one-line error every other command gives)."""
 
     def kinds(self) -> dict[str, Registry]:
         return {
