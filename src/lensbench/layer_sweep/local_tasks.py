@@ -5,7 +5,8 @@ reads and checks the whole folder at once, so a malformed file is a one-line ``L
 naming the file, line and field before any model is loaded, and returns an instance of a subclass of
 the type's mteb ``AbsTask*`` whose ``load_data`` builds MTEB's dataset from the checked rows (it
 fetches nothing). Such a task pickles as its folder and name (``_rebuild_local`` reads it again).
-``is_local`` tells these tasks from MTEB's own.
+``is_local`` tells these tasks from MTEB's own; in MTEB's result files each score of such a task
+carries ``local_mark`` (``"lensbench_local_task": true``, its folder and content digest).
 
 ``lensbench.layer_sweep.tasks`` resolves config entries (registered tasks, folders, task sets,
 MTEB task names) and re-exports the public names here. Nothing here imports ``mteb`` or
@@ -27,6 +28,9 @@ from ..errors import LensbenchError, did_you_mean
 
 FIELD = "data.init_args.tasks"
 DOCS = "docs/layer_sweep.md#task-formats"
+
+#: The key marking each score of a local task in MTEB's result files (``local_mark``).
+LOCAL_MARK = "lensbench_local_task"
 
 #: Task types a local folder may declare in task.json.
 TASK_TYPES = ("Classification", "Clustering", "PairClassification", "STS", "Retrieval")
@@ -442,6 +446,23 @@ def _evaluate_subset_reseeded(self, *args: Any, **kwargs: Any):
     return type(self).__mro__[1]._evaluate_subset(self, *args, **kwargs)
 
 
+def local_mark(task: Any) -> dict[str, Any]:
+    """What every score of the local task ``task`` carries in MTEB's result files (beside
+    ``main_score``), so that nothing reading them takes it for an MTEB task: ``LOCAL_MARK`` (true),
+    the task folder and the digest of its files."""
+    return {LOCAL_MARK: True, "lensbench_task_folder": str(task._lensbench_path),
+            "lensbench_task_digest": task._lensbench_digest}
+
+
+def _evaluate_marked(self, *args: Any, **kwargs: Any):
+    """``evaluate`` of a local task: the base class's, each subset's scores marked (``local_mark``);
+    MTEB writes them into its result file as they are."""
+    scores = type(self).__mro__[1].evaluate(self, *args, **kwargs)
+    for subset_scores in scores.values():
+        subset_scores.update(local_mark(self))
+    return scores
+
+
 def _reduce_local(self):
     return (_rebuild_local, (str(self._lensbench_path), self.metadata.name))
 
@@ -473,7 +494,7 @@ def local_task(path: str | Path, name: str | None = None, field: str = FIELD) ->
         raise _fail(f"{folder / 'task.json'}: MTEB refuses its metadata ({detail})", field) from None
     base = _base_class(spec["type"])
     attrs: dict[str, Any] = {
-        "metadata": metadata, "load_data": _load_local, "__reduce__": _reduce_local,
+        "metadata": metadata, "load_data": _load_local, "evaluate": _evaluate_marked, "__reduce__": _reduce_local,
         "_lensbench_local": True, "__module__": __name__,
         "__doc__": f"Local {spec['type']} task {name!r} read from {folder}.",
     }

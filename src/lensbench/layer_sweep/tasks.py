@@ -8,6 +8,9 @@ A config names tasks (``data.init_args.tasks`` or wherever the caller says) as s
 - a task set (``skean2025_table1``), which expands to its tasks, or
 - an MTEB task name (``mteb.get_task``); multilingual ones are cut to their English subsets.
 
+A registered task or a folder may not take the name of a task MTEB knows (``mteb_task_names``,
+case aside): its results would be cached under that name and read back as MTEB's task's.
+
 ``resolve_tasks`` turns the strings into ``ResolvedTask`` objects (name, type, the mteb task
 instance, local or not). A local folder is read and checked completely when it is resolved
 (``lensbench.layer_sweep.local_tasks``), so a malformed file is reported (file, line, field) before
@@ -21,6 +24,7 @@ Nothing here imports ``mteb`` or ``datasets`` at module import time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +39,8 @@ from ..hookspecs import hookimpl
 from .local_tasks import DOCS, FIELD, TASK_TYPES, _fail, _rebuild_local, _show, is_local, local_task  # noqa: F401
 
 __all__ = ["DOCS", "FIELD", "SCORED_TYPES", "TASK_SETS", "TASK_TYPES", "ResolvedTask", "TaskEntry", "encoder_texts",
-           "ensure_loaded", "is_local", "lensbench_register_mteb_tasks", "local_task", "resolve_tasks", "task_texts"]
+           "ensure_loaded", "is_local", "lensbench_register_mteb_tasks", "local_task", "mteb_task_names", "resolve_tasks",
+           "task_texts"]
 
 #: MTEB task types the layer sweep scores (MTEB reranking tasks are retrieval tasks with candidates).
 SCORED_TYPES = TASK_TYPES + ("Reranking",)
@@ -120,6 +125,35 @@ def _mteb_registry() -> dict[str, type]:
     return {type(t).metadata.name: type(t) for t in mteb.get_tasks(exclude_superseded=False)}
 
 
+@functools.lru_cache(maxsize=1)
+def mteb_task_names() -> dict[str, str]:
+    """Every task name this mteb knows, lower-cased, to the name as MTEB spells it: its tasks
+    (superseded ones included) and the old names of renamed ones. Built once per process (about a
+    millisecond once mteb is imported, which reading any task does anyway)."""
+    import importlib
+
+    renames = getattr(importlib.import_module("mteb.get_tasks"), "_TASK_RENAMES", None)
+    names = [*_mteb_registry(), *(renames if isinstance(renames, dict) else ())]
+    return {name.lower(): name for name in names}
+
+
+def _mteb_name(name: str) -> str | None:
+    """The MTEB task whose name ``name`` is (case aside), else None."""
+    return mteb_task_names().get(name.lower())
+
+
+def _taken_by_plugin(registry: Any, reg: TaskEntry, mteb_name: str) -> str:
+    """Why the registered task ``reg`` is refused: it takes the name of the MTEB task ``mteb_name``."""
+    entry = next((e for e in registry if e.name == reg.name), None) if hasattr(registry, "__iter__") else None
+    plugin = repr(entry.plugin) if entry is not None else "a plugin"
+    block = (f", or skip that plugin with LENSBENCH_BLOCK_PLUGINS={entry.entry_point} to score MTEB's task"
+             if entry is not None and entry.entry_point else "")
+    same = "" if mteb_name == reg.name else f" ({mteb_name!r})"
+    return (f"task {reg.name!r} registered by plugin {plugin} (folder {reg.path}) takes the name of an MTEB task"
+            f"{same}, so its scores would be cached and read as MTEB's; rename the task in that plugin's TaskEntry"
+            f"{block}")
+
+
 def _mteb_task(name: str) -> Any:
     """``mteb.get_task(name)`` with one eval split ("test" where there is one) and, for a
     multilingual task, its English subsets (as MTEB(eng, v1) selects them)."""
@@ -198,6 +232,9 @@ def resolve_tasks(entries: list[str], field: str = FIELD, registry: Any = None) 
 def _resolve_entry(entry: str, field: str, registry: Any) -> list[ResolvedTask]:
     if entry in registry:
         reg = registry.get(entry)
+        mteb_name = _mteb_name(reg.name)
+        if mteb_name is not None:
+            raise _fail(_taken_by_plugin(registry, reg, mteb_name), field)
         task = local_task(reg.path, reg.name, field)
         return [ResolvedTask(reg.name, task, True, entry, Path(reg.path).resolve(), task._lensbench_digest)]
     if entry in TASK_SETS:
@@ -217,6 +254,12 @@ def _resolve_entry(entry: str, field: str, registry: Any) -> list[ResolvedTask]:
             if not folder.exists():
                 raise _fail(f"{entry!r} is not a registered task, a task set or an MTEB task, and no folder "
                             f"{folder} exists; give a task folder holding task.json ({DOCS})", field)
+            mteb_name = _mteb_name(folder.resolve().name)
+            if mteb_name is not None:
+                same = "" if mteb_name == folder.resolve().name else f" ({mteb_name!r})"
+                raise _fail(f"task folder {entry!r} is named like an MTEB task{same} and a folder's task takes its "
+                            "folder's name, so its scores would be cached and read as MTEB's; rename the folder",
+                            field)
             task = local_task(folder, None, field)
             return [ResolvedTask(task.metadata.name, task, True, entry, folder.resolve(), task._lensbench_digest)]
         raise _fail(f"{entry!r} is a file; give the task folder that holds task.json ({DOCS})", field)
