@@ -104,6 +104,21 @@ def cli_base_class():
                                      "trainer.accelerator is not cpu, else torch's own. Recorded in run.json, "
                                      "not matched on resume.")
 
+        def parse_arguments(self, parser, args) -> None:
+            """``args`` given (``main([...])`` in a test or a notebook, a pipeline's steps): Lightning
+            warns when the process has command-line arguments too (pytest's, a notebook kernel's,
+            ``lensbench pipeline``'s own), against mixing the two; lensbench passes the whole command
+            line, so those are hidden from that check while the arguments are parsed, and only then
+            (the DDP launcher, later, re-runs ``sys.argv`` as it is)."""
+            if args is None:
+                return super().parse_arguments(parser, args)
+            argv = sys.argv
+            sys.argv = argv[:1]
+            try:
+                super().parse_arguments(parser, args)
+            finally:
+                sys.argv = argv
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand]
             self.matmul_precision = apply_matmul_precision(cfg.get(MATMUL_KEY), cfg.get("trainer.accelerator"))
@@ -470,6 +485,72 @@ def _short_error(exc: BaseException) -> str:
     return f"{'.'.join(path)}: {problem}" if path else problem
 
 
+_IMPORT_FAILURE = re.compile(r"No module named '([\w.]+)'|module '([\w.]+)' has no attribute '(\w+)'")
+
+
+def _unimportable_class(exc: BaseException) -> LensbenchError | None:
+    """A class path that cannot be imported (``model.class_path``, ``data.class_path``, a class in
+    init_args or the trainer section), out of jsonargparse's nested error: the field that names it and
+    the fix. A run folder's config.yaml names a plugin's classes by import path, so rerunning it after
+    the plugin is uninstalled lands here."""
+    lines = str(exc).splitlines()
+    keys: list[tuple[int, str, bool]] = []  # (indent, path segment, a jsonargparse "Parser key")
+    for i, raw in enumerate(lines):
+        indent = len(raw) - len(raw.lstrip())
+        line = raw.strip().lstrip("- ").strip()
+        while keys and line and indent <= keys[-1][0]:
+            keys.pop()
+        key = re.match(r'Parser key "([^"]+)":', line)
+        given = re.match(r"Problem with given class_path '([^']+)':$", line)
+        if key:
+            keys.append((indent, key.group(1), True))
+        elif given:
+            failure = _IMPORT_FAILURE.fullmatch(lines[i + 1].strip()) if i + 1 < len(lines) else None
+            if failure is None:
+                keys.append((indent, "init_args", False))
+                continue
+            path = [segment for _, segment, _ in keys]
+            if keys and keys[-1][2]:  # a list given to the innermost key: which item
+                path[-1] += _item_index(lines[i + 1:], keys[-1][0], given.group(1))
+            field = ".".join([*path, "class_path"])
+            return LensbenchError(_import_fix(given.group(1), failure), field)
+    return None
+
+
+def _item_index(lines: list[str], key_indent: int, class_path: str) -> str:
+    """``[i]`` when the key's given value (its "Given value:" line) is a list whose item i names ``class_path``."""
+    import ast
+
+    for raw in lines:
+        indent = len(raw) - len(raw.lstrip())
+        if raw.strip() and indent <= key_indent:
+            break
+        if indent == key_indent + 2 and raw.strip().startswith("Given value: "):
+            try:
+                value = ast.literal_eval(raw.strip()[len("Given value: "):])
+            except (ValueError, SyntaxError):
+                return ""
+            if isinstance(value, list):
+                for index, item in enumerate(value):
+                    if class_path in (item, item.get("class_path") if isinstance(item, dict) else None):
+                        return f"[{index}]"
+            return ""
+    return ""
+
+
+def _import_fix(class_path: str, failure: re.Match) -> str:
+    """What is wrong with ``class_path`` (``failure``: Python's import error) and how to fix it."""
+    module = class_path.rpartition(".")[0]
+    missing, owner = failure.group(1), failure.group(2)
+    head = f"`{class_path}` cannot be imported ({failure.group(0)})"
+    if (owner or missing or "").split(".")[0] == "lensbench":
+        return f"{head}: lensbench has no such class; check the class path's spelling"
+    if missing and not (module == missing or module.startswith(missing + ".")):
+        return f"{head}: its module needs {missing!r}, which is not installed; install it"
+    return (f"{head}: is the plugin that provides it installed{'' if missing else ', in a version that has it'}? "
+            "(`lensbench plugins` lists what is)")
+
+
 def _debug() -> bool:
     """``LENSBENCH_DEBUG=1``: full tracebacks instead of one-line errors."""
     import os
@@ -651,6 +732,10 @@ def _main(argv: list[str], from_sys: bool) -> int:
                 print(f"lensbench: error: {cause}", file=sys.stderr)
                 return 1
             cause = cause.__cause__ or cause.__context__
+        unimportable = _unimportable_class(exc) if isinstance(exc, ArgumentError) else None
+        if unimportable is not None:  # bad input, as a LensbenchError
+            print(f"lensbench: error: {unimportable}", file=sys.stderr)
+            return 1
         if isinstance(exc, ArgumentError):
             print(f"lensbench: error: {_short_error(exc)}", file=sys.stderr)
             return 2
