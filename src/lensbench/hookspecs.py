@@ -54,9 +54,11 @@ def lensbench_register_datasets() -> list[object]:
 def lensbench_register_synthetic_datasets() -> list[object]:
     """Return synthetic-dataset generators (instances of ``lensbench.synthetic.datasets.SyntheticDataset``).
 
-    Each builds a deterministic train/val/test set from a seed (synthetic QA, digit lookup, ...)
-    and names the answer mask its examples train with; ``lensbench fit`` configs select one by
-    ``name``. All results are collected; duplicate names are an error.
+    Each builds a deterministic train/val/test set from a seed (synthetic QA, digit lookup, ...),
+    names the answer mask its examples train with (its ``answer_spans`` may say itself where a
+    row's answer is) and carries a ``version`` (bump it when its rows change: cached rows of
+    another version are never reused); ``lensbench fit`` configs select one by ``name``. All
+    results are collected; duplicate names are an error.
     """
 
 

@@ -52,10 +52,11 @@ class AnswerDataModule(WorkDataModule):
                 ``capitals``, or a .txt/.jsonl file) of sentences whose last word is the answer
                 (``"The capital of France is Paris."``): split ``facts``, mask ``last_word``.
             data_dir: Where a generated dataset is written (default
-                ``outputs/datasets/<dataset>-seed<seed>-<hash of options>``, as ``lensbench fit``).
+                ``outputs/datasets/<dataset>-seed<seed>-<hash>``, as ``lensbench fit``).
             splits: Splits to evaluate. Default: every split but ``train`` and ``val``.
             mask: Answer mask (qa, digit_lookup, hashhop, none) picking the scored tokens;
-                default: the dataset's own.
+                default: the dataset's own. A registered dataset's ``answer_spans`` gets it and
+                picks the scored characters (as in ``lensbench fit``).
             batch_size: Rows per work item (and per forward pass).
             max_examples: Use only the first N rows of each split.
         """
@@ -76,10 +77,9 @@ class AnswerDataModule(WorkDataModule):
         if max_examples is not None and max_examples < 1:
             raise LensbenchError(f"must be at least 1 or null, got {max_examples}", f"{FIELD}.max_examples")
         if facts is not None:
-            all_splits, default_mask = {"facts": fact_rows(facts, f"{FIELD}.facts")}, "last_word"
-        else:
-            all_splits, default_mask = load_dataset(dataset, options, seed, path, data_dir, FIELD)
-        self.mask = mask or default_mask
+            all_splits, self.mask = {"facts": fact_rows(facts, f"{FIELD}.facts")}, mask or "last_word"
+        else:  # mask, else the dataset's; bound to a registered dataset's answer_spans
+            all_splits, self.mask = load_dataset(dataset, options, seed, path, data_dir, FIELD, mask)
         get_mask(self.mask, f"{FIELD}.mask")
         names = splits or [s for s in all_splits if s not in ("train", "val")]
         missing = [s for s in names if s not in all_splits]

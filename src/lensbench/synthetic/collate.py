@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ..errors import LensbenchError
-from .masks import IGNORE, get_mask, token_labels
+from .masks import IGNORE, get_mask, row_labels
 
 BLOCK_MASKS = (None, "bool", "additive")
 
@@ -51,6 +51,8 @@ class PaddedCollator:
     """Rows -> ``input_ids``, ``attention_mask``, ``labels`` (LongTensors), padded to the longest row.
 
     Padding tokens have attention 0 and label -100; ``pad_side`` is ``"right"`` or ``"left"``.
+    ``mask`` is a mask type name, or a ``DatasetMask`` (its dataset's ``answer_spans`` picks the
+    trained characters of each row).
     """
 
     def __init__(self, tokenizer, mask: str, max_length: int, append_eos: bool = False, pad_side: str = "right",
@@ -68,12 +70,16 @@ class PaddedCollator:
         self.field = field
         self.pad_id = pad_id(tokenizer, field)
 
+    def encode_row(self, row: dict) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one row (``row_labels``)."""
+        return row_labels(self.tokenizer, row, self.mask, self.append_eos, self.max_length, self.add_bos, self.field)
+
     def encode(self, text: str) -> tuple[list[int], list[int]]:
-        return token_labels(self.tokenizer, text, self.mask, self.append_eos, self.max_length, self.add_bos,
-                            self.field)
+        """``encode_row`` of a row holding only ``text``."""
+        return self.encode_row({"text": text})
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        encoded = [self.encode(row["text"]) for row in rows]
+        encoded = [self.encode_row(row) for row in rows]
         width = max(len(ids) for ids, _ in encoded)
         input_ids, attention, labels = [], [], []
         for ids, labs in encoded:
@@ -148,12 +154,12 @@ class PackedCollator:
     """Rows -> packed ``input_ids``, ``position_ids``, ``labels`` (LongTensors), no ``attention_mask``,
     and ``token_mask`` (bool: True on example tokens, False on the padding of a batch's last rows).
 
-    The rows of one batch are encoded with their answer mask, packed by ``pack`` into rows of at
-    most ``max_length`` tokens, and those padded to the longest packed row (pad id, position 0,
-    label -100), so a batch of n examples gives between 1 and n packed rows. Call the model with
-    ``use_cache=False`` (see the module docstring), or set ``block_mask`` to ``"bool"`` or
-    ``"additive"`` to also get an explicit 4-D block-diagonal causal ``attention_mask``
-    (``mask_dtype`` is the additive mask's dtype; match the model's).
+    The rows of one batch are encoded with their answer mask (``mask`` as in ``PaddedCollator``),
+    packed by ``pack`` into rows of at most ``max_length`` tokens, and those padded to the longest
+    packed row (pad id, position 0, label -100), so a batch of n examples gives between 1 and n
+    packed rows. Call the model with ``use_cache=False`` (see the module docstring), or set
+    ``block_mask`` to ``"bool"`` or ``"additive"`` to also get an explicit 4-D block-diagonal
+    causal ``attention_mask`` (``mask_dtype`` is the additive mask's dtype; match the model's).
     """
 
     def __init__(self, tokenizer, mask: str, max_length: int, append_eos: bool = False, add_bos: bool = False,
@@ -175,8 +181,8 @@ class PackedCollator:
         self.pad_id = pad_id(tokenizer, field)
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        encoded = [token_labels(self.tokenizer, row["text"], self.mask, self.append_eos, self.max_length,
-                                self.add_bos, self.field) for row in rows]
+        encoded = [row_labels(self.tokenizer, row, self.mask, self.append_eos, self.max_length, self.add_bos,
+                              self.field) for row in rows]
         packed = pack(encoded, self.max_length, self.field)
         width = max(len(r["input_ids"]) for r in packed)
         fill = {"input_ids": self.pad_id, "position_ids": 0, "labels": IGNORE}

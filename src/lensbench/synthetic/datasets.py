@@ -64,6 +64,7 @@ from typing import Any, ClassVar
 from ..data.textio import read_lines
 from ..errors import LensbenchError, did_you_mean
 from ..hookspecs import hookimpl
+from .masks import Span, get_mask
 
 ENTITY_LOW, ENTITY_HIGH = 100000, 999999
 ENTITY_COUNT = ENTITY_HIGH - ENTITY_LOW + 1
@@ -87,14 +88,17 @@ class SyntheticDataset:
     """A generator of one synthetic dataset, registered under ``name``.
 
     Subclasses set ``name``, ``description``, ``mask`` (the default answer-mask type of
-    ``lensbench.synthetic.masks``), ``splits`` (the split names ``generate`` returns) and an
-    ``Options`` dataclass, and implement ``check`` (ranges) and ``generate``.
+    ``lensbench.synthetic.masks``), ``splits`` (the split names ``generate`` returns), ``version``
+    (change it whenever an edit changes the rows ``generate`` returns: cached rows of another
+    version are never reused) and an ``Options`` dataclass, and implement ``check`` (ranges) and
+    ``generate``; ``answer_spans`` says where a row's answer is when the mask types cannot.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     mask: ClassVar[str] = "none"
     splits: ClassVar[tuple[str, ...]] = ()
+    version: ClassVar[str] = "1"
 
     @dataclass
     class Options:
@@ -128,6 +132,19 @@ class SyntheticDataset:
     def generate(self, seed: int, options: Any) -> Splits:
         """Split name -> rows, deterministic in ``seed`` and ``options`` (validated ones)."""
         raise NotImplementedError
+
+    def answer_spans(self, row: dict, mask: str) -> list[Span]:
+        """The character spans ``[(start, end), ...]`` (end exclusive) of ``row["text"]`` that are
+        the answer: trained by ``lensbench fit`` and scored by memory_ablation. ``mask`` is the
+        mask type in use (the config's ``mask``, else ``self.mask``). Default: that mask type's
+        spans of the text; override it when rows say where their answer is in another way."""
+        return get_mask(mask)(row["text"])
+
+    def identity(self) -> str:
+        """``module:qualname`` of the generator's class, recorded in (and checked against) a
+        cache folder's manifest, so that two plugins' datasets of one name never share rows."""
+        cls = type(self)
+        return f"{cls.__module__}:{cls.__qualname__}"
 
     def __repr__(self) -> str:
         return f"<synthetic dataset {self.name!r}>"
@@ -179,6 +196,7 @@ class SyntheticQA(SyntheticDataset):
     """Entity pairs seen a controlled number of times (exposure buckets), some never trained."""
 
     name = "synthetic_qa"
+    version = "1"
     description = "6-digit entity pairs in exposure buckets (1..128 repetitions), 10% held out per bucket"
     mask = "qa"
     splits = ("train", "val", "test")
@@ -258,6 +276,7 @@ class DigitLookup(SyntheticDataset):
     """Random 6-digit key -> value pairs, each seen once; novel keys as a control."""
 
     name = "digit_lookup"
+    version = "1"
     description = "Random 6-digit key:value pairs, each trained once, with known and novel test keys"
     mask = "digit_lookup"
     splits = ("train", "test_known", "test_novel")
@@ -298,6 +317,7 @@ class TwoHop(SyntheticDataset):
     """Chains A -> B -> C: one-hop facts always trained, the direct two-hop fact for some chains."""
 
     name = "two_hop"
+    version = "1"
     description = "Chains A:B, B:C of 6-digit entities; the two-hop fact A::C trained for half of them"
     mask = "digit_lookup"
     splits = ("train", "test_known", "test_novel")
@@ -348,6 +368,7 @@ class HashHop(SyntheticDataset):
     chain of thought."""
 
     name = "hashhop"
+    version = "1"
     description = "Chains of random letter hashes (KmNp = 'QrSt'), k-hop lookups with and without chain of thought"
     mask = "hashhop"
     splits = ("train", "test")
@@ -509,13 +530,16 @@ def read_splits(folder: str | Path, field: str | None = None) -> Splits:
 
 
 def materialize(name: str, seed: int, options: dict | Any | None, folder: str | Path, registry=None,
-                field: str = "data.init_args") -> Splits:
+                field: str = "data.init_args", folder_field: str | None = None) -> Splits:
     """The splits of dataset ``name`` for ``seed`` and ``options``, cached in ``folder``.
 
-    Generates and writes them when ``folder`` has no manifest; reads them back when the manifest
-    matches (same name, seed and validated options); raises ``LensbenchError`` when it holds
-    another dataset. ``registry`` is the synthetic-dataset registry (default: the active one);
-    ``field`` is the config path of the block holding ``name``, ``seed``, ``options`` and ``folder``.
+    Generates and writes them when ``folder`` has no manifest; reads them back, without
+    generating, when the manifest matches: same name, seed and validated options, same generator
+    ``version`` and class (``identity()``). A manifest written before these two were recorded
+    counts as version ``"1"`` of whichever class has the name. Any difference raises
+    ``LensbenchError`` naming ``folder_field`` (default ``<field>.folder``), and nothing in the
+    folder is changed. ``registry`` is the synthetic-dataset registry (default: the active one);
+    ``field`` is the config path of the block holding ``name``, ``seed`` and ``options``.
     """
     if registry is None:
         from ..plugins import active_registries
@@ -525,19 +549,29 @@ def materialize(name: str, seed: int, options: dict | Any | None, folder: str | 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise LensbenchError(f"seed must be an integer, got {seed!r}", f"{field}.seed")
     opts = dataset.options(options, f"{field}.options")
+    folder_field = folder_field or f"{field}.folder"
     wanted = {"name": name, "seed": seed, "options": json.loads(json.dumps(dataclasses.asdict(opts)))}
+    made_by = {"version": str(dataset.version), "generator": dataset.identity()}
     folder = Path(folder)
-    info = read_manifest(folder, f"{field}.folder")
+    info = read_manifest(folder, folder_field)
     if info is None:
         splits = dataset.generate(seed, opts)
-        write_splits(splits, folder, {**wanted, "mask": dataset.mask})
+        write_splits(splits, folder, {**wanted, **made_by, "mask": dataset.mask})
         return splits
     differ = [f"{key} ({info.get(key)!r} there, {value!r} asked)" for key, value in wanted.items()
               if info.get(key) != value]
     if differ:
         raise LensbenchError(f"{folder} already holds another synthetic dataset, differing in "
-                             f"{'; '.join(differ)}; delete the folder or choose another", f"{field}.folder")
-    return read_splits(folder, f"{field}.folder")
+                             f"{'; '.join(differ)}; delete the folder or choose another", folder_field)
+    there = {"version": "1", "generator": made_by["generator"], **info}  # a manifest from before versions
+    if there["generator"] != made_by["generator"]:
+        raise LensbenchError(f"{folder} holds rows of another generator named {name!r} ({there['generator']}, not "
+                             f"{made_by['generator']}); delete the folder or choose another", folder_field)
+    if str(there["version"]) != made_by["version"]:
+        raise LensbenchError(f"{folder} holds rows of {name} version {there['version']!r}, but its generator is now "
+                             f"version {made_by['version']!r}; delete the folder to regenerate them, or choose "
+                             f"another folder", folder_field)
+    return read_splits(folder, folder_field)
 
 
 #: Row fields that form accuracy groups (``group_of``), in the order they appear in a group's name.
@@ -560,30 +594,43 @@ def group_of(row: Any) -> str:
 
 
 def load_dataset(dataset: str | None, options: dict | None, seed: int, path: str | None, data_dir: str | None,
-                 field: str) -> tuple[Splits, str]:
+                 field: str, mask: str | None = None) -> tuple[Splits, str]:
     """The splits of a registered synthetic dataset (generated once into ``data_dir``, default
     ``default_folder``) or of a folder of JSONL splits (``path``), and the answer mask they train
-    with; exactly one of ``dataset`` and ``path`` is given. ``field`` is the config block's path."""
+    with: ``mask`` when given, else the dataset's (a folder's: its manifest's ``mask``, else
+    ``none``); for a registered dataset it is a ``DatasetMask`` bound to the generator, so its
+    ``answer_spans`` picks the trained characters. Exactly one of ``dataset`` and ``path`` is
+    given. ``field`` is the config block's path."""
+    from .masks import DatasetMask
+
     if (dataset is None) == (path is None):
         raise LensbenchError("give either dataset (a registered name) or path (a folder of JSONL splits), not "
                              f"{'both' if dataset else 'neither'}", f"{field}.dataset")
     if path is not None:
         manifest = read_manifest(Path(path), f"{field}.path") or {}
-        return read_splits(Path(path), f"{field}.path"), manifest.get("mask", "none")
+        return read_splits(Path(path), f"{field}.path"), mask or manifest.get("mask", "none")
     from ..plugins import active_registries
 
     registry = active_registries().synthetic_datasets
     generator = registry.get(dataset, f"{field}.dataset")
-    folder = Path(data_dir) if data_dir else default_folder(dataset, seed, options)
-    return materialize(dataset, seed, options, folder, registry, field), generator.mask
+    folder = Path(data_dir) if data_dir else default_folder(dataset, seed, options, generator)
+    splits = materialize(dataset, seed, options, folder, registry, field, f"{field}.data_dir")
+    return splits, DatasetMask(mask or generator.mask, generator)
 
 
-def default_folder(name: str, seed: int, options: dict | None) -> Path:
-    """Where a generated dataset goes unless a config says: ``outputs/datasets/<name>-seed<seed>-<hash
-    of the options as given>`` (relative to the working folder), shared by training and analyses."""
+def default_folder(name: str, seed: int, options: dict | None, generator: SyntheticDataset | None = None) -> Path:
+    """Where a generated dataset goes unless a config says: ``outputs/datasets/<name>-seed<seed>-<hash>``
+    (relative to the working folder), shared by training and analyses. The hash covers the options
+    as given, the generator's ``version`` and its class (``identity()``), so a generator whose
+    version changed writes a new folder. ``generator`` defaults to the active registry's ``name``."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(options or {}, sort_keys=True).encode()).hexdigest()[:8]
+    if generator is None:
+        from ..plugins import active_registries
+
+        generator = active_registries().synthetic_datasets.get(name, "dataset")
+    key = {"options": options or {}, "version": str(generator.version), "generator": generator.identity()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return Path("outputs") / "datasets" / f"{name}-seed{seed}-{digest}"
 
 

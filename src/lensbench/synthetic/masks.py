@@ -16,6 +16,12 @@ The types, registered by name in ``MASKS``:
   such as ``"The capital of France is Paris."`` trains ``"Paris"``).
 - ``none``: the whole text (plain causal language modelling).
 
+A synthetic dataset can say itself where the answer of a row is: its ``answer_spans(row, mask)``
+method (``lensbench.synthetic.datasets.SyntheticDataset``; by default the mask type's spans of
+``row["text"]``). ``DatasetMask`` binds a mask type name to such a dataset, and ``row_spans`` asks
+the dataset when a mask is bound, so the collators of ``lensbench fit`` and memory_ablation's
+scored answer positions use the same spans.
+
 ``token_labels`` turns a text and a mask type into ``(input_ids, labels)``. The overlap rule: a
 token whose character span ``[s, e)`` shares at least one character with a trained span is
 trained (so a multi-character token such as ``":654321"`` straddling the boundary is trained).
@@ -29,7 +35,7 @@ model learns to stop after it. An answer followed by more words leaves the EOS u
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import LensbenchError, did_you_mean
 
@@ -99,6 +105,46 @@ def get_mask(name: str, field: str | None = "mask") -> Callable[[str], list[Span
         raise LensbenchError(f"unknown mask type {name!r}; {did_you_mean(str(name), list(MASKS))}", field) from None
 
 
+class DatasetMask(str):
+    """A mask type name bound to the synthetic dataset whose rows it masks.
+
+    It is the ``str`` of the name (configs, messages and comparisons see ``"qa"`` and the like);
+    ``row_spans`` asks ``dataset.answer_spans(row, name)`` for the trained spans of a row.
+    """
+
+    dataset: Any
+
+    def __new__(cls, name: str, dataset: Any) -> "DatasetMask":
+        obj = super().__new__(cls, name)
+        obj.dataset = dataset
+        return obj
+
+    def __reduce__(self):
+        return DatasetMask, (str(self), self.dataset)
+
+
+def row_spans(mask: str, row: dict, field: str | None = None) -> list[Span]:
+    """The trained character spans of ``row["text"]``: the bound dataset's ``answer_spans(row, mask)``
+    when ``mask`` is a ``DatasetMask``, else the spans of mask type ``mask``. Spans a dataset gives
+    must be ``(start, end)`` integers with ``0 <= start <= end <= len(text)``, else
+    ``LensbenchError`` naming ``<field>.dataset``."""
+    dataset = getattr(mask, "dataset", None)
+    if dataset is None:
+        return get_mask(mask, _sub(field, "mask"))(row["text"])
+    spans = dataset.answer_spans(row, str(mask))
+    text = row["text"]
+    try:
+        spans = [(int(a), int(b)) for a, b in spans]
+        ok = all(0 <= a <= b <= len(text) for a, b in spans)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise LensbenchError(f"the answer_spans of synthetic dataset {dataset.name!r} gave {spans!r} for the text "
+                             f"{text[:60]!r}; it must return (start, end) character offsets with 0 <= start <= end "
+                             f"<= len(text): fix the dataset's answer_spans", _sub(field, "dataset"))
+    return spans
+
+
 def eos_trained(text: str, spans: list[Span]) -> bool:
     """Whether an EOS appended to ``text`` is trained: the text after the last span has no letter or digit."""
     if not spans:
@@ -112,8 +158,10 @@ def _sub(prefix: str | None, name: str) -> str:
 
 
 def token_labels(tokenizer, text: str, mask: str, append_eos: bool = False, max_length: int | None = None,
-                 add_bos: bool = False, field: str | None = None) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of ``text`` under mask type ``mask``.
+                 add_bos: bool = False, field: str | None = None,
+                 spans: list[Span] | None = None) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of ``text`` under mask type ``mask`` (or the trained character
+    ``spans`` when given: ``row_labels`` passes a dataset's own).
 
     The text is tokenized without special tokens; ``add_bos`` prepends the tokenizer's BOS (never
     trained) and ``append_eos`` appends its EOS (trained by the rule of the module docstring). A
@@ -121,8 +169,8 @@ def token_labels(tokenizer, text: str, mask: str, append_eos: bool = False, max_
     ``max_length`` tokens (BOS and EOS included) or with no trained token is an error, never cut
     or skipped silently. ``field`` prefixes the config fields named in errors (``data.init_args``).
     """
-    spans_of = get_mask(mask, _sub(field, "mask"))
-    spans = spans_of(text)
+    if spans is None:
+        spans = get_mask(mask, _sub(field, "mask"))(text)
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids = list(encoded["input_ids"])
     labels = [
@@ -141,6 +189,10 @@ def token_labels(tokenizer, text: str, mask: str, append_eos: bool = False, max_
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id if eos_trained(text, spans) else IGNORE)
     if all(label == IGNORE for label in labels):
+        dataset = getattr(mask, "dataset", None)
+        if dataset is not None and _own_answer_spans(dataset):
+            raise LensbenchError(f"the answer_spans of synthetic dataset {dataset.name!r} trains no token of the "
+                                 f"text {text!r}; give every row a non-empty answer", _sub(field, "dataset"))
         raise LensbenchError(
             f"mask {mask!r} trains no token of the text {text!r}; use a mask type matching the dataset's "
             f"format ({', '.join(MASKS)})",
@@ -153,3 +205,17 @@ def token_labels(tokenizer, text: str, mask: str, append_eos: bool = False, max_
             _sub(field, "max_length"),
         )
     return ids, labels
+
+
+def _own_answer_spans(dataset: Any) -> bool:
+    """Whether ``dataset`` overrides ``SyntheticDataset.answer_spans`` (errors then name its hook)."""
+    from .datasets import SyntheticDataset
+
+    return type(dataset).answer_spans is not SyntheticDataset.answer_spans
+
+
+def row_labels(tokenizer, row: dict, mask: str, append_eos: bool = False, max_length: int | None = None,
+               add_bos: bool = False, field: str | None = None) -> tuple[list[int], list[int]]:
+    """``token_labels`` of ``row["text"]`` with the spans ``row_spans`` gives (a bound dataset's own)."""
+    return token_labels(tokenizer, row["text"], mask, append_eos, max_length, add_bos, field,
+                        row_spans(mask, row, field))

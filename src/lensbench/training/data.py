@@ -44,8 +44,10 @@ class SyntheticTextData(pl.LightningDataModule):
             seed: Seed of the generated dataset.
             path: Instead of ``dataset``: a folder of ``<split>.jsonl`` files (rows with ``text``).
             data_dir: Where a generated dataset is written (default
-                ``outputs/datasets/<dataset>-seed<seed>-<hash of options>``); reused when it matches.
-            mask: Answer mask (qa, digit_lookup, hashhop, none); default: the dataset's own.
+                ``outputs/datasets/<dataset>-seed<seed>-<hash of options, generator version and
+                class>``); reused when it matches.
+            mask: Answer mask (qa, digit_lookup, hashhop, none); default: the dataset's own. A
+                registered dataset's ``answer_spans`` gets it and picks the trained characters.
             max_length: Longest tokenized example (a longer one is an error) and, packed, the row length.
             batch_size: Training examples per batch (per process); packed, they share fewer rows.
             val_batch_size: Validation rows per batch (default: batch_size).
@@ -76,9 +78,11 @@ class SyntheticTextData(pl.LightningDataModule):
         self.train_split, self.val_split, self.shuffle_seed = train_split, val_split, shuffle_seed
         self.test_split = test_split
         self.mask = mask or self._default_mask()
-        from ..synthetic.masks import get_mask
+        from ..synthetic.masks import DatasetMask, get_mask
 
         get_mask(self.mask, f"{FIELD}.mask")
+        if dataset is not None:  # the generator's answer_spans picks the trained characters
+            self.mask = DatasetMask(self.mask, self._generator())
         self.splits: dict[str, list[dict]] | None = None
         self.val_groups: set[str] = set()
 
@@ -127,7 +131,7 @@ class SyntheticTextData(pl.LightningDataModule):
         # Every text must fit and train something: check it all now, not at step 10,000.
         for rows in (self.train_rows, self.val_rows):
             for row in rows:
-                self.val_collate.encode(row["text"])
+                self.val_collate.encode_row(row)
 
     def test_rows(self) -> list[dict]:
         """The rows of ``test_split`` (none when unset or absent)."""
