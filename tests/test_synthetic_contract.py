@@ -9,6 +9,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -42,7 +43,7 @@ class Spelled(SyntheticDataset):
     splits = ("train", "test")
     version = "1"
     generated = 0
-    asked: list = []
+    asked: ClassVar[list] = []
 
     @dataclass
     class Options:

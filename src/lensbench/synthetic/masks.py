@@ -114,7 +114,7 @@ class DatasetMask(str):
 
     dataset: Any
 
-    def __new__(cls, name: str, dataset: Any) -> "DatasetMask":
+    def __new__(cls, name: str, dataset: Any) -> DatasetMask:
         obj = super().__new__(cls, name)
         obj.dataset = dataset
         return obj
