@@ -142,3 +142,23 @@ def test_an_mteb_task_is_not_marked(tmp_path):
     run(task, HashedBow(), tmp_path / "cache")
     [subset] = _result_file(tmp_path / "cache", task.metadata.name)["scores"]["test"]
     assert not T.is_local(task) and not any(key.startswith("lensbench") for key in subset)
+
+
+def test_a_sweep_caches_a_local_task_marked_in_its_run_folder(tmp_path, tiny_model, monkeypatch):
+    from lensbench.cli import main
+
+    (tmp_path / "tiny").symlink_to(tiny_model)
+    folder = folder_of("STS", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--model", "layer_sweep", "--model.init_args.models", "[tiny]",
+                 "--model.init_args.batch_size", "8", "--data", "lensbench.layer_sweep.data.LayerSweepData",
+                 "--data.init_args.tasks", "[./my_sts]", "--trainer.accelerator", "cpu",
+                 "--model.init_args.experiment", "marked"]) == 0
+    run_dir = tmp_path / "outputs" / "marked"
+    files = sorted((run_dir / "mteb").rglob("my_sts.json"))
+    assert len(files) == 3  # layers 0, 1 and 2 of the two-block model
+    digest = T.resolve_tasks(["./my_sts"], registry=Registry("MTEB task"))[0].digest
+    for path in files:
+        [subset] = json.loads(path.read_text())["scores"]["test"]
+        assert (subset["lensbench_local_task"], subset["lensbench_task_folder"], subset["lensbench_task_digest"]) == (
+            True, str(folder.resolve()), digest), path

@@ -68,5 +68,6 @@ def lensbench_register_mteb_tasks() -> list[object]:
 
     Each names a task folder (``task.json`` and JSONL files, docs/layer_sweep.md#task-formats) that a
     ``layer_sweep`` config selects by ``name`` in its ``tasks`` list. All results are collected;
-    duplicate names are an error.
+    duplicate names are an error, and so is a config naming a task that takes the name of a task
+    MTEB knows (its scores would be cached and read as MTEB's): give such a task another name.
     """
