@@ -9,17 +9,16 @@ import types
 from pathlib import Path
 
 import pytest
+from test_layer_sweep_tasks import FIELD, HashedBow, folder_of, run
 
 from lensbench.errors import LensbenchError
 from lensbench.hookspecs import hookimpl
+from lensbench.layer_sweep import tasks as T
+from lensbench.layer_sweep.data import LayerSweepData
 from lensbench.registry import Registry
 from lensbench.testing import use_plugins
 
 mteb = pytest.importorskip("mteb")
-
-from lensbench.layer_sweep import tasks as T  # noqa: E402
-from lensbench.layer_sweep.data import LayerSweepData  # noqa: E402
-from test_layer_sweep_tasks import FIELD, HashedBow, folder_of, run  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -17,9 +17,9 @@ SWEEP = ("predict", "--model", "layer_sweep", "--model.init_args.models", "[tiny
 #: id -> (arguments, exit code, fragment of the one line)
 CASES = {
     "sweep_task_folder_named_like_mteb": ((*SWEEP, "--data.init_args.tasks", "[named/STSBenchmark]"), 1,
-                                          "data.init_args.tasks: task folder 'named/STSBenchmark' is named like an "
-                                          "MTEB task and a folder's task takes its folder's name, so its scores would "
-                                          "be cached and read as MTEB's; rename the folder"),
+                                          ("data.init_args.tasks: task folder 'named/STSBenchmark' is named like an "
+                                           "MTEB task and a folder's task takes its folder's name, so its scores "
+                                           "would be cached and read as MTEB's; rename the folder")),
 }
 #: Cases that need optional modules: id -> modules.
 NEEDS = {"sweep_task_folder_named_like_mteb": ("mteb",)}
