@@ -1,9 +1,13 @@
 """The base class of every analysis: a LightningModule whose ``predict_step`` does one work item.
 
-An analysis says which model states it needs (``states``), what one work item computes
+An analysis declares the models it loads (``declare_models``/``declare_model``) and, where it
+takes one, its perturbation grid (``declare_grid``); says what one work item computes
 (``process``, returning one JSON record) and how stored records become tables and figures
-(``merge`` and ``plot``). The base class does the rest: the run folder, the config guard,
-the result shard of each rank, and the merge on rank 0 once every rank is done.
+(``merge`` and ``plot``). From the declared models the base class resolves every source before
+any folder is made, puts the weights' fingerprints into the run identity, builds the states
+(checkpoints x grid), loads the models while the run lasts, and names each model's config field
+in errors. It also does the rest: the run folder, the config guard, the result shard of each
+rank, and the merge on rank 0 once every rank is done.
 """
 
 from __future__ import annotations
@@ -11,36 +15,52 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
 import yaml
 
 from .errors import LensbenchError
 from .logs import Progress, RunLog, run_log
+from .perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from .results import ResultStore
-from .run_folders import IDENTITY_FILE, LOCK_FILE, DamagedRunFile, check_is_run_folder, read_identity, run_folder
+from .run_folders import (
+    IDENTITY_FILE,
+    LOCK_FILE,
+    DamagedRunFile,
+    check_is_run_folder,
+    read_identity,
+    run_folder,
+)
 from .state import State
 from .work import WorkItem, changed_items, plan_items
+
+if TYPE_CHECKING:
+    from .models.loading import ModelSpec
 
 CONFIG_FILE = "config.yaml"
 #: run.json keys that describe one checkpoint (``<prefix><label>``): where checkpoints may be added
 #: or left out, only those of the checkpoints in both runs must match.
 PER_CHECKPOINT = ("model_fingerprint.", "compute_dtype.")
+#: The config field of an analysis's perturbation grid (``declare_grid``).
+GRID_FIELD = "model.init_args.perturbation"
 #: run.json keys of run folders made before per-record content digests.
 OLD_DATA_FINGERPRINTS = tuple(f"data_fingerprint.{k}" for k in ("datasets_sha256", "prompts_sha256", "images_sha256"))
 
 
 class Analysis(pl.LightningModule):
-    """Subclasses set ``name`` (the registry key) and implement ``states``, ``process``, ``merge``."""
+    """Subclasses set ``name`` (the registry key), declare their models in ``__init__`` and
+    implement ``process`` and ``merge``."""
 
     name: ClassVar[str] = ""
     #: Work items handed to one ``predict_step`` (consecutive items of one state); see process_batch.
     items_per_step: int = 1
     #: Settings (paths under ``model.init_args``) that may change between runs on one folder
     #: because they only choose which work items exist or how they are scheduled: a finished run
-    #: is extended with the missing items. Every other setting must match to resume.
-    extendable: ClassVar[tuple[str, ...]] = ()
+    #: is extended with the missing items. Every other setting must match to resume. Default: the
+    #: levels and repetitions of the perturbation grid (``declare_grid``); a subclass adds its own
+    #: with ``extendable = (*Analysis.extendable, "my_setting")``.
+    extendable: ClassVar[tuple[str, ...]] = GRID_EXTENDABLE
     #: True when the checkpoints studied may grow between runs on one folder (a setting in
     #: ``extendable`` names them): a new checkpoint's weight fingerprint is then not a mismatch.
     checkpoints_extendable: ClassVar[bool] = False
@@ -67,10 +87,71 @@ class Analysis(pl.LightningModule):
         self.store: ResultStore | None = None
         self.merged_outputs: list[Path] = []
         self._lock: Any = None  # rank 0's open, locked run_dir/.lock while the run lasts
+        self.specs: dict[str, ModelSpec] = {}  # label -> the spec of each declared model
+        self.fields: dict[str, str] = {}  # label -> the config field naming it
+        self.grid: PerturbationGrid | None = None  # the declared perturbation grid, if any
+        self._grid_states: list[State] | None = None
 
-    # -- what an analysis defines ---------------------------------------------------------------
+    # -- what an analysis declares ----------------------------------------------------------------
+    def declare_model(self, entry: str | ModelSpec, field: str, **defaults: Any) -> ModelSpec:
+        """Declare one model the analysis loads, named by config ``field``: an alias, hub id, folder
+        or file (made a ``ModelSpec`` with ``defaults``) or a ``ModelSpec``. Its source is resolved
+        now, before any run folder is made (a missing folder or an unknown alias is one line naming
+        ``field``); its label must be new. Returns the spec, kept in ``self.specs``."""
+        from .models.loading import ModelSpec, resolve_source
+
+        if isinstance(entry, dict):  # a constructor without type hints gets the config's mapping
+            entry = _built(ModelSpec, entry, field)
+        spec = ModelSpec(entry, **defaults) if isinstance(entry, str) else entry
+        resolve_source(spec, field=field)
+        label = spec.label()
+        if label in self.specs:
+            raise LensbenchError(f"model label {label!r} is used twice; give one a `name`", field)
+        self.specs[label] = spec
+        self.fields[label] = field
+        return spec
+
+    def declare_models(self, entries: list[str | ModelSpec] | None, field: str = "model.init_args.models",
+                       default: tuple[str, ...] = ("smollm2",)) -> list[ModelSpec]:
+        """``declare_model`` for each entry of a list field (``field[i]``); ``default`` when it is
+        null. An empty list is refused."""
+        if entries is not None and len(entries) == 0:
+            raise LensbenchError("is empty; name at least one model, or leave it null for the default "
+                                 f"({', '.join(default)})", field)
+        return [self.declare_model(entry, f"{field}[{i}]")
+                for i, entry in enumerate(list(default) if entries is None else entries)]
+
+    def declare_grid(self, grid: PerturbationGrid | None, field: str = GRID_FIELD) -> None:
+        """Run every declared model at each state of ``grid`` (levels x repetitions) instead of
+        as it is; null: each model as it is. The grid is checked now (method, group, levels,
+        seed); its levels and repetitions may grow between runs on one folder (``extendable``).
+        Call it after the models are declared."""
+        from .plugins import active_registries
+
+        if isinstance(grid, dict):  # a constructor without type hints gets the config's mapping
+            grid = _built(PerturbationGrid, grid, field)
+        self.grid = grid
+        self._grid_states = grid_states(self.specs, grid, active_registries().perturbations, field)
+
+    def identity_models(self) -> list[str]:
+        """Labels of the models whose weights' fingerprints join the run identity (run.json's
+        ``model_fingerprint.<label>``): a run over changed weights is then refused. Default: every
+        declared model."""
+        return list(self.specs)
+
+    def compute_dtypes(self) -> dict[str, str | None]:
+        """Label -> the dtype a model computes in when it depends on where the run is (float16 on a
+        GPU, float32 on the CPU): it joins the run identity as ``compute_dtype.<label>`` once the
+        device is known, so a run resumed on another kind of device is refused rather than mixing
+        results. Default: none (a model computes in the dtype its config entry names)."""
+        return {}
+
     def states(self) -> list[State]:
-        raise NotImplementedError
+        """The model states the run covers: each declared model at each state of the declared
+        grid, or as it is. An analysis with states of its own (interventions) overrides this."""
+        if self._grid_states is None:
+            return [State(label) for label in self.specs]
+        return self._grid_states
 
     def process(self, item: WorkItem) -> dict[str, Any]:
         """Compute one work item; return a JSON-serialisable record."""
@@ -87,18 +168,21 @@ class Analysis(pl.LightningModule):
         return []
 
     def fingerprint(self) -> dict[str, Any]:
-        """What besides the config must match to resume a run: the weights of the models studied."""
-        return {}
+        """What besides the config must match to resume a run: the weights of ``identity_models``."""
+        from .models.fingerprint import model_fingerprint
+
+        return {label: model_fingerprint(self.specs[label], self.fields[label]) for label in self.identity_models()}
 
     def subject_specs(self) -> dict[str, Any]:
-        """Label -> ``ModelSpec`` of the models this analysis loads: the base class then holds a
-        ``SubjectManager`` in ``self.subjects`` while the run lasts (none when empty)."""
-        return {}
+        """Label -> ``ModelSpec`` of the models this analysis loads (default: the declared ones):
+        the base class then holds a ``SubjectManager`` in ``self.subjects`` while the run lasts
+        (none when empty)."""
+        return dict(self.specs)
 
     def subject_fields(self) -> dict[str, str]:
         """Label -> the config field that names the model (``model.init_args.models[0]``): an error
-        found when it is loaded names that field. Labels left out are named ``model``."""
-        return {}
+        found when it is loaded names that field. Default: the declared fields."""
+        return dict(self.fields)
 
     def inputs_fingerprint(self) -> dict[str, Any]:
         """Hashes of other inputs whose content the config names only by path (a scored text file)."""
@@ -210,6 +294,9 @@ class Analysis(pl.LightningModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        dtypes = self.compute_dtypes()
+        if self.run_identity is not None and dtypes:  # known now, where the device is
+            self.run_identity = {**self.run_identity, **{f"compute_dtype.{k}": v for k, v in dtypes.items()}}
         self.lock_run_dir()
         self.check_run_dir()  # every rank checks, so every rank fails alike
         datamodule = self.trainer.datamodule
@@ -319,6 +406,19 @@ class Analysis(pl.LightningModule):
         outputs = type(self).merge(records, self.run_dir)
         outputs += type(self).plot(self.run_dir)
         return outputs
+
+
+def _built(cls: type, mapping: dict, field: str) -> Any:
+    """``cls(**mapping)``, an unknown key one line naming it."""
+    import dataclasses
+
+    from .errors import did_you_mean
+
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in mapping:
+        if key not in known:
+            raise LensbenchError(f"unknown key {key!r}; {did_you_mean(str(key), known)}", f"{field}.{key}")
+    return cls(**mapping)
 
 
 def _try_lock(path: Path) -> Any:

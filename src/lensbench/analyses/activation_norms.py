@@ -27,9 +27,8 @@ from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..logs import console
-from ..models.loading import ModelSpec, resolve_source
-from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
-from ..state import State
+from ..models.loading import ModelSpec
+from ..perturbations import PerturbationGrid
 from ..stats import chan_merge, nonfinite_warning, place
 from ..tables import finite, pyplot, read_csv, save_figure, write_csv
 from ..work import WorkItem
@@ -59,8 +58,6 @@ class ActivationNorms(Analysis):
     """Per-layer hidden-state norms (and other token statistics) per model and dataset."""
 
     name = "activation_norms"
-    # More levels or repetitions of a perturbation grid add states; the rest must match to resume.
-    extendable = GRID_EXTENDABLE
 
     def __init__(
         self,
@@ -94,42 +91,19 @@ class ActivationNorms(Analysis):
             raise LensbenchError(f"must be a positive number of tokens or null (the model's context), "
                                  f"got {max_length!r}", "model.init_args.max_length")
         registries = active_registries()
-        self.specs: dict[str, ModelSpec] = {}
-        self.fields: dict[str, str] = {}  # label -> its entry's field
-        for i, entry in enumerate(models or ["smollm2"]):
-            spec = ModelSpec(entry) if isinstance(entry, str) else entry
-            field = f"model.init_args.models[{i}]"
-            resolve_source(spec, field=field)
-            if spec.label() in self.specs:
-                raise LensbenchError(f"model label {spec.label()!r} is used twice; give one a `name`", field)
-            self.specs[spec.label()] = spec
-            self.fields[spec.label()] = field
+        self.declare_models(models, "model.init_args.models", default=("smollm2",))
         names = statistics or ["norm"]
         self.statistics = [registries.metrics.get(n, f"model.init_args.statistics[{i}]") for i, n in enumerate(names)]
         self.max_length = max_length
         self._limits: dict[str, tuple[int | None, str]] = {}  # checkpoint -> (limit, "max_length"|"context")
-        self.perturbations = registries.perturbations
-        self.grid = perturbation
-        self._states = grid_states(self.specs, perturbation, self.perturbations)
-
-    def states(self) -> list[State]:
-        return self._states
-
-    def fingerprint(self) -> dict[str, Any]:
-        from ..models.fingerprint import model_fingerprint
-
-        return {label: model_fingerprint(spec, self.fields[label]) for label, spec in self.specs.items()}
-
-    def subject_specs(self) -> dict[str, ModelSpec]:
-        return self.specs
-
-    def subject_fields(self) -> dict[str, str]:
-        return self.fields
+        self.declare_grid(perturbation)
 
     def _limit(self, checkpoint: str, loaded) -> tuple[int | None, str]:
         """The truncation length for ``checkpoint`` and what sets it ("max_length" or "context")."""
         if checkpoint not in self._limits:
-            from ..generation import length_limit  # max_length, bounded by the model's context
+            from ..generation import (
+                length_limit,  # max_length, bounded by the model's context
+            )
 
             self._limits[checkpoint] = length_limit(self.max_length, loaded, "model.init_args.max_length")
         return self._limits[checkpoint]

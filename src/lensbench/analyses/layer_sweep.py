@@ -36,8 +36,8 @@ from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..logs import console, run_log
-from ..models.loading import ModelSpec, resolve_source
-from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
+from ..models.loading import ModelSpec
+from ..perturbations import PerturbationGrid
 from ..state import State
 from ..stats import nonfinite_warning, place
 from ..work import WorkItem
@@ -111,7 +111,7 @@ class LayerSweep(Analysis):
 
     name = "layer_sweep"
     # More checkpoints' revisions or more levels of a perturbation grid add states.
-    extendable = ("revisions",) + GRID_EXTENDABLE
+    extendable = ("revisions", *Analysis.extendable)
     checkpoints_extendable = True  # more revisions: more checkpoints, each with its own fingerprint
     padding_side = "left"  # as the reference's tokenizer: mean pooling then takes the last `length` states
 
@@ -167,7 +167,6 @@ class LayerSweep(Analysis):
         """
         super().__init__(experiment=experiment, output_dir=output_dir)
         from ..layer_sweep.embeddings import LAYER_NORMS, POOLINGS
-        from ..plugins import active_registries
 
         if pooling not in POOLINGS:
             raise LensbenchError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}",
@@ -197,37 +196,23 @@ class LayerSweep(Analysis):
         self.memory_limit = int(embedding_memory_mb * (1 << 20))
         self.alpha = float(alpha)
         self.layer_request = None if layers is None else [int(x) for x in layers]
-        self.specs: dict[str, ModelSpec] = {}
         self.checkpoints: dict[str, tuple[str, str | None]] = {}  # label -> (model, revision)
-        self.fields: dict[str, str] = {}  # label -> its entry's field
+        if models is not None and not models:
+            raise LensbenchError("is empty; name at least one model, or leave it null for the default (minilm)",
+                                 "model.init_args.models")
         for i, entry in enumerate(models or ["minilm"]):
             base = ModelSpec(entry) if isinstance(entry, str) else entry
-            field = f"model.init_args.models[{i}]"
             for rev in (revisions or [base.revision]):
                 spec = dataclasses.replace(base, revision=rev)
                 if revisions:
                     spec.name = f"{base.label()}@{rev}"
-                resolve_source(spec, field=field)
-                if spec.label() in self.specs:
-                    raise LensbenchError(f"model label {spec.label()!r} is used twice; give one a `name`", field)
-                self.specs[spec.label()] = spec
+                self.declare_model(spec, f"model.init_args.models[{i}]")
                 self.checkpoints[spec.label()] = (base.label(), rev)
-                self.fields[spec.label()] = field
-        registries = active_registries()
-        self.grid = perturbation
-        self._states = grid_states(self.specs, perturbation, registries.perturbations)
+        self.declare_grid(perturbation)
         self._layers: dict[str, list[int]] = {}  # checkpoint -> resolved layer indices
         self._last: dict[str, int] = {}  # checkpoint -> n, the index of its last hidden state
 
     # -- what the base class asks ----------------------------------------------------------------
-    def states(self) -> list[State]:
-        return self._states
-
-    def fingerprint(self) -> dict[str, Any]:
-        from ..models.fingerprint import model_fingerprint
-
-        return {label: model_fingerprint(spec, self.fields[label]) for label, spec in self.specs.items()}
-
     def subject_specs(self) -> dict[str, ModelSpec]:
         """The specs, each loading in float16 on a CUDA device (the reference's dtype) and float32
         elsewhere, unless it sets its own ``dtype``."""
@@ -236,18 +221,11 @@ class LayerSweep(Analysis):
         return {label: dataclasses.replace(spec, dtype=reference_dtype(spec.dtype, self.device))
                 for label, spec in self.specs.items()}
 
-    def subject_fields(self) -> dict[str, str]:
-        return self.fields
-
-    def setup(self, stage: str) -> None:
+    def compute_dtypes(self) -> dict[str, str | None]:
         """The dtype each checkpoint computes in depends on the device (float16 on a GPU, float32 on
-        the CPU, unless its entry sets ``dtype``): it joins the run identity (``compute_dtype.<label>``)
-        here, where the device is known, so a run resumed on another kind of device is refused rather
-        than mixing float16 and float32 results."""
-        if self.run_identity is not None:
-            dtypes = {f"compute_dtype.{label}": spec.dtype for label, spec in self.subject_specs().items()}
-            self.run_identity = {**self.run_identity, **dtypes}
-        super().setup(stage)
+        the CPU, unless its entry sets ``dtype``): it joins the run identity, so a run resumed on
+        another kind of device is refused rather than mixing float16 and float32 results."""
+        return {label: spec.dtype for label, spec in self.subject_specs().items()}
 
     @classmethod
     def holds_results(cls, run_dir: Path) -> bool:
@@ -301,7 +279,9 @@ class LayerSweep(Analysis):
                         "model_last_layer": self._last[item.state.checkpoint], "dtype": dtype}
 
     def _context(self, loaded) -> int | None:
-        from ..generation import length_limit  # max_length, bounded by the model's context
+        from ..generation import (
+            length_limit,  # max_length, bounded by the model's context
+        )
 
         return length_limit(self.max_length, loaded, "model.init_args.max_length")[0]
 

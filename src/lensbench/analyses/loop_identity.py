@@ -41,9 +41,16 @@ from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
-from ..perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
+from ..perturbations import PerturbationGrid
 from ..state import State
-from ..stats import chan_merge, merge_sketches, nonfinite_warning, place, sketch_quantile, value_sketch
+from ..stats import (
+    chan_merge,
+    merge_sketches,
+    nonfinite_warning,
+    place,
+    sketch_quantile,
+    value_sketch,
+)
 from ..tables import finite, pyplot, read_csv, save_figure, value_scale, write_csv
 from ..work import WorkItem, content_digest
 
@@ -140,7 +147,7 @@ def model_shape(spec: ModelSpec, field: str) -> tuple[int, int]:
     from transformers import AutoConfig
 
     from ..models.loading import _common_kwargs, _head, embedded_smollm2_folder
-    from ..models.replay import unsupported_logit_scaling
+    from ..models.unembed import unsupported_logit_scaling
 
     res = resolve_source(spec, field)
     try:
@@ -190,7 +197,7 @@ class LoopIdentity(Analysis):
 
     name = "loop_identity"
     # More loop counts or checkpoints (or perturbation levels) add work items; the rest must match.
-    extendable = ("loop_counts", "checkpoints", *GRID_EXTENDABLE)
+    extendable = ("loop_counts", "checkpoints", *Analysis.extendable)
 
     def __init__(
         self,
@@ -261,8 +268,7 @@ class LoopIdentity(Analysis):
         check_spec(base, field)
         self.baseline_label = base.label()
         _check_label(self.baseline_label, base, field)
-        self.specs: dict[str, ModelSpec] = {self.baseline_label: base}
-        self.fields: dict[str, str] = {self.baseline_label: field}
+        self.declare_model(base, field)
         layers, hidden = model_shape(base, field)
         if self.end >= layers:
             raise LensbenchError(f"block {self.end} is outside the baseline's blocks 0..{layers - 1}",
@@ -276,11 +282,8 @@ class LoopIdentity(Analysis):
                     if isinstance(entry, str) else entry)
             try:
                 check_spec(spec, where)
-                resolve_source(spec, where)
-                label = spec.label()
-                _check_label(label, spec, where)
-                if label in self.specs:
-                    raise LensbenchError(f"model label {label!r} is used twice; give one a `name`", where)
+                _check_label(spec.label(), spec, where)
+                label = self.declare_model(spec, where).label()
                 shape = model_shape(spec, where)
             except LensbenchError as exc:
                 raise pattern_error(exc, entry, where) from None
@@ -288,14 +291,11 @@ class LoopIdentity(Analysis):
                 raise LensbenchError(f"checkpoint {label!r} has {shape[0]} layers and hidden size {shape[1]}, the baseline "
                                      f"{layers} and {hidden}; loop_identity compares checkpoints of the baseline's shape",
                                      where)
-            self.specs[label] = spec
-            self.fields[label] = where
             if where == PATTERN_FIELD:
                 self._patterned[label] = str(entry)
         self.max_length = max_length
         self.perturbations = active_registries().perturbations
-        self.grid = perturbation
-        self._states = grid_states(self.specs, perturbation, self.perturbations)
+        self.declare_grid(perturbation)
         # The loop counts of one batch are computed together (one forward, then pass after pass);
         # ``step_group`` keeps them on one rank and in one step.
         self.items_per_step = len(self.loop_counts)
@@ -339,9 +339,6 @@ class LoopIdentity(Analysis):
             self._weights[label] = content_digest(fingerprint, repr(settings))
         return self._weights[label]
 
-    def states(self) -> list[State]:
-        return self._states
-
     def step_group(self, item: WorkItem) -> tuple:
         """The loop counts of one batch share one capture: the core keeps them on one rank and in
         one step (rank slices and steps are cut only where this value changes)."""
@@ -361,16 +358,10 @@ class LoopIdentity(Analysis):
                 raise LensbenchError(f"{self.run_dir} holds results of checkpoint {label!r} computed with other weights "
                                      "or settings; restore them, or set another experiment name", self.fields[label])
 
-    def fingerprint(self) -> dict[str, Any]:
-        from ..models.fingerprint import model_fingerprint
-
-        return {self.baseline_label: model_fingerprint(self.specs[self.baseline_label], "model.init_args.baseline")}
-
-    def subject_specs(self) -> dict[str, ModelSpec]:
-        return self.specs
-
-    def subject_fields(self) -> dict[str, str]:
-        return self.fields
+    def identity_models(self) -> list[str]:
+        """The baseline only: checkpoints are extendable, so each one's fingerprint joins the digests
+        of its items instead (``plan``)."""
+        return [self.baseline_label]
 
     # -- the work ---------------------------------------------------------------------------------
     def process(self, item: WorkItem) -> dict[str, Any]:

@@ -27,8 +27,10 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..memory.data_check import check_same_data, trained_data
 from ..memory.greedy import greedy_answers
-from ..memory.key_statistics import figures as key_figures, write_correlation, write_tables as key_tables
-from ..models.loading import ModelSpec, resolve_source
+from ..memory.key_statistics import figures as key_figures
+from ..memory.key_statistics import write_correlation
+from ..memory.key_statistics import write_tables as key_tables
+from ..models.loading import ModelSpec
 from ..state import State, TransformSpec
 from ..stats import nonfinite_warning
 from ..synthetic.datasets import GROUP_FIELDS, group_of
@@ -125,7 +127,7 @@ class MemoryAblation(Analysis):
     """Accuracy, answer logits, memory key activations, and interventions on a memory model."""
 
     name = "memory_ablation"
-    extendable = ("interventions",)
+    extendable = ("interventions",)  # no perturbation grid: interventions are its states
 
     def __init__(
         self,
@@ -164,8 +166,7 @@ class MemoryAblation(Analysis):
         spec = ModelSpec(model) if isinstance(model, str) else model
         if train_config is not None and not Path(spec.source).exists():
             train_first(train_config, spec.source)
-        self.spec = latest_checkpoint(spec)
-        resolve_source(self.spec, f"{FIELD}.model")
+        self.spec = self.declare_model(latest_checkpoint(spec), f"{FIELD}.model")
         self.label = self.spec.label()
         self.interventions = list(interventions or [])
         registry = active_registries().perturbations
@@ -195,17 +196,6 @@ class MemoryAblation(Analysis):
         self._states: list[State] | None = None
 
     # -- states ----------------------------------------------------------------------------------
-    def subject_specs(self) -> dict[str, ModelSpec]:
-        return {self.label: self.spec}
-
-    def subject_fields(self) -> dict[str, str]:
-        return {self.label: f"{FIELD}.model"}
-
-    def fingerprint(self) -> dict[str, Any]:
-        from ..models.fingerprint import model_fingerprint
-
-        return {self.label: model_fingerprint(self.spec, f"{FIELD}.model")}
-
     def states(self) -> list[State]:
         if self._states is None:
             source = getattr(self.trainer.datamodule, "source", None)

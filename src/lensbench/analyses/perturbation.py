@@ -22,13 +22,27 @@ from typing import Any
 
 from ..analysis import Analysis
 from ..errors import LensbenchError
-from ..generation import (DEFAULT_PERPLEXITY_TEXT, Batching, GenerationSettings, GenerationStopped,
-                          PerplexitySettings, generate, model_positions, perplexity_state, pooled_perplexity,
-                          within_context)
+from ..generation import (
+    DEFAULT_PERPLEXITY_TEXT,
+    Batching,
+    GenerationSettings,
+    GenerationStopped,
+    PerplexitySettings,
+    generate,
+    model_positions,
+    perplexity_state,
+    pooled_perplexity,
+    within_context,
+)
 from ..hookspecs import hookimpl
 from ..intervals import error_bars, mean_interval, wilson
-from ..models.loading import EMBEDDED, ModelSpec, loaded_in_4bit, resolve_source, takes_images
-from ..perturbations import GRID_EXTENDABLE, PerturbationGrid
+from ..models.loading import (
+    EMBEDDED,
+    ModelSpec,
+    loaded_in_4bit,
+    takes_images,
+)
+from ..perturbations import PerturbationGrid
 from ..state import State
 from ..tables import pyplot, read_csv, save_figure, write_csv
 from ..work import WorkItem
@@ -46,7 +60,7 @@ class PerturbationAnalysis(Analysis):
     padding_side = "left"  # generation
     # More levels or repetitions, and another batch size or memory threshold, extend a run (the
     # DataModule adds prompts).
-    extendable = (*GRID_EXTENDABLE, "generation.max_batch_size", "generation.memory_grow_below",
+    extendable = (*Analysis.extendable, "generation.max_batch_size", "generation.memory_grow_below",
                   "generation.memory_warn_above", "generation.memory_stop_above")
 
     def __init__(
@@ -78,14 +92,11 @@ class PerturbationAnalysis(Analysis):
         super().__init__(experiment=experiment, output_dir=output_dir)
         from ..plugins import active_registries
 
-        self.spec = ModelSpec(model) if isinstance(model, str) else model
-        resolve_source(self.spec, "model.init_args.model")
-        self.grid = perturbation or PerturbationGrid()
+        self.spec = self.declare_model(model, "model.init_args.model")
         self.generation = generation or GenerationSettings()
         self.ppl = perplexity
         self.name_suffix = name_suffix
         self.force_run = force_run
-        self.perturbations = active_registries().perturbations
         _check_generation(self.generation)
         if self.ppl is not None:
             if self.ppl.text is not None and self.ppl.file is not None:
@@ -111,19 +122,11 @@ class PerturbationAnalysis(Analysis):
                 self._ppl_text = read_text(self.ppl.file, "model.init_args.perplexity.file")
             else:
                 self._ppl_text = self.ppl.text if self.ppl.text is not None else DEFAULT_PERPLEXITY_TEXT
-        self._states = self.grid.states(self.spec.label(), self.perturbations, "model.init_args.perturbation")
+        self.declare_grid(perturbation or PerturbationGrid())
         self.items_per_step = self.generation.max_batch_size
         self._state_info: dict[str, dict[str, Any]] = {}
         self._warned_text_only = False
         self._batching: Batching | None = None  # batch sizes kept across the run's generate calls
-
-    def states(self) -> list[State]:
-        return self._states
-
-    def fingerprint(self) -> dict[str, Any]:
-        from ..models.fingerprint import model_fingerprint
-
-        return {self.spec.label(): model_fingerprint(self.spec, "model.init_args.model")}
 
     def inputs_fingerprint(self) -> dict[str, Any]:
         """The scored perplexity text's hash: an edited file (or dataset) is a changed run."""
@@ -142,12 +145,6 @@ class PerturbationAnalysis(Analysis):
             raise LensbenchError(f"always needs a vision-language model, but {self.spec.label()!r} takes text only; "
                                  f"use such a model or set images to auto or never", "model.init_args.generation.images")
         super().setup(stage)
-
-    def subject_specs(self) -> dict[str, ModelSpec]:
-        return {self.spec.label(): self.spec}
-
-    def subject_fields(self) -> dict[str, str]:
-        return {self.spec.label(): "model.init_args.model"}
 
     def _enter(self, state: State) -> dict[str, Any]:
         """Move the model to ``state``; its touched tensors, finiteness and perplexity (once per state)."""

@@ -26,44 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import LensbenchError
-
-
-# How transformers' *ForCausalLM scales the LM head's output, by model type (the attribute named
-# and what forward does with it). Other model types carrying one of these attributes are refused:
-# the same name means different things (Granite divides by logits_scaling, HyperCLOVA X multiplies,
-# MiniCPM3 scales the hidden state), so it is never applied by name alone.
-LOGIT_SCALING = {
-    "granite": ("logits_scaling", "divide"),
-    "granitemoe": ("logits_scaling", "divide"),
-    "granitemoeshared": ("logits_scaling", "divide"),
-    "cohere": ("logit_scale", "multiply"),
-    "cohere2": ("logit_scale", "multiply"),
-}
-SCALE_ATTRIBUTES = ("logits_scaling", "logit_scale")
-
-
-def logit_scale(config) -> tuple[str, float] | None:
-    """("divide" | "multiply", value) that the model's forward applies to the LM head's output, or None."""
-    known = LOGIT_SCALING.get(getattr(config, "model_type", None))
-    if known is None:
-        return None
-    attr, op = known
-    value = getattr(config, attr, None)
-    return None if value is None else (op, float(value))
-
-
-def unsupported_logit_scaling(config) -> str | None:
-    """Why ``config``'s logits cannot be reproduced from the final norm and LM head (a scale
-    attribute on a model type whose use of it is not known here), or None."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in LOGIT_SCALING:
-        return None
-    for attr in SCALE_ATTRIBUTES:
-        if getattr(config, attr, None) is not None:
-            return (f"{type(config).__name__} (model_type {model_type!r}) sets {attr}, which loop_identity does not "
-                    f"know how its forward applies to the logits (it handles {', '.join(sorted(LOGIT_SCALING))}); "
-                    "its perplexity would be wrong")
-    return None
+from .unembed import Unembedding
 
 
 def block_output(out: Any) -> torch.Tensor:
@@ -95,22 +58,8 @@ class BlockReplay:
             raise LensbenchError(f"block range {start}..{end} is outside the model's blocks 0..{n - 1}",
                                  "model.init_args.end")
         self.start, self.end = start, end
-        if anatomy.final_norm_name is None:
-            raise LensbenchError(f"cannot find the final norm of {type(model).__name__}; loop_identity needs a "
-                                 "decoder with a final norm before its LM head", "model.init_args.baseline")
-        self.norm = model.get_submodule(anatomy.final_norm_name)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None:
-            raise LensbenchError(f"{type(model).__name__} has no LM head; loop_identity scores perplexity and needs a "
-                                 "causal LM (set the model's head: causal_lm)", "model.init_args.baseline")
-        self.head = head
-        config = getattr(model, "config", None)
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        refused = unsupported_logit_scaling(text)
-        if refused:
-            raise LensbenchError(refused, "model.init_args.baseline")
-        self.softcap = getattr(text, "final_logit_softcapping", None)
-        self.logit_scale = logit_scale(text)
+        self.unembed = Unembedding(model, anatomy, "model.init_args.baseline", "loop_identity", "its perplexity")
+        self.norm = self.unembed.norm
         self.backbone = getattr(model, "base_model", model)
 
     def capture(self, batch: dict[str, torch.Tensor]) -> Capture:
@@ -179,10 +128,5 @@ class BlockReplay:
             for i in range(self.end + 1, len(self.blocks)):
                 hidden = self.run_block(cap, i, hidden)
             normed = self.norm(hidden)
-        logits = self.head(normed)
-        if self.logit_scale is not None:  # as the model's own forward (Granite divides, Cohere multiplies)
-            op, value = self.logit_scale
-            logits = logits / value if op == "divide" else logits * value
-        if self.softcap:  # Gemma 2 / 3 style final logit soft-capping
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = self.unembed.logits(normed, normed=True)
         return logits
