@@ -141,8 +141,8 @@ def test_iteration_and_names_are_sorted():
 
 def test_builtins_only_without_installed_plugins():
     reg = build_registries(get_plugin_manager(load_installed=False))
-    assert reg.analyses.names() == ["activation_norms", "layer_sweep", "loop_identity", "memory_ablation", "param_diff",
-                                    "perturbation"]
+    assert reg.analyses.names() == ["activation_norms", "layer_sweep", "logit_lens", "loop_identity", "memory_ablation",
+                                    "param_diff", "perturbation"]
     assert reg.analyses.get("activation_norms") is ActivationNorms
     assert reg.metrics.names() == ["norm"]
     assert isinstance(reg.metrics.get("norm"), L2Norm)

@@ -20,6 +20,8 @@ SMALL_QA = ("--data.init_args.options", "{num_pairs: 60, buckets: [1, 2, 4, 8, 1
 RUNS = (
     ("activation_norms/quickstart.yaml", ("--data.init_args.max_examples", "4"),
      "outputs/activation_norms/quickstart/activation_norms.csv"),
+    ("logit_lens/quickstart.yaml", ("--data.init_args.max_examples", "2", "--model.init_args.max_length", "16"),
+     "outputs/logit_lens/quickstart/logit_lens.csv"),
     ("perturbation/quickstart.yaml", ("--model.init_args.perturbation.levels", "[0.5]", *ONE_PROMPT),
      "outputs/perturbation/quickstart/summary.csv"),
     ("model_diff/param_stats.yaml", ("--data.init_args.include", "[model.layers.0.mlp.*]"),

@@ -2,6 +2,9 @@
 
 - ``wilson(k, n)``: the Wilson score interval of a rate (k of n items), e.g. exact match of a group.
 - ``mean_interval(values)``: the Student t interval of a mean over items.
+- ``ratio_interval(sums, counts)``: the interval of a mean over tokens grouped in texts, ``sum(sums)
+  / sum(counts)``, with the texts as the independent units (a cluster-robust, delta-method standard
+  error and a t quantile on texts - 1 degrees of freedom), since tokens of one text are not independent.
 - ``paired_bootstrap(baseline, other)``: a seeded percentile bootstrap interval of the mean paired
   difference ``baseline - other`` (a drop), resampling the pairs (rows) with replacement.
 - ``mcnemar_p(baseline, other)``: the exact McNemar test of two paired binary outcomes (a
@@ -73,6 +76,29 @@ def mean_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]
     mean = float(x.mean())
     half = float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     return mean - half, mean + half
+
+
+def ratio_interval(sums, counts, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Interval of the ratio mean R = Σ y_i / Σ n_i over clusters i (texts), y_i the sum of a value
+    over the n_i tokens of text i. Its delta-method (linearisation) standard error, with the texts
+    drawn independently, is sqrt(k / (k - 1) · Σ (y_i - R n_i)²) / Σ n_i for k texts (Cochran 1977,
+    §6.9; the CR1 cluster-robust error of a mean); the interval is R ± t_{(1+c)/2, k-1} · se.
+    NaN for fewer than 2 texts with tokens, no token, or a NaN among the values; a rate (y_i counts
+    of n_i) may leave [0, 1] only by the width of this normal approximation, so it is clipped there
+    by the caller that knows it is a rate."""
+    from scipy.stats import t
+
+    y = np.asarray(sums, dtype=float)
+    n = np.asarray(counts, dtype=float)
+    keep = n > 0
+    y, n = y[keep], n[keep]
+    k, total = y.size, n.sum()
+    if k < 2 or np.isnan(y).any():
+        return NAN2
+    ratio = y.sum() / total
+    se = math.sqrt(k / (k - 1) * float(((y - ratio * n) ** 2).sum())) / total
+    half = float(t.ppf(0.5 + confidence / 2, k - 1)) * se
+    return float(ratio - half), float(ratio + half)
 
 
 def _pairs(baseline, other) -> np.ndarray | None:

@@ -49,6 +49,7 @@ BUILTIN = (
     "lensbench.analyses.loop_identity",
     "lensbench.analyses.memory_ablation",
     "lensbench.analyses.layer_sweep",
+    "lensbench.analyses.logit_lens",
 )
 
 
