@@ -26,7 +26,7 @@ from lensbench.registry import Registries
 
 DOC = ROOT / "docs" / "plugins.md"
 EXAMPLE = "lensbench-example==0.1.0"
-ENV_VARS = ("LENSBENCH_DISABLE_PLUGINS", "LENSBENCH_BLOCK_PLUGINS", "LENSBENCH_TRACE_HOOKS")
+ENV_VARS = ("LENSBENCH_DISABLE_PLUGINS", "LENSBENCH_BLOCK_PLUGINS", "LENSBENCH_TRACE_HOOKS", "LENSBENCH_PLUGINS")
 
 
 @pytest.fixture(autouse=True)
@@ -67,10 +67,10 @@ def entry(registry, name):
 
 # -- the doc's recipe runs as written ---------------------------------------------------------------
 
-def recipe_files() -> dict[str, str]:
-    """``{file name: code}`` of the python blocks captioned with a file name in "Testing a plugin"."""
+def recipe_files(heading: str = "## Testing a plugin") -> dict[str, str]:
+    """``{file name: code}`` of the python blocks captioned with a file name in a section of the doc."""
     text = DOC.read_text(encoding="utf-8")
-    section = text[text.index("## Testing a plugin"):]
+    section = text[text.index(heading + "\n"):]
     end = section.find("\n## ", 1)
     section = section if end < 0 else section[:end]
     return dict(re.findall(r"^`([\w./-]+\.py)`:\n\n```python\n(.*?)^```$", section, re.M | re.S))
@@ -93,9 +93,15 @@ def subprocesses(tmp_path_factory):
         (recipe / name).write_text(code, encoding="utf-8")
     (recipe / "pytest.ini").write_text("[pytest]\n")  # the folder is its own rootdir
     env = {k: v for k, v in clean_env().items() if k not in ENV_VARS}
+    tutorial = tmp_path_factory.mktemp("tutorial")
+    for name, code in recipe_files(TUTORIAL).items():
+        (tutorial / name).write_text(code, encoding="utf-8")
+    (tutorial / "pytest.ini").write_text("[pytest]\n")
     started = {
         "recipe": subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=recipe,
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "tutorial": subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tutorial,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "blocked": subprocess.Popen(["lensbench", "plugins"], cwd=tmp_path_factory.mktemp("cwd"),
                                     env={**env, "LENSBENCH_BLOCK_PLUGINS": "lensbench-example,nonesuch"},
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
@@ -122,6 +128,50 @@ def test_the_recipe_runs_as_written(subprocesses):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert re.search(rf"\b{n_tests} passed\b", summary) and "failed" not in summary and "error" not in summary, summary
+
+
+TUTORIAL = "## Writing an analysis"
+
+
+def test_the_tutorial_is_an_analysis_and_its_tests():
+    files = recipe_files(TUTORIAL)
+    assert set(files) == {"surprisal.py", "test_surprisal.py"}
+    analysis, tests = files["surprisal.py"], files["test_surprisal.py"]
+    assert "class Surprisal(Analysis)" in analysis and "self.declare_models(models)" in analysis
+    assert "self.declare_grid(perturbation)" in analysis and "def fingerprint" not in analysis
+    for what in ("--trainer.strategy", "perturbation.levels", "changed since it started", "use_plugins(surprisal)"):
+        assert what in tests, what
+
+
+def test_the_tutorial_runs_as_written_under_one_and_two_processes(subprocesses):
+    names = re.findall(r"^def (test_\w+)", recipe_files(TUTORIAL)["test_surprisal.py"], re.M)
+    assert {"test_two_ddp_processes_give_the_same_table", "test_a_run_over_changed_weights_is_refused",
+            "test_a_resumed_run_extended_with_a_level_computes_only_that_level"} <= set(names)
+    result = finished(subprocesses, "tutorial")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.search(rf"\b{len(names)} passed\b", summary) and "failed" not in summary, summary
+
+
+def test_lensbench_plugins_loads_named_modules_and_refuses_one_that_cannot_import(tmp_path, monkeypatch):
+    from lensbench.plugins import build_registries, get_plugin_manager
+
+    (tmp_path / "tried_plugin.py").write_text(
+        "from lensbench.metrics import TokenStatistic\nfrom lensbench.hookspecs import hookimpl\n\n"
+        "class Peak(TokenStatistic):\n    name = 'tried_peak'\n\n    def __call__(self, hidden):\n"
+        "        return hidden.abs().amax(dim=-1)\n\n@hookimpl\ndef lensbench_register_metrics():\n"
+        "    return [Peak()]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LENSBENCH_PLUGINS", " tried_plugin, tried_plugin ")
+    registries = build_registries(get_plugin_manager(load_installed=False))
+    assert "tried_peak" in registries.metrics
+    assert {e.name: e.plugin for e in registries.metrics}["tried_peak"] == "tried_plugin"
+    monkeypatch.setenv("LENSBENCH_PLUGINS", "tried_plugin,no_such_module_here")
+    with pytest.raises(LensbenchError) as excinfo:
+        get_plugin_manager(load_installed=False)
+    assert str(excinfo.value).splitlines() == [
+        "LENSBENCH_PLUGINS names 'no_such_module_here', which cannot be imported (ModuleNotFoundError: No module "
+        "named 'no_such_module_here'); put its folder on PYTHONPATH, or remove it from LENSBENCH_PLUGINS"]
 
 
 # -- lensbench.testing ------------------------------------------------------------------------------

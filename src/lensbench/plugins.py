@@ -66,6 +66,32 @@ def autoload_disabled_by() -> str | None:
     return next((name for name in AUTOLOAD_OFF if _truthy(os.environ.get(name))), None)
 
 
+#: Importable modules to load as plugins in every process of a run (DDP ranks inherit the
+#: environment), comma-separated, like pytest's ``-p``: a plugin tried before it is packaged.
+MODULES_VAR = "LENSBENCH_PLUGINS"
+
+
+def requested_modules() -> list[str]:
+    """The module names ``LENSBENCH_PLUGINS`` lists, in order, without repeats."""
+    names = (n.strip() for n in os.environ.get(MODULES_VAR, "").split(","))
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _load_requested(pm: pluggy.PluginManager) -> None:
+    """Register each module ``LENSBENCH_PLUGINS`` names (unless already registered, from its entry
+    point say); one that cannot be imported is one line naming it."""
+    from .errors import LensbenchError
+
+    for name in requested_modules():
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any error raised while importing the plugin
+            raise LensbenchError(f"{MODULES_VAR} names {name!r}, which cannot be imported ({_first_line(exc)}); put "
+                                 f"its folder on PYTHONPATH, or remove it from {MODULES_VAR}") from None
+        if not pm.is_registered(module):
+            pm.register(module, name=name)
+
+
 def installed_plugins() -> dict[str, str]:
     """Entry-point name -> distribution (``name==version``) of every installed plugin (group ``lensbench``)."""
     from importlib.metadata import entry_points
@@ -163,6 +189,7 @@ def get_plugin_manager(load_installed: bool | None = None, keep_going: bool = Fa
 
             name, reason = next(iter(pm.lensbench_failed.items()))
             raise LensbenchError(failed_plugin_message(name, installed.get(name, "?"), reason))
+    _load_requested(pm)
     try:
         pm.check_pending()  # a misspelled hook in a plugin is an error, not silently ignored
     except pluggy.PluginValidationError as exc:
