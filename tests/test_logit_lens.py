@@ -148,3 +148,29 @@ def test_a_perturbed_grid_adds_states_and_bad_values_are_one_line(workdir, monke
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "lensbench: error: model.init_args.chunk_tokens: must be an integer >= 1, got 0")
     assert not (workdir / "outputs" / "lens2").exists()
+
+
+def test_declared_models_are_checked_before_any_folder_and_an_encoder_is_refused(workdir, monkeypatch, capsys):
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.chdir(workdir)
+    (workdir / "lens.yaml").write_text(CONFIG)
+    # a missing model: one line naming its entry, before the run folder exists
+    assert main(["predict", "--config", "lens.yaml", "--model.init_args.models", "[tiny, nowhere/model]"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("lensbench: error: model.init_args.models[1]")
+    assert not (workdir / "outputs").exists()
+    assert main(["predict", "--config", "lens.yaml", "--model.init_args.models", "[tiny, tiny]"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lensbench: error: model.init_args.models[1]: model label 'tiny' is used twice; give one a `name`")
+    # an encoder without an LM head: one line naming the model's field
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(workdir / "bert")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (workdir / "tiny" / name).exists():
+            (workdir / "bert" / name).write_bytes((workdir / "tiny" / name).read_bytes())
+    capsys.readouterr()
+    assert main(["predict", "--config", "lens.yaml", "--model.init_args.models", "[{source: bert, head: base}]",
+                 "--model.init_args.experiment", "bert"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("lensbench: error: model.init_args.models[0]: ") and "logit_lens needs a" in line, line
