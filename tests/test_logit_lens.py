@@ -174,3 +174,18 @@ def test_declared_models_are_checked_before_any_folder_and_an_encoder_is_refused
                  "--model.init_args.experiment", "bert"]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("lensbench: error: model.init_args.models[0]: ") and "logit_lens needs a" in line, line
+
+
+def test_a_looped_model_is_read_after_every_block_pass(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    (workdir / "lens.yaml").write_text(CONFIG)
+    looped = "{source: tiny, name: looped, transforms: [{name: loop_layers, params: {start: 0, end: 1, passes: 3}}]}"
+    assert main(["predict", "--config", "lens.yaml", "--model.init_args.models", f"[tiny, {looped}]"]) == 0
+    table = pd.read_csv(workdir / "outputs" / "lens" / "logit_lens.csv")
+    plain, loop = (table[(table["model"] == m) & (table["dataset"] == "alpha")].sort_values("layer") for m in ("tiny", "looped"))
+    assert list(plain["layer"]) == [0, 1, 2] and list(loop["layer"]) == list(range(7))  # 2 blocks x 3 passes
+    assert loop["top1_agreement"].iloc[-1] == 1 and plain["top1_agreement"].iloc[-1] == 1
+    # layer 0 (the embedding) is the same model before any block; the looped model's output differs
+    assert loop["entropy"].iloc[0] == pytest.approx(plain["entropy"].iloc[0], rel=1e-6)
+    assert loop["top1_accuracy"].iloc[-1] != pytest.approx(plain["top1_accuracy"].iloc[-1]) or \
+        loop["kl_to_final"].iloc[0] != pytest.approx(plain["kl_to_final"].iloc[0])
