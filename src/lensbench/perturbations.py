@@ -25,13 +25,14 @@ import math
 import weakref
 from functools import partial
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from .errors import LensbenchError
 from .hookspecs import hookimpl
 from .state import State, Transform, TransformSpec
+from .transforms import check_seed
 
 
 class Perturbation(Transform):
@@ -311,23 +312,6 @@ def check_level(method: str, level: float, field: str) -> None:
         raise LensbenchError(f"ablation level is a probability in [0, 1], got {level}", field)
     if method == "uni_quant" and level != 0 and (level < 2 or level != int(level)):
         raise LensbenchError(f"uni_quant level is a number of values, an integer >= 2 (or 0 for none), got {level}", field)
-
-
-#: The seeds torch's generators take (``torch.Generator.manual_seed``): a 64-bit integer, signed or not.
-SEED_RANGE = (-(2**63), 2**64 - 1)
-
-
-def check_seed(seed: Any, field: str, repeats: int = 1) -> None:
-    """Refuse a seed torch's generator cannot take (repetition r of a grid uses ``seed + r``, so the
-    last, ``seed + repeats - 1``, must fit too), before any model is loaded."""
-    lo, hi = SEED_RANGE
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise LensbenchError(f"must be an integer, got {seed!r}", field)
-    last = seed + max(repeats, 1) - 1
-    if seed < lo or last > hi:
-        got = f"{seed}" if last == seed else f"{seed} (its last repetition uses {last})"
-        raise LensbenchError(f"a seed must lie in {lo}..{hi} (torch's generator takes 64-bit seeds), got {got}; "
-                             "use a smaller seed", field)
 
 
 @dataclass

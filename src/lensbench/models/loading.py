@@ -24,7 +24,7 @@ from lensbench.errors import LensbenchError, did_you_mean
 from lensbench.models.anatomy import AnatomyOverrides
 from lensbench.models.integrity import (check_loaded, config_refusal, link_refusal, load_refusal, load_report_held,
                                         safetensors_files)
-from lensbench.state import TransformEntry, check_transforms
+from lensbench.transforms import TransformEntry, check_transforms
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEADS = ("auto", "causal_lm", "image_text_to_text", "base")

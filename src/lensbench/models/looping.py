@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
-from ..state import Transform
+from ..transforms import Transform
 
 #: Config lists holding one entry per layer, looped like the blocks (besides any ``*layer_types``).
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "kv_sharing_modes", "no_rope_layers", "layers_block_type")
