@@ -477,8 +477,16 @@ def test_importing_the_tasks_module_stays_light():
 def test_the_local_task_names_stay_importable_from_the_tasks_module(tmp_path):
     from lensbench.layer_sweep import local_tasks as LT
 
-    for name in ("local_task", "is_local", "TASK_TYPES", "FIELD", "DOCS", "_rebuild_local"):
+    for name in ("local_task", "TASK_TYPES", "FIELD", "DOCS", "_rebuild_local"):
         assert getattr(T, name) is getattr(LT, name), name
     task = T.local_task(folder_of("STS", tmp_path))
     assert task.__reduce__()[0] is LT._rebuild_local  # a pickle names the function where it lives
     assert T.is_local(pickle.loads(pickle.dumps(task)))
+    # a task pickled before the split names ``tasks._rebuild_local``: it still loads
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LT._rebuild_local, "__module__", T.__name__)
+        old = pickle.dumps(task)
+    assert b"local_tasks" not in old and b"lensbench.layer_sweep.tasks" in old
+    assert T.is_local(pickle.loads(old))
+    with pytest.raises(AttributeError, match="no attribute '_nothing'"):
+        T._nothing  # noqa: B018

@@ -5,11 +5,12 @@ reads and checks the whole folder at once, so a malformed file is a one-line ``L
 naming the file, line and field before any model is loaded, and returns an instance of a subclass of
 the type's mteb ``AbsTask*`` whose ``load_data`` builds MTEB's dataset from the checked rows (it
 fetches nothing). Such a task pickles as its folder and name (``_rebuild_local`` reads it again).
-``is_local`` tells these tasks from MTEB's own; in MTEB's result files each score of such a task
+Such a task is marked ``_lensbench_local`` (``tasks.is_local`` tells it from MTEB's own); in MTEB's
+result files each score of such a task
 carries ``local_mark`` (``"lensbench_local_task": true``, its folder and content digest).
 
 ``lensbench.layer_sweep.tasks`` resolves config entries (registered tasks, folders, task sets,
-MTEB task names) and re-exports the public names here. Nothing here imports ``mteb`` or
+MTEB task names) and re-exports the public names here; this module imports nothing from it. Nothing here imports ``mteb`` or
 ``datasets`` at module import time.
 """
 
@@ -513,12 +514,3 @@ def local_task(path: str | Path, name: str | None = None, field: str = FIELD) ->
     task._lensbench_digest = digest
     task.label_names = data.label_names
     return task
-
-
-def is_local(task: Any) -> bool:
-    """Whether ``task`` (an mteb task or a ``ResolvedTask``) was read from a local folder."""
-    from .tasks import ResolvedTask  # here, not at the top: tasks imports this module
-
-    if isinstance(task, ResolvedTask):
-        return task.local
-    return bool(getattr(task, "_lensbench_local", False))

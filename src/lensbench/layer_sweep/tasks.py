@@ -16,8 +16,9 @@ instance, local or not). A local folder is read and checked completely when it i
 (``lensbench.layer_sweep.local_tasks``), so a malformed file is reported (file, line, field) before
 any model is loaded; its task never fetches anything. ``ensure_loaded`` loads a task's data (an MTEB
 task's dataset needs the Hugging Face Hub or its cache), ``task_texts`` counts the texts a task
-hands the encoder and ``encoder_texts`` lists them (distinct). ``local_task``, ``is_local``, ``TASK_TYPES``, ``FIELD`` and ``DOCS`` are
-re-exported from ``local_tasks``.
+hands the encoder and ``encoder_texts`` lists them (distinct). ``local_task``, ``TASK_TYPES``, ``FIELD``
+and ``DOCS`` are re-exported from ``local_tasks``; ``_rebuild_local`` is found here too (by the
+module's ``__getattr__``), for local tasks pickled before ``local_tasks`` was split out.
 
 Nothing here imports ``mteb`` or ``datasets`` at module import time.
 """
@@ -35,8 +36,7 @@ from typing import Any
 
 from ..errors import LensbenchError, did_you_mean
 from ..hookspecs import hookimpl
-# ``_rebuild_local`` stays importable here: local tasks pickled before the split name it in this module.
-from .local_tasks import DOCS, FIELD, TASK_TYPES, _fail, _rebuild_local, _show, is_local, local_task  # noqa: F401
+from .local_tasks import DOCS, FIELD, TASK_TYPES, _fail, _show, local_task
 
 __all__ = ["DOCS", "FIELD", "SCORED_TYPES", "TASK_SETS", "TASK_TYPES", "ResolvedTask", "TaskEntry", "encoder_texts",
            "ensure_loaded", "is_local", "lensbench_register_mteb_tasks", "local_task", "mteb_task_names", "resolve_tasks",
@@ -108,6 +108,23 @@ class ResolvedTask:
     @property
     def split(self) -> str:
         return list(self.task.eval_splits)[0]
+
+
+def is_local(task: Any) -> bool:
+    """Whether ``task`` (an mteb task or a ``ResolvedTask``) was read from a local folder."""
+    if isinstance(task, ResolvedTask):
+        return task.local
+    return bool(getattr(task, "_lensbench_local", False))
+
+
+def __getattr__(name: str) -> Any:
+    """``_rebuild_local`` as this module's: local tasks pickled before ``local_tasks`` was split out
+    of this module name it here (module-level ``__getattr__``, PEP 562, which pickle's lookup uses)."""
+    if name == "_rebuild_local":
+        from .local_tasks import _rebuild_local
+
+        return _rebuild_local
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- MTEB tasks by name -----------------------------------------------------------------------------
