@@ -22,18 +22,14 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, report  # noqa: E402
+from harness import clean_env, cpu_name, median, report, run_json  # noqa: E402
 
 SECTION = "## Weight fingerprints"
 
@@ -89,10 +85,7 @@ def make_checkpoint(folder: Path, hidden: int, intermediate: int, layers: int, v
 
 
 def side(script: str, folder: Path, mode: str, cache: Path) -> dict:
-    env = dict(os.environ, LENSBENCH_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([sys.executable, "-c", script, str(folder), mode], env=env, capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-c", script, str(folder), mode], env=clean_env(LENSBENCH_CACHE=str(cache)))
 
 
 def measure(tmp: Path, args: argparse.Namespace, layers: int) -> tuple[int, dict[str, list[dict]]]:
@@ -120,8 +113,8 @@ def measure(tmp: Path, args: argparse.Namespace, layers: int) -> tuple[int, dict
 
 
 def rows_of(size: int, runs: dict[str, list[dict]]) -> dict[str, str]:
-    med = {k: statistics.median(r["s"] for r in rs) for k, rs in runs.items()}
-    touched = {m: statistics.median(r["touched"] for r in runs[f"load {m}"]) for m in ("warm", "cold")}
+    med = {k: median([r["s"] for r in rs]) for k, rs in runs.items()}
+    touched = {m: median([r["touched"] for r in runs[f"load {m}"]]) for m in ("warm", "cold")}
     mb = f"{size / 1e6:.0f} MB"
     rows = {}
     for m in ("warm", "cold"):

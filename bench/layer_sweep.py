@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, report  # noqa: E402
+from harness import cpu_name, median, report, rotated  # noqa: E402
 
 SECTION = "## layer_sweep"
 GOAL = 1.3  # the goal: all layers in one run / one layer alone
@@ -163,7 +162,7 @@ def main() -> None:
     times: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     scores: dict[str, dict[int, float]] = {}
     for rep in range(args.reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
+        for name in rotated(names, rep):
             s, fwd, load, total = ways[name]()
             scores[name] = s
             times[name].append((fwd, load, total))
@@ -172,7 +171,7 @@ def main() -> None:
     for layer in layers:
         assert abs(all_s[layer] - cut_s[layer]) <= 1e-6, (layer, all_s[layer], cut_s[layer])
     assert abs(one_s[layers[-1]] - all_s[layers[-1]]) <= 1e-6
-    med = {n: tuple(statistics.median(t[i] for t in times[n]) for i in range(3)) for n in names}
+    med = {n: tuple(median([t[i] for t in times[n]]) for i in range(3)) for n in names}
     all_t, one_t, cut_t = (med[n] for n in names)
     rows = {
         "model, task": (f"{args.model} (layers {', '.join(map(str, layers))} of 0..{n_layers}), "

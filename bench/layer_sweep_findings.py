@@ -19,9 +19,13 @@ hidden states), and prints, side by side:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import table  # noqa: E402
 
 
 def _md(frame: pd.DataFrame, index: bool = False) -> str:
@@ -29,8 +33,7 @@ def _md(frame: pd.DataFrame, index: bool = False) -> str:
     if index:
         frame = frame.reset_index()
     cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "| " + " | ".join("---" for _ in frame.columns) + " |"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+    return "\n".join(table(list(frame.columns), cells))
 
 
 def _read(run_dir: Path, name: str) -> pd.DataFrame:

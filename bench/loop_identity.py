@@ -23,13 +23,11 @@ With ``--write-docs`` the section "## loop_identity" of docs/benchmarks.md is re
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, report  # noqa: E402
+from harness import alternate, cpu_name, median, report, verdict  # noqa: E402
 
 SECTION = "## loop_identity"
 
@@ -139,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
     sides = {"replay": run_replay, "replay, metrics only": lambda: run_replay(False),
              "deepest": run_deepest, "per-k": run_per_k}
-    times: dict[str, list[float]] = {name: [] for name in sides}
     results = {}
     with torch.inference_mode():
         for name, fn in sides.items():  # warm-up, and the results checked below
@@ -156,13 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             if a["count"] != b["count"] or abs(a["total"] - b["total"]) > 1e-5 * abs(b["total"]):
                 print(f"MISMATCH: perplexity at k={k}: replay {a} per-k {b}", file=sys.stderr)
                 return 1
-        names = list(sides)
-        for rep in range(args.reps):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                t0 = time.perf_counter()
-                sides[name]()
-                times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+        times = alternate(sides, args.reps)
+    med = {name: median(ts) for name, ts in times.items()}
     machine = f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"machine: {machine}")
     print(f"model: random Llama, {args.layers} layers, width {args.hidden}, vocab {args.vocab}; batch {args.batch} x "
@@ -180,11 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     metrics_only, with_ppl = med["replay, metrics only"] / med["deepest"], med["replay"] / med["deepest"]
 
-    def verdict(ratio: float) -> str:
-        return f"within the goal {GOAL}" if ratio <= GOAL else f"ABOVE the goal {GOAL}"
-
-    summary = (f"Time ratio replay/deepest: metrics only (the analysis with `perplexity: false`) {metrics_only:.3f} ({verdict(metrics_only)}); with every "
-               f"loop count's perplexity {with_ppl:.3f} ({verdict(with_ppl)}: each loop count needs its own tail "
+    summary = (f"Time ratio replay/deepest: metrics only (the analysis with `perplexity: false`) {metrics_only:.3f} ({verdict(metrics_only, GOAL)}); with every "
+               f"loop count's perplexity {with_ppl:.3f} ({verdict(with_ppl, GOAL)}: each loop count needs its own tail "
                "pass, blocks end+1..N-1, final norm and LM head on its h_out(k), which the single deepest forward "
                "does not compute, as it scores the deepest k only). Against one looped forward per loop count "
                f"(the seed's way, every perplexity included): {med['replay'] / med['per-k']:.3f}.")

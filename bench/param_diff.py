@@ -23,15 +23,12 @@ With --write-docs the figures replace the param_diff section of docs/benchmarks.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, report  # noqa: E402
+from harness import cpu_name, report, run_json  # noqa: E402
 SECTION = "## param_diff"
 
 
@@ -122,12 +119,7 @@ print(json.dumps({"code": 0, "seconds": time.perf_counter() - t, "numel": total,
 
 
 def run(code: str, args: list[str], cwd: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"failed: {args}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return run_json([sys.executable, "-c", code, *args], cwd=cwd)
 
 
 def check_exact(tmp: Path, run_dir: Path, layers: int) -> dict:

@@ -24,7 +24,6 @@ Times are medians over --reps alternating repetitions, measured in one process.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, report  # noqa: E402
+from harness import alternate, cpu_name, median, report  # noqa: E402
 SECTION = "## perturbation"
 
 
@@ -145,17 +144,11 @@ def main() -> None:
     ours = generate(model, tok, prompts, settings, seed=0, device=device, batching=run, key="bench")
     assert [g.output for g in ours] == [tok.decode(r[: g.tokens], skip_special_tokens=True)
                                         for r, g in zip(reference.tolist(), ours)], "outputs differ"
-    timings: dict[str, list[float]] = {"run": [], "fresh": [], "bare": []}
     sides = {"run": lambda: generate(model, tok, prompts, settings, seed=0, device=device, batching=run, key="bench"),
              "fresh": lambda: generate(model, tok, prompts, settings, seed=0, device=device),
              "bare": bare}
-    order = list(sides)
-    for rep in range(args.reps):
-        for side in order[rep % 3:] + order[: rep % 3]:
-            t = time.perf_counter()
-            sides[side]()
-            timings[side].append(time.perf_counter() - t)
-    m = statistics.median
+    timings = alternate(sides, args.reps)
+    m = median
     rows = {
         "model, group": f"{spec.label()} ({dtype}), {args.group}: {len(names)} tensors, "
                         f"{touched_bytes / 2**20:.1f} MiB touched",
