@@ -40,15 +40,15 @@ rewritten.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, write_section  # noqa: E402
-from memory_layer import cpu_busy, own_cpu, shape_args, shape_parser, wait_quiet  # noqa: E402
+from harness import (BENCHMARKS, OthersCpu, cpu_name, date_utc, fmt_ms, least_disturbed, load_average,  # noqa: E402
+                     median, replace_sections, rotated, verdict)
+from memory_layer import shape_args, shape_parser  # noqa: E402
 
 SECTION = "## Memory ablation sweep"
 GOAL = 0.05  # the issue's goal: per-state overhead / evaluation
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "n/a"
+    load = " ".join(load_average() or ["n/a"])
     values_name = f"model.layers.{LAYER}.memory.values"
 
     class ZeroSlotWholeTable(Transform):
@@ -199,19 +199,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{tuple(batch['input_ids'].shape)} ({n_tokens} real tokens); {args.states} states")
 
         def sweep():
-            """One pass over the states on both sides: (timings, others' CPU share, states whose logits
-            differ from the unablated model's), or an error message."""
+            """One pass over the states on both sides: ((timings, states whose logits differ from the
+            unablated model's), others' CPU share); a failed check raises ``Mismatch``."""
             for side in managers:  # enter the first state untimed (the whole side copies its table here)
                 managers[side].activate(states[side][0])
                 restore_t[side].clear()
             activate_t: dict[str, list[float]] = {"rows": [], "whole": []}
             eval_t: dict[str, list[float]] = {"rows": [], "whole": []}
             changed = 0
-            b0, o0, w0 = cpu_busy(), own_cpu(), time.perf_counter()
+            watch = OthersCpu()
             for i in range(1, args.states + 1):
-                order = ["rows", "whole"] if i % 2 else ["whole", "rows"]
                 logits = {}
-                for side in order:
+                for side in rotated(["rows", "whole"], i - 1):
                     t0 = time.perf_counter()
                     managers[side].activate(states[side][i])
                     t1 = time.perf_counter()
@@ -221,68 +220,57 @@ def main(argv: list[str] | None = None) -> int:
                     eval_t[side].append(t2 - t1)
                     problem = check_state(side, i)
                     if problem:
-                        return problem
+                        raise Mismatch(problem)
                 if not torch.equal(logits["rows"], logits["whole"]):
-                    return f"the two sides' logits differ in the state of slot {slots[i]}"
+                    raise Mismatch(f"the two sides' logits differ in the state of slot {slots[i]}")
                 changed += int(not torch.equal(logits["rows"], base_logits))
-            wall = time.perf_counter() - w0
-            others = max(0.0, (cpu_busy() - b0) - (own_cpu() - o0)) / wall
+            wall, others = watch.wall(), watch.share()
             restores = {side: list(ts) for side, ts in restore_t.items()}
             for side, mgr in managers.items():
                 mgr.activate(bare)
                 bad = [n for n, p in models[side].named_parameters() if not torch.equal(p, originals[side][n])]
                 if bad:
-                    return f"{side}: after activating State('m') these parameters differ from the originals: {bad[:5]}"
-            return {"activate": activate_t, "eval": eval_t, "restore": restores, "wall": wall}, others, changed
+                    raise Mismatch(f"{side}: after activating State('m') these parameters differ from the originals: {bad[:5]}")
+            return ({"activate": activate_t, "eval": eval_t, "restore": restores, "wall": wall}, changed), others
 
-        best, attempts = None, 0
-        for attempts in range(1, args.retries + 2):
-            waited = wait_quiet(args.disturbed, args.quiet_wait)
-            if waited > 3.5:
-                print(f"  (waited {waited:.0f} s for a quiet machine)")
-            result = sweep()
-            if isinstance(result, str):
-                print(f"MISMATCH: {result}", file=sys.stderr)
-                return 1
-            if best is None or result[1] < best[1]:
-                best = result
-            if result[1] <= args.disturbed:
-                break
-            print(f"  (sweep {attempts} disturbed: other processes took {result[1]:.0%} of a core meanwhile)")
-        timings, others, changed = best
+        try:
+            (timings, changed), others, attempts = least_disturbed(sweep, args.retries, args.disturbed,
+                                                                   args.quiet_wait, label="sweep")
+        except Mismatch as exc:
+            print(f"MISMATCH: {exc}", file=sys.stderr)
+            return 1
         activate_t, eval_t, restore_t, wall = (timings["activate"], timings["eval"], timings["restore"],
                                                timings["wall"])
         print(f"checks: every state's row zeroed and the previous one restored; both sides' logits equal in all "
               f"{args.states} states ({changed} differ from the unablated model's); State('m') restores every "
               "parameter bit for bit on both sides, after every sweep")
 
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+    med = median
     a, b = med(activate_t["rows"]), med(activate_t["whole"])
     e_rows, e_whole = med(eval_t["rows"]), med(eval_t["whole"])
     e = med(eval_t["rows"] + eval_t["whole"])
     ra, rb = med(restore_t["rows"]), med(restore_t["whole"])
     ratio_a, ratio_b, ratio_ba = a / e, b / e, b / a
-    ms = lambda s: f"{s * 1e3:.3f} ms" if s < 0.01 else f"{s * 1e3:.2f} ms"  # noqa: E731
     for side in ("rows", "whole"):
         print(f"  {side:6s} activate median {ms(med(activate_t[side]))} (min {ms(min(activate_t[side]))}, max "
               f"{ms(max(activate_t[side]))}), of which restore {ms(med(restore_t[side]))}; evaluation median "
               f"{ms(med(eval_t[side]))}")
     print(f"others' CPU during the sweep kept: {others:.0%} of a core; its wall time {wall:.1f} s; sweeps run: {attempts}")
     met = ratio_a < GOAL
-    print(f"overhead / evaluation: rows {ratio_a:.2%} ({'within' if met else 'ABOVE'} the goal {GOAL:.0%}); whole "
+    print(f"overhead / evaluation: rows {ratio_a:.2%} ({verdict(ratio_a, GOAL, f'{GOAL:.0%}', strict=True)}); whole "
           f"table {ratio_b:.2%}; whole / rows {ratio_ba:.1f}x")
 
     if args.quick or args.no_docs:
         return 0
 
     cmd = "python3 bench/memory_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    verdict = (f"**met**: {ratio_a:.2%} < {GOAL:.0%}" if met else f"**not met**: {ratio_a:.2%} >= {GOAL:.0%}")
+    outcome = (f"**met**: {ratio_a:.2%} < {GOAL:.0%}" if met else f"**not met**: {ratio_a:.2%} >= {GOAL:.0%}")
     lines = [
         f"Goal (the memory-ablation issue): in a sweep over single-key ablations, the per-state overhead "
         f"(restore plus transform) stays under {GOAL:.0%} of the evaluation itself; compared against "
         "restoring whole tables.",
         "",
-        f"Verdict: {verdict}.",
+        f"Verdict: {outcome}.",
         "",
         f"A sweep over {args.states} single-slot states, `State(\"m\", (TransformSpec(\"ablate_memory_values\", "
         f"((\"layer\", {LAYER}), (\"slots\", (s,))), 0),))`, the {args.states} slots the evaluation batch reads "
@@ -305,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         f"beside the benchmark, so a sweep in which they took more than {args.disturbed:.0%} is run again, up to "
         f"{args.retries} times, after waiting up to {args.quiet_wait:.0f} s for a quiet machine, and the least "
         f"disturbed sweep kept; sweeps run: {attempts})",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- date: {date_utc()}",
         f"- model: random `memory_llama` (float32, CPU, saved and loaded through `ModelSpec(folder)`), hidden "
         f"{args.hidden}, {args.layers} layers, memory in layer {LAYER}: n_keys {args.n_keys} ({n_slots:,} slots), "
         f"heads {args.heads}, topk {args.topk}, k_dim {args.k_dim}, v_dim {values['rows'].shape[1]}: values "
@@ -329,14 +317,21 @@ def main(argv: list[str] | None = None) -> int:
         reading(a=a, b=b, ra=ra, rb=rb, e=e, ratio_a=ratio_a, ratio_b=ratio_b, ratio_ba=ratio_ba,
                 table_mib=table_mib, row_kib=row_kib, met=met),
     ]
-    path = write_section(SECTION, lines)
+    path = replace_sections(BENCHMARKS, {SECTION: lines})
     print(f"wrote the section '{SECTION}' of {path}")
     return 0
 
 
+def ms(seconds: float) -> str:
+    return fmt_ms(seconds, 2, small=3)
+
+
+class Mismatch(Exception):
+    """A check of the sweep failed: no figure is kept."""
+
+
 def reading(*, a, b, ra, rb, e, ratio_a, ratio_b, ratio_ba, table_mib, row_kib, met) -> str:
     """The short reading under the table; its comparisons follow the figures."""
-    ms = lambda s: f"{s * 1e3:.3f} ms" if s < 0.01 else f"{s * 1e3:.2f} ms"  # noqa: E731
     text = (
         f"Reading. With rows, a state change moves two {row_kib:.0f} KiB rows (the previous slot's back, the "
         f"new slot's saved) and zeroes one: {ms(a)} per state, {ratio_a:.2%} of the {ms(e)} forward, so the "

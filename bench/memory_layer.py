@@ -41,13 +41,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_name, write_section  # noqa: E402
+from harness import (BENCHMARKS, OthersCpu, alternate, cpu_name, date_utc, fmt_ms, least_disturbed,  # noqa: E402
+                     load_average, median, replace_sections)
 
 SECTION = "## Memory layer"
 FULL = dict(hidden=512, n_keys=256, heads=4, topk=32, k_dim=256, batch=8, tokens=128, reps=11)
@@ -93,70 +92,20 @@ def parse(argv):
     return shape_args(parser, argv, FULL, QUICK)
 
 
-def cpu_busy() -> float:
-    """Seconds of CPU that the whole machine spent busy (all processes, steal included), from /proc/stat."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+def compare(sides: dict, args) -> tuple[dict[str, list[float]], float, int]:
+    """Seconds per call of each side (``args.warmup`` untimed rounds on the first attempt, then
+    ``args.reps`` rounds whose order rotates), once the machine is quiet, run again while other
+    processes took more than ``args.disturbed`` of the rounds' wall time in CPU (/proc/stat, whose
+    10 ms ticks are too coarse for one call); the least disturbed attempt, others' share of a core
+    during it, and the attempts made."""
+    warmup = [args.warmup]
 
+    def attempt():
+        alternate(sides, 0, warmup.pop() if warmup else 0)
+        watch = OthersCpu()
+        return alternate(sides, args.reps), watch.share()
 
-def own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def timed(sides: dict, reps: int, warmup: int) -> tuple[dict[str, list[float]], float]:
-    """Seconds per call of each side (``warmup`` untimed rounds, then ``reps`` rounds whose order
-    rotates), and the CPU that other processes took during the timed rounds as a fraction of their
-    wall time (/proc/stat, whose 10 ms ticks are too coarse for one call; 0 on a quiet machine,
-    1 when one core was taken)."""
-    names = list(sides)
-    for _ in range(warmup):
-        for name in names:
-            sides[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    b0, o0, w0 = cpu_busy(), own_cpu(), time.perf_counter()
-    for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            t0 = time.perf_counter()
-            sides[name]()
-            times[name].append(time.perf_counter() - t0)
-    others = max(0.0, (cpu_busy() - b0) - (own_cpu() - o0)) / (time.perf_counter() - w0)
-    return times, others
-
-
-def wait_quiet(limit: float, max_wait: float) -> float:
-    """Wait (at most ``max_wait`` s) until other processes take at most ``limit`` of a core over three
-    seconds; returns the seconds waited."""
-    start = time.perf_counter()
-    while True:
-        b0, o0, w0 = cpu_busy(), own_cpu(), time.perf_counter()
-        time.sleep(3.0)
-        share = max(0.0, (cpu_busy() - b0) - (own_cpu() - o0)) / (time.perf_counter() - w0)
-        waited = time.perf_counter() - start
-        if share <= limit or waited >= max_wait:
-            return waited
-
-
-def quiet_timed(sides: dict, reps: int, warmup: int, retries: int, limit: float, max_wait: float):
-    """``timed`` once the machine is quiet (``wait_quiet``), run again (up to ``retries`` times) while
-    other processes took more than ``limit`` of its wall time in CPU; the least disturbed attempt is
-    kept. Returns it and the attempts made."""
-    best = None
-    for attempt in range(1, retries + 2):
-        waited = wait_quiet(limit, max_wait)
-        if waited > 3.5:
-            print(f"  (waited {waited:.0f} s for a quiet machine)")
-        times, others = timed(sides, reps, warmup if attempt == 1 else 0)
-        if best is None or others < best[1]:
-            best = (times, others)
-        if others <= limit:
-            break
-        print(f"  (attempt {attempt} disturbed: other processes took {others:.0%} of a core meanwhile)")
-    return best[0], best[1], attempt
+    return least_disturbed(attempt, args.retries, args.disturbed, args.quiet_wait)
 
 
 def select_all_ids_first(mem, x):
@@ -190,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     torch.manual_seed(args.seed)
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "n/a"
+    load = " ".join(load_average() or ["n/a"])
 
     h, nk, heads, topk, kd = args.hidden, args.n_keys, args.heads, args.topk, args.k_dim
     mem = ProductKeyMemory(h, n_keys=nk, heads=heads, topk=topk, k_dim=kd, v_dim=args.v_dim, gated=args.gated)
@@ -281,11 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     print("timing 1: memory layer against dense SwiGLU, and against its search as it was")
-    t1, o1, a1 = quiet_timed({"memory fwd": fwd(mem), "dense fwd": fwd(dense),
-                              "memory fwd+bwd": fwd_bwd(mem), "dense fwd+bwd": fwd_bwd(dense),
-                              "memory select fwd": select_fwd, "memory fwd, ids first": fwd(before)},
-                             args.reps, args.warmup, args.retries, args.disturbed,
-                             args.quiet_wait)
+    t1, o1, a1 = compare({"memory fwd": fwd(mem), "dense fwd": fwd(dense),
+                          "memory fwd+bwd": fwd_bwd(mem), "dense fwd+bwd": fwd_bwd(dense),
+                          "memory select fwd": select_fwd, "memory fwd, ids first": fwd(before)}, args)
 
     # 2. the read: same slots and weights (those the layer chose for x).
     with torch.no_grad():
@@ -333,16 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     print("timing 2: embedding_bag against gather")
-    t2, o2, a2 = quiet_timed({"bag fwd": read_fwd(bag), "gather fwd": read_fwd(gather),
-                              "bag fwd+bwd": read_fwd_bwd(bag), "gather fwd+bwd": read_fwd_bwd(gather)},
-                             args.reps, args.warmup, args.retries, args.disturbed,
-                             args.quiet_wait)
+    t2, o2, a2 = compare({"bag fwd": read_fwd(bag), "gather fwd": read_fwd(gather),
+                          "bag fwd+bwd": read_fwd_bwd(bag), "gather fwd+bwd": read_fwd_bwd(gather)}, args)
 
     times = {**t1, **t2}
     others = {**dict.fromkeys(t1, o1), **dict.fromkeys(t2, o2)}
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    ms = lambda s: f"{s * 1e3:.2f} ms"  # noqa: E731
+    ms = fmt_ms
     ratios = {
         "memory / dense, forward": med["memory fwd"] / med["dense fwd"],
         "memory, chosen ids / all ids first, forward": med["memory fwd"] / med["memory fwd, ids first"],
@@ -352,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     pairs = [a / b for a, b in zip(times["memory fwd"], times["memory fwd, ids first"])]
-    paired = statistics.median(pairs)
+    paired = median(pairs)
 
     print(f"\n{'side':18s} {'median':>11s} {'best':>11s}  all (ms)")
     for k, v in times.items():
@@ -397,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads "
         f"(`torch.set_num_threads(os.cpu_count())`); load average at start {load} (the machine is shared: "
         "other jobs may run beside the benchmark)",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- date: {date_utc()}",
         f"- memory: hidden {h}, n_keys {nk} ({nk * nk:,} slots), heads {heads}, topk {topk}, k_dim {kd}, "
         f"v_dim {vd}, {'gated (memory+)' if args.gated else 'not gated'}; input {args.batch} x {args.tokens} = "
         f"{n_tok} tokens",
@@ -451,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             grad_mib=grad_mib, gathered_mib=gathered_mib, dense_mib=n_dense * 4 / 2**20, flop_ratio=sum(flops_mem.values()) / flops_dense,
             key_share=flops_mem["key scoring (all heads x 2 x n_keys half-keys)"] / sum(flops_mem.values())),
     ]
-    path = write_section(SECTION, lines)
+    path = replace_sections(BENCHMARKS, {SECTION: lines})
     print(f"wrote the section '{SECTION}' of {path}")
     return 0
 
