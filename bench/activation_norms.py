@@ -46,11 +46,9 @@ import argparse
 import csv
 import datetime as _dt
 import json
+import math
 import os
-import platform
-import re
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,8 +56,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (BENCHMARKS as DOCS, ROOT, OthersCpu, clean_env, fmt_s, is_disturbed,  # noqa: E402
+                     machine, median, now, process_cpu_seconds, read_section, replace_sections, rotated,
+                     wait_quiet)
+
 SECTION = "## activation_norms"
 NOTES_START = "<!-- activation_norms:notes:start -->"
 NOTES_END = "<!-- activation_norms:notes:end -->"
@@ -70,14 +71,7 @@ SIDES = ("lensbench", "bare")
 # meanwhile than this fraction of its wall time plus this slack (seconds).
 DISTURBED_FRACTION = 0.05
 DISTURBED_SLACK = 0.5
-# Variables that would make Lightning believe an external launcher started it.
-LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
-                 "GROUP_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS")
-
-
-def now() -> float:
-    """CLOCK_MONOTONIC: comparable across processes of one Linux machine."""
-    return time.monotonic()
+QUIET = 0.15  # before each side: wait until other processes use less than this share of a core
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,48 +168,6 @@ def run_worker(side: str, cfg_path: str, result_path: str) -> int:
 # ------------------------------------------------------------------------------------------------
 # The driver
 # ------------------------------------------------------------------------------------------------
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
-    return env
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy (all processes, steal included) since boot."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` of a core; return the wait."""
-    t0 = now()
-    while now() - t0 < max_wait:
-        b0 = busy_cpu_seconds()
-        if b0 is None:
-            break
-        time.sleep(1.0)
-        if busy_cpu_seconds() - b0 < threshold:
-            break
-    return now() - t0
-
-
-def own_cpu_seconds(pid: int) -> float:
-    """user+sys CPU seconds of a running process so far (0 when it cannot be read)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def is_disturbed(others_cpu: float, wall: float) -> bool:
-    return others_cpu > DISTURBED_FRACTION * wall + DISTURBED_SLACK
-
-
 def launch(side: str, cfg_path: Path, workdir: Path, tag: str, abort_if_disturbed: bool = False) -> dict[str, Any]:
     """Run one side in a fresh process; its own rusage comes from wait4 on its pid.
 
@@ -226,24 +178,25 @@ def launch(side: str, cfg_path: Path, workdir: Path, tag: str, abort_if_disturbe
     log_path = workdir / f"log-{tag}.txt"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, str(cfg_path), str(result_path)]
     with open(log_path, "wb") as log:
-        busy0 = busy_cpu_seconds()
-        t0 = now()
+        watch = OthersCpu(own=lambda: 0.0, clock=now)  # the side's own CPU is its process's, told below
+        t0 = watch.wall0
         proc = subprocess.Popen(cmd, cwd=workdir, env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if abort_if_disturbed and busy0 is not None else 0)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if abort_if_disturbed and not math.isnan(watch.busy0) else 0)
             if pid:
                 break
             time.sleep(0.25)
-            wall = now() - t0
-            others = busy_cpu_seconds() - busy0 - own_cpu_seconds(proc.pid)
-            if is_disturbed(others - 1.0, wall):  # 1 s of margin: kill only when clearly disturbed
+            wall = watch.wall()
+            others = watch.seconds(own=process_cpu_seconds(proc.pid))
+            # 1 s of margin: kill only when clearly disturbed
+            if is_disturbed(others - 1.0, wall, DISTURBED_FRACTION, DISTURBED_SLACK):
                 proc.kill()
                 os.wait4(proc.pid, 0)
                 proc.returncode = -9
                 return {"side": side, "aborted": True, "others_cpu": others, "end_to_end": wall}
         t_exit = now()
-        busy1 = busy_cpu_seconds()
+        others = watch.seconds(own=usage.ru_utime + usage.ru_stime)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text(errors="replace")[-4000:]
@@ -257,11 +210,11 @@ def launch(side: str, cfg_path: Path, workdir: Path, tag: str, abort_if_disturbe
         "process_exit": t_exit - t0,
         "per_item": (ends[-1] - ends[0]) / (n - 1) if n > 1 else float("nan"),
         # median interval between consecutive batch ends: robust to spikes from other jobs
-        "per_item_median": statistics.median(b - a for a, b in zip(ends, ends[1:])) if n > 1 else float("nan"),
+        "per_item_median": median([b - a for a, b in zip(ends, ends[1:])]) if n > 1 else float("nan"),
         "n_items": n,
         "cpu": usage.ru_utime + usage.ru_stime,
         # CPU seconds other processes (and the hypervisor's steal) took while this side ran
-        "others_cpu": max(busy1 - busy0 - (usage.ru_utime + usage.ru_stime), 0.0) if busy0 is not None else float("nan"),
+        "others_cpu": others,
         "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
         "to_first_item": res["item_starts"][0] - t0,
         "first_item": ends[0] - res["item_starts"][0],
@@ -353,53 +306,6 @@ def accelerator_args(device: str) -> tuple[str, Any]:
     raise SystemExit(f"--device {device!r}: use cpu, cuda, cuda:N or mps")
 
 
-def machine() -> dict[str, Any]:
-    import lightning
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        fields: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the first processor is enough
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-        cpu = fields.get("model name", cpu)
-        if "cpu family" in fields:
-            cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')}, stepping {fields.get('stepping', '?')})"
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    try:
-        load = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        load = None
-    commit = None
-    try:  # read-only git queries: the commit measured, and whether src/ differs from it
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        if head.returncode == 0:
-            dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--", "src"], cwd=ROOT).returncode != 0
-            commit = head.stdout.strip() + (" with uncommitted changes in src/" if dirty else "")
-    except OSError:
-        pass
-    return {"commit": commit, "cpu": cpu, "cores": cores, "torch": torch.__version__, "transformers": transformers.__version__,
-            "lightning": lightning.__version__, "python": platform.python_version(), "load": load,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def fmt_s(x: float) -> str:
-    return f"{x:.2f} s" if x >= 0.1 else f"{x * 1000:.1f} ms"
-
-
 def discards(res: dict[str, Any], side: str) -> str:
     parts = [f"{t:.1f} s" for t in res["discarded"]] + [f"stopped at {t:.1f} s" for t in res["aborted"]]
     return f"{side}: " + ", ".join(parts) if parts else ""
@@ -486,30 +392,6 @@ def build_report(runs: list[dict[str, dict]], args) -> tuple[str, dict[str, floa
     return "\n".join(lines), ratios
 
 
-def write_docs(path: Path, body: str) -> None:
-    """Replace (or add) the '## activation_norms' section, keeping the hand-written notes block."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nMeasured side by side in one run by the scripts in bench/.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    match = pattern.search(text)
-    notes = ""
-    if match:
-        old = match.group(0)
-        i, j = old.find(NOTES_START), old.find(NOTES_END)
-        if i >= 0 and j > i:
-            notes = old[i:j + len(NOTES_END)]
-    if not notes:
-        notes = f"{NOTES_START}\n{NOTES_END}"
-    section = f"{SECTION}\n\n{body.rstrip()}\n\n{notes}\n\n"
-    if match:
-        text = text[:match.start()] + section + text[match.end():]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_side(side: str, tag: str, args, workdir: Path, source: str, folder: str,
              datasets: list[tuple[str, str]], accelerator: str, devices: Any, abort: bool) -> dict[str, Any]:
     import yaml
@@ -528,7 +410,7 @@ def run_side(side: str, tag: str, args, workdir: Path, source: str, folder: str,
            "max_length": args.max_length, "device": args.device, "bare_head": args.bare_head}
     cfg_path = workdir / f"cfg-{tag}.json"
     cfg_path.write_text(json.dumps(cfg))
-    waited = wait_for_quiet(args.quiet_wait)
+    waited = wait_quiet(QUIET, args.quiet_wait, sample=1.0)
     res = launch(side, cfg_path, workdir, tag, abort_if_disturbed=abort)
     res["waited"] = waited
     return res
@@ -587,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(args, argv: list[str], workdir: Path, write: bool, docs_path: Path) -> int:
     """One benchmark run in ``workdir``: both sides, the check, the report."""
+    if write:
+        read_section(docs_path, SECTION)  # a docs file without the section stops the run before it starts
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, transformers "
           f"{info['transformers']}, lightning {info['lightning']}, load average {info['load']}")
@@ -609,7 +493,7 @@ def bench(args, argv: list[str], workdir: Path, write: bool, docs_path: Path) ->
 
     runs: list[dict[str, dict]] = []
     for rep in range(args.reps):
-        order = SIDES if rep % 2 == 0 else SIDES[::-1]
+        order = tuple(rotated(SIDES, rep))
         run = {"order": order}
         for side in order:
             attempts, aborted = [], []
@@ -622,7 +506,7 @@ def bench(args, argv: list[str], workdir: Path, write: bool, docs_path: Path) ->
                     print(f"  rep {rep + 1} {side:9s}: stopped after {res['end_to_end']:.1f} s: other processes "
                           f"took {res['others_cpu']:.1f} s of CPU meanwhile -> DISTURBED, again", flush=True)
                     continue
-                res["disturbed"] = is_disturbed(res["others_cpu"], res["end_to_end"])
+                res["disturbed"] = is_disturbed(res["others_cpu"], res["end_to_end"], DISTURBED_FRACTION, DISTURBED_SLACK)
                 attempts.append(res)
                 print(f"  rep {rep + 1} {side:9s}: end-to-end {res['end_to_end']:7.2f} s, per batch "
                       f"{res['per_item']:.3f} s (median {res['per_item_median']:.3f} s) x {res['n_items']}, CPU "
@@ -684,6 +568,15 @@ def bench(args, argv: list[str], workdir: Path, write: bool, docs_path: Path) ->
     if write:
         write_docs(docs_path, report)
         print(f"wrote the section '{SECTION}' of {docs_path}")
+
+
+def write_docs(path: Path, report: str) -> None:
+    """Rewrite the section '## activation_norms' of ``path`` with ``report``, keeping the hand-written
+    notes block (between NOTES_START and NOTES_END) that follows the figures."""
+    old = read_section(path, SECTION)
+    i, j = old.find(NOTES_START), old.find(NOTES_END)
+    notes = old[i:j + len(NOTES_END)] if 0 <= i < j else f"{NOTES_START}\n{NOTES_END}"
+    replace_sections(path, {SECTION: [report.rstrip(), "", notes]})
     return 0
 
 
