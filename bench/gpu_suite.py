@@ -41,7 +41,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import BENCHMARKS, ROOT, date_utc, read_section, replace_sections  # noqa: E402
+
 BENCH = ROOT / "bench"
 SECTION = "## GPU suite"
 
@@ -78,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pytest-args", default="", help="more pytest arguments, e.g. \"-k oom -x\"")
     parser.add_argument("--write-docs", action="store_true",
                         help="write the figures into the GPU suite's section of --docs")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md",
+    parser.add_argument("--docs", type=Path, default=BENCHMARKS,
                         help="markdown file --write-docs updates (default docs/benchmarks.md)")
     parser.add_argument("--dry-run", action="store_true", help="print the device and the commands; run nothing")
     args = parser.parse_args(argv)
@@ -206,7 +208,7 @@ def section(device: str, args: argparse.Namespace, steps: list[Step], total: flo
         "",
         f"- device: {device}",
         f"- host: {platform.node() or 'unknown'}, Python {platform.python_version()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- date: {date_utc()}",
         f"- command: `python bench/gpu_suite.py {' '.join(a for a in sys.argv[1:] if a != '--dry-run')}`".rstrip(),
         f"- total: {total:.0f} s of a {args.time_limit:.0f} s limit",
         "",
@@ -222,6 +224,8 @@ def section(device: str, args: argparse.Namespace, steps: list[Step], total: flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.write_docs:
+        read_section(args.docs, SECTION)  # a docs file without the section stops the suite before it starts
     device = device_name()
     print(f"device: {device}", flush=True)
     steps = plan(args)
@@ -261,11 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                           "command": shlex.join(s.argv), "figures": s.figures} for s in steps]}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if args.write_docs:
-        sys.path.insert(0, str(BENCH))
-        import _report
-
-        _report.DOC = args.docs
-        print(f"wrote the section '{SECTION}' of {_report.write_section(SECTION, lines)}")
+        print(f"wrote the section '{SECTION}' of {replace_sections(args.docs, {SECTION: lines})}")
     ok = all(s.status == "passed" for s in steps)
     print(f"device: {device}; {'all steps passed' if ok else 'NOT all steps passed'} in {total:.0f} s "
           f"(limit {args.time_limit:.0f} s); summary: {args.out / 'summary.json'}", flush=True)

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROOT, commit, cpu_name, read_section, replace_sections, table  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "src"))
-from _report import cpu_name  # noqa: E402
 
 from lensbench.intervals import mean_interval  # noqa: E402
 
@@ -176,11 +176,6 @@ def accuracy(run: Path) -> pd.DataFrame:
 
 
 # -- tables ---------------------------------------------------------------------------------------
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
-            *["| " + " | ".join(r) + " |" for r in rows]]
-
-
 def over_seeds(values: list[float], bounds: tuple[float, float] = (0.0, 1.0)) -> str:
     """Mean over seeds with its t 95% interval, cut to ``bounds`` (just the value for one seed)."""
     values = [v for v in values if not math.isnan(v)]
@@ -364,26 +359,14 @@ def correlation(seeds, runs) -> list[str]:
 
 
 # -- docs -----------------------------------------------------------------------------------------
-def machine() -> str:
+def measured_on() -> str:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return (f"Measured by `python3 bench/memory_findings.py` on commit {commit or 'unknown'}, "
+    return (f"Measured by `python3 bench/memory_findings.py` on commit {commit() or 'unknown'}, "
             f"{time.strftime('%Y-%m-%d', time.gmtime())}: {cpu_name()}, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
             "the machine was shared with other work, so times are upper bounds. Another thread count changes "
             "the float order of training, and so every model: compare the seeds' spread, not single digits.")
-
-
-def replace_block(path: Path, name: str, lines: list[str]) -> None:
-    """Rewrite what lies between ``<!-- findings:NAME -->`` and ``<!-- /findings:NAME -->``."""
-    text = path.read_text()
-    start, end = f"<!-- findings:{name} -->", f"<!-- /findings:{name} -->"
-    if start not in text or end not in text:
-        sys.exit(f"{path}: no block {start} ... {end} to rewrite")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(head + start + "\n" + "\n".join(lines).strip("\n") + "\n" + end + tail)
 
 
 def main(argv=None) -> int:
@@ -420,7 +403,7 @@ def main(argv=None) -> int:
         blocks[("memory_ablation", "each_key")] = each_key(args.seeds, runs["ablate_each_key"])
     if runs["ablation_swap"]:
         blocks[("memory_ablation", "correlation")] = correlation(args.seeds, runs["ablation_swap"])
-    note = machine()
+    note = measured_on()
     times = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(runner.times.items()))
     for (doc, name), lines in blocks.items():
         print(f"\n## {doc}: {name}\n")
@@ -429,8 +412,10 @@ def main(argv=None) -> int:
     if not args.no_docs:
         blocks[("memory", "memorization")] += ["", note]
         blocks[("memory_ablation", "times")] = [note, "", f"Wall times (each command from start to exit): {times}."]
-        for (doc, name), lines in blocks.items():
-            replace_block(DOCS[doc], name, lines)
+        for doc, name in blocks:  # every block looked up before any file is written
+            read_section(DOCS[doc], f"findings:{name}")
+        for doc, path in DOCS.items():
+            replace_sections(path, {f"findings:{name}": lines for (d, name), lines in blocks.items() if d == doc})
     return 0
 
 
