@@ -34,6 +34,15 @@ CASES = {
     "run_json_cut_short": (PREPARED_RUN, 1, "run_json_cut_short/run.json is damaged (cut short)"),
     "run_json_a_list": (PREPARED_RUN, 1, "run_json_a_list/run.json is damaged (a JSON list, not an object)"),
     "shard_line_without_key": (PREPARED_RUN, 1, "rank00000.jsonl:2 is corrupt (not a record with a key)"),
+    # a finished run's config.yaml naming a plugin's analysis or data module, rerun once it is uninstalled
+    "rerun_of_an_uninstalled_plugins_analysis": (
+        ("predict", "--config", "outputs/rerun_of_an_uninstalled_plugins_analysis/config.yaml"), 1,
+        ("model.class_path: `gone_plugin.Norms` cannot be imported (No module named 'gone_plugin'): is the plugin "
+         "that provides it installed? (`lensbench plugins` lists what is)")),
+    "rerun_of_an_uninstalled_plugins_data": (
+        ("predict", "--config", "outputs/rerun_of_an_uninstalled_plugins_data/config.yaml"), 1,
+        ("data.class_path: `gone_plugin.Texts` cannot be imported (No module named 'gone_plugin'): is the plugin "
+         "that provides it installed?")),
     "plot_config_malformed": (("plot", "badyaml"), 1, "badyaml/config.yaml is damaged (not YAML at line 3)"),
     "plot_config_a_list": (("plot", "listyaml"), 1, "listyaml/config.yaml is damaged (a YAML list"),
     "plot_a_fit_folder": (("plot", "fitrun"), 1, "fitrun is a training run (lensbench fit), which has no figures"),
@@ -41,7 +50,12 @@ CASES = {
                                            "analysisrun is not a training run (lensbench fit); plot draws several "
                                            "runs on one figure only for training runs"),
 }
-PREPARED = ("run_json_cut_short", "run_json_a_list", "shard_line_without_key")
+PREPARED = ("run_json_cut_short", "run_json_a_list", "shard_line_without_key",
+            "rerun_of_an_uninstalled_plugins_analysis", "rerun_of_an_uninstalled_plugins_data")
+#: In the config.yaml of those two prepared runs: a built-in's class path -> the plugin's that was uninstalled.
+GONE = {"rerun_of_an_uninstalled_plugins_analysis": ("lensbench.analyses.activation_norms.ActivationNorms",
+                                                     "gone_plugin.Norms"),
+        "rerun_of_an_uninstalled_plugins_data": ("lensbench.data.modules.TextDataModule", "gone_plugin.Texts")}
 #: The user's folders the experiment cases point at stay byte for byte.
 KEEPS = {"experiment_into_a_user_folder": ("outputs/userdir",), "experiment_into_another_tools_run_json": ("outputs/sacred",), "experiment_climbs_out": ("proj",),
          "pipeline_into_a_user_folder": ("outputs/userdir",)}
@@ -62,6 +76,11 @@ def prepare(root: Path, tiny_model: Path, forks) -> None:
     shard = root / "outputs" / "shard_line_without_key" / "shards" / "rank00000.jsonl"
     lines = shard.read_text().splitlines(keepends=True)
     shard.write_text(lines[0] + json.dumps({"state": "x"}) + "\n" + "".join(lines[1:]))
+    for case, (builtin, gone) in GONE.items():
+        config = root / "outputs" / case / "config.yaml"
+        text = config.read_text()
+        assert f"class_path: {builtin}\n" in text
+        config.write_text(text.replace(f"class_path: {builtin}\n", f"class_path: {gone}\n"))
     for name, text in (("badyaml", "model:\n  class_path: [activation_norms\n"), ("listyaml", "- a\n- b\n"),
                        ("fitrun", "model:\n  tokenizer: chars\n  config: {model_type: memory_llama}\n"),
                        ("analysisrun", "model:\n  class_path: activation_norms\n")):
