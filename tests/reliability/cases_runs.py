@@ -1,6 +1,7 @@
 """Catalogue cases of run folders: experiment names that would write outside ``output_dir`` or
 into a user's folder, and run folder files that are damaged (``run.json``, a shard line, a
-``config.yaml`` that ``lensbench plot`` reads)."""
+``config.yaml`` that ``lensbench plot`` reads), and a run's config.yaml rerun after the plugin
+whose class it names was uninstalled."""
 
 from __future__ import annotations
 
