@@ -12,7 +12,7 @@ import warnings
 import pandas as pd
 import pytest
 
-from lensbench.layer_sweep import collect, figures
+from lensbench.layer_sweep import columns, figures
 from lensbench.layer_sweep.collect import draw_figures, write_tables
 
 STEPS = ["step100000", "step94000", "step2000", "step0", "step143000"]
@@ -31,7 +31,7 @@ def metrics_record(model="m", revision="", dataset="wiki", layers=(0, 1, 2, 3, 4
     value = value or (lambda name, layer: float(layer))
     return {"kind": "metrics", "model": model, "revision": revision, "dataset": dataset, "alpha": 1.0,
             "labels": labels or {}, **extra,
-            "layers": [{"layer": layer, **{m: value(m, layer) for m in collect.METRICS}, "n_prompts": 4,
+            "layers": [{"layer": layer, **{m: value(m, layer) for m in columns.METRICS}, "n_prompts": 4,
                         "n_nonfinite_texts": 0} for layer in layers]}
 
 
@@ -74,9 +74,9 @@ def test_checkpoints_sort_by_step_in_tables_heatmaps_and_legends(tmp_path, drawn
 
 def test_natural_key_orders_digits_as_numbers():
     values = ["step100000", "step94000", "main", "", "step9", "step10"]
-    assert sorted(values, key=collect.natural_key) == ["", "main", "step9", "step10", "step94000", "step100000"]
+    assert sorted(values, key=columns.natural_key) == ["", "main", "step9", "step10", "step94000", "step100000"]
     frame = pd.DataFrame({"level_value": pd.Series([0.1, None, 0.05], dtype=object), "revision": ["b", "a", "c"]})
-    assert collect.natural_sort(frame, ["level_value"])["revision"].tolist() == ["c", "b", "a"]  # 0.05 < 0.1
+    assert columns.natural_sort(frame, ["level_value"])["revision"].tolist() == ["c", "b", "a"]  # 0.05 < 0.1
 
 
 def test_best_layers_compare_with_the_models_last_layer(tmp_path):
@@ -88,7 +88,7 @@ def test_best_layers_compare_with_the_models_last_layer(tmp_path):
     new = best.loc[("new", "a")]
     assert (new["best_layer"], new["last_layer"], new["last_layer_source"]) == (2, 4, "model")
     assert new["last_score"] == 0.3 and new["gain_over_last"] == pytest.approx(0.6) and new["n_layers"] == 4
-    assert best.loc[("new", collect.ALL_TASKS), "last_layer"] == 4
+    assert best.loc[("new", columns.ALL_TASKS), "last_layer"] == 4
     old = best.loc[("old", "a")]
     assert (old["last_layer"], old["last_layer_source"], old["last_score"]) == (2, "last swept", 0.9)
     assert old["gain_over_last"] == 0
@@ -219,7 +219,7 @@ def _joint_records(n_checkpoints=4, seed=0):
             records.append(task_record(revision=rev, task=task, score=noise.get, model_last_layer=4,
                                        layer_norm="final"))
         for dataset in ("wiki", "a", "c"):  # wiki: named; a and c: the tasks' own texts
-            noise = {(m, layer): rng.random() for m in collect.METRICS for layer in range(5)}
+            noise = {(m, layer): rng.random() for m in columns.METRICS for layer in range(5)}
             records.append(metrics_record(revision=rev, dataset=dataset, value=lambda m, layer, n=noise: n[m, layer],
                                           model_last_layer=4, layer_norm="none",
                                           source="dataset" if dataset == "wiki" else "task"))
@@ -233,7 +233,7 @@ def test_joined_table_rows(tmp_path):
     write_tables(records, tmp_path)
     joined = pd.read_csv(tmp_path / "layer_metrics_scores.csv")
     assert [c for c in joined.columns if c != "source"] == [  # source: "task" for a task's own texts
-        "model", "revision", "layer", "task", "task_type", "main_score", "dataset", *collect.METRICS,
+        "model", "revision", "layer", "task", "task_type", "main_score", "dataset", *columns.METRICS,
         "metrics_layer_norm", "model_last_layer"]
     assert set(joined["metrics_layer_norm"]) == {"none"}  # the metrics' own setting; the scores' is final
     # per (checkpoint, layer): a with wiki and its own texts, b with wiki, c with wiki and its own texts
@@ -280,7 +280,7 @@ def test_correlation_equals_scipy_spearman(tmp_path, drawn):
     wiki = metrics[metrics.dataset == "wiki"].set_index(on)
     for task_type, tasks in (("(all tasks)", "abc"), ("STS", "ac"), ("Classification", "b")):
         mean = scores[scores.task.isin(list(tasks))].groupby(on)["main_score"].mean()
-        for metric in collect.METRICS:
+        for metric in columns.METRICS:
             row = table[(table.dataset == "wiki") & (table.metric == metric) & (table.task_type == task_type)]
             check(row.iloc[0], wiki.loc[mean.index, metric].to_numpy(), mean.to_numpy())
     own = metrics[metrics.dataset.isin(["a", "c"])].groupby(on)["effective_rank"].mean()
@@ -326,8 +326,8 @@ def test_plot_redraws_a_metrics_table_written_before_source_was_kept(tmp_path, d
     """A representation_metrics.csv without the ``source`` column (an older run folder) holds metrics
     datasets only: ``lensbench plot`` still draws its curves."""
     write_tables([task_record(task="a"), metrics_record()], tmp_path)
-    table = pd.read_csv(tmp_path / collect.METRICS_TABLE)
-    table.drop(columns=["source"]).to_csv(tmp_path / collect.METRICS_TABLE, index=False)
+    table = pd.read_csv(tmp_path / columns.METRICS_TABLE)
+    table.drop(columns=["source"]).to_csv(tmp_path / columns.METRICS_TABLE, index=False)
     names = {p.name for p in draw_figures(tmp_path)}
     assert "representation_metrics.png" in names
     lines = [line for ax in drawn["representation_metrics.png"].axes for line in ax.get_lines()]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 from ..intervals import spearman, spearman_interval
-from .collect import LAST, LAYER_NORM, METRICS, _mean, natural_sort, ordered
+from .columns import LAST, LAYER_NORM, METRICS, _mean, natural_sort, ordered
 
 OWN_TEXTS = "(each task's texts)"
 ALL_TYPES = "(all tasks)"

@@ -9,7 +9,7 @@
 - The task x layer heatmap colours each task's row on its own range (0 = the task's lowest layer
   score, 1 = its highest); the row's label gives the range.
 - File names keep the model's name and a short revision; state columns and long revisions become an
-  8-character digest (:func:`.collect.file_stem`); the title names the checkpoint in full.
+  8-character digest (:func:`.columns.file_stem`); the title names the checkpoint in full.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from ..tables import finite, pyplot, save_figure, value_scale
-from .collect import (
+from .columns import (
     LAST,
     LAYER_NORM,
     METRICS,
