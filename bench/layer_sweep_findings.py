@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import table  # noqa: E402
 
 
-def _md(frame: pd.DataFrame, index: bool = False) -> str:
+def frame_table(frame: pd.DataFrame, index: bool = False) -> str:
     """A markdown table of ``frame`` (floats to 3 decimals)."""
     if index:
         frame = frame.reset_index()
@@ -93,11 +93,11 @@ def main() -> None:
     pd.set_option("display.width", 200)
     for title, run_dir in (("layer_norm: final", args.final), ("layer_norm: none", args.raw)):
         print(f"## {title} ({run_dir})\n")
-        print(_md(best_and_last(run_dir)), "\n")
+        print(frame_table(best_and_last(run_dir)), "\n")
         print(f"{args.model}, layers {args.band[0]}..{args.band[1]}: score range per task")
-        print(_md(band(run_dir, args.model, *args.band), index=True), "\n")
+        print(frame_table(band(run_dir, args.model, *args.band), index=True), "\n")
         print(f"{args.model}: metrics at layers {args.layers}")
-        print(_md(metrics_at(run_dir, args.model, args.layers)), "\n")
+        print(frame_table(metrics_at(run_dir, args.model, args.layers)), "\n")
     if args.dominance:
         for norm in ("final", "none"):
             print(f"## largest dimension of the mean-pooled retain vectors, {args.model}, layer_norm: {norm}\n")

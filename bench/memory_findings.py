@@ -59,6 +59,9 @@ VARIANTS = {
     "lr1e-2": ("--model.lr", "1.0e-2"),
 }
 CAPITALS = "smollm2_capitals"  # an ordinary model (the embedded SmolLM2), no training seed
+#: The findings blocks every run that writes docs rewrites: (doc, name).
+ALWAYS = (("memory", "memorization"), ("memory", "usage"), ("memory_ablation", "quickstart"),
+          ("memory_ablation", "top_vs_random"), ("memory_ablation", "swaps"), ("memory_ablation", "times"))
 
 
 def parse(argv):
@@ -371,6 +374,9 @@ def measured_on() -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if not args.no_docs:  # the blocks every run rewrites: a docs file without one stops it before any training
+        for doc, name in ALWAYS:
+            read_section(DOCS[doc], f"findings:{name}")
     runner = Runner(args)
     fits = {"memory": {}, "dense": {}}
     runs = {c: {} for c in PREDICT}
