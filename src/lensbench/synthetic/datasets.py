@@ -140,6 +140,8 @@ class SyntheticDataset:
         spans of the text; override it when rows say where their answer is in another way."""
         return get_mask(mask)(row["text"])
 
+    answer_spans.default = True  # a subclass's own answer_spans lacks it: errors then name its hook
+
     def identity(self) -> str:
         """``module:qualname`` of the generator's class, recorded in (and checked against) a
         cache folder's manifest, so that two plugins' datasets of one name never share rows."""

@@ -208,10 +208,9 @@ def token_labels(tokenizer, text: str, mask: str, append_eos: bool = False, max_
 
 
 def _own_answer_spans(dataset: Any) -> bool:
-    """Whether ``dataset`` overrides ``SyntheticDataset.answer_spans`` (errors then name its hook)."""
-    from .datasets import SyntheticDataset
-
-    return type(dataset).answer_spans is not SyntheticDataset.answer_spans
+    """Whether ``dataset`` overrides ``SyntheticDataset.answer_spans`` (errors then name its hook),
+    whose default is marked ``default``."""
+    return not getattr(type(dataset).answer_spans, "default", False)
 
 
 def row_labels(tokenizer, row: dict, mask: str, append_eos: bool = False, max_length: int | None = None,
