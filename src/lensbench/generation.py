@@ -108,13 +108,30 @@ def within_context(value: int, limit: int | None, field: str, where: tuple[int, 
     return limit
 
 
+#: transformers' ``model_max_length`` when a tokenizer does not set it (a huge placeholder).
+UNSET_MODEL_MAX_LENGTH = 10**9
+
+
+def model_context(loaded) -> int | None:
+    """Tokens the model reads at once: the tokenizer's ``model_max_length`` when it is set (not
+    transformers' huge placeholder), else the model config's ``max_position_embeddings`` (of its
+    text model, for vision-language models); None when neither says (no truncation)."""
+    limit = getattr(loaded.tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < UNSET_MODEL_MAX_LENGTH:
+        return limit
+    config = getattr(loaded.model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
+
+
 def length_limit(max_length: int | None, loaded, field: str) -> tuple[int | None, str]:
     """An analysis's truncation length for ``loaded``'s texts and what sets it: ``max_length``, or
-    the model's context (activation_norms' ``model_context``: the tokenizer's ``model_max_length``,
-    else the config's ``max_position_embeddings``) when ``max_length`` is null or goes beyond it
-    (then with one warning naming ``field``); ``(None, "context")`` when neither is known."""
-    from .analyses.activation_norms import model_context
-
+    the model's context (``model_context``: the tokenizer's ``model_max_length``, else the
+    config's ``max_position_embeddings``) when ``max_length`` is null or goes beyond it (then with
+    one warning naming ``field``); ``(None, "context")`` when neither is known."""
     context = model_context(loaded)
     if max_length is None:
         return context, "context"
