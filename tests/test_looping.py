@@ -331,11 +331,12 @@ def test_zeroed_output_projections_make_the_looped_blocks_an_identity(models, fi
 def test_bad_parameters_are_refused_before_any_model_is_loaded(tiny_model, params, field, message):
     spec = ModelSpec(str(tiny_model), transforms=[{"name": "loop_layers", "params": params}])
     with pytest.raises(LensbenchError) as err:
-        resolve_source(spec, "model.init_args.models[1]")
+        resolve_source(spec, "model.init_args.models[1]", active_registries().perturbations)
     assert err.value.field == "model.init_args.models[1].transforms[0].params" + (f".{field}" if field else "")
     assert message in err.value.message and "\n" not in str(err.value)
     with pytest.raises(LensbenchError) as err:
-        resolve_source(ModelSpec(str(tiny_model), transforms=[{"name": "loop_layer"}]), "model.init_args.model")
+        resolve_source(ModelSpec(str(tiny_model), transforms=[{"name": "loop_layer"}]), "model.init_args.model",
+                       active_registries().perturbations)
     assert err.value.field == "model.init_args.model.transforms[0].name" and "did you mean 'loop_layers'" in str(err.value)
 
 

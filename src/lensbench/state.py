@@ -115,7 +115,7 @@ class SubjectManager:
         self.release()
         begin = time.perf_counter()
         self.loaded = load_model(self.specs[label], device=self.device, padding_side=self.padding_side,
-                                 field=self.fields.get(label, "model"))
+                                 field=self.fields.get(label, "model"), registry=self.registry)
         self.loads += 1
         console.info(f"lensbench: loaded {label} on {self.device} in {time.perf_counter() - begin:.1f} s "
                      f"(memory: {memory_summary(self.device)})")

@@ -91,18 +91,21 @@ class CheckpointPairs(WorkDataModule):
         if not others:
             raise LensbenchError("is empty; name at least one checkpoint to compare with the base",
                                  "data.init_args.others")
+        from ..plugins import active_registries
+
+        self._perturbations = active_registries().perturbations  # transforms and perturbations
         self.base = ModelSpec(base) if isinstance(base, str) else base
         _not_quantized_on_load(self.base, "data.init_args.base")
         for i, o in enumerate(others):
             if isinstance(o, ModelSpec):
                 _not_quantized_on_load(o, f"data.init_args.others[{i}]")
-        resolve_source(self.base, "data.init_args.base")
+        resolve_source(self.base, "data.init_args.base", self._perturbations)
         self.others = [self._perturbed(o, f"data.init_args.others[{i}]") if isinstance(o, PerturbedCheckpoint)
                        else ModelSpec(o) if isinstance(o, str) else o for i, o in enumerate(others)]
         labels = [self.base.label()]
         for i, spec in enumerate(self.others):
             if not isinstance(spec, PerturbedCheckpoint):
-                resolve_source(spec, f"data.init_args.others[{i}]")
+                resolve_source(spec, f"data.init_args.others[{i}]", self._perturbations)
             if spec.label() in labels:
                 raise LensbenchError(f"label {spec.label()!r} is used twice; give one a `name`",
                                      f"data.init_args.others[{i}]")
@@ -114,9 +117,7 @@ class CheckpointPairs(WorkDataModule):
     def _perturbed(self, entry: PerturbedCheckpoint, field: str) -> PerturbedCheckpoint:
         """``entry`` checked before any work (method, level, group, model), with its model and label set."""
         from ..perturbations import check_group_spec, check_level, check_seed
-        from ..plugins import active_registries
 
-        self._perturbations = active_registries().perturbations
         cls = self._perturbations.get(entry.perturbation, f"{field}.perturbation")
         check_seed(entry.seed, f"{field}.seed")
         if entry.level is None:
@@ -139,7 +140,7 @@ class CheckpointPairs(WorkDataModule):
         of = self.base if entry.of is None else ModelSpec(entry.of) if isinstance(entry.of, str) else entry.of
         if entry.of is not None:
             _not_quantized_on_load(of, f"{field}.of")
-            resolve_source(of, f"{field}.of")
+            resolve_source(of, f"{field}.of", self._perturbations)
         return replace(entry, level=level, of=of, name=entry.label(of))
 
     @property

@@ -229,16 +229,18 @@ def _offline_error(hub_id: str, field: str) -> LensbenchError:
         f"or an embedded model ({', '.join(EMBEDDED)})", f"{field}.source")
 
 
-def resolve_source(spec: ModelSpec, field: str = "model") -> ResolvedSource:
-    """Validate and locate ``spec.source`` without loading weights; raise a one-line error when it cannot work."""
+def resolve_source(spec: ModelSpec, field: str = "model", registry: Any = None) -> ResolvedSource:
+    """Validate and locate ``spec.source`` without loading weights; raise a one-line error when it cannot work.
+
+    ``registry`` is the transforms registry (``lensbench.plugins.active_registries().perturbations``)
+    that ``spec.transforms`` are checked against; None leaves them to the caller, who checked them
+    already (a ``SubjectManager`` checks them again when it loads the model)."""
     for key, choices in (("dtype", DTYPES), ("head", HEADS)):
         if getattr(spec, key) not in choices:
             raise LensbenchError(f"unknown {key} {getattr(spec, key)!r}; use one of {', '.join(choices)}",
                                  f"{field}.{key}")
-    if spec.transforms:
-        from lensbench.plugins import active_registries
-
-        check_transforms(spec.transforms, active_registries().perturbations, f"{field}.transforms")
+    if spec.transforms and registry is not None:
+        check_transforms(spec.transforms, registry, f"{field}.transforms")
     check_placement(spec, field)
     src = str(spec.source or "").strip()
     if not src:
@@ -755,14 +757,16 @@ def _load(res: ResolvedSource, spec: ModelSpec, field: str,
 
 
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu", padding_side: str = "right",
-               field: str = "model") -> LoadedModel:
+               field: str = "model", registry: Any = None) -> LoadedModel:
+    """Load ``spec``'s model and tokenizer (and processor) on ``device``; ``field`` names the model's
+    config entry in errors, ``registry`` checks its transforms first (see ``resolve_source``)."""
     if padding_side not in ("left", "right"):
         raise LensbenchError(f"padding_side {padding_side!r} is invalid; use 'left' or 'right'", "padding_side")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise LensbenchError(f"device {device!r} is not a torch device; use e.g. 'cpu' or 'cuda:0'", "device") from exc
-    res = resolve_source(spec, field)
+    res = resolve_source(spec, field, registry)
     if res.kind == "embedded":
         folder = embedded_smollm2_folder() if res.location == "smollm2" else EMBEDDED[res.location].locate(
             res.location, f"{field}.source")
