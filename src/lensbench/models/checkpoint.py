@@ -4,9 +4,8 @@
 or many shards, with or without their index), a single ``.safetensors`` file, a folder of
 ``pytorch_model*.bin`` shards, a ``.gguf`` file (de-quantized tensor by tensor and renamed to the
 transformers names), an embedded alias, or a hub id already in the Hugging Face cache.
-``perturbed_reader(...)`` returns one over a model held in memory and moved to a perturbed state
-(a registered transform applied through ``SubjectManager``), for comparing a model with a
-perturbed copy of itself without writing that copy to disk.
+``CheckpointReader`` may also hold tensors in memory (``lensbench.data.checkpoints.perturbed_reader``:
+a model moved to a perturbed state, compared with its checkpoint without a copy on disk).
 
 Memory stays near one tensor: a safetensors tensor is read from its byte range (found in the
 header, parsed once) straight into its own memory, and ``.bin`` shards are memory-mapped
@@ -342,59 +341,3 @@ def open_checkpoint(spec: ModelSpec, field: str = "model") -> CheckpointReader:
             return _gguf_reader(label, Path(folder) / spec.gguf_file, f"{field}.source")
         return _folder_reader(label, Path(folder), f"{field}.source")
     return _folder_reader(label, Path(res.location), f"{field}.source")
-
-
-def perturbed_reader(label: str, spec: ModelSpec, transform, registry, field: str,
-                     model_field: str | None = None) -> CheckpointReader:
-    """A reader over ``spec``'s model loaded once on the CPU and moved to the state ``transform``
-    (a ``lensbench.state.TransformSpec``) with ``SubjectManager.activate``: the weights are exactly
-    those a perturbation run on the CPU produces for that method, group, level and seed.
-
-    The model stays in memory while the reader lives (one model; the manager's copies of the
-    original tensors are dropped once the state is reached). Names are the loaded model's
-    ``state_dict`` names, a tied alias (``lm_head.weight`` tied to the embedding) left out; the
-    config is the loaded model's. ``field`` names the config entry in errors (``...others[0]``),
-    ``model_field`` the entry of the model perturbed (default ``field + ".of"``).
-    """
-    from ..state import State, SubjectManager
-
-    model_field = model_field or f"{field}.of"
-    manager = SubjectManager({spec.label(): spec}, torch.device("cpu"), registry, fields={spec.label(): model_field})
-    try:
-        try:
-            manager.activate(State(spec.label(), (transform,)))
-        except LensbenchError as exc:
-            raise _refield(exc, field) from None
-        touched = manager.touched_names()
-        finite = manager.weights_finite()
-    finally:
-        loaded_model = manager.loaded
-        manager.release()  # drops the manager's copies of the original tensors; the model is ours
-    if not finite:
-        raise LensbenchError(f"{transform.name} at level {dict(transform.params).get('level')} makes weights of "
-                             f"{spec.label()} non-finite (inf or nan), whose change cannot be measured; "
-                             "choose another level", f"{field}.level")
-    model = loaded_model.model
-    config = model.config.to_dict()  # a quantization_config stays: param_diff refuses quantized weights
-    index, shapes, seen = {}, {}, set()
-    named = dict(model.named_parameters())
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen and name not in named:  # a tied alias, which checkpoints do not store either
-            continue
-        seen.add(key)
-        index[name] = ("memory", tensor.detach())
-        shapes[name] = tuple(tensor.shape)
-    params = ", ".join(f"{k}={v}" for k, v in transform.params)
-    location = (f"{spec.label()} perturbed in memory by {transform.name} ({params}, seed {transform.seed}; "
-                f"{len(touched)} tensors changed)")
-    return CheckpointReader(label, location, config, index, shapes)
-
-
-def _refield(exc: LensbenchError, field: str) -> LensbenchError:
-    """The error of loading or of the transform, naming the config entry it comes from (the manager
-    names the model's own entry, ``model_field``, in errors of loading it)."""
-    where = exc.field or ""
-    if where.endswith("param_group"):  # the perturbation's own field name
-        return LensbenchError(exc.message, f"{field}.param_group")
-    return LensbenchError(exc.message, where or field)
