@@ -283,10 +283,9 @@ def _span(text: str, marker: str) -> tuple[int, int, str] | None:
             return None
         nxt = re.compile(r"\n## ").search(text, heading.end() - 1)
         return heading.end() - 1, nxt.start() if nxt else len(text), "\n\n"
-    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    i = text.find(start)
-    j = text.find(end, i + len(start)) if i >= 0 else -1
-    return (i + len(start), j, "\n") if j >= 0 else None
+    start = re.search(rf"^<!-- {re.escape(marker)} -->", text, re.M)  # a comment that begins a line
+    end = re.compile(rf"^<!-- /{re.escape(marker)} -->", re.M).search(text, start.end()) if start else None
+    return (start.end(), end.start(), "\n") if end else None
 
 
 def _describe(marker: str) -> str:

@@ -90,6 +90,11 @@ def test_a_findings_block_without_its_end_is_missing(harness, tmp_path):
     path.write_text("<!-- findings:one -->\ntext\n")
     with pytest.raises(harness.MissingMarker):
         harness.replace_sections(path, {"findings:one": ["x"]})
+    # only a comment that begins a line is a marker: one named in a sentence is text
+    text = "Blocks such as `<!-- findings:one -->` are rewritten.\n<!-- findings:one -->\nold\n<!-- /findings:one -->\n"
+    path.write_text(text)
+    harness.replace_sections(path, {"findings:one": ["new"]})
+    assert path.read_text() == text.replace("\nold\n", "\nnew\n")
     with pytest.raises(harness.MissingMarker, match="no section"):
         harness.read_section(tmp_path / "absent.md", "## alpha")
 
@@ -101,7 +106,7 @@ def test_the_docs_are_what_their_sections_write(harness, tmp_path):
     seen = 0
     for doc in docs:
         text = doc.read_text(encoding="utf-8")
-        markers = re.findall(r"^## .*?(?=[ \t]*$)", text, re.M) + re.findall(r"<!-- (findings:\w+) -->", text)
+        markers = re.findall(r"^## .*?(?=[ \t]*$)", text, re.M) + re.findall(r"^<!-- (findings:\w+) -->$", text, re.M)
         copy = tmp_path / doc.name
         for marker in markers:
             copy.write_text(text, encoding="utf-8")
