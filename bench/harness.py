@@ -185,7 +185,8 @@ class OthersCpu:
     def seconds(self, own: float | None = None) -> float:
         """CPU seconds others took so far (nan when the machine's counter cannot be read)."""
         own = self.own() - self.own0 if own is None else own
-        return max(self.busy() - self.busy0 - own, 0.0)
+        others = self.busy() - self.busy0 - own
+        return others if math.isnan(others) else max(others, 0.0)
 
     def share(self, own: float | None = None) -> float:
         """``seconds`` as a share of the wall time so far (1.0: one core taken)."""

@@ -188,7 +188,9 @@ def test_others_cpu_is_the_machines_busy_time_less_the_measured_process(harness)
     assert watch.seconds(own=3.5) == 0.0  # never below 0 (a child's rusage may exceed the ticks)
     assert harness.is_disturbed(2.0, 4.0, fraction=0.05, slack=0.5)
     assert not harness.is_disturbed(0.7, 4.0, fraction=0.05, slack=0.5)
-    assert not harness.is_disturbed(math.nan, 4.0, fraction=0.05)  # no /proc/stat: cannot tell, not disturbed
+    unknown = harness.OthersCpu(busy=lambda: math.nan, own=lambda: 1.0, clock=lambda: c.wall)
+    assert math.isnan(unknown.seconds()) and math.isnan(unknown.share())  # no /proc/stat: unknown, not 0
+    assert not harness.is_disturbed(math.nan, 4.0, fraction=0.05)  # ... and so not disturbed
 
 
 def test_waiting_for_a_quiet_machine(harness):
