@@ -8,6 +8,8 @@ drops the keys already stored and hands each rank its state-grouped share.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from ..errors import LensbenchError
-from ..logs import Progress
+from ..logs import Progress, run_log
 from ..work import Unit, WorkItem, content_digest, plan_items, shard_by_state
 from .sources import TextDataset, read_records, resolve_dataset
 
@@ -90,8 +92,24 @@ class WorkDataModule(pl.LightningDataModule):
             f"lensbench: {len(items)} work items, {len(items) - len(todo)} already stored in "
             f"{analysis.run_dir}, {len(todo)} to do on {trainer.world_size} rank(s)"
         )
+        if trainer.global_rank == 0:
+            _write_plan(analysis.run_dir, items)
         analysis.progress = Progress(len(mine), trainer.global_rank, analysis.device)
         return DataLoader(steps, batch_size=None, shuffle=False, collate_fn=_identity)
+
+
+def _write_plan(run_dir: Path, items: list) -> None:
+    """``plan.json``: the keys of every work item this run plans, so that a report of the folder
+    names the items not stored (an interrupted run). Atomic; a folder that refuses it is logged."""
+    from ..report.runinfo import PLAN_FILE
+
+    path = Path(run_dir) / PLAN_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps([item.key_str for item in items]), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        run_log.warning(f"could not write {path} ({exc.strerror}): a report cannot name missing work items")
 
 
 def load_datasets(entries: list, argument: str, limit: int | None) -> tuple[dict[str, list[dict]], dict[str, str]]:
