@@ -167,6 +167,17 @@ class Analysis(pl.LightningModule):
         """Draw the figures from the tables in ``run_dir``; return the files written."""
         return []
 
+    @classmethod
+    def report_sections(cls, run_dir: Path) -> list:
+        """The sections of ``run_dir``'s report page (``lensbench.report.Section``: a title, figures,
+        tables with column descriptions). Default: every figure and table of the folder, columns
+        described by ``docs/<name>.md`` where it is found above the analysis's module."""
+        import sys
+
+        from .report import default_sections
+
+        return default_sections(run_dir, cls.name, getattr(sys.modules.get(cls.__module__), "__file__", None))
+
     def fingerprint(self) -> dict[str, Any]:
         """What besides the config must match to resume a run: the weights of ``identity_models``."""
         from .models.fingerprint import model_fingerprint
@@ -405,6 +416,9 @@ class Analysis(pl.LightningModule):
             raise LensbenchError(f"no results stored under {self.store.dir}; nothing to merge")
         outputs = type(self).merge(records, self.run_dir)
         outputs += type(self).plot(self.run_dir)
+        from .report import write_report
+
+        outputs.append(write_report([self.run_dir], [type(self)]))  # report.html: every table and figure
         return outputs
 
 
