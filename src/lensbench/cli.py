@@ -398,7 +398,6 @@ def _is_fit_run(run_dir: Path, config: dict) -> bool:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from .analysis import load_run_config
-    from .plugins import active_registries
     from .training.curves import CURVES, plot_runs
 
     run_dirs = [Path(d) for d in args.run_dir]
@@ -420,14 +419,42 @@ def cmd_plot(args: argparse.Namespace) -> int:
             return 0
         raise LensbenchError(f"{run_dir}/config.yaml names no analysis (model.class_path); give the output folder "
                              "of a lensbench predict run")
-    registries = active_registries()
-    for entry in registries.analyses:
+    cls = _analysis_class(class_path)
+    if cls is None:
+        raise LensbenchError(f"{run_dir}/config.yaml names analysis {class_path!r}, which is not installed",
+                             "model.class_path")
+    for path in cls.plot(run_dir):
+        print(path)
+    from .report import write_report
+
+    print(write_report([run_dir], [cls]))
+    return 0
+
+
+def _analysis_class(class_path: Any) -> Any:
+    """The installed analysis that a run's config names (class path or registry name); None if none."""
+    from .plugins import active_registries
+
+    for entry in active_registries().analyses:
         cls = entry.obj
         if f"{cls.__module__}.{cls.__qualname__}" == class_path or entry.name == class_path:
-            for path in cls.plot(run_dir):
-                print(path)
-            return 0
-    raise LensbenchError(f"{run_dir}/config.yaml names analysis {class_path!r}, which is not installed", "model.class_path")
+            return cls
+    return None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``lensbench report RUN [RUN ...] [-o FILE]``: one self-contained page of the runs' tables and
+    figures (an analysis that is not installed gets the default sections)."""
+    from .analysis import load_run_config
+    from .report import write_report
+
+    run_dirs = [Path(d) for d in args.run_dir]
+    classes = []
+    for run_dir in run_dirs:
+        model = load_run_config(run_dir).get("model")
+        classes.append(_analysis_class(model.get("class_path")) if isinstance(model, dict) else None)
+    print(write_report(run_dirs, classes, Path(args.out) if args.out else None))
+    return 0
 
 
 _NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
@@ -686,6 +713,11 @@ def _main(argv: list[str], from_sys: bool) -> int:
     plot.add_argument("run_dir", nargs="+", help="output folder of a run (holds config.yaml); several: fit runs")
     plot.add_argument("--out", default=None, help="the figure of fit runs (default: <run>/curves.png for one, "
                       "fit_curves.png for several)")
+    report = sub.add_parser("report", help="write one self-contained HTML page (report.html) of the tables, "
+                            "figures, config and logs of one or several runs, side by side")
+    report.add_argument("run_dir", nargs="+", help="output folder of a run (holds config.yaml)")
+    report.add_argument("-o", "--out", default=None, help="the page (default: <run>/report.html for one run, "
+                        "report.html for several)")
     try:
         if argv and argv[0] == "predict":
             run_predict(None if from_sys else argv)
@@ -704,6 +736,8 @@ def _main(argv: list[str], from_sys: bool) -> int:
             return cmd_plugins(args)
         if args.command == "plot":
             return cmd_plot(args)
+        if args.command == "report":
+            return cmd_report(args)
         top.print_help()
         return 2
     except LensbenchError as exc:
