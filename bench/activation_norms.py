@@ -284,7 +284,9 @@ def save_tiny_llama(folder: Path) -> Path:
 
 def model_folder(source: str) -> str:
     """Where the bare side loads the model from: the same files lensbench loads."""
-    from lensbench.models.loading import EMBEDDED, ModelSpec, embedded_smollm2_folder, resolve_source
+    from lensbench.models.embedded import embedded_smollm2_folder
+    from lensbench.models.loading import ModelSpec, resolve_source
+    from lensbench.models.sources import EMBEDDED
 
     if source == "smollm2":
         return str(embedded_smollm2_folder())  # converted once into ~/.cache/lensbench

@@ -13,9 +13,10 @@ import torch
 from helpers_cli import last_line, make_workdir
 
 from lensbench.errors import LensbenchError
-from lensbench.models import loading
+from lensbench.models import placement, quantized
 from lensbench.models.fingerprint import model_fingerprint, weight_settings
-from lensbench.models.loading import ModelSpec, editable_weights, load_model, resolve_source
+from lensbench.models.loading import ModelSpec, load_model, resolve_source
+from lensbench.models.placed_weights import editable_weights
 from lensbench.plugins import active_registries
 from lensbench.state import State, SubjectManager, TransformSpec
 
@@ -128,7 +129,7 @@ def test_without_placement_gives_the_identity_of_a_config_without_the_new_fields
 
 
 def test_a_named_map_on_a_cpu_rank_stays_on_the_cpu(tiny_model, plain):
-    assert set(loading._rank_max_memory(torch.device("cpu"))) == {"cpu"}
+    assert set(placement._rank_max_memory(torch.device("cpu"))) == {"cpu"}
     loaded = load_model(ModelSpec(str(tiny_model), device_map="auto"))
     assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
     assert torch.equal(_forward(loaded.model).logits, plain[1].logits)
@@ -138,14 +139,14 @@ def test_ranks_sharing_a_node_take_every_other_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (1000 * (i + 1), 4000))
-    memory = loading._rank_max_memory(torch.device("cuda:1"))
+    memory = placement._rank_max_memory(torch.device("cuda:1"))
     assert set(memory) == {1, 3, "cpu"} and memory[1] == 1800 and memory[3] == 3600
-    assert set(loading._rank_max_memory(torch.device("cuda:0"))) == {0, 2, "cpu"}
+    assert set(placement._rank_max_memory(torch.device("cuda:0"))) == {0, 2, "cpu"}
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(LensbenchError, match="trainer.devices"):
-        loading._rank_max_memory(torch.device("cuda:0"))
+        placement._rank_max_memory(torch.device("cuda:0"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert loading._rank_max_memory(torch.device("cuda:0")) is None  # one rank: every GPU it sees
+    assert placement._rank_max_memory(torch.device("cuda:0")) is None  # one rank: every GPU it sees
 
 
 @pytest.mark.parametrize("spec_args,field,words", [
@@ -242,7 +243,7 @@ def test_remote_code_that_needs_a_missing_package_is_one_line(tmp_path, tiny_mod
 def test_bitsandbytes_without_cpu_kernels_is_one_line_on_a_cpu_rank(tiny_model, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
-    monkeypatch.setattr(loading, "_bitsandbytes_version", lambda: "0.45.5")
+    monkeypatch.setattr(quantized, "_bitsandbytes_version", lambda: "0.45.5")
     with pytest.raises(LensbenchError) as info:
         load_model(ModelSpec(str(tiny_model), load_in_4bit=True), device=torch.device("cpu"))
     assert info.value.field == "model.load_in_4bit"

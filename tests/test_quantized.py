@@ -15,7 +15,8 @@ from conftest import installed
 from helpers_cli import last_line, make_workdir
 
 from lensbench.errors import LensbenchError
-from lensbench.models.loading import ModelSpec, _bitsandbytes_on_cpu, load_model
+from lensbench.models.loading import ModelSpec, load_model
+from lensbench.models.quantized import _bitsandbytes_on_cpu
 from lensbench.plugins import active_registries
 from lensbench.state import State, SubjectManager, TransformSpec
 from lensbench.testing import save_tiny_llama
@@ -138,7 +139,7 @@ def saved_4bit(tmp_path_factory, tiny64):
 
 def test_a_checkpoint_saved_in_4bit_with_float_storage_is_refused_and_recorded_as_4bit(saved_4bit, tiny64):
     """Its packed values are float32 tensors: the test on the dtype alone would let noise in."""
-    from lensbench.models.loading import loaded_in_4bit
+    from lensbench.models.quantized import loaded_in_4bit
 
     manager = SubjectManager({"m": ModelSpec(str(saved_4bit))}, CPU, active_registries().perturbations)
     model = manager.activate(State("m")).model

@@ -55,7 +55,7 @@ class Perturbation(Transform):
 
     def validate(self, subject) -> None:
         # at level 0 too: a group that matches nothing, or quantized weights, fail before any work
-        from .models.loading import check_not_quantized
+        from .models.quantized import check_not_quantized
 
         check_not_quantized(subject.model, [sel.name for sel in self.selections(subject)],
                             "model.init_args.perturbation.param_group")

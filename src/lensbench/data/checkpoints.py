@@ -18,8 +18,9 @@ import torch
 
 from ..errors import LensbenchError
 from ..models.checkpoint import CheckpointReader, open_checkpoint, pin_mmap_threshold
-from ..models.loading import ModelSpec, quant_method, resolve_source
+from ..models.loading import ModelSpec, resolve_source
 from ..models.matrices import MatrixInfo, linear_matrices, select_matrices
+from ..models.quantized import quant_method
 from ..state import State, SubjectManager
 from ..work import Unit
 from .modules import WorkDataModule

@@ -106,7 +106,7 @@ class LayerSweepData(WorkDataModule):
         self.tasks = [TaskUnit(t.name, t.task_type, t) for t in resolve_tasks(entries, "data.init_args.tasks")] \
             if entries else []
         if any(not t.ref.local for t in self.tasks):
-            from ..models.loading import hub_offline
+            from ..models.sources import hub_offline
 
             if hub_offline():  # a task whose dataset is not cached fails here, before any work
                 for t in self.tasks:

@@ -28,7 +28,9 @@ import torch
 
 from ..errors import LensbenchError
 from ..logs import console
-from .loading import EMBEDDED, ModelSpec, embedded_smollm2_folder, resolve_source
+from .embedded import embedded_smollm2_folder
+from .loading import ModelSpec, resolve_source
+from .sources import EMBEDDED
 
 BIN_PATTERNS = ("pytorch_model*.bin", "model*.bin")
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -37,7 +37,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .loading import EMBEDDED, ModelSpec, cache_dir, resolve_source
+from .loading import ModelSpec, resolve_source
+from .sources import EMBEDDED, cache_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 #: Each file is hashed in blocks of this size (part of the digest's definition: changing it changes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import LensbenchError
-from .loading import embedded_smollm2_folder
+from .embedded import embedded_smollm2_folder
 
 
 def main() -> int:

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 
 from ..errors import LensbenchError, did_you_mean
-from ..models.loading import EMBEDDED, ModelSpec, embedded_smollm2_folder, resolve_source
+from ..models.embedded import embedded_smollm2_folder
+from ..models.loading import ModelSpec, resolve_source
+from ..models.sources import EMBEDDED
 
 
 def source_folder(source: str, field: str) -> Path:
