@@ -162,7 +162,7 @@ def test_a_pipeline_config_that_is_no_mapping_names_its_sections():
 
 
 def _loader():
-    from lensbench.cli import _make_loader
+    from lensbench.cli_base import _make_loader
 
     return _make_loader(SimpleNamespace(analyses=()))
 

@@ -7,28 +7,15 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
+from .cli_base import cli_base_class, default_experiment, run_cli
 from .errors import LensbenchError, RunStopped
+from .run_identity import MATMUL_KEY, flatten, free_fields, is_free
 
-PARSER_MODE = "lensbench_yaml"
 SECTIONS = {"model": ("analyses", "lensbench.analysis.Analysis"), "data": (None, None)}
-
-
-def _resolve_short_names(config: dict[str, Any], registries) -> None:
-    """Replace a registered analysis name in ``model``/``model.class_path`` by its import path."""
-    model = config.get("model")
-    if isinstance(model, str):
-        model = config["model"] = {"class_path": model}
-    if isinstance(model, dict) and isinstance(model.get("class_path"), str):
-        name = model["class_path"]
-        if name in registries.analyses:
-            cls = registries.analyses.get(name)
-            model["class_path"] = f"{cls.__module__}.{cls.__qualname__}"
-        elif "." not in name and name not in {cls.obj.__name__ for cls in registries.analyses}:
-            registries.analyses.get(name, "model.class_path")  # raises with close matches
 
 
 def _resolve_model_flag(argv: list[str], registries) -> list[str]:
@@ -47,138 +34,6 @@ def _resolve_model_flag(argv: list[str], registries) -> list[str]:
             cls = registries.analyses.get(arg[8:])
             out[i] = f"--model={cls.__module__}.{cls.__qualname__}"
     return out
-
-
-def _config_file_shown(path: str = "") -> str | None:
-    """The config file jsonargparse is reading (as given on the command line), else ``path``."""
-    try:
-        from jsonargparse._util import config_load_stack  # private; jsonargparse is pinned <5
-
-        stack = config_load_stack.get()
-    except (ImportError, AttributeError):
-        stack = ()
-    return stack[-1][1] if stack else (path or None)
-
-
-def _make_loader(registries):
-    def load(text: str, path: str = "") -> Any:
-        """``path``: given by jsonargparse when ``text`` is a whole config file (``--config``)."""
-        from .yamlio import DuplicateKeyError, not_a_mapping, safe_load
-
-        shown = _config_file_shown(path)
-        try:
-            value = safe_load(text)
-        except DuplicateKeyError as exc:
-            where = shown or f"the value {text.strip()[:60]!r}"
-            raise LensbenchError(exc.describe(where), "config") from None
-        except yaml.YAMLError as exc:
-            if "\n" not in text.strip() and ": " not in text:
-                raise  # one value, such as the glob "*.mlp.*": jsonargparse takes it as a string
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            where += f" of {shown}" if shown else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise LensbenchError(f"malformed YAML{where}: {problem}; fix the file's syntax", "config") from None
-        problem = not_a_mapping(value, shown, "model:, data:, trainer:") if path else None  # a --config file
-        if problem:
-            raise LensbenchError(f"{problem}: the command's --print_config shows them", "config")
-        # A whole run config (not, say, an analysis's own ``model:`` argument).
-        if isinstance(value, dict) and "model" in value and ({"data", "trainer"} & value.keys()):
-            _resolve_short_names(value, registries)
-        return value
-
-    return load
-
-
-def cli_base_class():
-    """LightningCLI with what every lensbench command shares: the ``float32_matmul_precision``
-    option (set before any class is built), Lightning's trainer errors as one line naming the
-    trainer section, and Lightning's SIGTERM handler kept from broadcasting (``_no_sigterm_broadcast``)."""
-    from lightning.pytorch.cli import LightningCLI
-
-    class LensbenchCLIBase(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.add_argument(f"--{MATMUL_KEY}", type=Optional[str], default=None,
-                                help="torch.set_float32_matmul_precision for the run: highest, high (TF32 "
-                                     "matmuls on GPUs) or medium; default: high where CUDA is available and "
-                                     "trainer.accelerator is not cpu, else torch's own. Recorded in run.json, "
-                                     "not matched on resume.")
-
-        def parse_arguments(self, parser, args) -> None:
-            """``args`` given (``main([...])`` in a test or a notebook, a pipeline's steps): Lightning
-            warns when the process has command-line arguments too (pytest's, a notebook kernel's,
-            ``lensbench pipeline``'s own), against mixing the two; lensbench passes the whole command
-            line, so those are hidden from that check while the arguments are parsed, and only then
-            (the DDP launcher, later, re-runs ``sys.argv`` as it is)."""
-            if args is None:
-                return super().parse_arguments(parser, args)
-            argv = sys.argv
-            sys.argv = argv[:1]
-            try:
-                super().parse_arguments(parser, args)
-            finally:
-                sys.argv = argv
-
-        def before_instantiate_classes(self) -> None:
-            cfg = self.config[self.subcommand]
-            self.matmul_precision = apply_matmul_precision(cfg.get(MATMUL_KEY), cfg.get("trainer.accelerator"))
-
-        def instantiate_trainer(self, **kwargs: Any):
-            from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-            from .distributed import bounded_start, check_environment
-
-            check_environment()  # MASTER_PORT, the rendezvous timeout: before the trainer says anything
-            try:
-                trainer = super().instantiate_trainer(**kwargs)
-            except (TypeError, ValueError, ImportError, MisconfigurationException) as exc:  # Lightning's checks
-                reason = str(exc).strip().rstrip(".").splitlines()[0]
-                raise LensbenchError(f"{reason}; fix the trainer section of the config", "trainer") from None
-            _no_sigterm_broadcast(trainer)
-            bounded_start(trainer)  # a bounded rendezvous; child ranks that end with their launcher
-            return trainer
-
-    return LensbenchCLIBase
-
-
-#: Warning messages of Lightning that say nothing to a lensbench user.
-QUIET = (
-    r".*predict returned None.*",
-    r".*overridden `transfer_batch_to_device`.*",
-    r".*isinstance\(treespec, LeafSpec\)",
-    r".*does not have many workers which may be a bottleneck.*",
-)
-
-
-def run_cli(cli_class: Any, model: Any, data: Any, registries: Any, description: str,
-            quiet: tuple[str, ...] = (), **kwargs: Any) -> Any:
-    """``cli_class(model, data, **kwargs)`` with what every lensbench command shares: Lightning's
-    and jsonargparse's advice kept off the console (``QUIET`` and ``quiet``: warning messages to
-    ignore), the YAML loader resolving registered names, one-line errors (no exit inside the
-    parser), no config-saving callback; torch's float32 matmul precision given back afterwards (a
-    run in this process sets its own)."""
-    import os
-    import warnings
-
-    from jsonargparse import set_loader
-
-    from .logs import quiet_lightning
-
-    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's calls, not the user's
-    for pattern in (*QUIET, *quiet):
-        warnings.filterwarnings("ignore", message=pattern)
-    quiet_lightning()
-    set_loader(PARSER_MODE, _make_loader(registries), exceptions=(yaml.YAMLError,))
-    previous = _matmul_precision_now()
-    try:
-        return cli_class(model, data, save_config_callback=None,
-                         parser_kwargs={"parser_mode": PARSER_MODE, "exit_on_error": False, "description": description},
-                         **kwargs)
-    finally:
-        if previous is not None:
-            import torch
-
-            torch.set_float32_matmul_precision(previous)
 
 
 def _build_cli_class():
@@ -211,8 +66,8 @@ def _build_cli_class():
             # Placement (device_map, max_memory) never changes a result: a run resumes under another map.
             from .models.fingerprint import without_placement
 
-            identity = _flatten(without_placement({"model": resolved.get("model"), "data": resolved.get("data")}))
-            identity.update(_flatten({"data_fingerprint": self.datamodule.fingerprint(),
+            identity = flatten(without_placement({"model": resolved.get("model"), "data": resolved.get("data")}))
+            identity.update(flatten({"data_fingerprint": self.datamodule.fingerprint(),
                                       "model_fingerprint": self.model.fingerprint(),
                                       "inputs_fingerprint": self.model.inputs_fingerprint()}))
             free = free_fields(self.model, self.datamodule)
@@ -224,50 +79,6 @@ def _build_cli_class():
     return LensbenchCLI
 
 
-def default_experiment(class_path: str, configs: list) -> str:
-    """``<analysis name>/<config stem>``: run folders of two analyses never collide."""
-    import importlib
-
-    module, _, attr = str(class_path).rpartition(".")
-    try:
-        name = getattr(importlib.import_module(module), attr).name or attr.lower()
-    except (ImportError, AttributeError, ValueError):
-        name = attr.lower()
-    stem = Path(str(configs[-1])).stem if configs else None
-    return f"{name}/{stem}" if stem else name
-
-
-#: torch's float32 matmul precision (a top-level config key and option): recorded in run.json by the
-#: run that makes the folder, not matched on resume (the run log says what each run used).
-MATMUL_KEY = "float32_matmul_precision"
-MATMUL_PRECISIONS = ("highest", "high", "medium")
-
-
-def apply_matmul_precision(value: str | None, accelerator: Any = None) -> str:
-    """Set ``torch.set_float32_matmul_precision`` to ``value`` (default: high where CUDA is
-    available and the trainer may use it, else torch's current setting) and return it."""
-    import torch
-
-    if value is None:
-        cpu_only = str(accelerator).lower() in ("cpu", "mps", "tpu", "xla", "hpu") if isinstance(accelerator, str) else False
-        value = "high" if torch.cuda.is_available() and not cpu_only else _matmul_precision_now() or "highest"
-    if value not in MATMUL_PRECISIONS:
-        raise LensbenchError(f"{value!r} is not a float32 matmul precision; use one of "
-                             f"{', '.join(MATMUL_PRECISIONS)}", MATMUL_KEY)
-    torch.set_float32_matmul_precision(value)
-    return value
-
-
-def _matmul_precision_now() -> str | None:
-    """torch's float32 matmul precision; None when it has none (backends set apart through the new API)."""
-    import torch
-
-    try:
-        return torch.get_float32_matmul_precision()
-    except RuntimeError:
-        return None
-
-
 def _matmul_precision_recorder(value: str):
     """A callback writing ``value`` into run.json when this run made the folder (an existing
     folder's run.json is left byte for byte), and logging it; a resume with another one warns."""
@@ -277,7 +88,7 @@ def _matmul_precision_recorder(value: str):
 
     class MatmulPrecision(Callback):
         def on_predict_start(self, trainer, pl_module) -> None:
-            from .analysis import IDENTITY_FILE, _atomic_write
+            from .run_folders import IDENTITY_FILE, atomic_write
             from .logs import console, run_log
 
             run_log.info(f"{MATMUL_KEY}: {value}")
@@ -287,39 +98,12 @@ def _matmul_precision_recorder(value: str):
             identity = json.loads(path.read_text())
             if getattr(pl_module, "_new_identity", False) and MATMUL_KEY not in identity:
                 identity[MATMUL_KEY] = value
-                _atomic_write(path, json.dumps(identity, indent=1, sort_keys=True))
+                atomic_write(path, json.dumps(identity, indent=1, sort_keys=True))
             elif identity.get(MATMUL_KEY, value) != value:
                 console.warning(f"lensbench: this run computes with {MATMUL_KEY} {value}; the run that made "
                                 f"{pl_module.run_dir} used {identity[MATMUL_KEY]}")
 
     return MatmulPrecision()
-
-
-#: Settings that never change what a stored record means (where results go, recompute-all), and
-#: the matmul precision, recorded but not matched.
-ALWAYS_FREE = ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run", MATMUL_KEY)
-
-
-def free_fields(analysis: Any, datamodule: Any) -> tuple[str, ...]:
-    """Config paths that may differ between runs on one folder: those choosing which work items
-    exist or how they are scheduled (``extendable`` of the analysis and of the DataModule), never
-    those that change a stored record's meaning."""
-    return (*ALWAYS_FREE,
-            *(f"model.init_args.{f}" for f in getattr(analysis, "extendable", ())),
-            *(f"data.init_args.{f}" for f in getattr(datamodule, "extendable", ())))
-
-
-def is_free(key: str, free: tuple[str, ...]) -> bool:
-    return any(key == f or key.startswith(f + ".") for f in free)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
 
 
 def run_predict(argv: list[str] | None) -> Any:
@@ -633,28 +417,6 @@ def _stop_on_signals() -> dict[int, Any]:
     return previous
 
 
-def _no_sigterm_broadcast(trainer: Any) -> None:
-    """Keep Lightning's SIGTERM handler from broadcasting inside the handler. Lightning 2.6 makes
-    every rank that gets SIGTERM call ``dist.broadcast(..., src=0)`` there: a rank signalled alone
-    (``kill`` of one rank) waits in it for the DDP timeout (30 minutes by default), and a rank
-    signalled twice (a ``kill`` of the process group, then Lightning's forwarding) waits for a rank
-    0 that is gone. lensbench stops each signalled rank itself (``RunStopped``); a rank left running
-    stops at its next collective in one line. Lightning's forwarding of the signal to the child
-    ranks it launched is kept."""
-    connector = getattr(trainer, "_signal_connector", None)
-    if connector is None or not hasattr(connector, "_sigterm_notifier_fn"):
-        return
-
-    def notify(signum: Any, frame: Any) -> None:
-        if not connector.received_sigterm:
-            launcher = trainer.strategy.launcher
-            if launcher is not None:
-                launcher.kill(signum)
-        connector.received_sigterm = True
-
-    connector._sigterm_notifier_fn = notify
-
-
 def _peer_lost(exc: BaseException) -> str | None:
     """The first line of a torch.distributed error saying that another rank is gone or timed out."""
     text = str(exc)
@@ -725,7 +487,7 @@ def _main(argv: list[str], from_sys: bool) -> int:
         if argv and argv[0] == "pipeline":
             from .pipeline import run_pipeline
 
-            return run_pipeline(argv[1:])
+            return run_pipeline(argv[1:], run_predict)
         if argv and argv[0] == "fit":
             from .training.cli import run_fit
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def step_configs(config: PipelineConfig) -> dict[str, dict[str, Any]]:
         },
     }
     if config.float32_matmul_precision is not None:
-        from .cli import MATMUL_KEY
+        from .run_identity import MATMUL_KEY
 
         for step in steps.values():
             step[MATMUL_KEY] = config.float32_matmul_precision
@@ -165,7 +166,9 @@ def summary(run_dir: Path) -> Path:
     return write_csv(pd.DataFrame(rows), run_dir / "summary.csv")
 
 
-def run_pipeline(argv: list[str]) -> int:
+def run_pipeline(argv: list[str], run_predict: Callable[[list[str]], Any]) -> int:
+    """``lensbench pipeline``: its two steps each run by ``run_predict`` (``lensbench.cli``'s, handed down
+    by the command so that this module does not import the command back)."""
     parser = argparse.ArgumentParser(prog="lensbench pipeline",
                                      description="Parameter statistics and activation norms of one base and "
                                                  "other models, then a summary: lensbench pipeline --config X.yaml. "
@@ -190,7 +193,6 @@ def run_pipeline(argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOCK_FILE).touch()
     steps_dir = run_dir / "steps"
-    from .cli import run_predict
     from .logs import console
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))

@@ -82,3 +82,30 @@ def read_identity(path: Path, field: str = EXPERIMENT_FIELD) -> dict[str, Any]:
         raise DamagedRunFile(f"{path} is damaged (a JSON {type(value).__name__}, not an object); it records what a "
                              "resume must match: restore it, or set another experiment name", field)
     return value
+
+
+def try_lock(path: Path) -> Any:
+    """The open, exclusively locked ``path``; None when another process holds it. The file stays
+    empty (a failed run changes nothing); where fcntl is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return open(path, "a", encoding="utf-8")
+    handle = open(path, "a", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, flushed and
+    synced, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -131,8 +131,8 @@ class ResultRecord:
         self._write()
 
     def _write(self) -> None:
-        from ..analysis import _atomic_write
+        from ..run_folders import atomic_write
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path, json.dumps({"key": self.key, "settings": self.settings, "layers": self.layers},
+        atomic_write(self.path, json.dumps({"key": self.key, "settings": self.settings, "layers": self.layers},
                                             indent=1, sort_keys=True))

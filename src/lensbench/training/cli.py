@@ -30,7 +30,8 @@ FREE = ("model.experiment", "model.output_dir", "model.save_every", "model.track
 
 
 def _build_fit_cli():
-    from ..cli import MATMUL_KEY, _flatten, cli_base_class, default_experiment, is_free
+    from ..cli_base import cli_base_class, default_experiment
+    from ..run_identity import MATMUL_KEY, flatten, is_free
 
     class LensbenchFitCLI(cli_base_class()):
         nothing_to_train: str | None = None  # the line saying so, when the checkpoint reached max_steps
@@ -90,7 +91,7 @@ def _build_fit_cli():
             cfg = self.config[self.subcommand]
             text = parser.dump(cfg, skip_none=False)
             resolved = yaml.safe_load(text)
-            identity = {k: v for k, v in _flatten({"model": resolved.get("model"), "data": resolved.get("data")}).items()
+            identity = {k: v for k, v in flatten({"model": resolved.get("model"), "data": resolved.get("data")}).items()
                         if not is_free(k, FREE)}
             run_dir = self.model.run_dir
             ident_path = run_dir / "run.json"
@@ -180,7 +181,7 @@ def _build_fit_cli():
 
 
 def run_fit(argv: list[str] | None) -> Any:
-    from ..cli import run_cli
+    from ..cli_base import run_cli
     from ..plugins import active_registries
     from .data import SyntheticTextData
     from .module import CausalLMTraining

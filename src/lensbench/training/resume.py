@@ -69,20 +69,20 @@ def _reason(text: str) -> str:
 def stored_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The ``model.*`` and ``data.*`` settings a checkpoint was trained with, flattened as in
     run.json (the data's only where the checkpoint holds them)."""
-    from ..cli import _flatten
+    from ..run_identity import flatten
 
     sections = {"model": checkpoint.get("hyper_parameters"), "data": checkpoint.get("datamodule_hyper_parameters")}
     out: dict[str, Any] = {}
     for name, values in sections.items():
         if isinstance(values, dict):
-            out.update(_flatten({name: {k: v for k, v in values.items() if k not in NOT_SETTINGS}}))
+            out.update(flatten({name: {k: v for k, v in values.items() if k not in NOT_SETTINGS}}))
     return json.loads(json.dumps(out, default=str))
 
 
 def changed_settings(checkpoint: dict[str, Any], identity: dict[str, Any], free: tuple[str, ...]) -> list[str]:
     """``key: <stored> there, <asked> here`` for each setting (outside ``free``) the checkpoint was
     trained with and the config asks otherwise; a section the checkpoint does not hold is not compared."""
-    from ..cli import is_free
+    from ..run_identity import is_free
 
     stored = {k: v for k, v in stored_settings(checkpoint).items() if not is_free(k, free)}
     sections = {k.split(".", 1)[0] for k in stored}
@@ -140,8 +140,7 @@ class FolderLock:
         self.made: Path | None = None  # the topmost folder take made
 
     def take(self) -> None:
-        from ..analysis import LOCK_FILE, _try_lock
-        from ..run_folders import FIT_MARKERS, check_is_run_folder
+        from ..run_folders import FIT_MARKERS, LOCK_FILE, check_is_run_folder, try_lock
 
         check_is_run_folder(self.run_dir, self.field, FIT_MARKERS)  # a user's folder is not taken over
         for folder in (self.run_dir, *self.run_dir.parents):
@@ -149,14 +148,14 @@ class FolderLock:
                 break
             self.made = folder
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.handle = _try_lock(self.run_dir / LOCK_FILE)
+        self.handle = try_lock(self.run_dir / LOCK_FILE)
         if self.handle is None:
             self.made = None
             raise LensbenchError(f"another lensbench run is writing {self.run_dir}; wait for it to finish, or set "
                                  "another experiment name", self.field)
 
     def release(self, undo: bool = False) -> None:
-        from ..analysis import LOCK_FILE
+        from ..run_folders import LOCK_FILE
 
         if self.handle is None:
             return
