@@ -11,7 +11,7 @@ pre{padding:.6em;overflow:auto;max-height:30em}code{padding:0 .25em}
 .lb-card dt{font-weight:600}.lb-card dd{margin:0;overflow-wrap:anywhere}
 .lb-ok{color:#176b2c;font-weight:600}.lb-partial{color:#a4480a;font-weight:600}
 .lb-warn{color:#8a5a00}.lb-warn li{overflow-wrap:anywhere}
-figure{margin:.5em 0;flex:1 1 420px;min-width:0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figure{margin:.5em 0;flex:0 1 auto;min-width:0}figure img{max-width:100%;max-height:420px;width:auto;height:auto;border:1px solid #eee}
 figcaption{font-size:12px;color:#555}
 .lb-table{margin:1em 0 2em}.lb-tools{display:flex;gap:.6em;align-items:center;margin:.3em 0;flex-wrap:wrap}
 .lb-tools input{padding:.2em .4em;min-width:18em}.lb-scroll{overflow:auto;max-height:70vh;border:1px solid #dde}

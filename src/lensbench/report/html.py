@@ -64,14 +64,18 @@ def build_report(run_dirs: Sequence[Path], classes: Sequence[Any] | None = None)
     for name, members in groups.items():
         sections = {i: run_sections(run_dirs[i], classes[i], name) for i in members}
         body.append(f'<section id="{_id(name)}"><h2>{_e(name)}</h2>')
-        body.append('<div class="lb-row">' + "".join(_card(infos[i], labels[i]) for i in members) + "</div>")
+        cards = "".join(_card(infos[i], labels[i]) for i in members)
+        if len(members) > 1 or not any(s.figures for s in sections[members[0]]):
+            body.append(f'<div class="lb-row">{cards}</div>')
+            cards = ""  # one run: its header stands beside its first figure
         titles = list(dict.fromkeys(s.title for i in members for s in sections[i]))
         for title in titles:
             parts = {i: s for i in members for s in sections[i] if s.title == title}
             if title != name:
                 body.append(f"<h3>{_e(title)}</h3>")
             body += [f"<p>{_e(s.text)}</p>" for s in parts.values() if s.text][:1]
-            body.append(_figures({labels[i]: s.figures for i, s in parts.items()}))
+            body.append(_figures({labels[i]: s.figures for i, s in parts.items()}, cards))
+            cards = cards if not any(s.figures for s in parts.values()) else ""
             body.append(_tables({labels[i]: s.tables for i, s in parts.items()}, tables))
         body.append("</section>")
     from .. import __version__
@@ -129,7 +133,8 @@ def _card(info: RunInfo, label: str) -> str:
 
 
 # -- figures and tables ------------------------------------------------------------------------
-def _figures(by_run: dict[str, list[Path]]) -> str:
+def _figures(by_run: dict[str, list[Path]], lead: str = "") -> str:
+    """A row per figure name, the runs' figures of that name side by side; ``lead`` opens the first row."""
     names = list(dict.fromkeys(p.name for figures in by_run.values() for p in figures))
     out = []
     several = len(by_run) > 1
@@ -143,7 +148,8 @@ def _figures(by_run: dict[str, list[Path]]) -> str:
             caption = f"{label}: {name}" if several else name
             cells.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
                          f"<figcaption>{_e(caption)}</figcaption></figure>")
-        out.append('<div class="lb-row">' + "".join(cells) + "</div>")
+        out.append('<div class="lb-row">' + lead + "".join(cells) + "</div>")
+        lead = ""
     return "\n".join(out)
 
 
