@@ -252,3 +252,34 @@ def test_a_fifty_checkpoint_sweep_opens_in_under_two_seconds(tmp_path):
     # Chromium's own start and the load of the shared test machine, which say nothing of the page.
     print(f"50-checkpoint sweep page opened in {seen['opened_ms']:.0f} ms")
     assert seen["opened_ms"] < 2000
+
+
+LOG = """\
+2026-01-01 10:00:00,000 INFO lightning.pytorch.utilities.rank_zero: lensbench: 10 work items, 0 already stored in x, 10 to do on 2 rank(s)
+2026-01-01 10:00:01,000 INFO lensbench.run: rank 0/2 on cuda:0: results to x/shards/rank00000.jsonl
+2026-01-01 10:00:05,000 WARNING lightning.pytorch.lensbench: perturbation: out of memory at batch size 32; retrying with 16
+2026-01-01 10:00:09,500 INFO lensbench.run: rank 0: 3/5 work items (60%), 1.00 items/s, about 2 s left; memory: rss 2.50 GiB, cuda allocated 7.25 GiB, reserved 9.00 GiB
+2026-01-01 10:00:10,000 ERROR lensbench.run: rank 0: run stopped: RunStopped: stopped by SIGTERM
+2026-01-01 11:00:00,000 INFO lightning.pytorch.utilities.rank_zero: lensbench: 12 work items, 3 already stored in x, 9 to do on 2 rank(s)
+2026-01-01 11:00:02,000 INFO lensbench.run: rank 0: 1/5 work items (20%), 1.00 items/s, about 4 s left; memory: rss 3.00 GiB, cuda allocated 6.00 GiB, reserved 8.00 GiB
+2026-01-01 11:00:02,000 WARNING lightning.pytorch.lensbench: perturbation: out of memory at batch size 32; retrying with 16
+"""
+
+
+def test_the_header_reads_devices_time_memory_warnings_and_a_stopped_session_from_the_logs(tmp_path):
+    from lensbench.report.runinfo import read_run
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  class_path: perturbation\n")
+    (run / "logs" / "rank0.log").write_text(LOG)
+    (run / "logs" / "rank1.log").write_text("2026-01-01 10:00:01,000 INFO lensbench.run: rank 1/2 on cuda:1: results to y\n")
+    info = read_run(run)
+    assert info.ranks == {0: "cuda:0", 1: "cuda:1"} and info.world_size == 2
+    assert info.wall_s == pytest.approx(12.0) and info.sessions == 2  # 10 s, then 2 s
+    assert info.peak_gib == {"rss": 3.0, "cuda allocated": 7.25, "reserved": 9.0}
+    assert info.warnings == [  # each once
+        "rank0: WARNING perturbation: out of memory at batch size 32; retrying with 16",
+        "rank0: ERROR rank 0: run stopped: RunStopped: stopped by SIGTERM"]
+    assert info.stopped is None  # the second session did not stop
+    assert info.state() == "partial: 0 of 12 planned work items stored, 12 missing"

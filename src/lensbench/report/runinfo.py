@@ -21,7 +21,7 @@ CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.json"
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\w+) ")
 _PLANNED = re.compile(r"lensbench: (\d+) work items, (\d+) already stored")
-_RANK = re.compile(r"rank (\d+)/(\d+) on (\S+?):")
+_RANK = re.compile(r"rank (\d+)/(\d+) on (\S+): results to")
 _GIB = re.compile(r"(rss|cuda allocated|reserved) (\d+(?:\.\d+)?) GiB")
 #: Shown missing keys at most (the rest counted).
 SHOWN_MISSING = 20
