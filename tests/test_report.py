@@ -283,3 +283,22 @@ def test_the_header_reads_devices_time_memory_warnings_and_a_stopped_session_fro
         "rank0: ERROR rank 0: run stopped: RunStopped: stopped by SIGTERM"]
     assert info.stopped is None  # the second session did not stop
     assert info.state() == "partial: 0 of 12 planned work items stored, 12 missing"
+
+
+def test_the_packaged_column_descriptions_match_the_docs(tmp_path):
+    from lensbench.plugins import active_registries
+    from lensbench.report.doc_columns import COLUMNS
+    from lensbench.report.sections import default_sections, doc_columns
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    names = sorted(e.name for e in active_registries().analyses if (docs / f"{e.name}.md").exists())
+    fix = ("regenerate: python3 -c \"from lensbench.report.sections import write_snapshot; "
+           f"write_snapshot('docs', {names!r})\"")
+    assert sorted(COLUMNS) == names, fix
+    for name in names:
+        assert COLUMNS[name] == doc_columns((docs / f"{name}.md").read_text(encoding="utf-8")), fix
+    # where no doc is found (an installed wheel), the packaged copy describes the columns
+    (tmp_path / "activation_norms.csv").write_text("model,mean_norm\nm,1.0\n")
+    table, = default_sections(tmp_path, "activation_norms", tmp_path / "site" / "pkg" / "mod.py")[0].tables
+    assert table.columns == {k: v for k, v in COLUMNS["activation_norms"]["activation_norms.csv"].items() if k}
+    assert table.columns["mean_<stat>"].startswith("mean of the statistic") and table.description

@@ -42,10 +42,16 @@ class Section:
 
 def default_sections(run_dir: Path, analysis: str, search_from: str | Path | None = None) -> list[Section]:
     """One section holding every ``*.png`` and ``*.csv`` of ``run_dir`` (sorted by name), its
-    tables described by the doc of ``analysis`` found by ``find_doc`` (none: no descriptions)."""
+    tables described by the doc of ``analysis`` found by ``find_doc``; where none is found, by the
+    copy of the built-in analyses' descriptions in ``doc_columns`` (else none)."""
     run_dir = Path(run_dir)
     doc = find_doc(analysis, search_from)
-    described = doc_columns(doc.read_text(encoding="utf-8")) if doc else {}
+    if doc is not None:
+        described = doc_columns(doc.read_text(encoding="utf-8"))
+    else:  # an installed wheel carries no docs: the built-in analyses' descriptions ship in the package
+        from .doc_columns import COLUMNS
+
+        described = COLUMNS.get(analysis, {})
     tables = []
     for path in sorted(run_dir.glob("*.csv")):
         info = described.get(path.name, {})
@@ -129,3 +135,17 @@ def key_columns(frame, hints: tuple[str, ...] = KEY_HINTS) -> list[str]:
     if not keys or frame.duplicated(subset=keys).any():
         return []
     return keys
+
+
+def write_snapshot(docs: Path, names: list[str], out: Path = Path(__file__).with_name("doc_columns.py")) -> Path:
+    """Write ``doc_columns.py``: ``doc_columns`` of ``docs/<name>.md`` for each of ``names`` (the
+    built-in analyses), so that an installed wheel, which has no docs, still describes their
+    columns. tests/test_report.py checks that it matches the docs."""
+    import pprint
+
+    columns = {name: doc_columns((Path(docs) / f"{name}.md").read_text(encoding="utf-8")) for name in sorted(names)}
+    out.write_text('"""The column descriptions of the built-in analyses\' docs (``sections.doc_columns`` of\n'
+                   "``docs/<analysis>.md``), for installs without the docs. Written by ``sections.write_snapshot``;\n"
+                   'do not edit by hand."""\n\n'
+                   f"COLUMNS = {pprint.pformat(columns, width=110, sort_dicts=False)}\n", encoding="utf-8")
+    return out
