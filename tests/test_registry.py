@@ -167,7 +167,8 @@ def test_installed_example_plugin_is_found_with_its_distribution_label():
     assert labels(reg.datasets) == {"forget": BUILTIN, "retain": BUILTIN, "dreams": BUILTIN, "iq": BUILTIN,
                                     "cookie_theft": BUILTIN, "capitals": EXAMPLE}
     assert labels(reg.analyses) == {"activation_norms": BUILTIN, "loop_identity": BUILTIN, "param_diff": BUILTIN,
-                                    "perturbation": BUILTIN, "memory_ablation": BUILTIN, "layer_sweep": BUILTIN}
+                                    "perturbation": BUILTIN, "memory_ablation": BUILTIN, "layer_sweep": BUILTIN,
+                                    "logit_lens": BUILTIN}
     assert set(labels(reg.mteb_tasks).values()) == {BUILTIN}
     assert labels(reg.perturbations) == {"mult_gauss": BUILTIN, "add_gauss": BUILTIN, "ablation": BUILTIN,
                                          "uni_quant": BUILTIN, "loop_layers": BUILTIN, "low_rank": EXAMPLE,
@@ -227,13 +228,13 @@ def test_trace_hooks_prints_every_hook_call(monkeypatch, capsys):
     assert f"[lensbench hook] lensbench_register_datasets <- {EXAMPLE}: ['capitals']" in err
     assert f"[lensbench hook] lensbench_register_analyses <- {BUILTIN}: ['activation_norms']" in err
     assert f"[lensbench hook] lensbench_register_perturbations <- {EXAMPLE}: ['low_rank']" in err
-    # One line per implementation: analyses 6 (built-in modules), perturbations 4 (lensbench.perturbations,
+    # One line per implementation: analyses 7 (built-in modules), perturbations 4 (lensbench.perturbations,
     # lensbench.models.looping, lensbench.memory.interventions, the example), metrics 2, datasets 2,
     # synthetic datasets 1, MTEB tasks 1.
     assert f"[lensbench hook] lensbench_register_synthetic_datasets <- {BUILTIN}: ['synthetic_qa', 'digit_lookup', 'two_hop', 'hashhop']" in err
     assert (f"[lensbench hook] lensbench_register_mteb_tasks <- {BUILTIN}: "
             "['lensbench_topics', 'lensbench_topics_clustering', 'lensbench_sts']") in err
-    assert err.count("[lensbench hook]") == 16
+    assert err.count("[lensbench hook]") == 17
 
 
 def test_hook_results_are_filed_in_registration_order(monkeypatch, capsys):
