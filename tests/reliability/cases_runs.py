@@ -1,6 +1,6 @@
 """Catalogue cases of run folders: experiment names that would write outside ``output_dir`` or
 into a user's folder, and run folder files that are damaged (``run.json``, a shard line, a
-``config.yaml`` that ``lensbench plot`` reads), and a run's config.yaml rerun after the plugin
+``config.yaml`` that ``lensbench plot`` or ``lensbench report`` reads), and a run's config.yaml rerun after the plugin
 whose class it names was uninstalled."""
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ CASES = {
          "that provides it installed?")),
     "plot_config_malformed": (("plot", "badyaml"), 1, "badyaml/config.yaml is damaged (not YAML at line 3)"),
     "plot_config_a_list": (("plot", "listyaml"), 1, "listyaml/config.yaml is damaged (a YAML list"),
+    "report_config_malformed": (("report", "badyaml"), 1, "badyaml/config.yaml is damaged (not YAML at line 3)"),
+    "report_folder_without_config": (("report", "analysisrun", "nowhere", "-o", "outputs/both.html"), 1,
+                                     "nowhere has no config.yaml; give the output folder of a lensbench run"),
     "plot_a_fit_folder": (("plot", "fitrun"), 1, "fitrun is a training run (lensbench fit), which has no figures"),
     "plot_fit_runs_with_an_analysis_run": (("plot", "fitrun", "analysisrun", "--out", "outputs/both.png"), 1,
                                            "analysisrun is not a training run (lensbench fit); plot draws several "
