@@ -94,10 +94,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_same_version_is_reused_without_generating(spelled, tmp_path):
-    first, _ = load_dataset("spelled", {"n": 3}, 0, None, None, "data")
-    again, _ = load_dataset("spelled", {"n": 3}, 0, None, None, "data")
+    first, _ = load_dataset("spelled", {"n": 3}, 0, None, None, "data", registry=spelled.synthetic_datasets)
+    again, _ = load_dataset("spelled", {"n": 3}, 0, None, None, "data", registry=spelled.synthetic_datasets)
     assert Spelled.generated == 1 and again == first
-    info = json.loads((default_folder("spelled", 0, {"n": 3}) / "dataset.json").read_text())
+    folder = default_folder("spelled", 0, {"n": 3}, spelled.synthetic_datasets.get("spelled"))
+    info = json.loads((folder / "dataset.json").read_text())
     assert (info["version"], info["generator"]) == ("1", f"{Spelled.__module__}:Spelled")
     materialize("spelled", 0, {"n": 3}, tmp_path / "mine", spelled.synthetic_datasets)
     stamp = snapshot(tmp_path / "mine")
@@ -106,26 +107,26 @@ def test_same_version_is_reused_without_generating(spelled, tmp_path):
 
 
 def test_a_bumped_version_regenerates_into_a_new_default_folder(spelled, monkeypatch):
-    load_dataset("spelled", {"n": 3}, 0, None, None, "data")
-    old = default_folder("spelled", 0, {"n": 3})
+    load_dataset("spelled", {"n": 3}, 0, None, None, "data", registry=spelled.synthetic_datasets)
+    old = default_folder("spelled", 0, {"n": 3}, spelled.synthetic_datasets.get("spelled"))
     before = snapshot(old)
     monkeypatch.setattr(Spelled, "version", "2")
-    new = default_folder("spelled", 0, {"n": 3})
+    new = default_folder("spelled", 0, {"n": 3}, spelled.synthetic_datasets.get("spelled"))
     assert new != old and new.parent == old.parent and new.name.startswith("spelled-seed0-")
-    load_dataset("spelled", {"n": 3}, 0, None, None, "data")
+    load_dataset("spelled", {"n": 3}, 0, None, None, "data", registry=spelled.synthetic_datasets)
     assert Spelled.generated == 2
     assert json.loads((new / "dataset.json").read_text())["version"] == "2"
     assert snapshot(old) == before  # the old rows are left alone
-    load_dataset("spelled", {"n": 3}, 0, None, None, "data")
+    load_dataset("spelled", {"n": 3}, 0, None, None, "data", registry=spelled.synthetic_datasets)
     assert Spelled.generated == 2
 
 
 def test_a_bumped_version_is_refused_in_a_named_folder(spelled, tmp_path, monkeypatch):
-    load_dataset("spelled", {"n": 3}, 0, None, "mine", "data")
+    load_dataset("spelled", {"n": 3}, 0, None, "mine", "data", registry=spelled.synthetic_datasets)
     before = snapshot(tmp_path / "mine")
     monkeypatch.setattr(Spelled, "version", "2")
     with pytest.raises(LensbenchError) as err:
-        load_dataset("spelled", {"n": 3}, 0, None, "mine", "data")
+        load_dataset("spelled", {"n": 3}, 0, None, "mine", "data", registry=spelled.synthetic_datasets)
     assert err.value.field == "data.data_dir"
     assert "holds rows of spelled version '1', but its generator is now version '2'" in err.value.message
     assert "delete the folder to regenerate them, or choose another folder" in err.value.message
@@ -154,9 +155,9 @@ def test_two_generators_of_one_name_never_share_rows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with testing.use_plugins(plugin(Spelled())) as ours:
         materialize("spelled", 0, {}, tmp_path / "mine", ours.synthetic_datasets)
-        ours_folder = default_folder("spelled", 0, {})
+        ours_folder = default_folder("spelled", 0, {}, ours.synthetic_datasets.get("spelled"))
     with testing.use_plugins(plugin(OtherSpelled())) as theirs:
-        assert default_folder("spelled", 0, {}) != ours_folder
+        assert default_folder("spelled", 0, {}, theirs.synthetic_datasets.get("spelled")) != ours_folder
         with pytest.raises(LensbenchError, match="holds rows of another generator named 'spelled'") as err:
             materialize("spelled", 0, {}, tmp_path / "mine", theirs.synthetic_datasets, "data", "data.data_dir")
     assert err.value.field == "data.data_dir" and "OtherSpelled" in err.value.message
@@ -245,7 +246,7 @@ def test_fit_trains_what_the_hook_says_and_refuses_another_version_in_one_line(s
     assert (tmp_path / "outputs/fit/train/checkpoint-2").is_dir()
 
     write_fit_config(tmp_path, data_dir="mine")
-    load_dataset("spelled", {"n": 6}, 0, None, "mine", "data")
+    load_dataset("spelled", {"n": 6}, 0, None, "mine", "data", registry=spelled.synthetic_datasets)
     before = snapshot(tmp_path / "mine")
     monkeypatch.setattr(Spelled, "version", "2")
     capsys.readouterr()

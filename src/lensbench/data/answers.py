@@ -79,7 +79,10 @@ class AnswerDataModule(WorkDataModule):
         if facts is not None:
             all_splits, self.mask = {"facts": fact_rows(facts, f"{FIELD}.facts")}, mask or "last_word"
         else:  # mask, else the dataset's; bound to a registered dataset's answer_spans
-            all_splits, self.mask = load_dataset(dataset, options, seed, path, data_dir, FIELD, mask)
+            from ..plugins import active_registries
+
+            all_splits, self.mask = load_dataset(dataset, options, seed, path, data_dir, FIELD, mask,
+                                                 registry=active_registries().synthetic_datasets)
         get_mask(self.mask, f"{FIELD}.mask")
         names = splits or [s for s in all_splits if s not in ("train", "val")]
         missing = [s for s in names if s not in all_splits]

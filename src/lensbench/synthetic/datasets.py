@@ -531,7 +531,7 @@ def read_splits(folder: str | Path, field: str | None = None) -> Splits:
     return splits
 
 
-def materialize(name: str, seed: int, options: dict | Any | None, folder: str | Path, registry=None,
+def materialize(name: str, seed: int, options: dict | Any | None, folder: str | Path, registry: Any,
                 field: str = "data.init_args", folder_field: str | None = None) -> Splits:
     """The splits of dataset ``name`` for ``seed`` and ``options``, cached in ``folder``.
 
@@ -540,13 +540,9 @@ def materialize(name: str, seed: int, options: dict | Any | None, folder: str | 
     ``version`` and class (``identity()``). A manifest written before these two were recorded
     counts as version ``"1"`` of whichever class has the name. Any difference raises
     ``LensbenchError`` naming ``folder_field`` (default ``<field>.folder``), and nothing in the
-    folder is changed. ``registry`` is the synthetic-dataset registry (default: the active one);
+    folder is changed. ``registry`` is the synthetic-dataset registry (``Registries.synthetic_datasets``);
     ``field`` is the config path of the block holding ``name``, ``seed`` and ``options``.
     """
-    if registry is None:
-        from ..plugins import active_registries
-
-        registry = active_registries().synthetic_datasets
     dataset: SyntheticDataset = registry.get(name, f"{field}.name")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise LensbenchError(f"seed must be an integer, got {seed!r}", f"{field}.seed")
@@ -596,13 +592,14 @@ def group_of(row: Any) -> str:
 
 
 def load_dataset(dataset: str | None, options: dict | None, seed: int, path: str | None, data_dir: str | None,
-                 field: str, mask: str | None = None) -> tuple[Splits, str]:
+                 field: str, mask: str | None = None, *, registry: Any) -> tuple[Splits, str]:
     """The splits of a registered synthetic dataset (generated once into ``data_dir``, default
     ``default_folder``) or of a folder of JSONL splits (``path``), and the answer mask they train
     with: ``mask`` when given, else the dataset's (a folder's: its manifest's ``mask``, else
     ``none``); for a registered dataset it is a ``DatasetMask`` bound to the generator, so its
     ``answer_spans`` picks the trained characters. Exactly one of ``dataset`` and ``path`` is
-    given. ``field`` is the config block's path."""
+    given. ``field`` is the config block's path; ``registry`` the synthetic-dataset registry
+    (``Registries.synthetic_datasets``)."""
     from .masks import DatasetMask
 
     if (dataset is None) == (path is None):
@@ -611,26 +608,19 @@ def load_dataset(dataset: str | None, options: dict | None, seed: int, path: str
     if path is not None:
         manifest = read_manifest(Path(path), f"{field}.path") or {}
         return read_splits(Path(path), f"{field}.path"), mask or manifest.get("mask", "none")
-    from ..plugins import active_registries
-
-    registry = active_registries().synthetic_datasets
     generator = registry.get(dataset, f"{field}.dataset")
     folder = Path(data_dir) if data_dir else default_folder(dataset, seed, options, generator)
     splits = materialize(dataset, seed, options, folder, registry, field, f"{field}.data_dir")
     return splits, DatasetMask(mask or generator.mask, generator)
 
 
-def default_folder(name: str, seed: int, options: dict | None, generator: SyntheticDataset | None = None) -> Path:
+def default_folder(name: str, seed: int, options: dict | None, generator: SyntheticDataset) -> Path:
     """Where a generated dataset goes unless a config says: ``outputs/datasets/<name>-seed<seed>-<hash>``
     (relative to the working folder), shared by training and analyses. The hash covers the options
     as given, the generator's ``version`` and its class (``identity()``), so a generator whose
-    version changed writes a new folder. ``generator`` defaults to the active registry's ``name``."""
+    version changed writes a new folder. ``generator`` is the registered dataset ``name``."""
     import hashlib
 
-    if generator is None:
-        from ..plugins import active_registries
-
-        generator = active_registries().synthetic_datasets.get(name, "dataset")
     key = {"options": options or {}, "version": str(generator.version), "generator": generator.identity()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return Path("outputs") / "datasets" / f"{name}-seed{seed}-{digest}"

@@ -86,10 +86,16 @@ class SyntheticTextData(pl.LightningDataModule):
         self.splits: dict[str, list[dict]] | None = None
         self.val_groups: set[str] = set()
 
-    def _generator(self) -> Any:
+    @staticmethod
+    def _registry() -> Any:
+        """The synthetic-dataset registry in use (a DataModule reads the registries; the dataset
+        functions below it take the registry as an argument)."""
         from ..plugins import active_registries
 
-        return active_registries().synthetic_datasets.get(self.dataset, f"{FIELD}.dataset")
+        return active_registries().synthetic_datasets
+
+    def _generator(self) -> Any:
+        return self._registry().get(self.dataset, f"{FIELD}.dataset")
 
     def _default_mask(self) -> str:
         if self.dataset is not None:
@@ -106,7 +112,8 @@ class SyntheticTextData(pl.LightningDataModule):
         if self.splits is None:
             from ..synthetic.datasets import load_dataset
 
-            self.splits, _ = load_dataset(self.dataset, self.options, self.seed, self.path, self.data_dir, FIELD)
+            self.splits, _ = load_dataset(self.dataset, self.options, self.seed, self.path, self.data_dir, FIELD,
+                                          registry=self._registry())
             for split in (self.train_split, self.val_split):
                 if split is not None and split not in self.splits:
                     raise LensbenchError(f"the dataset has no split {split!r}; its splits: {', '.join(sorted(self.splits))}",
