@@ -114,7 +114,7 @@ class Runner:
             argv += ["--model.config.memory_layers", "[]"]
         if self.args.quick:
             argv += ["--trainer.max_steps", str(QUICK_STEPS), "--model.save_every", str(QUICK_STEPS),
-                     "--trainer.val_check_interval", str(QUICK_STEPS)]
+                     "--trainer.val_check_interval", str(QUICK_STEPS), "--model.track_memory_every", str(QUICK_STEPS)]
         run = self.out / name
         self.run(name, argv, run / "exact_match.csv")
         return run
