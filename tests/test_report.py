@@ -32,7 +32,7 @@ _TABLE = re.compile(r'<script type="application/json" id="([^"]+)">(.*?)</script
 
 def tables(page: str) -> dict[str, dict]:
     """Each table of a page by its file name (``data-name``): its columns and rows as embedded."""
-    specs = {ident: json.loads(text.replace("<\\/", "</")) for ident, text in _TABLE.findall(page)}
+    specs = {ident: json.loads(text) for ident, text in _TABLE.findall(page)}
     return {name: specs[ident] for ident, name in re.findall(r'data-src="([^"]+)" data-name="([^"]+)"', page)}
 
 
@@ -127,7 +127,8 @@ def test_an_analysis_without_report_code_gets_a_default_page(tmp_path):
     run = tmp_path / "surprisal_run"
     run.mkdir()
     (run / "config.yaml").write_text("model:\n  class_path: my_plugin.Surprisal\n")
-    pd.DataFrame({"model": ["m", "m"], "position": [0, 1], "surprisal": [1.5, 2.5]}).to_csv(run / "scores.csv", index=False)
+    pd.DataFrame({"model": ["m", "m"], "position": [0, 1], "surprisal": [1.5, 2.5],
+                  "note": ["</script><!-- <b>", "x"]}).to_csv(run / "scores.csv", index=False)
     fig = matplotlib.pyplot.figure(figsize=(2, 2))
     fig.savefig(run / "curve.png")
     matplotlib.pyplot.close(fig)
@@ -137,6 +138,7 @@ def test_an_analysis_without_report_code_gets_a_default_page(tmp_path):
     page = write_report([run], [Surprisal]).read_text(encoding="utf-8")
     assert images(page) == [(run / "curve.png").read_bytes()]
     assert frame(tables(page)["scores.csv"])["surprisal"].tolist() == [1.5, 2.5]
+    assert frame(tables(page)["scores.csv"])["note"].tolist() == ["</script><!-- <b>", "x"]  # data, not markup
     # the plugin not installed: `lensbench report` still draws the page from the folder
     (run / "report.html").unlink()
     assert main(["report", str(run)]) == 0

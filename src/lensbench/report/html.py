@@ -165,7 +165,7 @@ class _Tables:
         spec = {"columns": [str(c) for c in frame.columns], "data": payload["data"],
                 "desc": {k: v for k, v in desc.items() if v},
                 "diff": [list(frame.columns).index(c) for c in diff]}
-        text = json.dumps(spec, ensure_ascii=False).replace("</", "<\\/")
+        text = json.dumps(spec, ensure_ascii=False).replace("<", "\\u003c")  # no </script> or <!-- in the data
         self.scripts.append(f'<script type="application/json" id="{ident}">{text}</script>')
         return ident
 
