@@ -178,15 +178,19 @@ var box=document.querySelector('.lb-table[data-src][data-name="'+SORT_TABLE+'"]'
 var ths=[].slice.call(box.querySelectorAll('th')),col=ths.map(function(t){return t.textContent;}).indexOf(SORT_COLUMN);
 function values(){return [].slice.call(box.querySelectorAll('tbody tr')).map(function(r){return r.cells[col].textContent;});}
 out.before=values();ths[col].click();out.after=values();ths[col].click();out.descending=values();
+var filter=box.querySelector('input');filter.value=FILTER;filter.dispatchEvent(new Event('input'));
+out.filtered=box.querySelector('.lb-note').textContent;
 var pre=document.createElement('pre');pre.id='lb-probe';pre.textContent=JSON.stringify(out);document.body.appendChild(pre);
 });</script>"""
 
 
-def open_in_chromium(page: Path, tmp_path: Path, table: str, column: str) -> dict:
-    """Load ``page`` in headless Chromium with the probes injected; return what they found."""
+def open_in_chromium(page: Path, tmp_path: Path, table: str, column: str, filter: str = "") -> dict:
+    """Load ``page`` in headless Chromium with the probes injected: sort ``table`` by ``column``
+    (twice), then type ``filter`` into its filter box; return what they found."""
     probed = tmp_path / f"probed_{page.name}"
     text = page.read_text(encoding="utf-8")
-    late = LATE.replace("SORT_TABLE", json.dumps(table)).replace("SORT_COLUMN", json.dumps(column))
+    late = (LATE.replace("SORT_TABLE", json.dumps(table)).replace("SORT_COLUMN", json.dumps(column))
+            .replace("FILTER", json.dumps(filter)))
     probed.write_text(text.replace("<head>", "<head>" + EARLY, 1).replace("</body>", late + "</body>", 1),
                       encoding="utf-8")
     done = subprocess.run([CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'profile'}",
@@ -204,13 +208,21 @@ def as_numbers(cells: list[str]) -> list[float]:
 @browser
 def test_the_page_works_in_a_browser(runs, tmp_path):
     page = runs / RUN / "report.html"
-    seen = open_in_chromium(page, tmp_path, "activation_norms.csv", "mean_norm")
+    seen = open_in_chromium(page, tmp_path, "activation_norms.csv", "mean_norm", "dataset=beta")
     assert seen["errors"] == [] and seen["ready"] == "1"
     assert seen["images"] == len(list((runs / RUN).glob("*.png"))) == seen["shown"] > 0
     stored = pd.read_csv(runs / RUN / "activation_norms.csv")["mean_norm"].tolist()
     assert seen["before"] != seen["after"]  # stored by (model, dataset, layer), not by mean_norm
     assert as_numbers(seen["after"]) == sorted(as_numbers(seen["after"])) and len(seen["after"]) == len(stored)
     assert as_numbers(seen["descending"]) == sorted(as_numbers(seen["after"]), reverse=True)
+    assert seen["filtered"] == f"rows 1–3 of 3 (filtered from {len(stored)})"
+    # two runs side by side: the joined table sorts by its difference column
+    both = tmp_path / "both.html"
+    assert main(["report", str(runs / RUN), str(runs / "outputs" / "small"), "-o", str(both)]) == 0
+    seen = open_in_chromium(both, tmp_path, "activation_norms.csv", "Δ mean_norm", "tiny")
+    assert seen["errors"] == [] and seen["shown"] == seen["images"] == 2
+    assert as_numbers(seen["after"]) == sorted(as_numbers(seen["after"])) and len(seen["after"]) == len(stored)
+    assert seen["filtered"] == f"rows 1–{len(stored)} of {len(stored)}"
 
 
 def big_sweep(run: Path, checkpoints: int = 50, layers: int = 30, tasks: int = 4) -> Path:
@@ -244,9 +256,10 @@ def big_sweep(run: Path, checkpoints: int = 50, layers: int = 30, tasks: int = 4
 def test_a_fifty_checkpoint_sweep_opens_in_under_two_seconds(tmp_path):
     run = big_sweep(tmp_path / "sweep")
     assert main(["report", str(run)]) == 0
-    seen = open_in_chromium(run / "report.html", tmp_path, "layer_sweep.csv", "main_score")
+    seen = open_in_chromium(run / "report.html", tmp_path, "layer_sweep.csv", "main_score", "task=Task1")
     assert seen["errors"] == [] and seen["ready"] == "3" and seen["shown"] == seen["images"] == 12
     assert len(seen["after"]) == 100  # paged: 100 rows of 6000
+    assert seen["filtered"] == "rows 1–100 of 1500 (filtered from 6000)"
     assert as_numbers(seen["after"]) == sorted(as_numbers(seen["after"]))
     assert as_numbers(seen["after"])[0] == pytest.approx(pd.read_csv(run / "layer_sweep.csv")["main_score"].min(), rel=1e-5)
     # Measured inside the page (performance.now() at the load event: from the start of navigation to
