@@ -114,8 +114,8 @@ def test_a_partial_run_names_the_items_it_lacks(runs, tmp_path):
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "partial: 8 of 9 planned work items stored, 1 missing" in page
     assert f"missing: <code>{lost.replace(chr(34), '&quot;')}</code>" in page
-    # a folder without plan.json (made before it was written): the count from the run log
-    (run / "plan.json").unlink()
+    # a folder without logs/plan.json (made before it was written): the count from the run log
+    (run / "logs" / "plan.json").unlink()
     assert main(["report", str(run)]) == 0
     assert "partial: 8 of 9 planned work items stored, 1 missing" in (run / "report.html").read_text(encoding="utf-8")
 

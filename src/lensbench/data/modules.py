@@ -99,13 +99,14 @@ class WorkDataModule(pl.LightningDataModule):
 
 
 def _write_plan(run_dir: Path, items: list) -> None:
-    """``plan.json``: the keys of every work item this run plans, so that a report of the folder
+    """``logs/plan.json``: the keys of every work item this run plans, so that a report of the folder
     names the items not stored (an interrupted run). Atomic; a folder that refuses it is logged."""
     from ..report.runinfo import PLAN_FILE
 
     path = Path(run_dir) / PLAN_FILE
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps([item.key_str for item in items]), encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:

@@ -17,8 +17,9 @@ from ..results import ResultStore
 from ..run_folders import IDENTITY_FILE
 
 CONFIG_FILE = "config.yaml"
-#: The planned work items' keys (a JSON list), written by rank 0 when the run's work is planned.
-PLAN_FILE = "plan.json"
+#: The planned work items' keys (a JSON list), written by rank 0 when the run's work is planned; in
+#: logs/, beside the run's logs, because it records what the last run set out to do, not a result.
+PLAN_FILE = f"{LOG_DIR}/plan.json"
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\w+) ")
 _PLANNED = re.compile(r"lensbench: (\d+) work items, (\d+) already stored")
 _RANK = re.compile(r"rank (\d+)/(\d+) on (\S+): results to")
