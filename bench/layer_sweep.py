@@ -134,13 +134,14 @@ def main() -> None:
     from lensbench.layer_sweep.embeddings import LayerEmbeddings, final_norm
     from lensbench.layer_sweep.tasks import ensure_loaded, resolve_tasks, task_texts
     from lensbench.models.loading import ModelSpec, load_model
+    from lensbench.plugins import active_registries
 
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(ModelSpec(args.model), padding_side="left")  # the analysis' (and the reference's) side
     backbone = getattr(loaded.model, "base_model", loaded.model).eval()
     _, norm = final_norm(loaded)
-    task = ensure_loaded(resolve_tasks([args.task])[0].task)
+    task = ensure_loaded(resolve_tasks([args.task], registry=active_registries().mteb_tasks)[0].task)
     n_layers = backbone.config.num_hidden_layers
     layers = list(range(n_layers + 1)) if args.layers is None else sorted(args.layers)
 

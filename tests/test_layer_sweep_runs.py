@@ -14,6 +14,8 @@ import pytest
 from conftest import clean_env, lensbench
 from helpers_cli import last_line, run_many, sigkill_when_stored
 
+from lensbench.plugins import active_registries
+
 WORDS = ("the a of and to in is was on for with as by at it from this that be are "
          "cat dog tree house river garden mat day we what").split()
 TOPICS = {"animals": ["cat", "dog"], "places": ["house", "river", "garden"], "things": ["tree", "mat", "day"]}
@@ -126,7 +128,7 @@ def test_scores_equal_mteb_evaluate_on_an_encoder_of_the_same_layer(sweepdir, tm
             return np.concatenate(out)
 
     os.chdir(sweepdir)  # task folders are relative to the run's folder
-    for ref in resolve_tasks(["topics", "pairs"]):
+    for ref in resolve_tasks(["topics", "pairs"], registry=active_registries().mteb_tasks):
         for layer in (0, 2):
             result = mteb.evaluate(OneLayer(layer), ref.task, cache=mteb.ResultCache(tmp_path / "c"),
                                    show_progress_bar=False)

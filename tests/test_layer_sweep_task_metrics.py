@@ -13,6 +13,8 @@ import pytest
 from conftest import clean_env, lensbench
 from helpers_cli import last_line, snapshot
 
+from lensbench.plugins import active_registries
+
 pytestmark = pytest.mark.requires("mteb")
 
 FIELDS = ("prompt_entropy", "dataset_entropy", "curvature", "effective_rank", "prompt_entropy_maxEntropy",
@@ -62,7 +64,8 @@ def test_task_texts_are_what_the_task_hands_the_encoder(tmp_path):
 
     pairs = write_pairs(tmp_path / "pairs")
     train, test = write_topics(tmp_path / "topics")
-    sts, topics = resolve_tasks([str(tmp_path / "pairs"), str(tmp_path / "topics")])
+    sts, topics = resolve_tasks([str(tmp_path / "pairs"), str(tmp_path / "topics")],
+                                registry=active_registries().mteb_tasks)
     assert encoder_texts(sts) == pairs and len(pairs) < task_texts(sts) == 60  # distinct; MTEB embeds 60
     pool = encoder_texts(topics)
     assert set(test) <= set(pool) <= set(train) | set(test) and pool[-len(test):] == test
@@ -85,7 +88,7 @@ def test_retrieval_texts_join_title_and_keep_queries_with_relevant_documents(tmp
     qrels = [{"query-id": "q1", "corpus-id": "d1", "score": 1}, {"query-id": "q2", "corpus-id": "d2", "score": 1}]
     for name, rows in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (task,) = resolve_tasks([str(folder)])
+    (task,) = resolve_tasks([str(folder)], registry=active_registries().mteb_tasks)
     assert encoder_texts(task) == ["Cats cats purr", "dogs bark", "what purrs", "what barks"]
 
 

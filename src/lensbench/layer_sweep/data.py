@@ -92,6 +92,7 @@ class LayerSweepData(WorkDataModule):
             metric_seed: Seed of that draw (recorded in ``representation_metrics.csv``).
         """
         super().__init__()
+        from ..plugins import active_registries
         from .tasks import ensure_loaded, resolve_tasks
 
         if max_metric_texts is not None and max_metric_texts < 1:
@@ -103,8 +104,9 @@ class LayerSweepData(WorkDataModule):
         _count(metric_seed, "data.init_args.metric_seed", 0, allow_none=False)
         self.task_metrics, self.task_metric_texts, self.metric_seed = task_metrics, task_metric_texts, metric_seed
         entries = list(DEFAULT_TASKS if tasks is None else tasks)
-        self.tasks = [TaskUnit(t.name, t.task_type, t) for t in resolve_tasks(entries, "data.init_args.tasks")] \
+        resolved = resolve_tasks(entries, "data.init_args.tasks", registry=active_registries().mteb_tasks) \
             if entries else []
+        self.tasks = [TaskUnit(t.name, t.task_type, t) for t in resolved]
         if any(not t.ref.local for t in self.tasks):
             from ..models.sources import hub_offline
 

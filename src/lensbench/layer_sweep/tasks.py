@@ -217,18 +217,14 @@ def _looks_like_path(entry: str) -> bool:
     return any(sep in entry for sep in ("/", "\\", os.sep)) or entry.startswith(("~", ".")) or Path(entry).exists()
 
 
-def resolve_tasks(entries: list[str], field: str = FIELD, registry: Any = None) -> list[ResolvedTask]:
+def resolve_tasks(entries: list[str], field: str = FIELD, *, registry: Any) -> list[ResolvedTask]:
     """The tasks ``entries`` name, in order (a task set expands in place).
 
-    Each entry is a registered local task name (``registry``, default: the active registries'
-    ``mteb_tasks``), a task folder holding task.json, a task-set name (``TASK_SETS``) or an MTEB task
-    name. An unknown entry, a malformed folder, or a task named twice after expansion is a one-line
+    Each entry is a registered local task name (``registry``: ``Registries.mteb_tasks``), a task
+    folder holding task.json, a task-set name (``TASK_SETS``) or an MTEB task name. An unknown
+    entry, a malformed folder, or a task named twice after expansion is a one-line
     ``LensbenchError`` with ``field`` as its field.
     """
-    if registry is None:
-        from ..plugins import active_registries
-
-        registry = active_registries().mteb_tasks
     if isinstance(entries, (str, bytes)) or not isinstance(entries, (list, tuple)):
         raise _fail(f"must be a list of task names, task folders or task sets, not {_show(entries)}", field)
     resolved: list[ResolvedTask] = []
