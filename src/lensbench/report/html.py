@@ -65,9 +65,10 @@ def build_report(run_dirs: Sequence[Path], classes: Sequence[Any] | None = None)
         sections = {i: run_sections(run_dirs[i], classes[i], name) for i in members}
         body.append(f'<section id="{_id(name)}"><h2>{_e(name)}</h2>')
         cards = "".join(_card(infos[i], labels[i]) for i in members)
-        if len(members) > 1 or not any(s.figures for s in sections[members[0]]):
+        if len(members) > 1 or not any(s.figures for s in sections[members[0]]):  # the headers in a row
             body.append(f'<div class="lb-row">{cards}</div>')
-            cards = ""  # one run: its header stands beside its first figure
+            cards = ""
+        # else one run: its header stands beside its first figure
         titles = list(dict.fromkeys(s.title for i in members for s in sections[i]))
         for title in titles:
             parts = {i: s for i in members for s in sections[i] if s.title == title}
