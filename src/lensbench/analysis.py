@@ -99,11 +99,12 @@ class Analysis(pl.LightningModule):
         now, before any run folder is made (a missing folder or an unknown alias is one line naming
         ``field``); its label must be new. Returns the spec, kept in ``self.specs``."""
         from .models.loading import ModelSpec, resolve_source
+        from .plugins import active_registries
 
         if isinstance(entry, dict):  # a constructor without type hints gets the config's mapping
             entry = _built(ModelSpec, entry, field)
         spec = ModelSpec(entry, **defaults) if isinstance(entry, str) else entry
-        resolve_source(spec, field=field)
+        resolve_source(spec, field=field, registry=active_registries().perturbations)  # transforms checked too
         label = spec.label()
         if label in self.specs:
             raise LensbenchError(f"model label {label!r} is used twice; give one a `name`", field)

@@ -146,7 +146,8 @@ def model_shape(spec: ModelSpec, field: str) -> tuple[int, int]:
     reproduce."""
     from transformers import AutoConfig
 
-    from ..models.loading import _common_kwargs, _head, embedded_smollm2_folder
+    from ..models.embedded import embedded_smollm2_folder
+    from ..models.loading import _common_kwargs, _head
     from ..models.unembed import unsupported_logit_scaling
 
     res = resolve_source(spec, field)

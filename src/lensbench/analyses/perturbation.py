@@ -36,12 +36,9 @@ from ..generation import (
 )
 from ..hookspecs import hookimpl
 from ..intervals import error_bars, mean_interval, wilson
-from ..models.loading import (
-    EMBEDDED,
-    ModelSpec,
-    loaded_in_4bit,
-    takes_images,
-)
+from ..models.loading import ModelSpec, takes_images
+from ..models.quantized import loaded_in_4bit
+from ..models.sources import EMBEDDED
 from ..perturbations import PerturbationGrid
 from ..state import State
 from ..tables import pyplot, read_csv, save_figure, write_csv

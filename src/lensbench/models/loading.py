@@ -25,11 +25,11 @@ from .embedded import embedded_smollm2_folder
 from .integrity import check_loaded, config_refusal, load_refusal, load_report_held, safetensors_files
 from .placed_weights import input_device, is_placed
 from .placement import align_inputs, check_placement, placement_kwargs
-from .quantized import loaded_in_4bit, quant_method, quantization
+from .quantized import quant_method, quantization
 from .sources import DTYPES, EMBEDDED, GENERIC_STEMS, HEADS, ResolvedSource, locate_source, offline_error
 
-#: What other modules import from here (loaded_in_4bit's home is models/quantized.py).
-__all__ = ["LoadedModel", "ModelSpec", "load_model", "loaded_in_4bit", "resolve_source", "takes_images"]
+#: What other modules import from here.
+__all__ = ["LoadedModel", "ModelSpec", "load_model", "resolve_source", "takes_images"]
 
 
 @dataclass
