@@ -317,3 +317,22 @@ def test_the_packaged_column_descriptions_match_the_docs(tmp_path):
     table, = default_sections(tmp_path, "activation_norms", tmp_path / "site" / "pkg" / "mod.py")[0].tables
     assert table.columns == {k: v for k, v in COLUMNS["activation_norms"]["activation_norms.csv"].items() if k}
     assert table.columns["mean_<stat>"].startswith("mean of the statistic") and table.description
+
+
+def test_the_page_holds_tables_an_analysis_writes_after_its_merge(workdir, monkeypatch):
+    """memory_ablation writes tables in its own ``finalize`` after the base class's merge and plot:
+    the page is written once every table is there."""
+    from lensbench.analyses.activation_norms import ActivationNorms
+
+    merge_and_plot = ActivationNorms.finalize
+
+    def finalize(self):
+        outputs = merge_and_plot(self)
+        pd.DataFrame({"x": [1, 2]}).to_csv(self.run_dir / "late.csv", index=False)
+        return [*outputs, self.run_dir / "late.csv"]
+
+    monkeypatch.setattr(ActivationNorms, "finalize", finalize)
+    monkeypatch.chdir(workdir)
+    assert main(["predict", "--config", "run.yaml"]) == 0
+    shown = tables((workdir / RUN / "report.html").read_text(encoding="utf-8"))
+    assert frame(shown["late.csv"])["x"].tolist() == [1, 2]

@@ -374,6 +374,9 @@ class Analysis(pl.LightningModule):
             trainer.strategy.barrier("lensbench-merge")
             if trainer.is_global_zero:
                 self.merged_outputs = self.finalize()
+                from .report import write_report  # after every table and figure, an analysis's own included
+
+                self.merged_outputs.append(write_report([self.run_dir], [type(self)]))
             trainer.strategy.barrier("lensbench-merged")
             if trainer.is_global_zero:
                 run_log.info(f"merged: {', '.join(p.name for p in self.merged_outputs)}")
@@ -417,9 +420,6 @@ class Analysis(pl.LightningModule):
             raise LensbenchError(f"no results stored under {self.store.dir}; nothing to merge")
         outputs = type(self).merge(records, self.run_dir)
         outputs += type(self).plot(self.run_dir)
-        from .report import write_report
-
-        outputs.append(write_report([self.run_dir], [type(self)]))  # report.html: every table and figure
         return outputs
 
 
