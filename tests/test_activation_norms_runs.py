@@ -103,7 +103,8 @@ def test_model_context_and_old_records(tmp_path):
 
     from transformers import LlamaConfig, LlavaConfig
 
-    from lensbench.analyses.activation_norms import ActivationNorms, model_context, truncation_message
+    from lensbench.analyses.activation_norms import ActivationNorms, truncation_message
+    from lensbench.generation import model_context
 
     def loaded(model_max_length, config):
         return SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=model_max_length),

@@ -20,7 +20,7 @@ from conftest import ROOT, clean_env, lensbench
 from helpers_cli import last_line, make_workdir, run_many, snapshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lensbench.analysis import LOCK_FILE, _try_lock
+from lensbench.run_folders import LOCK_FILE, try_lock
 from lensbench.models.fingerprint import model_fingerprint
 from lensbench.models.loading import ModelSpec
 
@@ -287,7 +287,7 @@ def after_run(example_run):
     # The run as if another lensbench process were writing it now: this process holds its lock.
     locked = example_run / "outputs" / "locked"
     shutil.copytree(run_dir, locked)
-    held = _try_lock(locked / LOCK_FILE)
+    held = try_lock(locked / LOCK_FILE)
     assert held is not None
     folders = {"reweighted": reweighted, "locked": locked}
     snapshots = {name: snapshot(folder) for name, folder in folders.items()}

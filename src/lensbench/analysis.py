@@ -13,7 +13,6 @@ rank, and the merge on rank 0 once every rank is done.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,9 +27,11 @@ from .run_folders import (
     IDENTITY_FILE,
     LOCK_FILE,
     DamagedRunFile,
+    atomic_write,
     check_is_run_folder,
     read_identity,
     run_folder,
+    try_lock,
 )
 from .state import State
 from .work import WorkItem, changed_items, plan_items
@@ -264,12 +265,12 @@ class Analysis(pl.LightningModule):
     def write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.run_config is not None:
-            _atomic_write(self.run_dir / CONFIG_FILE, self.run_config)
+            atomic_write(self.run_dir / CONFIG_FILE, self.run_config)
         if self.run_identity is not None and (getattr(self, "_replace_identity", False)
                                               or not (self.run_dir / IDENTITY_FILE).exists()):
             if getattr(self, "_replace_identity", False):
                 run_log.info(f"{self.run_dir} held no result: it takes this run's settings")
-            _atomic_write(self.run_dir / IDENTITY_FILE, json.dumps(self.run_identity, indent=1, sort_keys=True))
+            atomic_write(self.run_dir / IDENTITY_FILE, json.dumps(self.run_identity, indent=1, sort_keys=True))
             self._new_identity = True  # this run made the folder's identity (undone if it stores nothing)
 
     def prepare_run_dir(self) -> None:
@@ -287,7 +288,7 @@ class Analysis(pl.LightningModule):
                 except OSError as exc:
                     raise LensbenchError(f"cannot create the run folder {self.run_dir} ({exc.strerror}); set "
                                          "output_dir to a folder you can write", "model.init_args.output_dir") from None
-                self._lock = _try_lock(self.run_dir / LOCK_FILE)
+                self._lock = try_lock(self.run_dir / LOCK_FILE)
                 if self._lock is None:
                     raise LensbenchError(f"another lensbench run is writing {self.run_dir}; wait for it to finish, "
                                          "or set another experiment name", "model.init_args.experiment")
@@ -434,31 +435,6 @@ def _built(cls: type, mapping: dict, field: str) -> Any:
         if key not in known:
             raise LensbenchError(f"unknown key {key!r}; {did_you_mean(str(key), known)}", f"{field}.{key}")
     return cls(**mapping)
-
-
-def _try_lock(path: Path) -> Any:
-    """The open, exclusively locked ``path``; None when another process holds it. The file stays
-    empty (a failed run changes nothing); where fcntl is missing (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        return open(path, "a", encoding="utf-8")
-    handle = open(path, "a", encoding="utf-8")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        return None
-    return handle
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ count, mean, sum of squared deviations (M2), min and max are computed per work i
 and combined exactly (Chan et al.'s pairwise update), so the result does not depend on batching
 across ranks and memory does not grow with the number of tokens.
 
-Texts are truncated to ``max_length`` tokens, by default the model's context (``model_context``).
+Texts are truncated to ``max_length`` tokens, by default the model's context (``generation.model_context``).
 What truncation drops is never silent: each record counts the tokens and texts cut off, the table
 has an ``n_tokens_dropped`` column, and the merge says it in one console line. Nor are non-finite
 values (NaN or inf, e.g. from a layer whose weights hold NaN): they enter the statistics (which
@@ -35,25 +35,6 @@ from ..work import WorkItem
 
 TABLE = "activation_norms.csv"
 STATE_COLUMNS = ("degradation_method", "param_group_name", "level_value", "repeat_index")
-#: A tokenizer's ``model_max_length`` at or above this is transformers' "not set" placeholder.
-UNSET_MODEL_MAX_LENGTH = 10**9
-
-
-def model_context(loaded) -> int | None:
-    """Tokens the model reads at once: the tokenizer's ``model_max_length`` when it is set (not
-    transformers' huge placeholder), else the model config's ``max_position_embeddings`` (of its
-    text model, for vision-language models); None when neither says (no truncation)."""
-    limit = getattr(loaded.tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < UNSET_MODEL_MAX_LENGTH:
-        return limit
-    config = getattr(loaded.model, "config", None)
-    if config is None:
-        return None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    positions = getattr(text_config, "max_position_embeddings", None)
-    return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
-
-
 class ActivationNorms(Analysis):
     """Per-layer hidden-state norms (and other token statistics) per model and dataset."""
 

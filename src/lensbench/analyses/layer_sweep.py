@@ -89,11 +89,11 @@ class _NonfiniteCounts:
     def keep(self, store) -> None:
         import json
 
-        from ..analysis import _atomic_write
+        from ..run_folders import atomic_write
 
         if not self.kept:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.path, json.dumps({str(layer): store.nonfinite_texts(layer) for layer in self.layers}))
+            atomic_write(self.path, json.dumps({str(layer): store.nonfinite_texts(layer) for layer in self.layers}))
             self.kept = True
 
     def read(self) -> dict[str, int] | None:
