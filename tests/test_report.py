@@ -79,6 +79,10 @@ def test_a_run_writes_a_self_contained_page_of_its_figures_and_tables(workdir, m
     assert "complete: all 9 planned work items stored" in page
     assert f"lensbench predict --config {RUN / 'config.yaml'}" in page  # the folder as the run named it
     assert "tiny: weights <code>v2:" in page and "0 on cpu" in page and "peak memory" in page
+    import lensbench
+
+    assert json.loads((run / "run.json").read_text())["lensbench_version"] == lensbench.__version__
+    assert f"<dt>lensbench</dt><dd>{lensbench.__version__}</dd>" in page
     # `lensbench plot` redraws the figures and writes the page again
     (run / "report.html").unlink()
     assert main(["plot", str(run)]) == 0

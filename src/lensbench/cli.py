@@ -13,7 +13,7 @@ import yaml
 
 from .cli_base import cli_base_class, default_experiment, run_cli
 from .errors import LensbenchError, RunStopped
-from .run_identity import MATMUL_KEY, flatten, free_fields, is_free
+from .run_identity import MATMUL_KEY, VERSION_KEY, flatten, free_fields, is_free
 
 SECTIONS = {"model": ("analyses", "lensbench.analysis.Analysis"), "data": (None, None)}
 
@@ -80,8 +80,9 @@ def _build_cli_class():
 
 
 def _matmul_precision_recorder(value: str):
-    """A callback writing ``value`` into run.json when this run made the folder (an existing
-    folder's run.json is left byte for byte), and logging it; a resume with another one warns."""
+    """A callback writing ``value`` and the lensbench version into run.json when this run made the
+    folder (an existing folder's run.json is left byte for byte), and logging the precision; a
+    resume with another one warns."""
     import json
 
     from lightning.pytorch.callbacks import Callback
@@ -97,7 +98,9 @@ def _matmul_precision_recorder(value: str):
                 return
             identity = json.loads(path.read_text())
             if getattr(pl_module, "_new_identity", False) and MATMUL_KEY not in identity:
-                identity[MATMUL_KEY] = value
+                from . import __version__
+
+                identity.update({MATMUL_KEY: value, VERSION_KEY: __version__})
                 atomic_write(path, json.dumps(identity, indent=1, sort_keys=True))
             elif identity.get(MATMUL_KEY, value) != value:
                 console.warning(f"lensbench: this run computes with {MATMUL_KEY} {value}; the run that made "

@@ -13,9 +13,13 @@ from typing import Any
 #: run that makes the folder, not matched on resume (the run log says what each run used).
 MATMUL_KEY = "float32_matmul_precision"
 
+#: The lensbench version that made the run folder: recorded in run.json, not matched on resume.
+VERSION_KEY = "lensbench_version"
+
 #: Settings that never change what a stored record means (where results go, recompute-all), and
-#: the matmul precision, recorded but not matched.
-ALWAYS_FREE = ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run", MATMUL_KEY)
+#: the matmul precision and lensbench version, recorded but not matched.
+ALWAYS_FREE = ("model.init_args.experiment", "model.init_args.output_dir", "model.init_args.force_run", MATMUL_KEY,
+               VERSION_KEY)
 
 
 def free_fields(analysis: Any, datamodule: Any) -> tuple[str, ...]:
