@@ -33,6 +33,7 @@ from .run_folders import (
     run_folder,
     try_lock,
 )
+from .run_identity import is_free
 from .state import State
 from .work import WorkItem, changed_items, plan_items
 
@@ -222,8 +223,6 @@ class Analysis(pl.LightningModule):
         self._replace_identity = False
         if self.run_identity is None or not path.exists():
             return
-        from .cli import is_free
-
         try:
             stored = read_identity(path)
         except DamagedRunFile:
@@ -375,7 +374,9 @@ class Analysis(pl.LightningModule):
             trainer.strategy.barrier("lensbench-merge")
             if trainer.is_global_zero:
                 self.merged_outputs = self.finalize()
-                from .report import write_report  # after every table and figure, an analysis's own included
+                from .report import (
+                    write_report,  # after every table and figure, an analysis's own included
+                )
 
                 self.merged_outputs.append(write_report([self.run_dir], [type(self)]))
             trainer.strategy.barrier("lensbench-merged")

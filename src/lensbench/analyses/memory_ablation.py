@@ -200,7 +200,10 @@ class MemoryAblation(Analysis):
         if self._states is None:
             source = getattr(self.trainer.datamodule, "source", None)
             if self.trained_data is not None and source is not None and not self.allow_other_data:
-                check_same_data(self.trained_data, source, "data.init_args", f"{FIELD}.allow_other_data")
+                from ..plugins import active_registries
+
+                check_same_data(self.trained_data, source, "data.init_args", f"{FIELD}.allow_other_data",
+                                active_registries().synthetic_datasets)
             states = [State(self.label, labels=(("intervention", BASELINE), ("transform", ""), ("target", "")))]
             for i, iv in enumerate(self.interventions):
                 states += self._family(iv, f"{FIELD}.interventions[{i}]")

@@ -46,23 +46,23 @@ def trained_data(model_source: str, train_config: str | None) -> tuple[dict[str,
     return None
 
 
-def _resolved(dataset: str | None, options: dict | None) -> dict[str, Any]:
+def _resolved(dataset: str | None, options: dict | None, registry) -> dict[str, Any]:
     """A synthetic dataset's options with its defaults filled in (as given when they do not resolve)."""
     if not dataset:
         return dict(options or {})
-    from ..plugins import active_registries
-
     try:
-        generator = active_registries().synthetic_datasets.get(dataset)
+        generator = registry.get(dataset)
         return dataclasses.asdict(generator.options(options or {}, "options"))
     except (LensbenchError, KeyError, TypeError, ValueError):
         return dict(options or {})
 
 
-def check_same_data(trained: tuple[dict[str, Any], str], used: dict[str, Any], field: str, switch: str) -> None:
+def check_same_data(trained: tuple[dict[str, Any], str], used: dict[str, Any], field: str, switch: str,
+                    registry) -> None:
     """Refuse evaluation data (``used``: ``dataset``, ``options``, ``seed``, ``path``, ``facts``)
     other than the training data, naming the first field that differs under ``field``
-    (``data.init_args``); ``switch`` is the setting that allows it."""
+    (``data.init_args``); ``switch`` is the setting that allows it. ``registry`` holds the
+    synthetic datasets (their defaults fill in options left out)."""
     data, source = trained
     allow = f"or {switch}: true for a held-out study"
     if used.get("facts") is not None:
@@ -84,7 +84,7 @@ def check_same_data(trained: tuple[dict[str, Any], str], used: dict[str, Any], f
     if used.get("seed") != data.get("seed"):
         raise LensbenchError(f"the model was trained on {name} with seed {data.get('seed')}, this evaluation uses seed "
                              f"{used.get('seed')}; set seed {data.get('seed')}, {allow}", f"{field}.seed")
-    want, got = _resolved(name, data.get("options")), _resolved(name, used.get("options"))
+    want, got = _resolved(name, data.get("options"), registry), _resolved(name, used.get("options"), registry)
     for key in sorted(set(want) | set(got)):
         if want.get(key) != got.get(key):
             raise LensbenchError(f"the model was trained on {name} with {key} {want.get(key)!r}, this evaluation uses "
