@@ -441,3 +441,12 @@ def test_an_unknown_name_with_no_near_match_asks_whether_its_plugin_is_installed
     with pytest.raises(LensbenchError) as near:  # a typo gets the close match only
         registries.metrics.get("sprad", "model.init_args.statistics[0]")
     assert "did you mean 'spread'" in str(near.value) and "installed" not in str(near.value)
+
+
+def test_plugins_lists_a_named_module_that_cannot_import_and_the_rest(monkeypatch, capsys):
+    monkeypatch.setenv("LENSBENCH_PLUGINS", "no_such_module_here")
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "modules named by LENSBENCH_PLUGINS:" in out and "  activation_norms" in out
+    assert ("no_such_module_here    failed to import: ModuleNotFoundError: No module named 'no_such_module_here' "
+            "(named by LENSBENCH_PLUGINS)") in out

@@ -374,11 +374,7 @@ class Analysis(pl.LightningModule):
             trainer.strategy.barrier("lensbench-merge")
             if trainer.is_global_zero:
                 self.merged_outputs = self.finalize()
-                from .report import (
-                    write_report,  # after every table and figure, an analysis's own included
-                )
-
-                self.merged_outputs.append(write_report([self.run_dir], [type(self)]))
+                self.merged_outputs += self._write_report()
             trainer.strategy.barrier("lensbench-merged")
             if trainer.is_global_zero:
                 run_log.info(f"merged: {', '.join(p.name for p in self.merged_outputs)}")
@@ -387,6 +383,21 @@ class Analysis(pl.LightningModule):
             raise
         finally:
             self.release_run(failure)
+
+    def _write_report(self) -> list[Path]:
+        """report.html, after every table and figure (an analysis's own included). The page is a
+        view of results already written: a failure to build it is a warning, not a failed run."""
+        from .report import write_report
+
+        try:
+            return [write_report([self.run_dir], [type(self)])]
+        except Exception as exc:  # noqa: BLE001 - a plugin's report_sections, a full disk: the results stand
+            from .logs import console
+
+            reason = (str(exc).splitlines() or [""])[0]
+            console.warning(f"lensbench: the results are written, but not report.html ({type(exc).__name__}: "
+                            f"{reason}); `lensbench report {self.run_dir}` tries again")
+            return []
 
     def release_run(self, exception: BaseException | None = None) -> None:
         """Close the shard, log why the run stopped, detach the run log and unlock the folder.
@@ -431,10 +442,14 @@ def _built(cls: type, mapping: dict, field: str) -> Any:
 
     from .errors import did_you_mean
 
-    known = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    known = [f.name for f in fields]
     for key in mapping:
         if key not in known:
             raise LensbenchError(f"unknown key {key!r}; {did_you_mean(str(key), known)}", f"{field}.{key}")
+    for f in fields:
+        if f.name not in mapping and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise LensbenchError(f"is required; give {f.name}", f"{field}.{f.name}")
     return cls(**mapping)
 
 

@@ -172,6 +172,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         else:
             status = "not loaded"
         print(f"  {name:<22} {dist:<32} {status}")
+    from .plugins import MODULES_VAR, requested_modules
+
+    if requested_modules():
+        print(f"modules named by {MODULES_VAR}:")
+        for name in requested_modules():
+            failure = registries.failed.get(name)
+            print(f"  {name:<22} {f'failed to import: {failure}' if failure else 'loaded'}")
     if registries.clashes:
         print(f"{len(registries.clashes)} name(s) registered twice (marked CLASH above): every other command "
               "refuses to run until each is resolved as its line says")

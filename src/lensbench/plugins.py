@@ -77,15 +77,19 @@ def requested_modules() -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-def _load_requested(pm: pluggy.PluginManager) -> None:
+def _load_requested(pm: pluggy.PluginManager, keep_going: bool = False) -> None:
     """Register each module ``LENSBENCH_PLUGINS`` names (unless already registered, from its entry
-    point say); one that cannot be imported is one line naming it."""
+    point say); one that cannot be imported is one line naming it (with ``keep_going``, left in
+    ``pm.lensbench_failed`` for ``lensbench plugins`` to list, the others loaded)."""
     from .errors import LensbenchError
 
     for name in requested_modules():
         try:
             module = importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - any error raised while importing the plugin
+            if keep_going:
+                pm.lensbench_failed[name] = f"{_first_line(exc)} (named by {MODULES_VAR})"
+                continue
             raise LensbenchError(f"{MODULES_VAR} names {name!r}, which cannot be imported ({_first_line(exc)}); put "
                                  f"its folder on PYTHONPATH, or remove it from {MODULES_VAR}") from None
         if not pm.is_registered(module):
@@ -189,7 +193,7 @@ def get_plugin_manager(load_installed: bool | None = None, keep_going: bool = Fa
 
             name, reason = next(iter(pm.lensbench_failed.items()))
             raise LensbenchError(failed_plugin_message(name, installed.get(name, "?"), reason))
-    _load_requested(pm)
+    _load_requested(pm, keep_going)
     try:
         pm.check_pending()  # a misspelled hook in a plugin is an error, not silently ignored
     except pluggy.PluginValidationError as exc:

@@ -52,7 +52,8 @@ class ActivationNorms(Analysis):
         """
         Args:
             models: Models to compare: embedded aliases (``smollm2``, ``minilm``), hub ids,
-                folders, .safetensors or .gguf files, or full ``ModelSpec`` entries. Default: smollm2.
+                folders, .safetensors or .gguf files, or full ``ModelSpec`` entries. Default (null):
+                smollm2; an empty list is refused.
             statistics: Registered per-token statistics (see ``lensbench plugins``). Default: norm.
             perturbation: Measure every model at a grid of perturbed states (method, group,
                 levels, repetitions) instead of as it is; adds the state's columns to the table.

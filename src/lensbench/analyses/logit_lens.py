@@ -51,6 +51,9 @@ class LogitLens(Analysis):
     model's own prediction and the next token."""
 
     name = "logit_lens"
+    # chunk_tokens only sets how many positions are unembedded at once: lowering it after an
+    # out-of-memory stop resumes the run.
+    extendable = (*Analysis.extendable, "chunk_tokens")
 
     def __init__(
         self,

@@ -176,7 +176,7 @@ def model_shape(spec: ModelSpec, field: str) -> tuple[int, int]:
                              f"{model_type!r}, architectures: {archs}); loop_identity needs a causal LM "
                              "(*ForCausalLM / *LMHeadModel)", f"{field}.source")
     text = config.get_text_config(decoder=True)
-    refused = unsupported_logit_scaling(text)
+    refused = unsupported_logit_scaling(text, "loop_identity", "its perplexity")
     if refused:
         raise LensbenchError(refused, f"{field}.source")
     layers = getattr(text, "num_hidden_layers", None)

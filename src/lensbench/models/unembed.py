@@ -35,7 +35,7 @@ def logit_scale(config) -> tuple[str, float] | None:
     return None if value is None else (op, float(value))
 
 
-def unsupported_logit_scaling(config, who: str = "loop_identity", what: str = "its perplexity") -> str | None:
+def unsupported_logit_scaling(config, who: str, what: str) -> str | None:
     """Why ``config``'s logits cannot be reproduced from the final norm and LM head (a scale
     attribute on a model type whose use of it is not known here), or None."""
     model_type = getattr(config, "model_type", None)

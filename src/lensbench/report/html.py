@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from ..run_folders import atomic_write
 from .assets import CSS, JS
 from .runinfo import RunInfo, read_run
 from .sections import Section, Table, default_sections, describe, key_columns
@@ -33,9 +33,7 @@ def write_report(run_dirs: Sequence[Path], classes: Sequence[Any] | None = None,
     run_dirs = [Path(d) for d in run_dirs]
     out = Path(out) if out is not None else (run_dirs[0] / REPORT_FILE if len(run_dirs) == 1 else Path(REPORT_FILE))
     text = build_report(run_dirs, classes)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, text)
     return out
 
 
@@ -95,7 +93,8 @@ def build_report(run_dirs: Sequence[Path], classes: Sequence[Any] | None = None)
 # -- the header of one run ---------------------------------------------------------------------
 def _card(info: RunInfo, label: str) -> str:
     rows: list[tuple[str, str]] = [("analysis", _e(info.class_path or "?"))]
-    rows.append(("repeat it", f"<code>lensbench predict --config {_e(str(info.run_dir / 'config.yaml'))}</code>"))
+    command = "predict" if info.class_path else "fit"  # a fit run's config names no analysis class
+    rows.append(("repeat it", f"<code>lensbench {command} --config {_e(str(info.run_dir / 'config.yaml'))}</code>"))
     state_class = "lb-ok" if info.complete else "lb-partial"
     state = f'<span class="{state_class}">{_e(info.state())}</span>'
     if info.missing:
@@ -206,7 +205,6 @@ def compare(frames: dict[str, pd.DataFrame], keys: list[str] | None,
     numeric in both, ``Δ c`` = B - A; for more runs, or no keys, the rows stacked with a ``run``
     column. Returns the table, the keys joined on ([] when stacked), the difference columns and
     the column descriptions."""
-    labels = list(frames)
     if keys is None:
         found = [key_columns(f) for f in frames.values()]
         keys = found[0] if all(k == found[0] for k in found) else []
