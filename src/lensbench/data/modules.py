@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -102,13 +101,12 @@ def _write_plan(run_dir: Path, items: list) -> None:
     """``logs/plan.json``: the keys of every work item this run plans, so that a report of the folder
     names the items not stored (an interrupted run). Atomic; a folder that refuses it is logged."""
     from ..report.runinfo import PLAN_FILE
+    from ..run_folders import atomic_write
 
     path = Path(run_dir) / PLAN_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps([item.key_str for item in items]), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps([item.key_str for item in items]))
     except OSError as exc:
         run_log.warning(f"could not write {path} ({exc.strerror}): a report cannot name missing work items")
 
