@@ -444,6 +444,7 @@ def test_an_unknown_name_with_no_near_match_asks_whether_its_plugin_is_installed
 
 
 def test_plugins_lists_a_named_module_that_cannot_import_and_the_rest(monkeypatch, capsys):
+    monkeypatch.setattr("lensbench.plugins._active", [])  # registries kept by earlier tests left aside
     monkeypatch.setenv("LENSBENCH_PLUGINS", "no_such_module_here")
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
