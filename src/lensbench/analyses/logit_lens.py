@@ -124,7 +124,8 @@ class LogitLens(Analysis):
             for lo in range(0, rows.numel(), self.chunk_tokens):
                 r, c = rows[lo:lo + self.chunk_tokens], cols[lo:lo + self.chunk_tokens]
                 final = torch.log_softmax(out.logits[r, c].float(), dim=-1)
-                final_top = final.argmax(-1)
+                final_top, final_p = final.argmax(-1), final.exp()  # once per chunk, not per layer
+                next_token = targets[lo:lo + r.numel()]
                 for layer in range(n_layers):
                     if layer == n_layers - 1:
                         lens = final
@@ -132,8 +133,8 @@ class LogitLens(Analysis):
                         lens = torch.log_softmax(unembed.logits(out.hidden_states[layer][r, c]).float(), dim=-1)
                     guess = lens.argmax(-1)
                     probs = lens.exp()
-                    values = torch.stack([(guess == final_top).double(), (guess == targets[lo:lo + r.numel()]).double(),
-                                          (final.exp() * (final - lens)).sum(-1).double(),
+                    values = torch.stack([(guess == final_top).double(), (guess == next_token).double(),
+                                          (final_p * (final - lens)).sum(-1).double(),
                                           -(probs * lens).sum(-1).double()])
                     sums[:, layer].index_add_(1, r, values)
                     if lo < keep:  # the first text's positions come first (row-major order)
