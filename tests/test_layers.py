@@ -25,14 +25,6 @@ PACKAGE = ROOT / "src" / "lensbench"
 CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
 
 
-#: Imports that still close a cycle, each to be removed by the module's owner (the test fails once
-#: one is gone: take it out of this list, and out of ``ignore_imports`` in pyproject.toml).
-PENDING_CYCLE_IMPORTS = {
-    ("lensbench.analysis", "lensbench.plugins"): "Analysis.declare_grid and setup call active_registries(), "
-                                                 "while build_registries imports Analysis as the analyses' base",
-}
-
-
 def lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
     """``lint-imports`` over the package found on ``pythonpath``, with ``cwd``'s pyproject.toml."""
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
@@ -93,14 +85,8 @@ def cycle_edges(g) -> list[str]:
 
 
 def test_no_import_cycle():
-    """No import cycle, function-level imports included; an ``if TYPE_CHECKING:`` import (an
-    annotation's name, never run) does not count here (the contracts count it)."""
-    g = grimp.build_graph("lensbench", exclude_type_checking_imports=True, cache_dir=None)
-    for importer, imported in PENDING_CYCLE_IMPORTS:
-        assert g.direct_import_exists(importer=importer, imported=imported), \
-            f"{importer} -> {imported} is gone: remove it from PENDING_CYCLE_IMPORTS"
-        g.remove_import(importer=importer, imported=imported)
-    assert cycle_edges(g) == []
+    """No import cycle, function-level imports and ``if TYPE_CHECKING:`` imports included."""
+    assert cycle_edges(grimp.build_graph("lensbench", cache_dir=None)) == []
 
 
 def test_a_planted_cycle_is_found():

@@ -13,7 +13,7 @@ from lensbench.errors import LensbenchError
 from lensbench.models.loading import ModelSpec, load_model
 from lensbench.perturbations import (METHODS, Ablation, AddGauss, MultGauss, Perturbation, PerturbationGrid, UniQuant,
                                      grid_states)
-from lensbench.plugins import active_registries
+from lensbench.plugins import active_registries, use_registries
 from lensbench.registry import Registry
 from lensbench.state import State, SubjectManager, Transform, TransformSpec
 from lensbench.work import WorkItem
@@ -501,8 +501,10 @@ def test_unknown_method_suggests_the_close_one(registry):
 
 def _analysis(tiny_model, ppl):
     from lensbench.analyses.perturbation import PerturbationAnalysis
+    from lensbench.testing import use_plugins
 
-    return PerturbationAnalysis(model=str(tiny_model), perplexity=ppl)
+    with use_plugins():  # the analysis holds these registries: its grid's method is looked up there
+        return PerturbationAnalysis(model=str(tiny_model), perplexity=ppl)
 
 
 def test_perplexity_text_and_file_together_are_refused(tiny_model, tmp_path):
@@ -535,8 +537,9 @@ def test_near_full_gpu_memory_stores_the_prompts_done_then_stops_in_one_line(tin
     from lensbench.generation import Batching, GenerationSettings, GenerationStopped
 
     settings = GenerationSettings(max_new_tokens=3, do_sample=False, max_batch_size=2)
-    analysis = PerturbationAnalysis(model=str(tiny_model), generation=settings,
-                                    perturbation=PerturbationGrid(levels=[0.1], include_baseline=False))
+    with use_registries(active_registries()):  # the registries `registry` comes from
+        analysis = PerturbationAnalysis(model=str(tiny_model), generation=settings,
+                                        perturbation=PerturbationGrid(levels=[0.1], include_baseline=False))
     (st,) = analysis.states()
     analysis.subjects = SubjectManager(analysis.subject_specs(), CPU, registry, padding_side="left")
 

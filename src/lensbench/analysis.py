@@ -12,9 +12,10 @@ rank, and the merge on rank 0 once every rank is done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import lightning.pytorch as pl
 import yaml
@@ -38,6 +39,7 @@ from .state import State
 from .work import WorkItem, changed_items, plan_items
 
 if TYPE_CHECKING:
+    from .registry import Registries
     from .models.loading import ModelSpec
 
 CONFIG_FILE = "config.yaml"
@@ -48,6 +50,23 @@ PER_CHECKPOINT = ("model_fingerprint.", "compute_dtype.")
 GRID_FIELD = "model.init_args.perturbation"
 #: run.json keys of run folders made before per-record content digests.
 OLD_DATA_FINGERPRINTS = tuple(f"data_fingerprint.{k}" for k in ("datasets_sha256", "prompts_sha256", "images_sha256"))
+
+
+_handed: list[Registries] = []  # innermost last: see ``hand_registries``
+
+
+@contextlib.contextmanager
+def hand_registries(registries: Registries) -> Iterator[Registries]:
+    """Every analysis built inside the block holds ``registries`` (``Analysis.registries``): the
+    transforms and perturbation methods its models and grid name are looked up there. The
+    ``lensbench predict`` command builds its analysis inside this block with the registries the
+    plugin manager built; ``lensbench.plugins.use_registries`` (and so
+    ``lensbench.testing.use_plugins``) enters it too."""
+    _handed.append(registries)
+    try:
+        yield registries
+    finally:
+        _handed.pop()
 
 
 class Analysis(pl.LightningModule):
@@ -77,6 +96,7 @@ class Analysis(pl.LightningModule):
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__()
+        self._registries: Registries | None = _handed[-1] if _handed else None
         self.experiment = experiment
         self.output_dir = output_dir
         self.run_config: str | None = None  # resolved config (YAML), set by the CLI
@@ -94,6 +114,15 @@ class Analysis(pl.LightningModule):
         self.grid: PerturbationGrid | None = None  # the declared perturbation grid, if any
         self._grid_states: list[State] | None = None
 
+    @property
+    def registries(self) -> Registries:
+        """The registries handed to this analysis when it was built (``hand_registries``)."""
+        if self._registries is None:
+            raise LensbenchError(f"analysis {type(self).__name__} was built without registries, so it cannot look up "
+                                 "transforms or perturbation methods: run it with `lensbench predict`, or build it "
+                                 "inside `lensbench.testing.use_plugins()`")
+        return self._registries
+
     # -- what an analysis declares ----------------------------------------------------------------
     def declare_model(self, entry: str | ModelSpec, field: str, **defaults: Any) -> ModelSpec:
         """Declare one model the analysis loads, named by config ``field``: an alias, hub id, folder
@@ -101,12 +130,11 @@ class Analysis(pl.LightningModule):
         now, before any run folder is made (a missing folder or an unknown alias is one line naming
         ``field``); its label must be new. Returns the spec, kept in ``self.specs``."""
         from .models.loading import ModelSpec, resolve_source
-        from .plugins import active_registries
 
         if isinstance(entry, dict):  # a constructor without type hints gets the config's mapping
             entry = _built(ModelSpec, entry, field)
         spec = ModelSpec(entry, **defaults) if isinstance(entry, str) else entry
-        resolve_source(spec, field=field, registry=active_registries().perturbations)  # transforms checked too
+        resolve_source(spec, field=field, registry=self.registries.perturbations if spec.transforms else None)
         label = spec.label()
         if label in self.specs:
             raise LensbenchError(f"model label {label!r} is used twice; give one a `name`", field)
@@ -129,12 +157,10 @@ class Analysis(pl.LightningModule):
         as it is; null: each model as it is. The grid is checked now (method, group, levels,
         seed); its levels and repetitions may grow between runs on one folder (``extendable``).
         Call it after the models are declared."""
-        from .plugins import active_registries
-
         if isinstance(grid, dict):  # a constructor without type hints gets the config's mapping
             grid = _built(PerturbationGrid, grid, field)
         self.grid = grid
-        self._grid_states = grid_states(self.specs, grid, active_registries().perturbations, field)
+        self._grid_states = grid_states(self.specs, grid, self.registries.perturbations if grid else None, field)
 
     def identity_models(self) -> list[str]:
         """Labels of the models whose weights' fingerprints join the run identity (run.json's
@@ -336,10 +362,9 @@ class Analysis(pl.LightningModule):
         self.store = ResultStore(self.run_dir)  # Lightning's post_setup barrier follows
         specs = self.subject_specs()
         if specs:
-            from .plugins import active_registries
             from .state import SubjectManager
 
-            self.subjects = SubjectManager(specs, self.device, active_registries().perturbations, self.padding_side,
+            self.subjects = SubjectManager(specs, self.device, self.registries.perturbations, self.padding_side,
                                            self.subject_fields())
 
     def on_predict_start(self) -> None:

@@ -112,25 +112,26 @@ def _matmul_precision_recorder(value: str):
 def run_predict(argv: list[str] | None) -> Any:
     from .analysis import Analysis
     from .data.modules import WorkDataModule
-    from .plugins import active_registries
+    from .plugins import active_registries, use_registries
 
     registries = active_registries()
     if argv is None:  # rewrite sys.argv itself: the DDP launcher re-runs it
         sys.argv[1:] = _resolve_model_flag(sys.argv[1:], registries)
     else:
         argv = _resolve_model_flag(argv, registries)
-    return run_cli(
-        _build_cli_class(),
-        Analysis,
-        WorkDataModule,
-        registries,
-        "Run a lensbench analysis: lensbench predict --config X.yaml",
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        seed_everything_default=False,
-        args=argv,
-    )
+    with use_registries(registries):  # the analysis built from the config holds them
+        return run_cli(
+            _build_cli_class(),
+            Analysis,
+            WorkDataModule,
+            registries,
+            "Run a lensbench analysis: lensbench predict --config X.yaml",
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            seed_everything_default=False,
+            args=argv,
+        )
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -273,10 +273,14 @@ _active: list[Registries] = []
 
 @contextlib.contextmanager
 def use_registries(registries: Registries) -> Iterator[Registries]:
-    """Make ``registries`` the ones ``active_registries()`` returns inside the block."""
+    """Make ``registries`` the ones ``active_registries()`` returns inside the block, and the ones
+    every analysis built inside it holds (``lensbench.analysis.hand_registries``)."""
+    from .analysis import hand_registries
+
     _active.append(registries)
     try:
-        yield registries
+        with hand_registries(registries):
+            yield registries
     finally:
         _active.pop()
 

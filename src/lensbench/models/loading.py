@@ -19,90 +19,17 @@ from typing import Any
 import torch
 
 from ..errors import LensbenchError
-from ..transforms import TransformEntry, check_transforms
-from .anatomy import AnatomyOverrides
+from ..transforms import check_transforms
 from .embedded import embedded_smollm2_folder
 from .integrity import check_loaded, config_refusal, load_refusal, load_report_held, safetensors_files
 from .placed_weights import input_device, is_placed
 from .placement import align_inputs, check_placement, placement_kwargs
 from .quantized import quant_method, quantization
-from .sources import DTYPES, EMBEDDED, GENERIC_STEMS, HEADS, ResolvedSource, locate_source, offline_error
+from .sources import DTYPES, EMBEDDED, HEADS, ResolvedSource, locate_source, offline_error
+from .spec import ModelSpec
 
 #: What other modules import from here.
 __all__ = ["LoadedModel", "ModelSpec", "load_model", "resolve_source", "takes_images"]
-
-
-@dataclass
-class ModelSpec:
-    """One model under study."""
-
-    source: str
-    """Embedded alias (smollm2, minilm), hub id, local folder, .safetensors file or .gguf file."""
-    name: str | None = None
-    """Label in outputs; default: the alias, the folder or file stem, or the hub id with / as __."""
-    dtype: str = "auto"
-    """auto (the checkpoint's own; float32 for GGUF), float32, float16 or bfloat16."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) of a hub id."""
-    trust_remote_code: bool = False
-    """Run model code shipped with the checkpoint; off unless asked for."""
-    gguf_file: str | None = None
-    """GGUF file name inside a folder or hub repository."""
-    head: str = "auto"
-    """auto, causal_lm, image_text_to_text or base (auto: image_text_to_text for vision-language
-    checkpoints such as Gemma 3 or Llava, which then load with their processor; causal_lm for
-    *ForCausalLM checkpoints; else base)."""
-    attn_implementation: str | None = None
-    """transformers attention implementation (eager, sdpa, ...); default: transformers' choice."""
-    anatomy: AnatomyOverrides | None = None
-    """Globs naming blocks/attention/mlp/embedding for architectures lensbench cannot map itself."""
-    transforms: list[TransformEntry] | None = None
-    """Registered transforms applied to the loaded model before every state's own, in order
-    ({name, params, seed}), e.g. [{name: loop_layers, params: {start: 4, end: 8, passes: 3}}]:
-    the model studied is the looped one. Give the entry a ``name`` to tell it from the plain model."""
-    device_map: str | dict[str, int | str] | None = None
-    """Spread the model over devices (transformers/accelerate) instead of putting it whole on the
-    rank's device: auto, balanced, balanced_low_0 or sequential (the GPUs of this rank, then the
-    CPU, then the disk; ``max_memory`` caps each), a single device (cpu, cuda:1), or an explicit map
-    {module: device} covering every weight, devices being a GPU index (0, 1), cuda:N, cpu or disk.
-    On a GPU rank, cpu means offloaded: weights kept in host memory, computed on the GPU; disk:
-    read from the checkpoint at each forward. Inputs go to the device of the input embeddings.
-    Perturbations and restores work on every placement (disk-offloaded weights a transform changes
-    are kept in host memory from then on); the weights' fingerprint does not depend on the map.
-    See docs/distributed.md. Default: the whole model on the rank's device."""
-    max_memory: dict[int | str, int | str] | None = None
-    """With a named device_map (auto, balanced, ...): the most each device may hold, e.g.
-    {0: 20GiB, 1: 20GiB, cpu: 64GiB} (bytes or strings such as 20GiB); a device left out is not
-    used. Default: what accelerate finds free on the GPUs of this rank and the CPU."""
-    load_in_4bit: bool = False
-    """Quantize the linear layers' weights to 4 bits (NF4) while loading, through transformers'
-    BitsAndBytesConfig: needs the bitsandbytes package (pip install bitsandbytes), on a CUDA GPU or
-    (bitsandbytes 0.46 or newer) on the CPU. 4-bit layers compute in ``dtype`` when it is set, else
-    in bfloat16 on a GPU and float32 on the CPU; the weights left in float (norms, embeddings) take
-    ``dtype`` as usual. Quantized weights cannot be perturbed (the float ones can)."""
-    load_in_8bit: bool = False
-    """Quantize the linear layers' weights to 8 bits (LLM.int8) while loading; as load_in_4bit."""
-    allow_missing_weights: bool | list[str] = False
-    """Load a checkpoint that lacks some of the model's weights, these starting random (a head you
-    mean to train): true, or globs of the parameter names allowed to be missing (``score.*``).
-    Off: a checkpoint missing a weight is refused, naming it (see models/integrity.py)."""
-
-    def __post_init__(self) -> None:
-        if self.transforms is not None:  # plain dicts (Python callers) become entries
-            self.transforms = [TransformEntry(**t) if isinstance(t, dict) else t for t in self.transforms]
-
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        src = str(self.source)
-        if src in EMBEDDED:
-            return src
-        path = Path(src).expanduser()
-        if path.suffix in (".gguf", ".safetensors"):
-            return path.parent.name if path.stem.split("-0")[0] in GENERIC_STEMS and path.parent.name else path.stem
-        if path.exists():
-            return Path(self.gguf_file).stem if self.gguf_file else path.resolve().name
-        return src.strip("/").replace("/", "__")
 
 
 @dataclass

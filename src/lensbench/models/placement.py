@@ -18,7 +18,7 @@ from .quantized import check_quantization, quantization, quantization_kwargs
 from .sources import cache_dir
 
 if TYPE_CHECKING:
-    from .loading import ModelSpec
+    from .spec import ModelSpec
 
 
 #: device_map strategies of transformers/accelerate (the rest of the values are devices or maps).

