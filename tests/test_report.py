@@ -95,8 +95,9 @@ def test_two_runs_stand_side_by_side_with_differences(runs, tmp_path):
     assert main(["report", str(a), str(b), "-o", str(out)]) == 0
     page = out.read_text(encoding="utf-8")
     assert_offline(page)
-    assert sorted(images(page)) == sorted([(a / "activation_norms.png").read_bytes(),
-                                           (b / "activation_norms.png").read_bytes()])
+    shared, *own = images(page)  # first the runs on shared axes, then each run's own figure
+    assert sorted(own) == sorted([(a / "activation_norms.png").read_bytes(), (b / "activation_norms.png").read_bytes()])
+    assert "On shared axes" in page and shared not in own
     joined = frame(tables(page)["activation_norms.csv"])
     keys = ["model", "dataset", "layer"]
     expected = pd.read_csv(a / "activation_norms.csv").merge(pd.read_csv(b / "activation_norms.csv"), on=keys, suffixes=(" [run]", " [small]"))
@@ -106,6 +107,54 @@ def test_two_runs_stand_side_by_side_with_differences(runs, tmp_path):
         np.testing.assert_allclose(joined[f"Δ {column}"], diff, rtol=1e-9)
         assert (joined[f"{column} [run]"] != joined[f"{column} [small]"]).any()  # the runs differ
     assert "joined on model, dataset, layer" in page and page.count('class="lb-card"') == 2
+
+
+def test_runs_of_one_analysis_are_drawn_on_shared_axes(runs, tmp_path, monkeypatch):
+    """compare_figures stacks the runs' tables (model names prefixed by the run) and the analysis's
+    own plot draws every run's line on the same axes: one figure, one y range."""
+    import lensbench.analyses.activation_norms as module
+    from lensbench.analyses.activation_norms import ActivationNorms
+
+    a, b = runs / RUN, runs / "outputs" / "small"
+    drawn = []
+    real = module.save_figure
+    monkeypatch.setattr(module, "save_figure", lambda fig, out, **kw: (drawn.append(fig.axes), real(fig, out, **kw))[1])
+    (tmp_path / "out").mkdir()
+    paths = ActivationNorms.compare_figures([a, b], ["A", "B"], tmp_path / "out")
+    assert [p.name for p in paths] == ["activation_norms.png"] and paths[0].stat().st_size > 0
+    (ax,) = drawn[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for label, run in (("A", a), ("B", b)):
+        table = pd.read_csv(run / "activation_norms.csv")
+        for (model, dataset), rows in table.groupby(["model", "dataset"]):
+            line = lines[f"{label}: {model} / {dataset}"]  # each run's line, on the one axes
+            np.testing.assert_allclose(line.get_ydata(), rows["mean_norm"], rtol=1e-12)
+    assert len(lines) == 2 * pd.read_csv(a / "activation_norms.csv").groupby(["model", "dataset"]).ngroups
+    # a run lacking the table: no such figure, and the page still has each run's own
+    assert ActivationNorms.compare_figures([a, tmp_path], ["A", "B"], tmp_path / "out") == []
+
+
+def test_fit_runs_are_drawn_on_one_figure_in_a_report(tmp_path):
+    from lensbench.training.curves import FitRun
+
+    calls = []
+
+    class Recorder(FitRun):
+        @classmethod
+        def compare_figures(cls, run_dirs, labels, out_dir):
+            calls.append((list(run_dirs), list(labels)))
+            raise ValueError("no metrics")
+
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        (run / "logs").mkdir(parents=True)
+        (run / "config.yaml").write_text("model:\n  config: {}\n")
+        pd.DataFrame({"step": [0, 1], "loss": [2.0, 1.5]}).to_csv(run / "memory_usage.csv", index=False)
+        runs.append(run)
+    page = write_report(runs, [Recorder, Recorder], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert calls == [(runs, ["a", "b"])]
+    assert "could not be drawn on shared axes (ValueError: no metrics)" in page and "memory_usage.csv" in page
 
 
 def test_a_partial_run_names_the_items_it_lacks(runs, tmp_path):

@@ -218,6 +218,10 @@ def test_fit_draws_its_curves_and_plot_puts_several_runs_on_one_figure(tmp_path,
         assert fit(tmp_path, monkeypatch, "--model.experiment", name, "--model.lr", lr) == 0
         runs.append(tmp_path / "outputs" / name)
         assert (runs[-1] / "curves.png").stat().st_size > 0  # written by fit
+        page = (runs[-1] / "report.html").read_text(encoding="utf-8")  # and the run's page, at the end
+        tables = sorted(p.name for p in runs[-1].glob("*.csv"))
+        assert "parameters.csv" in tables and all(t in page for t in tables), tables
+        assert "curves.png" in page and page.count("data:image/png;base64,") == 1 and "lensbench fit" in page
     metrics = {str(r): read_metrics(r) for r in runs}
     assert all(list(m.index) == [0, 1, 2, 3] for m in metrics.values())  # steps 0..3, one row each
     # the examples per validation group are logged: one run's figure draws their Wilson band
@@ -232,8 +236,13 @@ def test_fit_draws_its_curves_and_plot_puts_several_runs_on_one_figure(tmp_path,
     assert main(["plot", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "both.png")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "both.png")
     assert (tmp_path / "both.png").stat().st_size > 0
+    assert main(["report", str(runs[0]), str(runs[1]), "-o", str(tmp_path / "both.html")]) == 0
+    page = (tmp_path / "both.html").read_text(encoding="utf-8")
+    assert "On shared axes" in page and page.count("data:image/png;base64,") == 3  # both runs' curves, then each run's
     (runs[0] / "curves.png").unlink()
+    (runs[0] / "report.html").unlink()
     assert main(["plot", str(runs[0])]) == 0 and (runs[0] / "curves.png").exists()  # one run: redrawn in place
+    assert "curves.png" in (runs[0] / "report.html").read_text(encoding="utf-8")  # with its page
 
     analysis = tmp_path / "analysis"
     analysis.mkdir()

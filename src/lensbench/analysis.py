@@ -196,6 +196,31 @@ class Analysis(pl.LightningModule):
         """Draw the figures from the tables in ``run_dir``; return the files written."""
         return []
 
+    #: Tables (file names) from which ``plot`` draws every figure, each with a ``model`` column
+    #: naming a line: several runs' rows stacked, each run's model names prefixed by its label, make
+    #: ``plot`` draw the runs on shared axes (``compare_figures``). Empty: no such figures.
+    comparison_tables: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def compare_figures(cls, run_dirs: list[Path], labels: list[str], out_dir: Path) -> list[Path]:
+        """Figures of several runs of this analysis on shared axes (one line per run and model),
+        drawn into ``out_dir``; the report shows them above the runs' own figures. Default: the
+        ``comparison_tables`` of every run stacked into ``out_dir`` (``model`` values become
+        ``<label>: <model>``), then ``plot(out_dir)``; none when ``comparison_tables`` is empty or
+        a run lacks one of them."""
+        import pandas as pd
+
+        if not cls.comparison_tables or not all((Path(d) / t).is_file() for d in run_dirs for t in cls.comparison_tables):
+            return []
+        for name in cls.comparison_tables:
+            frames = []
+            for run_dir, label in zip(run_dirs, labels):
+                frame = pd.read_csv(Path(run_dir) / name, keep_default_na=False, na_values=[""])
+                frame["model"] = f"{label}: " + frame["model"].astype(str)
+                frames.append(frame)
+            pd.concat(frames, ignore_index=True).to_csv(Path(out_dir) / name, index=False)
+        return cls.plot(Path(out_dir))
+
     @classmethod
     def report_sections(cls, run_dir: Path) -> list:
         """The sections of ``run_dir``'s report page (``lensbench.report.Section``: a title, figures,
@@ -410,19 +435,11 @@ class Analysis(pl.LightningModule):
             self.release_run(failure)
 
     def _write_report(self) -> list[Path]:
-        """report.html, after every table and figure (an analysis's own included). The page is a
-        view of results already written: a failure to build it is a warning, not a failed run."""
-        from .report import write_report
+        """report.html, after every table and figure (an analysis's own included); a failure to
+        write it is a warning."""
+        from .report import write_report_or_warn
 
-        try:
-            return [write_report([self.run_dir], [type(self)])]
-        except Exception as exc:  # noqa: BLE001 - a plugin's report_sections, a full disk: the results stand
-            from .logs import console
-
-            reason = (str(exc).splitlines() or [""])[0]
-            console.warning(f"lensbench: the results are written, but not report.html ({type(exc).__name__}: "
-                            f"{reason}); `lensbench report {self.run_dir}` tries again")
-            return []
+        return write_report_or_warn(self.run_dir, type(self))
 
     def release_run(self, exception: BaseException | None = None) -> None:
         """Close the shard, log why the run stopped, detach the run log and unlock the folder.

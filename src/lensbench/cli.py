@@ -211,6 +211,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not class_path or not isinstance(class_path, str):
         if _is_fit_run(run_dir, config):
             print(plot_runs(run_dirs, Path(args.out) if args.out else run_dir / CURVES))
+            from .report import write_report
+            from .training.curves import FitRun
+
+            print(write_report([run_dir], [FitRun]))
             return 0
         raise LensbenchError(f"{run_dir}/config.yaml names no analysis (model.class_path); give the output folder "
                              "of a lensbench predict run")
@@ -243,11 +247,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .analysis import load_run_config
     from .report import write_report
 
+    from .training.curves import FitRun
+
     run_dirs = [Path(d) for d in args.run_dir]
     classes = []
     for run_dir in run_dirs:
-        model = load_run_config(run_dir).get("model")
-        classes.append(_analysis_class(model.get("class_path")) if isinstance(model, dict) else None)
+        config = load_run_config(run_dir)
+        model = config.get("model")
+        classes.append(FitRun if _is_fit_run(run_dir, config) else
+                       _analysis_class(model.get("class_path")) if isinstance(model, dict) else None)
     print(write_report(run_dirs, classes, Path(args.out) if args.out else None))
     return 0
 

@@ -64,7 +64,7 @@ class SubjectManager:
 
     def __init__(self, specs: dict[str, Any], device: torch.device, registry, padding_side: str = "right",
                  fields: dict[str, str] | None = None) -> None:
-        self.specs = specs  # checkpoint label -> lensbench.models.loading.ModelSpec
+        self.specs = specs  # checkpoint label -> lensbench.models.spec.ModelSpec
         self.fields = fields or {}  # checkpoint label -> its config field, named by errors at load ("model")
         self.device = device
         self.registry = registry  # the perturbations registry

@@ -39,6 +39,7 @@ class ActivationNorms(Analysis):
     """Per-layer hidden-state norms (and other token statistics) per model and dataset."""
 
     name = "activation_norms"
+    comparison_tables = (TABLE,)  # several runs on shared axes in a report
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ class LogitLens(Analysis):
     model's own prediction and the next token."""
 
     name = "logit_lens"
+    comparison_tables = (TABLE,)  # several runs on shared axes in a report
     # chunk_tokens only sets how many positions are unembedded at once: lowering it after an
     # out-of-memory stop resumes the run.
     extendable = (*Analysis.extendable, "chunk_tokens")

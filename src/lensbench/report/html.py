@@ -37,6 +37,21 @@ def write_report(run_dirs: Sequence[Path], classes: Sequence[Any] | None = None,
     return out
 
 
+def write_report_or_warn(run_dir: Path, cls: Any = None) -> list[Path]:
+    """``<run_dir>/report.html`` at the end of a run, after every table and figure. The page is a
+    view of results already written: a failure to build it (a plugin's ``report_sections``, a full
+    disk) is one warning line, not a failed run. Returns the path written, or nothing."""
+    try:
+        return [write_report([run_dir], [cls])]
+    except Exception as exc:  # noqa: BLE001 - the results stand
+        from ..logs import console
+
+        reason = (str(exc).splitlines() or [""])[0]
+        console.warning(f"lensbench: the results are written, but not report.html ({type(exc).__name__}: "
+                        f"{reason}); `lensbench report {run_dir}` tries again")
+        return []
+
+
 def analysis_name(info: RunInfo, cls: Any) -> str:
     if cls is not None and getattr(cls, "name", ""):
         return cls.name
@@ -67,6 +82,9 @@ def build_report(run_dirs: Sequence[Path], classes: Sequence[Any] | None = None)
             body.append(f'<div class="lb-row">{cards}</div>')
             cards = ""
         # else one run: its header stands beside its first figure
+        if len(members) > 1:
+            body.append(_shared_axes([run_dirs[i] for i in members], [labels[i] for i in members],
+                                     [classes[i] for i in members]))
         titles = list(dict.fromkeys(s.title for i in members for s in sections[i]))
         for title in titles:
             parts = {i: s for i in members for s in sections[i] if s.title == title}
@@ -144,13 +162,36 @@ def _figures(by_run: dict[str, list[Path]], lead: str = "") -> str:
             path = next((p for p in figures if p.name == name), None)
             if path is None:
                 continue
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-            caption = f"{label}: {name}" if several else name
-            cells.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
-                         f"<figcaption>{_e(caption)}</figcaption></figure>")
+            cells.append(_figure(path, f"{label}: {name}" if several else name))
         out.append('<div class="lb-row">' + lead + "".join(cells) + "</div>")
         lead = ""
     return "\n".join(out)
+
+
+def _shared_axes(run_dirs: list[Path], labels: list[str], classes: list[Any]) -> str:
+    """The figures the runs' analysis draws of them all on shared axes (``compare_figures``), in
+    a row; nothing when it draws none. A failure to draw them is a note on the page."""
+    import tempfile
+
+    cls = classes[0]
+    if cls is None or any(c is not cls for c in classes) or not hasattr(cls, "compare_figures"):
+        return ""
+    with tempfile.TemporaryDirectory(prefix="lensbench-report-") as tmp:
+        try:
+            figures = cls.compare_figures(run_dirs, labels, Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - the runs' own figures and tables still make the page
+            reason = (str(exc).splitlines() or [""])[0]
+            return f'<p class="lb-note">The runs could not be drawn on shared axes ({_e(type(exc).__name__)}: {_e(reason)}).</p>'
+        if not figures:
+            return ""
+        cells = "".join(_figure(path, f"{' vs '.join(labels)}: {path.name}") for path in figures)
+    return f'<h3>On shared axes</h3><div class="lb-row">{cells}</div>'
+
+
+def _figure(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
 class _Tables:

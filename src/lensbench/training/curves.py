@@ -112,3 +112,20 @@ def plot_runs(run_dirs: list[Path], path: Path) -> Path:
         return save_figure(fig, path, dpi=120)
     finally:
         pyplot().close(fig)
+
+
+class FitRun:
+    """What a report shows of ``lensbench fit`` runs (``lensbench.report``): each run's tables and
+    figures (the default sections) and, for several runs, their curves on one figure."""
+
+    name = "fit"
+
+    @classmethod
+    def report_sections(cls, run_dir: Path) -> list:
+        from ..report import default_sections
+
+        return default_sections(run_dir, cls.name)
+
+    @classmethod
+    def compare_figures(cls, run_dirs: list[Path], labels: list[str], out_dir: Path) -> list[Path]:
+        return [plot_runs([Path(d) for d in run_dirs], Path(out_dir) / CURVES)]

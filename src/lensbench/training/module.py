@@ -178,18 +178,25 @@ class CausalLMTraining(pl.LightningModule):
 
     def on_train_end(self) -> None:
         """Exact match of the answers of the data's ``test_split`` per group, on rank 0:
-        ``<run>/exact_match.csv`` (the memorization curve when the groups are exposure buckets)."""
+        ``<run>/exact_match.csv`` (the memorization curve when the groups are exposure buckets);
+        then ``<run>/report.html``, the page of every table and figure of the run."""
         if self.global_rank == 0:
             self.draw_curves()
         dm = self.trainer.datamodule
         rows = dm.test_rows() if dm is not None and hasattr(dm, "test_rows") else []
-        if self.global_rank != 0 or not rows:
+        if self.global_rank != 0:
             return
-        table = exact_match_table(self.model, rows, dm.val_collate, dm.val_batch_size, self.device)
-        path = self.run_dir / "exact_match.csv"
-        table.to_csv(path, index=False)
-        console.info("exact match on %s (%d examples): %s -> %s", dm.test_split, len(rows),
-                     ", ".join(f"{r.group} {r.exact_match:.2f}" for r in table.itertuples()), path)
+        if rows:
+            table = exact_match_table(self.model, rows, dm.val_collate, dm.val_batch_size, self.device)
+            path = self.run_dir / "exact_match.csv"
+            table.to_csv(path, index=False)
+            console.info("exact match on %s (%d examples): %s -> %s", dm.test_split, len(rows),
+                         ", ".join(f"{r.group} {r.exact_match:.2f}" for r in table.itertuples()), path)
+        from ..report import write_report_or_warn
+        from .curves import FitRun
+
+        for path in write_report_or_warn(self.run_dir, FitRun):  # after the callbacks' tables (they run first)
+            console.info(f"report -> {path}")
 
     def draw_curves(self) -> None:
         """``<run>/curves.png``: loss and validation exact match against the step, from the metrics
