@@ -44,7 +44,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def lensbench(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def lensbench(*args: str, cwd: Path, timeout: float = 1200, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real console script in a subprocess."""
     return subprocess.run(["lensbench", *args], cwd=cwd, env=env or clean_env(), capture_output=True,
                           text=True, timeout=timeout)

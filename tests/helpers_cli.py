@@ -54,11 +54,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def sigkill_when_stored(args: list[str], cwd: Path, shard: Path, lines: int, env: dict | None = None) -> int:
-    """Start ``lensbench *args``, SIGKILL it once ``shard`` holds ``lines`` lines (or after 240 s),
+    """Start ``lensbench *args``, SIGKILL it once ``shard`` holds ``lines`` lines (or after 900 s, a guard against a hang),
     and return the lines the shard holds then. Fails when the run ended before the kill."""
     proc = subprocess.Popen(["lensbench", *args], cwd=cwd, env=env or clean_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None and not (
             shard.exists() and shard.read_bytes().count(b"\n") >= lines):
         time.sleep(0.005)

@@ -24,13 +24,13 @@ def test_a_mapping_for_an_unhinted_argument_is_built_or_refused_in_one_line():
 
 
 def test_a_report_that_cannot_be_written_leaves_the_run_finished(workdir, monkeypatch):
-    import lensbench.report
+    import lensbench.report.html
     from lensbench.cli import main
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lensbench.report, "write_report", broken)
+    monkeypatch.setattr(lensbench.report.html, "write_report", broken)
     monkeypatch.chdir(workdir)
     assert main(["predict", "--config", "run.yaml"]) == 0
     run = workdir / "outputs" / "activation_norms" / "run"

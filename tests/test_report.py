@@ -273,7 +273,7 @@ def test_the_page_works_in_a_browser(runs, tmp_path):
     both = tmp_path / "both.html"
     assert main(["report", str(runs / RUN), str(runs / "outputs" / "small"), "-o", str(both)]) == 0
     seen = open_in_chromium(both, tmp_path, "activation_norms.csv", "Δ mean_norm", "tiny")
-    assert seen["errors"] == [] and seen["shown"] == seen["images"] == 2
+    assert seen["errors"] == [] and seen["shown"] == seen["images"] == 3  # the runs on shared axes, then each run's
     assert as_numbers(seen["after"]) == sorted(as_numbers(seen["after"])) and len(seen["after"]) == len(stored)
     assert seen["filtered"] == f"rows 1–{len(stored)} of {len(stored)}"
 

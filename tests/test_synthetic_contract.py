@@ -134,6 +134,41 @@ def test_a_bumped_version_is_refused_in_a_named_folder(spelled, tmp_path, monkey
     assert Spelled.generated == 1 and snapshot(tmp_path / "mine") == before
 
 
+def test_a_named_folder_of_rows_lensbench_did_not_write_is_never_overwritten(spelled, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text('{"prompt": "my own row", "answer": "x"}\n')
+    before = snapshot(mine)
+    with pytest.raises(LensbenchError) as err:
+        load_dataset("spelled", {"n": 3}, 0, None, "mine", "data", registry=spelled.synthetic_datasets)
+    assert err.value.field == "data.data_dir" and "\n" not in err.value.message
+    assert "holds train.jsonl but no dataset.json" in err.value.message and "would be overwritten" in err.value.message
+    assert Spelled.generated == 0 and snapshot(mine) == before
+
+
+def test_a_write_cut_before_its_manifest_is_written_again(spelled, tmp_path, monkeypatch):
+    """A kill after some splits and before the manifest leaves lensbench's marker: the next run
+    writes the folder again, the same rows as an uninterrupted write."""
+    import lensbench.synthetic.datasets as module
+
+    real = module._write_atomic
+
+    def cut(path, text):
+        if path.name == "dataset.json":
+            raise KeyboardInterrupt
+        real(path, text)
+
+    monkeypatch.setattr(module, "_write_atomic", cut)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset("spelled", {"n": 3}, 0, None, "cut", "data", registry=spelled.synthetic_datasets)
+    assert (tmp_path / "cut" / "dataset.json.writing").exists() and not (tmp_path / "cut" / "dataset.json").exists()
+    monkeypatch.setattr(module, "_write_atomic", real)
+    again, _ = load_dataset("spelled", {"n": 3}, 0, None, "cut", "data", registry=spelled.synthetic_datasets)
+    whole, _ = load_dataset("spelled", {"n": 3}, 0, None, "whole", "data", registry=spelled.synthetic_datasets)
+    assert again == whole and snapshot(tmp_path / "cut") == snapshot(tmp_path / "whole")
+    assert not (tmp_path / "cut" / "dataset.json.writing").exists()
+
+
 def test_a_manifest_from_before_versions_counts_as_version_1(tmp_path, monkeypatch):
     registry = testing.registries_for().synthetic_datasets
     folder = tmp_path / "old"

@@ -602,3 +602,35 @@ def test_a_checkpoint_written_when_training_ended_is_known_not_to_resume_exactly
                           "epoch_loop.batch_progress": {"total": total, "current": current}}}
     assert inexact({"global_step": batches[2], "loops": loops}) is expected
     assert not inexact({"global_step": 3})
+
+
+def test_a_resume_on_other_rows_is_refused_and_the_run_kept(tmp_path, monkeypatch, capsys):
+    """run.json records a digest of the rows trained on: a resume reading rows changed since (a
+    JSONL split edited in place, the same number of rows) is one line, the folder byte for byte;
+    the same rows resume."""
+    import lensbench
+    from lensbench.run_identity import ROWS_KEY, rows_digest
+    from lensbench.synthetic.datasets import read_splits
+
+    write_config(tmp_path, data={"data_dir": "rows"}, trainer={"max_steps": 2})
+    assert fit(tmp_path, monkeypatch) == 0
+    run = tmp_path / "outputs" / "fit" / "train"
+    identity = json.loads((run / "run.json").read_text())
+    splits = read_splits(tmp_path / "rows")
+    assert identity[ROWS_KEY] == rows_digest(splits, ("train", "val", "test"))
+    assert identity["lensbench_version"] == lensbench.__version__
+    kept = files_of(run)
+    assert fit(tmp_path, monkeypatch, "--trainer.max_steps", "3") == 0  # the same rows: resumed
+    assert json.loads((run / "run.json").read_text()) == identity
+    kept = files_of(run)
+    rows = (tmp_path / "rows" / "train.jsonl").read_text().splitlines()
+    edited = json.loads(rows[0])
+    edited["answer"] = edited["answer"][::-1] + "x"
+    (tmp_path / "rows" / "train.jsonl").write_text("\n".join([json.dumps(edited), *rows[1:]]) + "\n")
+    capsys.readouterr()
+    assert fit(tmp_path, monkeypatch, "--trainer.max_steps", "4") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("lensbench: error: data: the rows of the data differ from those ") and \
+        "outputs/fit/train was trained on" in line, line
+    assert "give the same data, or set another experiment name" in line
+    assert files_of(run) == kept

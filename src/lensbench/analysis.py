@@ -25,6 +25,7 @@ from .logs import Progress, RunLog, run_log
 from .perturbations import GRID_EXTENDABLE, PerturbationGrid, grid_states
 from .results import ResultStore
 from .run_folders import (
+    CONFIG_FILE,
     IDENTITY_FILE,
     LOCK_FILE,
     DamagedRunFile,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from .registry import Registries
     from .models.loading import ModelSpec
 
-CONFIG_FILE = "config.yaml"
 #: run.json keys that describe one checkpoint (``<prefix><label>``): where checkpoints may be added
 #: or left out, only those of the checkpoints in both runs must match.
 PER_CHECKPOINT = ("model_fingerprint.", "compute_dtype.")
@@ -113,6 +113,7 @@ class Analysis(pl.LightningModule):
         self.fields: dict[str, str] = {}  # label -> the config field naming it
         self.grid: PerturbationGrid | None = None  # the declared perturbation grid, if any
         self._grid_states: list[State] | None = None
+        self._length_limits: dict[str, tuple[int | None, str]] = {}  # checkpoint -> length_limit()
 
     @property
     def registries(self) -> Registries:
@@ -146,11 +147,18 @@ class Analysis(pl.LightningModule):
                        default: tuple[str, ...] = ("smollm2",)) -> list[ModelSpec]:
         """``declare_model`` for each entry of a list field (``field[i]``); ``default`` when it is
         null. An empty list is refused."""
+        return [self.declare_model(entry, f"{field}[{i}]")
+                for i, entry in enumerate(self.model_entries(entries, field, default))]
+
+    @staticmethod
+    def model_entries(entries: list[Any] | None, field: str = "model.init_args.models",
+                      default: tuple[str, ...] = ("smollm2",)) -> list[Any]:
+        """The entries of a list of models, ``default`` when it is null; an empty list is refused
+        in one line naming ``field`` (for an analysis that declares each entry its own way)."""
         if entries is not None and len(entries) == 0:
             raise LensbenchError("is empty; name at least one model, or leave it null for the default "
                                  f"({', '.join(default)})", field)
-        return [self.declare_model(entry, f"{field}[{i}]")
-                for i, entry in enumerate(list(default) if entries is None else entries)]
+        return list(default) if entries is None else list(entries)
 
     def declare_grid(self, grid: PerturbationGrid | None, field: str = GRID_FIELD) -> None:
         """Run every declared model at each state of ``grid`` (levels x repetitions) instead of
@@ -174,6 +182,17 @@ class Analysis(pl.LightningModule):
         device is known, so a run resumed on another kind of device is refused rather than mixing
         results. Default: none (a model computes in the dtype its config entry names)."""
         return {}
+
+    def length_limit(self, checkpoint: str, loaded: Any, field: str = "model.init_args.max_length") -> tuple[int | None, str]:
+        """The length ``checkpoint``'s texts are cut at and what sets it ("max_length" or
+        "context"): the analysis's ``max_length`` (null: none) bounded by the model's context
+        (``lensbench.generation.length_limit``), found once per checkpoint, so a ``max_length``
+        beyond the context is one warning per model, naming ``field``."""
+        if checkpoint not in self._length_limits:
+            from .generation import length_limit
+
+            self._length_limits[checkpoint] = length_limit(getattr(self, "max_length", None), loaded, field)
+        return self._length_limits[checkpoint]
 
     def states(self) -> list[State]:
         """The model states the run covers: each declared model at each state of the declared

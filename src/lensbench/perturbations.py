@@ -400,11 +400,15 @@ class PerturbationGrid:
                                      "loop_layers goes in a model's transforms)", f"{field}.method") from None
             for rep in range(self.n_rep):
                 spec = TransformSpec(self.method, (("group", self.param_group), ("level", level)), self.seed + rep)
-                labels = (("degradation_method", self.method), ("param_group_name", self.param_group),
-                          ("level_value", level), ("repeat_index", rep), ("seed", self.seed + rep),
-                          ("is_baseline", level == 0))
+                labels = tuple(zip(GRID_COLUMNS, (self.method, self.param_group, level, rep, self.seed + rep, level == 0)))
                 states.append(State(checkpoint, (spec,), labels))
         return states
+
+
+#: The columns a grid state adds to each row of an analysis's tables (its ``State.labels``), and
+#: those that tell its lines apart in a figure (seed follows repeat_index, is_baseline level_value).
+GRID_COLUMNS = ("degradation_method", "param_group_name", "level_value", "repeat_index", "seed", "is_baseline")
+LINE_COLUMNS = GRID_COLUMNS[:4]
 
 
 def grid_states(checkpoints, grid: PerturbationGrid | None, registry,

@@ -20,6 +20,7 @@ from .errors import LensbenchError
 
 LOCK_FILE = ".lock"
 IDENTITY_FILE = "run.json"
+CONFIG_FILE = "config.yaml"  # the resolved config a run was started with
 #: Files that only a lensbench run makes in its folder.
 MARKERS = (LOCK_FILE,)
 #: ... and in a fit folder, whose older versions made no ``.lock`` (refused further on when its

@@ -1,6 +1,6 @@
 """Catalogue cases of ``lensbench fit`` resuming: a checkpoint trained with other settings, a
 ``last.ckpt`` cut short, a ``last.ckpt`` whose pickle carries code, a ``--ckpt_path`` that does not
-exist, a run.json cut short. Each is one line naming the file and the fix; the run met is left
+exist, a run.json cut short, a data_dir holding rows lensbench did not write. Each is one line naming the file and the fix; the run met is left
 byte for byte.
 
 ``prepare`` trains the catalogue's ``train.yaml`` (a tiny memory model) for one step into
@@ -40,12 +40,16 @@ CASES = {
     "fit_run_json_cut_short": (fit("damaged/runjson"), 1,
                                "model.experiment: outputs/damaged/runjson/run.json is damaged (cut short); it records "
                                "what a resume must match"),
+    "fit_data_dir_of_other_rows": (fit("fit_data_dir_of_other_rows", "--data.data_dir", "my_rows"), 1,
+                                   "data.data_dir: my_rows holds train.jsonl but no dataset.json, so its rows are "
+                                   "not a generated"),
 }
 #: The runs each case meets: byte for byte afterwards.
 KEEPS = {"fit_checkpoint_of_other_settings": ("outputs/fitted",),
          "fit_last_ckpt_cut_short": ("outputs/damaged/cut",),
          "fit_last_ckpt_carrying_code": ("outputs/damaged/code",),
-         "fit_run_json_cut_short": ("outputs/damaged/runjson",)}
+         "fit_run_json_cut_short": ("outputs/damaged/runjson",),
+         "fit_data_dir_of_other_rows": ("my_rows",)}
 
 
 class Code:
@@ -59,6 +63,8 @@ def prepare(root: Path, tiny_model: Path, forks) -> None:
     import torch
     from conftest import clean_env
 
+    (root / "my_rows").mkdir()  # a user's own rows, where a config points data_dir
+    (root / "my_rows" / "train.jsonl").write_text('{"prompt": "mine", "answer": "kept"}\n')
     done = forks.one((*FIT, "--model.experiment", "fitted"), root, clean_env())
     assert done.returncode == 0, done.stderr[-2000:]
     fitted = root / "outputs" / "fitted"

@@ -28,13 +28,14 @@ from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..logs import console
 from ..models.loading import ModelSpec
-from ..perturbations import PerturbationGrid
+from ..perturbations import LINE_COLUMNS, PerturbationGrid
 from ..stats import chan_merge, nonfinite_warning, place
 from ..tables import finite, pyplot, read_csv, save_figure, write_csv
 from ..work import WorkItem
 
 TABLE = "activation_norms.csv"
-STATE_COLUMNS = ("degradation_method", "param_group_name", "level_value", "repeat_index")
+
+
 class ActivationNorms(Analysis):
     """Per-layer hidden-state norms (and other token statistics) per model and dataset."""
 
@@ -78,23 +79,12 @@ class ActivationNorms(Analysis):
         names = statistics or ["norm"]
         self.statistics = [registries.metrics.get(n, f"model.init_args.statistics[{i}]") for i, n in enumerate(names)]
         self.max_length = max_length
-        self._limits: dict[str, tuple[int | None, str]] = {}  # checkpoint -> (limit, "max_length"|"context")
         self.declare_grid(perturbation)
-
-    def _limit(self, checkpoint: str, loaded) -> tuple[int | None, str]:
-        """The truncation length for ``checkpoint`` and what sets it ("max_length" or "context")."""
-        if checkpoint not in self._limits:
-            from ..generation import (
-                length_limit,  # max_length, bounded by the model's context
-            )
-
-            self._limits[checkpoint] = length_limit(self.max_length, loaded, "model.init_args.max_length")
-        return self._limits[checkpoint]
 
     def process(self, item: WorkItem) -> dict[str, Any]:
         loaded = self.subjects.activate(item.state)
         texts = list(item.payload.texts)
-        limit, limit_from = self._limit(item.state.checkpoint, loaded)
+        limit, limit_from = self.length_limit(item.state.checkpoint, loaded)
         if limit is None:  # no known context: nothing is cut
             batch = loaded.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
             full_lengths = None
@@ -196,7 +186,7 @@ class ActivationNorms(Analysis):
         for column in [c for c in table.columns if c.startswith("mean_")]:
             stat = column.removeprefix("mean_")
             fig, ax = plt.subplots(figsize=(7, 4.5))
-            keys = ["model", "dataset"] + [c for c in STATE_COLUMNS if c in table.columns and table[c].nunique() > 1]
+            keys = ["model", "dataset"] + [c for c in LINE_COLUMNS if c in table.columns and table[c].nunique() > 1]
             for values, group in table.groupby(keys, sort=True):
                 name = " / ".join(f"{v}" if k in ("model", "dataset") else f"{k}={v}" for k, v in zip(keys, values))
                 ax.plot(group["layer"], finite(group[column]), marker="o", markersize=3, label=name)

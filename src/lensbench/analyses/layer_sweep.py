@@ -197,10 +197,7 @@ class LayerSweep(Analysis):
         self.alpha = float(alpha)
         self.layer_request = None if layers is None else [int(x) for x in layers]
         self.checkpoints: dict[str, tuple[str, str | None]] = {}  # label -> (model, revision)
-        if models is not None and not models:
-            raise LensbenchError("is empty; name at least one model, or leave it null for the default (minilm)",
-                                 "model.init_args.models")
-        for i, entry in enumerate(models or ["minilm"]):
+        for i, entry in enumerate(self.model_entries(models, default=("minilm",))):
             base = ModelSpec(entry) if isinstance(entry, str) else entry
             for rev in (revisions or [base.revision]):
                 spec = dataclasses.replace(base, revision=rev)
@@ -278,13 +275,6 @@ class LayerSweep(Analysis):
         return module, {"layer_norm": setting, "final_norm": name,
                         "model_last_layer": self._last[item.state.checkpoint], "dtype": dtype}
 
-    def _context(self, loaded) -> int | None:
-        from ..generation import (
-            length_limit,  # max_length, bounded by the model's context
-        )
-
-        return length_limit(self.max_length, loaded, "model.init_args.max_length")[0]
-
     def _base(self, item: WorkItem) -> dict[str, Any]:
         model, revision = self.checkpoints[item.state.checkpoint]
         return {"model": model, "revision": revision or "", "checkpoint": item.state.checkpoint,
@@ -310,7 +300,7 @@ class LayerSweep(Analysis):
         else:  # a metrics dataset's first max_metric_texts texts
             texts, where = list(payload.texts), {"dataset": payload.dataset, "source": "dataset", "sample_seed": None}
         acc = RepresentationMetrics(alpha=self.alpha)
-        limit = self._context(loaded)
+        limit, _ = self.length_limit(item.state.checkpoint, loaded)
         for start in range(0, len(texts), self.batch_size):
             kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True}
             if limit is not None:
@@ -339,7 +329,7 @@ class LayerSweep(Analysis):
         base = self._base(item)
         norm, embedding = self._embedding(item, loaded, self.layer_norm)
         store = LayerEmbeddings(backbone, loaded.tokenizer, layers, self.pooling, self.batch_size,
-                                self._context(loaded), self.device, self.memory_limit,
+                                self.length_limit(item.state.checkpoint, loaded)[0], self.device, self.memory_limit,
                                 self.run_dir / SPILL_DIR / f"rank{self.global_rank}", final_norm=norm)
         experiment = {"pooling": self.pooling}
         if item.state.transforms:

@@ -34,7 +34,7 @@ from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec
-from ..perturbations import PerturbationGrid
+from ..perturbations import LINE_COLUMNS, PerturbationGrid
 from ..tables import finite, pyplot, read_csv, save_figure, write_csv
 from ..work import WorkItem
 
@@ -43,7 +43,6 @@ TOKENS = "logit_lens_tokens.csv"
 FIGURE = "logit_lens.png"
 METRICS = ("top1_agreement", "top1_accuracy", "kl_to_final", "entropy")
 RATES = ("top1_agreement", "top1_accuracy")
-STATE_COLUMNS = ("degradation_method", "param_group_name", "level_value", "repeat_index", "seed", "is_baseline")
 
 
 class LogitLens(Analysis):
@@ -92,23 +91,15 @@ class LogitLens(Analysis):
         self.max_length, self.chunk_tokens, self.top_tokens = max_length, chunk_tokens, top_tokens
         self.declare_models(models)
         self.declare_grid(perturbation)
-        self._limits: dict[str, int | None] = {}
 
     # -- the work ---------------------------------------------------------------------------------
-    def _limit(self, checkpoint: str, loaded) -> int | None:
-        if checkpoint not in self._limits:
-            from ..generation import length_limit
-
-            self._limits[checkpoint] = length_limit(self.max_length, loaded, "model.init_args.max_length")[0]
-        return self._limits[checkpoint]
-
     def process(self, item: WorkItem) -> dict[str, Any]:
         from ..models.unembed import Unembedding
 
         label = item.state.checkpoint
         loaded = self.subjects.activate(item.state)
         unembed = Unembedding(loaded.model, loaded.anatomy, self.fields[label], "logit_lens", "the lens")
-        limit = self._limit(label, loaded)
+        limit, _ = self.length_limit(label, loaded)
         texts = list(item.payload.texts)
         cut = {} if limit is None else {"truncation": True, "max_length": limit}
         batch = loaded.tokenizer(texts, return_tensors="pt", padding=True, **cut).to(self.device)
@@ -198,7 +189,7 @@ class LogitLens(Analysis):
         titles = {"top1_agreement": "top-1 agrees with the model's prediction",
                   "top1_accuracy": "top-1 is the next token", "kl_to_final": "KL(final || lens), nats",
                   "entropy": "entropy of the lens, nats"}
-        keys = ["model", "dataset"] + [c for c in STATE_COLUMNS if c in table.columns and table[c].nunique() > 1]
+        keys = ["model", "dataset"] + [c for c in LINE_COLUMNS if c in table.columns and table[c].nunique() > 1]
         for ax, metric in zip(axes.flat, METRICS):
             for values, group in table.groupby(keys, sort=True):
                 name = " / ".join(f"{v}" if k in ("model", "dataset") else f"{k}={v}" for k, v in zip(keys, values))

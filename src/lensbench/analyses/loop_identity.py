@@ -41,7 +41,7 @@ from ..analysis import Analysis
 from ..errors import LensbenchError
 from ..hookspecs import hookimpl
 from ..models.loading import ModelSpec, resolve_source
-from ..perturbations import PerturbationGrid
+from ..perturbations import LINE_COLUMNS, PerturbationGrid
 from ..state import State
 from ..stats import (
     chan_merge,
@@ -55,7 +55,6 @@ from ..tables import finite, pyplot, read_csv, save_figure, value_scale, write_c
 from ..work import WorkItem, content_digest
 
 TABLE = "loop_metrics.csv"
-STATE_COLUMNS = ("degradation_method", "param_group_name", "level_value", "repeat_index")
 METRICS = ("cosine", "mse", "norm_diff", "step_cosine", "step_rel_change")
 STEP_METRICS = ("step_cosine", "step_rel_change")
 DEFAULT_LOOP_COUNTS = (0, 1, 2, 4, 8, 16)
@@ -510,7 +509,7 @@ def line_styles(table) -> list[tuple[str, Any, dict[str, Any]]]:
     marker: every line of a figure can be told apart, the baseline's states too."""
     import numpy as np
 
-    keys = ["model"] + [c for c in ("dataset", *STATE_COLUMNS) if c in table.columns and table[c].nunique() > 1]
+    keys = ["model"] + [c for c in ("dataset", *LINE_COLUMNS) if c in table.columns and table[c].nunique() > 1]
     groups = []
     for values, group in table.groupby(keys, sort=False):
         values = values if isinstance(values, tuple) else (values,)

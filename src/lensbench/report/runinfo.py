@@ -14,9 +14,8 @@ import yaml
 
 from ..logs import LOG_DIR
 from ..results import ResultStore
-from ..run_folders import IDENTITY_FILE
+from ..run_folders import CONFIG_FILE, IDENTITY_FILE
 
-CONFIG_FILE = "config.yaml"
 #: The planned work items' keys (a JSON list), written by rank 0 when the run's work is planned; in
 #: logs/, beside the run's logs, because it records what the last run set out to do, not a result.
 PLAN_FILE = f"{LOG_DIR}/plan.json"

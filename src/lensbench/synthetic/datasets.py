@@ -69,6 +69,9 @@ from .masks import Span, get_mask
 ENTITY_LOW, ENTITY_HIGH = 100000, 999999
 ENTITY_COUNT = ENTITY_HIGH - ENTITY_LOW + 1
 MANIFEST = "dataset.json"
+#: Written before a folder's splits and removed after its manifest: a folder holding it and no
+#: manifest is lensbench's own write, interrupted, and is written again.
+WRITING = "dataset.json.writing"
 
 Splits = dict[str, list[dict]]
 
@@ -473,11 +476,13 @@ def write_splits(splits: Splits, folder: str | Path, manifest: dict | None = Non
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(folder / WRITING, "")
     for split, rows in splits.items():
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         _write_atomic(folder / f"{split}.jsonl", text)
     info = {**(manifest or {}), "counts": {split: len(rows) for split, rows in splits.items()}}
     _write_atomic(folder / MANIFEST, json.dumps(info, indent=2) + "\n")
+    (folder / WRITING).unlink(missing_ok=True)  # another rank writing the same rows may have taken it
     return folder
 
 
@@ -553,6 +558,12 @@ def materialize(name: str, seed: int, options: dict | Any | None, folder: str | 
     folder = Path(folder)
     info = read_manifest(folder, folder_field)
     if info is None:
+        theirs = sorted(p.name for p in folder.glob("*.jsonl")) if not (folder / WRITING).exists() else []
+        if theirs:  # rows lensbench did not write: never overwritten
+            raise LensbenchError(f"{folder} holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''} but no "
+                                 f"{MANIFEST}, so its rows are not a generated {name} dataset and would be "
+                                 f"overwritten; choose an empty or new folder (or read these files with `{field}.path`)",
+                                 folder_field)
         splits = dataset.generate(seed, opts)
         write_splits(splits, folder, {**wanted, **made_by, "mask": dataset.mask})
         return splits
