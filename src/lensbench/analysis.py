@@ -40,8 +40,8 @@ from .state import State
 from .work import WorkItem, changed_items, plan_items
 
 if TYPE_CHECKING:
+    from .models.spec import ModelSpec
     from .registry import Registries
-    from .models.loading import ModelSpec
 
 #: run.json keys that describe one checkpoint (``<prefix><label>``): where checkpoints may be added
 #: or left out, only those of the checkpoints in both runs must match.
@@ -185,7 +185,7 @@ class Analysis(pl.LightningModule):
 
     def length_limit(self, checkpoint: str, loaded: Any, field: str = "model.init_args.max_length") -> tuple[int | None, str]:
         """The length ``checkpoint``'s texts are cut at and what sets it ("max_length" or
-        "context"): the analysis's ``max_length`` (null: none) bounded by the model's context
+        "context"): the analysis's ``max_length`` (null: the model's context) bounded by the model's context
         (``lensbench.generation.length_limit``), found once per checkpoint, so a ``max_length``
         beyond the context is one warning per model, naming ``field``."""
         if checkpoint not in self._length_limits:
