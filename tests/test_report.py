@@ -389,3 +389,76 @@ def test_the_page_holds_tables_an_analysis_writes_after_its_merge(workdir, monke
     assert main(["predict", "--config", "run.yaml"]) == 0
     shown = tables((workdir / RUN / "report.html").read_text(encoding="utf-8"))
     assert frame(shown["late.csv"])["x"].tolist() == [1, 2]
+
+
+def _loop_table(scale: float) -> pd.DataFrame:
+    from lensbench.analyses.loop_identity import METRICS
+
+    rows = []
+    for model, role in (("baseline", "baseline"), ("ckpt", "checkpoint")):
+        for k in (0, 1, 2):
+            row = {"model": model, "role": role, "step": "", "dataset": "texts", "loop_count": k, "n_tokens": 10,
+                   "n_nonfinite_tokens": 0, "perplexity": scale * (10 + k)}
+            for m in METRICS:
+                row.update({f"{m}_mean": scale * (1 + k), f"{m}_std": 0.1, f"{m}_median": scale * (1 + k)})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _perturbation_table(scale: float) -> pd.DataFrame:
+    return pd.DataFrame({"degradation_method": ["mult_gauss"] * 3, "param_group_name": ["attn_only"] * 3,
+                         "level_value": [0.0, 0.5, 1.0], "perplexity_mean": [scale * 10, scale * 20, scale * 40],
+                         "perplexity_std": [1.0] * 3, "mean_tokens": [scale * 4, scale * 5, scale * 6],
+                         "std_tokens": [0.5] * 3, "answer_match": [float("nan")] * 3})
+
+
+@pytest.mark.parametrize("analysis, table, make, figure, column", [
+    ("lensbench.analyses.loop_identity:LoopIdentity", "loop_metrics.csv", _loop_table,
+     "cosine_similarity_vs_loop_count.png", "cosine_mean"),
+    ("lensbench.analyses.perturbation:PerturbationAnalysis", "summary.csv", _perturbation_table,
+     "perplexity_vs_level.png", "perplexity_mean"),
+])
+def test_line_figures_of_other_analyses_share_their_axes(analysis, table, make, figure, column, tmp_path, monkeypatch):
+    """loop_identity and perturbation draw several runs' lines on one axes too: every line of
+    both runs, with the run's label, its values those of its run's table."""
+    import importlib
+
+    module_name, cls_name = analysis.split(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
+    runs = {}
+    for label, scale in (("A", 1.0), ("B", 3.0)):
+        runs[label] = tmp_path / label
+        runs[label].mkdir()
+        make(scale).to_csv(runs[label] / table, index=False)
+    drawn = {}
+    real = module.save_figure
+    monkeypatch.setattr(module, "save_figure", lambda fig, out, **kw: (drawn.setdefault(Path(out).name, fig.axes),
+                                                                      real(fig, out, **kw))[1])
+    (tmp_path / "out").mkdir()
+    paths = cls.compare_figures(list(runs.values()), list(runs), tmp_path / "out")
+    assert figure in [p.name for p in paths]
+    ax = drawn[figure][0]
+    # (legend label, y values) of each line; an errorbar's label is on its container
+    lines = [(c.get_label(), c.lines[0].get_ydata()) for c in ax.containers] or \
+        [(line.get_label(), line.get_ydata()) for line in ax.get_lines() if not line.get_label().startswith("_")]
+    labels = [name for name, _ in lines]
+    for label, run in runs.items():
+        mine = [ys for name, ys in lines if f"{label}: " in name]
+        assert mine, labels
+        values = sorted(pd.read_csv(run / table)[column].dropna())
+        drawn_values = sorted(float(v) for ys in mine for v in ys)
+        assert drawn_values == values, (label, drawn_values, values)
+
+
+def test_a_key_of_integers_joins_the_same_key_of_floats_without_a_warning():
+    import warnings
+
+    a = pd.DataFrame({"level_value": [0, 1], "ppl": [10.0, 20.0]})
+    b = pd.DataFrame({"level_value": [0.0, 1.0, 0.5], "ppl": [11.0, 22.0, 15.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        joined, keys, diff, _ = compare({"A": a, "B": b}, ["level_value"], {})
+    assert keys == ["level_value"] and diff == ["Δ ppl"]
+    assert list(joined["level_value"]) == [0.0, 0.5, 1.0]
+    np.testing.assert_allclose(joined["Δ ppl"], [1.0, np.nan, 2.0])

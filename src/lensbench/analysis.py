@@ -215,18 +215,20 @@ class Analysis(pl.LightningModule):
         """Draw the figures from the tables in ``run_dir``; return the files written."""
         return []
 
-    #: Tables (file names) from which ``plot`` draws every figure, each with a ``model`` column
-    #: naming a line: several runs' rows stacked, each run's model names prefixed by its label, make
-    #: ``plot`` draw the runs on shared axes (``compare_figures``). Empty: no such figures.
+    #: Tables (file names) from which ``plot`` draws every figure, each with a column naming a
+    #: line (``comparison_column``): several runs' rows stacked, that column's values prefixed by
+    #: the run's label, make ``plot`` draw the runs on shared axes (``compare_figures``). Empty: no
+    #: such figures.
     comparison_tables: ClassVar[tuple[str, ...]] = ()
+    comparison_column: ClassVar[str] = "model"
 
     @classmethod
     def compare_figures(cls, run_dirs: list[Path], labels: list[str], out_dir: Path) -> list[Path]:
         """Figures of several runs of this analysis on shared axes (one line per run and model),
         drawn into ``out_dir``; the report shows them above the runs' own figures. Default: the
-        ``comparison_tables`` of every run stacked into ``out_dir`` (``model`` values become
-        ``<label>: <model>``), then ``plot(out_dir)``; none when ``comparison_tables`` is empty or
-        a run lacks one of them."""
+        ``comparison_tables`` of every run stacked into ``out_dir`` (``comparison_column`` values
+        become ``<label>: <value>``), then ``plot(out_dir)``; none when ``comparison_tables`` is
+        empty or a run lacks one of them."""
         import pandas as pd
 
         if not cls.comparison_tables or not all((Path(d) / t).is_file() for d in run_dirs for t in cls.comparison_tables):
@@ -235,7 +237,7 @@ class Analysis(pl.LightningModule):
             frames = []
             for run_dir, label in zip(run_dirs, labels):
                 frame = pd.read_csv(Path(run_dir) / name, keep_default_na=False, na_values=[""])
-                frame["model"] = f"{label}: " + frame["model"].astype(str)
+                frame[cls.comparison_column] = f"{label}: " + frame[cls.comparison_column].astype(str)
                 frames.append(frame)
             pd.concat(frames, ignore_index=True).to_csv(Path(out_dir) / name, index=False)
         return cls.plot(Path(out_dir))

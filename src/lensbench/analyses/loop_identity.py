@@ -196,6 +196,7 @@ class LoopIdentity(Analysis):
     """Loop blocks start..end of a baseline and trained checkpoints k times; compare h_out(k) with h_in."""
 
     name = "loop_identity"
+    comparison_tables = (TABLE,)  # several runs on shared axes in a report
     # More loop counts or checkpoints (or perturbation levels) add work items; the rest must match.
     extendable = ("loop_counts", "checkpoints", *Analysis.extendable)
 

@@ -54,6 +54,8 @@ class PerturbationAnalysis(Analysis):
     """Weight perturbation followed by generation (and optional perplexity), per level and repetition."""
 
     name = "perturbation"
+    comparison_tables = (SUMMARY,)  # several runs on shared axes in a report: a line per run,
+    comparison_column = "param_group_name"  # method and parameter group
     padding_side = "left"  # generation
     # More levels or repetitions, and another batch size or memory threshold, extend a run (the
     # DataModule adds prompts).
