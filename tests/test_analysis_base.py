@@ -81,14 +81,16 @@ def test_an_analysis_holds_the_registries_it_was_built_with(tiny_model):
     assert [t.name for t in state.transforms] == ["plugin_gauss"]
     assert inner.registries.perturbations.get("plugin_gauss") is method
 
-    bare = ActivationNorms(models=models)  # outside any block: fine while no registry is needed
+    from lensbench.analyses.logit_lens import LogitLens
+
+    bare = LogitLens(models=models)  # outside any block: fine while no registry is needed
     assert [s.checkpoint for s in bare.states()] == ["tiny"]
-    with pytest.raises(LensbenchError) as excinfo:
-        ActivationNorms(models=models, perturbation=grid)
-    assert "built without registries" in excinfo.value.message and "use_plugins()" in excinfo.value.message
-    with pytest.raises(LensbenchError) as excinfo:
-        ActivationNorms(models=[ModelSpec(str(tiny_model), transforms=[{"name": "loop_layers"}])])
-    assert "built without registries" in excinfo.value.message
+    for build in (lambda: LogitLens(models=models, perturbation=grid),  # the grid's method
+                  lambda: LogitLens(models=[ModelSpec(str(tiny_model), transforms=[{"name": "loop_layers"}])]),
+                  lambda: ActivationNorms(models=models)):  # its statistics are registered metrics
+        with pytest.raises(LensbenchError) as excinfo:
+            build()
+        assert "built without registries" in excinfo.value.message and "use_plugins()" in excinfo.value.message
 
 
 def test_the_command_hands_its_registries_to_the_analysis(workdir, monkeypatch):

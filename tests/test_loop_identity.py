@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from lensbench.analyses.loop_identity import LoopIdentity
 from lensbench.data.modules import TextBatch
 from lensbench.models.anatomy import find_anatomy
+from lensbench.plugins import active_registries
 from lensbench.state import State, SubjectManager
 
 TEXTS = ("the capital of france is paris and the sea is on the moon",
@@ -79,7 +80,7 @@ def arch_models(tmp_path_factory) -> dict[str, Path]:
 
 def _measure(folder: Path, start: int, end: int, counts: list[int]):
     analysis = LoopIdentity(baseline=str(folder), start=start, end=end, loop_counts=counts, max_length=64)
-    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), analysis.perturbations)
+    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), active_registries().perturbations)
     loaded = analysis.subjects.activate(State("baseline"))
     enc = loaded.tokenizer(list(TEXTS), return_tensors="pt", padding=True, truncation=True, max_length=64)
     return analysis._measure(State("baseline"), TextBatch("t", TEXTS), counts), enc
@@ -273,7 +274,7 @@ def test_a_run_writes_the_tables_and_plots_then_extends_and_refuses(loopdir):
         assert (run_dir / f"{png}.png").stat().st_size > 5000, png
     # The baseline's alpha rows against the analysis computed in-process over the same batches.
     analysis = LoopIdentity(baseline=str(loopdir / "base"), start=1, end=2, loop_counts=[0, 1, 2, 4], max_length=32)
-    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), analysis.perturbations)
+    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), active_registries().perturbations)
     texts = [t for t in (loopdir / "alpha.txt").read_text().splitlines() if t.strip()]
     records = []
     for b in range(0, len(texts), 4):
@@ -578,7 +579,7 @@ def test_skipping_the_first_position_and_medians_match_plain_torch(tmp_path):
     for skip in (False, True):
         analysis = LoopIdentity(baseline=str(folder), start=start, end=end, loop_counts=counts, max_length=64,
                                 perplexity=False, skip_first_position=skip)
-        analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), analysis.perturbations)
+        analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), active_registries().perturbations)
         records = []
         for b in (TEXTS[:2], TEXTS[2:]):  # two batches: medians and means merged over both
             measured = analysis._measure(State("baseline"), TextBatch("t", b), counts)
@@ -627,7 +628,7 @@ def test_errors_about_a_patterned_folder_name_the_pattern_field(tmp_path):
     analysis = LoopIdentity(baseline=str(base), checkpoints=str(tmp_path / "ck" / "checkpoint-*"), start=0, end=1,
                             loop_counts=[0, 1])
     assert analysis.fields["checkpoint-1"] == "model.init_args.checkpoints"
-    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), analysis.perturbations,
+    analysis.subjects = SubjectManager(analysis.specs, torch.device("cpu"), active_registries().perturbations,
                                        fields=analysis.fields)
     with pytest.raises(LensbenchError) as caught:
         analysis._measure(State("checkpoint-1"), TextBatch("t", ("the cat",)), [0, 1])

@@ -108,8 +108,10 @@ def test_a_class_is_refused_where_an_instance_is_required(tiny_model):
     with pytest.raises(LensbenchError, match="must be an instance of TokenStatistic"):
         reg.add(L2Norm, "pkg")
     classes = Registry("analysis", base=Analysis)
+    with use_registries(active_registries()):
+        instance = ActivationNorms(models=[str(tiny_model)])
     with pytest.raises(LensbenchError, match="must be a subclass of Analysis"):
-        classes.add(ActivationNorms(models=[str(tiny_model)]), "pkg")
+        classes.add(instance, "pkg")
 
 
 def test_unknown_name_suggests_a_close_match_and_names_the_field():

@@ -239,6 +239,14 @@ def test_fit_draws_its_curves_and_plot_puts_several_runs_on_one_figure(tmp_path,
     assert main(["report", str(runs[0]), str(runs[1]), "-o", str(tmp_path / "both.html")]) == 0
     page = (tmp_path / "both.html").read_text(encoding="utf-8")
     assert "On shared axes" in page and page.count("data:image/png;base64,") == 3  # both runs' curves, then each run's
+    import lensbench.training.curves as curves
+
+    seen = []
+    real_draw = curves.draw
+    monkeypatch.setattr(curves, "draw", lambda runs: (seen.append(list(runs)), real_draw(runs))[1])
+    (tmp_path / "shared").mkdir()
+    assert [p.name for p in curves.FitRun.compare_figures(runs, ["first", "second"], tmp_path / "shared")] == ["curves.png"]
+    assert seen == [["first", "second"]]  # the report's labels name the lines
     (runs[0] / "curves.png").unlink()
     (runs[0] / "report.html").unlink()
     assert main(["plot", str(runs[0])]) == 0 and (runs[0] / "curves.png").exists()  # one run: redrawn in place

@@ -120,8 +120,8 @@ class Analysis(pl.LightningModule):
         """The registries handed to this analysis when it was built (``hand_registries``)."""
         if self._registries is None:
             raise LensbenchError(f"analysis {type(self).__name__} was built without registries, so it cannot look up "
-                                 "transforms or perturbation methods: run it with `lensbench predict`, or build it "
-                                 "inside `lensbench.testing.use_plugins()`")
+                                 "registered names (transforms, perturbation methods, metrics, datasets): run it with "
+                                 "`lensbench predict`, or build it inside `lensbench.testing.use_plugins()`")
         return self._registries
 
     # -- what an analysis declares ----------------------------------------------------------------

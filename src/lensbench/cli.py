@@ -246,7 +246,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     figures (an analysis that is not installed gets the default sections)."""
     from .analysis import load_run_config
     from .report import write_report
-
     from .training.curves import FitRun
 
     run_dirs = [Path(d) for d in args.run_dir]

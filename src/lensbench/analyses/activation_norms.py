@@ -68,16 +68,13 @@ class ActivationNorms(Analysis):
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)
-        from ..plugins import active_registries
-
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 1):
             raise LensbenchError(f"must be a positive number of tokens or null (the model's context), "
                                  f"got {max_length!r}", "model.init_args.max_length")
-        registries = active_registries()
         self.declare_models(models, "model.init_args.models", default=("smollm2",))
         names = statistics or ["norm"]
-        self.statistics = [registries.metrics.get(n, f"model.init_args.statistics[{i}]") for i, n in enumerate(names)]
+        self.statistics = [self.registries.metrics.get(n, f"model.init_args.statistics[{i}]") for i, n in enumerate(names)]
         self.max_length = max_length
         self.declare_grid(perturbation)
 

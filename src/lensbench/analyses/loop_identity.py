@@ -238,8 +238,6 @@ class LoopIdentity(Analysis):
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)
-        from ..plugins import active_registries
-
         self.score_perplexity = bool(perplexity)
         self.skip_first_position = bool(skip_first_position)
 
@@ -295,7 +293,6 @@ class LoopIdentity(Analysis):
             if where == PATTERN_FIELD:
                 self._patterned[label] = str(entry)
         self.max_length = max_length
-        self.perturbations = active_registries().perturbations
         self.declare_grid(perturbation)
         # The loop counts of one batch are computed together (one forward, then pass after pass);
         # ``step_group`` keeps them on one rank and in one step.

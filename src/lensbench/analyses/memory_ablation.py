@@ -161,18 +161,15 @@ class MemoryAblation(Analysis):
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)
-        from ..plugins import active_registries
-
         spec = ModelSpec(model) if isinstance(model, str) else model
         if train_config is not None and not Path(spec.source).exists():
             train_first(train_config, spec.source)
         self.spec = self.declare_model(latest_checkpoint(spec), f"{FIELD}.model")
         self.label = self.spec.label()
         self.interventions = list(interventions or [])
-        registry = active_registries().perturbations
         for i, iv in enumerate(self.interventions):
             where = f"{FIELD}.interventions[{i}]"
-            registry.get(iv.transform, f"{where}.transform")
+            self.registries.perturbations.get(iv.transform, f"{where}.transform")
             chosen = [k for k, v in (("values", iv.values), ("every", iv.every or None), ("top", iv.top),
                                      ("random", iv.random)) if v is not None]
             if len(chosen) > 1:
@@ -200,10 +197,8 @@ class MemoryAblation(Analysis):
         if self._states is None:
             source = getattr(self.trainer.datamodule, "source", None)
             if self.trained_data is not None and source is not None and not self.allow_other_data:
-                from ..plugins import active_registries
-
                 check_same_data(self.trained_data, source, "data.init_args", f"{FIELD}.allow_other_data",
-                                active_registries().synthetic_datasets)
+                                self.registries.synthetic_datasets)
             states = [State(self.label, labels=(("intervention", BASELINE), ("transform", ""), ("target", "")))]
             for i, iv in enumerate(self.interventions):
                 states += self._family(iv, f"{FIELD}.interventions[{i}]")

@@ -89,8 +89,6 @@ class PerturbationAnalysis(Analysis):
             output_dir: Folder holding one sub-folder per experiment.
         """
         super().__init__(experiment=experiment, output_dir=output_dir)
-        from ..plugins import active_registries
-
         self.spec = self.declare_model(model, "model.init_args.model")
         self.generation = generation or GenerationSettings()
         self.ppl = perplexity
@@ -102,7 +100,7 @@ class PerturbationAnalysis(Analysis):
                 raise LensbenchError(f"is given together with model.init_args.perplexity.file ({self.ppl.file!r}); "
                                      "give one, not both: set text to null to score the file, or file to null to "
                                      "score the sentence", "model.init_args.perplexity.text")
-            datasets = active_registries().datasets
+            datasets = self.registries.datasets
             if self.ppl.file in datasets:  # a registered text dataset by name
                 self.ppl.file = str(datasets.get(self.ppl.file).path)
             if self.ppl.file is not None and not Path(self.ppl.file).is_file():

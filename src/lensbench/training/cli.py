@@ -99,7 +99,7 @@ def _build_fit_cli():
             last = run_dir / "lightning" / "last.ckpt"
             made_with = self.matmul_precision  # the float32 matmul precision: recorded, not matched
             version = __version__  # the lensbench that made the folder: recorded, not matched
-            rows = None  # the digest of the rows the run was made with: matched at fit start
+            rows = None  # the digest of the rows the folder was trained on: matched by check_rows
             if ident_path.exists():
                 from ..run_folders import read_identity
 

@@ -102,11 +102,12 @@ def draw(runs: dict[str, object]):
     return fig
 
 
-def plot_runs(run_dirs: list[Path], path: Path) -> Path:
-    """Draw the curves of ``run_dirs`` (fit run folders) into ``path``."""
+def plot_runs(run_dirs: list[Path], path: Path, labels: list[str] | None = None) -> Path:
+    """Draw the curves of ``run_dirs`` (fit run folders) into ``path``, each run's lines named by
+    its entry of ``labels`` (default: its folder as given)."""
     from ..tables import pyplot, save_figure
 
-    runs = {str(d): read_metrics(d) for d in run_dirs}
+    runs = {label: read_metrics(d) for label, d in zip(labels or [str(d) for d in run_dirs], run_dirs)}
     fig = draw(runs)
     try:
         return save_figure(fig, path, dpi=120)
@@ -128,4 +129,4 @@ class FitRun:
 
     @classmethod
     def compare_figures(cls, run_dirs: list[Path], labels: list[str], out_dir: Path) -> list[Path]:
-        return [plot_runs([Path(d) for d in run_dirs], Path(out_dir) / CURVES)]
+        return [plot_runs([Path(d) for d in run_dirs], Path(out_dir) / CURVES, labels)]
