@@ -57,8 +57,8 @@ _handed: list[Registries] = []  # innermost last: see ``hand_registries``
 
 @contextlib.contextmanager
 def hand_registries(registries: Registries) -> Iterator[Registries]:
-    """Every analysis built inside the block holds ``registries`` (``Analysis.registries``): the
-    transforms and perturbation methods its models and grid name are looked up there. The
+    """Every analysis built inside the block holds ``registries`` (``Analysis.registries``): every
+    registered name it uses (transforms, perturbation methods, metrics, datasets) is looked up there. The
     ``lensbench predict`` command builds its analysis inside this block with the registries the
     plugin manager built; ``lensbench.plugins.use_registries`` (and so
     ``lensbench.testing.use_plugins``) enters it too."""
@@ -445,7 +445,9 @@ class Analysis(pl.LightningModule):
             trainer.strategy.barrier("lensbench-merge")
             if trainer.is_global_zero:
                 self.merged_outputs = self.finalize()
-                self.merged_outputs += self._write_report()
+                from .report import write_report_or_warn  # after every table and figure
+
+                self.merged_outputs += write_report_or_warn(self.run_dir, type(self))
             trainer.strategy.barrier("lensbench-merged")
             if trainer.is_global_zero:
                 run_log.info(f"merged: {', '.join(p.name for p in self.merged_outputs)}")
@@ -454,13 +456,6 @@ class Analysis(pl.LightningModule):
             raise
         finally:
             self.release_run(failure)
-
-    def _write_report(self) -> list[Path]:
-        """report.html, after every table and figure (an analysis's own included); a failure to
-        write it is a warning."""
-        from .report import write_report_or_warn
-
-        return write_report_or_warn(self.run_dir, type(self))
 
     def release_run(self, exception: BaseException | None = None) -> None:
         """Close the shard, log why the run stopped, detach the run log and unlock the folder.

@@ -16,7 +16,7 @@ MATMUL_KEY = "float32_matmul_precision"
 #: The lensbench version that made the run folder: recorded in run.json, not matched on resume.
 VERSION_KEY = "lensbench_version"
 
-#: A digest of the rows a ``lensbench fit`` run trains and validates on (``rows_digest``): recorded
+#: A digest of the rows a ``lensbench fit`` run trains and validates on (``SyntheticTextData.rows_digest``): recorded
 #: by the run that makes the folder and matched on resume, so that a regenerated or edited dataset
 #: (a generator's new version, changed JSONL files) is refused rather than mixed into one training.
 ROWS_KEY = "data.rows_digest"
@@ -49,14 +49,3 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: value}
-
-
-def rows_digest(splits: dict[str, list[Any]], names: Any) -> str:
-    """sha256 of the rows of the splits ``names`` (those present), as canonical JSON."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256()
-    for name in sorted({n for n in names if n is not None and n in splits}):
-        digest.update(json.dumps([name, splits[name]], sort_keys=True, ensure_ascii=False).encode())
-    return digest.hexdigest()

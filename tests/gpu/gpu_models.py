@@ -35,7 +35,7 @@ def suite_tokenizer():
     elif SMOLLM2:
         from transformers import AutoTokenizer
 
-        from lensbench.models.sources import EMBEDDED
+        from lensbench.models.spec import EMBEDDED
 
         path = EMBEDDED["smollm2"].locate("smollm2", "model.source")
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -17,7 +17,8 @@ from lensbench.errors import LensbenchError
 from lensbench.models import loading, sources
 from lensbench.models.embedded import convert_once, save_serializable
 from lensbench.models.loading import LoadedModel, ModelSpec, load_model, resolve_source
-from lensbench.models.sources import EMBEDDED, cache_dir
+from lensbench.models.sources import cache_dir
+from lensbench.models.spec import EMBEDDED
 
 VOCAB = 128
 WORDS = ["<unk>", "<s>", "</s>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 7)]

@@ -38,7 +38,7 @@ from ..hookspecs import hookimpl
 from ..intervals import error_bars, mean_interval, wilson
 from ..models.loading import ModelSpec, takes_images
 from ..models.quantized import loaded_in_4bit
-from ..models.sources import EMBEDDED
+from ..models.spec import EMBEDDED
 from ..perturbations import PerturbationGrid
 from ..state import State
 from ..tables import pyplot, read_csv, save_figure, write_csv

@@ -30,7 +30,7 @@ from ..errors import LensbenchError
 from ..logs import console
 from .embedded import embedded_smollm2_folder
 from .loading import ModelSpec, resolve_source
-from .sources import EMBEDDED
+from .spec import EMBEDDED
 
 BIN_PATTERNS = ("pytorch_model*.bin", "model*.bin")
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

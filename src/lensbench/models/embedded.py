@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .sources import EMBEDDED, SMOLLM2_CACHE_NAME, cache_dir
+from .sources import SMOLLM2_CACHE_NAME, cache_dir
+from .spec import EMBEDDED
 
 
 def save_serializable(model: torch.nn.Module, tokenizer: Any, dest: str | Path) -> Path:

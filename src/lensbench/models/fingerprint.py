@@ -38,7 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .loading import ModelSpec, resolve_source
-from .sources import EMBEDDED, cache_dir
+from .sources import cache_dir
+from .spec import EMBEDDED
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 #: Each file is hashed in blocks of this size (part of the digest's definition: changing it changes

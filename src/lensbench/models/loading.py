@@ -25,8 +25,8 @@ from .integrity import check_loaded, config_refusal, load_refusal, load_report_h
 from .placed_weights import input_device, is_placed
 from .placement import align_inputs, check_placement, placement_kwargs
 from .quantized import quant_method, quantization
-from .sources import DTYPES, EMBEDDED, HEADS, ResolvedSource, locate_source, offline_error
-from .spec import ModelSpec
+from .sources import DTYPES, HEADS, ResolvedSource, locate_source, offline_error
+from .spec import EMBEDDED, ModelSpec
 
 #: What other modules import from here.
 __all__ = ["LoadedModel", "ModelSpec", "load_model", "resolve_source", "takes_images"]

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import LensbenchError, did_you_mean
 from .integrity import link_refusal
-from .spec import EMBEDDED, GENERIC_STEMS, EmbeddedModel, ModelSpec  # noqa: F401 - imported from here too
+from .spec import EMBEDDED, ModelSpec
 
 #: A ModelSpec's dtype choices (auto: the checkpoint's own) and head choices.
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -255,8 +255,8 @@ def compare(frames: dict[str, pd.DataFrame], keys: list[str] | None,
         return stacked, [], [], {**desc, "run": "the run folder the row comes from"}
     (la, a), (lb, b) = frames.items()
     for key in keys:  # a key read as integers in one run and as floats in the other joins as floats
-        if {pd.api.types.is_integer_dtype(a[key]), pd.api.types.is_integer_dtype(b[key])} == {True, False} and \
-                pd.api.types.is_float_dtype(a[key].dtype if not pd.api.types.is_integer_dtype(a[key]) else b[key].dtype):
+        kinds = {pd.api.types.is_integer_dtype(a[key]), pd.api.types.is_integer_dtype(b[key])}
+        if kinds == {True, False} and all(pd.api.types.is_numeric_dtype(f[key]) for f in (a, b)):
             a, b = a.astype({key: float}), b.astype({key: float})
     joined = a.merge(b, on=keys, how="outer", suffixes=(f" [{la}]", f" [{lb}]"), indicator=False, sort=True)
     columns, diff, out_desc = list(keys), [], {k: desc.get(k, "") for k in keys}

@@ -11,7 +11,7 @@ import torch
 from ..errors import LensbenchError, did_you_mean
 from ..models.embedded import embedded_smollm2_folder
 from ..models.loading import ModelSpec, resolve_source
-from ..models.sources import EMBEDDED
+from ..models.spec import EMBEDDED
 
 
 def source_folder(source: str, field: str) -> Path:

@@ -140,6 +140,14 @@ class SyntheticTextData(pl.LightningDataModule):
             for row in rows:
                 self.val_collate.encode_row(row)
 
+    def rows_digest(self) -> str:
+        """A digest of the rows this run trains, validates and tests on (read now if not yet)."""
+        from ..work import content_digest
+
+        splits = self.load_splits()
+        names = sorted({n for n in (self.train_split, self.val_split, self.test_split) if n is not None and n in splits})
+        return content_digest(*[[name, splits[name]] for name in names])
+
     def test_rows(self) -> list[dict]:
         """The rows of ``test_split`` (none when unset or absent)."""
         if self.test_split is None:
